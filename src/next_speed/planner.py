@@ -1,0 +1,150 @@
+"""The planner (Sentence-LM): a causal transformer over sentences' RVQ code tuples.
+
+Each sentence enters as the sum of its K code embeddings (one table per level) plus a position
+embedding; K categorical heads predict the next sentence's tuple. The blocks are a standard
+pre-norm GPT (nanoGPT's `model.py`), with `scaled_dot_product_attention(is_causal=True)`.
+
+With `head_mode="chained"`, level k's head also sees the embeddings of levels 0..k-1 of the
+tuple being predicted (true codes in training, sampled ones in generation), the way RVQ levels
+refine each other; `"independent"` is the spec's design (K heads on the same hidden state).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class PlannerModelConfig:
+    K: int
+    V: int
+    d_model: int = 256
+    n_heads: int = 4
+    n_layers: int = 4
+    dropout: float = 0.1
+    max_len: int = 64  # longest input sequence (BOS + context tuples)
+    head_mode: str = "independent"  # or "chained"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: PlannerModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(), nn.Linear(4 * cfg.d_model, cfg.d_model))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.p_drop = cfg.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, C/H)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.p_drop if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        x = x + self.drop(self.proj(y))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class Planner(nn.Module):
+    """Input codes (B, T, K) with BOS = V and PAD = V + 1 in every level -> logits (B, T, K, V)."""
+
+    def __init__(self, cfg: PlannerModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        K, V, D = cfg.K, cfg.V, cfg.d_model
+        self.bos_id, self.pad_id = V, V + 1
+        self.code_emb = nn.ModuleList(nn.Embedding(V + 2, D) for _ in range(K))  # per-level tables
+        self.pos_emb = nn.Embedding(cfg.max_len, D)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(D)
+        self.heads = nn.Linear(D, K * V)  # K heads of V classes, fused
+        if cfg.head_mode == "chained":
+            self.cond_emb = nn.ModuleList(nn.Embedding(V, D) for _ in range(max(K - 1, 0)))
+            self.cond_mlp = nn.Sequential(nn.Linear(D, D), nn.GELU())
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def hidden(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, T, K) codes -> (B, T, D) causal hidden states."""
+        B, T, K = codes.shape
+        if T > self.cfg.max_len:
+            raise ValueError(f"sequence of {T} sentences is longer than the planner's max_len {self.cfg.max_len}")
+        x = sum(self.code_emb[k](codes[:, :, k]) for k in range(K))  # (B, T, D)
+        x = x + self.pos_emb(torch.arange(T, device=codes.device))[None]
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+    def head_logits(self, h: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., D) hidden -> (..., K, V) logits. `prefix` (..., K) gives levels < k to level k's
+        head in chained mode (only the first K-1 levels of it are read)."""
+        K, V = self.cfg.K, self.cfg.V
+        if self.cfg.head_mode != "chained":
+            return self.heads(h).view(*h.shape[:-1], K, V)
+        w = self.heads.weight.view(K, V, -1)  # (K, V, D)
+        b = self.heads.bias.view(K, V)
+        ctx = torch.zeros_like(h)
+        out = []
+        for k in range(K):
+            hk = h + self.cond_mlp(ctx) if k > 0 else h
+            out.append(hk @ w[k].T + b[k])  # (..., V)
+            if k < K - 1 and prefix is not None:
+                ctx = ctx + self.cond_emb[k](prefix[..., k])
+        return torch.stack(out, dim=-2)
+
+    def forward(self, codes: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, K) input codes -> (B, T, K, V) logits for the next tuple at every position.
+        In chained mode, `targets` (B, T, K) supply the teacher-forced lower levels."""
+        h = self.hidden(codes)
+        if self.cfg.head_mode == "chained" and targets is not None:
+            return self.head_logits(h, targets.clamp(0, self.cfg.V - 1))
+        return self.head_logits(h)
+
+    @torch.no_grad()
+    def next_logits_levelwise(self, codes: torch.Tensor, choose) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predict the next tuple after the last position of `codes` (B, T, K), level by level.
+        `choose(level, logits (B, V)) -> (B,)` picks each level's code (greedy or sampled).
+        Returns (chosen codes (B, K), logits (B, K, V))."""
+        h = self.hidden(codes)[:, -1]  # (B, D)
+        K = self.cfg.K
+        if self.cfg.head_mode != "chained":
+            logits = self.head_logits(h)  # (B, K, V)
+            chosen = torch.stack([choose(k, logits[:, k]) for k in range(K)], dim=1)
+            return chosen, logits
+        prefix = torch.zeros(h.shape[0], K, dtype=torch.long, device=h.device)
+        all_logits = []
+        for k in range(K):
+            logits = self.head_logits(h, prefix)[:, k]  # (B, V): level k sees prefix[:, :k]
+            prefix[:, k] = choose(k, logits)
+            all_logits.append(logits)
+        return prefix, torch.stack(all_logits, dim=1)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def cosine_lr(step: int, total: int, warmup: int, base: float, min_ratio: float = 0.1) -> float:
+    """Linear warmup then cosine decay to `min_ratio * base`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))

@@ -1,0 +1,74 @@
+"""Seeding, determinism, device choice and logging shared by every stage."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import numpy as np
+
+log = logging.getLogger("next_speed")
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, numpy and torch (when imported); optionally force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    import sys
+
+    if "torch" in sys.modules:
+        import torch
+
+        torch.manual_seed(seed)
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+
+
+def pick_device(requested: str = "auto") -> str:
+    """'auto' picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
+    import torch
+
+    from .errors import ConfigError
+
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"DEVICE={requested!r} but no CUDA device is available: use DEVICE=auto or cpu")
+    return requested
+
+
+def setup_logging(verbose: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "datasets", "sentence_transformers", "faiss"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def progress(iterable=None, **kw):
+    """tqdm that shows only on an interactive terminal (or when NEXT_SPEED_PROGRESS=1)."""
+    from tqdm.auto import tqdm
+
+    force = os.environ.get("NEXT_SPEED_PROGRESS")
+    if force is not None:
+        kw["disable"] = force in ("0", "false")
+    kw.setdefault("disable", None)
+    return tqdm(iterable, dynamic_ncols=True, **kw)
+
+
+def quiet_hf() -> None:
+    """Silence transformers' own progress bars and advisory warnings (we log what matters)."""
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass

@@ -1,0 +1,277 @@
+"""Step 03: residual vector quantization (RVQ) of sentence embeddings.
+
+Level k's codebook is a k-means (faiss) fit to the residuals left by levels 0..k-1, so a sentence
+becomes a tuple of K codes, coarse to fine (Juang & Gray 1982; as in SoundStream's RVQ).
+`encode` is greedy nearest-codeword per level, or a beam search over partial tuples that
+minimizes the final residual (faiss' ResidualQuantizer idea); `decode` sums the chosen codewords.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .artifacts import atomic_path, load_meta, make_meta, write_json
+from .config import knob, to_dict
+from .errors import ConfigError, NextSpeedError, StaleInputError
+
+log = logging.getLogger(__name__)
+
+
+class RVQ:
+    """K codebooks of V codewords in D dimensions: `encode(x) -> (N, K)` codes, `decode(codes) -> (N, D)`."""
+
+    def __init__(self, *, codebooks: np.ndarray):
+        if codebooks.ndim != 3:
+            raise ValueError(f"codebooks must be (K, V, D), got shape {codebooks.shape}")
+        self.codebooks = np.ascontiguousarray(codebooks, dtype=np.float32)  # (K, V, D)
+        self._indexes = None
+
+    K = property(lambda self: self.codebooks.shape[0])
+    V = property(lambda self: self.codebooks.shape[1])
+    D = property(lambda self: self.codebooks.shape[2])
+
+    # ------------------------------------------------------------------ fit
+    @classmethod
+    def fit(cls, x: np.ndarray, *, K: int, V: int, niter: int = 20, seed: int = 0, verbose: bool = False) -> "RVQ":
+        """Fit level by level with faiss k-means on the running residual."""
+        import faiss
+
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        n, d = x.shape
+        if V > n:
+            raise ConfigError(f"V={V} is larger than the number of sentences ({n}): lower V or use more data")
+        resid = x.copy()
+        books = np.zeros((K, V, d), dtype=np.float32)
+        for k in range(K):
+            km = faiss.Kmeans(d, V, niter=niter, seed=seed + k, verbose=verbose, max_points_per_centroid=1 << 30,
+                              min_points_per_centroid=1)
+            km.train(resid)
+            books[k] = km.centroids
+            _, idx = km.index.search(resid, 1)
+            resid -= books[k][idx[:, 0]]
+        return cls(codebooks=books)
+
+    # ------------------------------------------------------------------ encode / decode
+    def _level_index(self, k: int):
+        import faiss
+
+        if self._indexes is None:
+            self._indexes = []
+            for book in self.codebooks:
+                ix = faiss.IndexFlatL2(self.D)
+                ix.add(book)
+                self._indexes.append(ix)
+        return self._indexes[k]
+
+    def encode(self, x: np.ndarray, *, beam: int = 1, batch: int = 8192) -> np.ndarray:
+        """(N, D) vectors -> (N, K) int64 codes. `beam` > 1 searches that many partial tuples."""
+        x = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
+        if x.shape[1] != self.D:
+            raise NextSpeedError(f"vectors have dimension {x.shape[1]}, the RVQ codebooks {self.D}: rerun step 03")
+        if beam <= 1:
+            resid = x.copy()
+            codes = np.empty((len(x), self.K), dtype=np.int64)
+            for k in range(self.K):
+                _, idx = self._level_index(k).search(resid, 1)
+                codes[:, k] = idx[:, 0]
+                resid -= self.codebooks[k][idx[:, 0]]
+            return codes
+        return np.concatenate([self._beam_encode(x[i : i + batch], beam) for i in range(0, len(x), batch)])
+
+    def _beam_encode(self, x: np.ndarray, beam: int) -> np.ndarray:
+        n = len(x)
+        norms = (self.codebooks**2).sum(-1)  # (K, V)
+        resid = x[:, None, :]  # (N, B, D), B=1 at level 0
+        err = (x**2).sum(-1)[:, None]  # (N, B)
+        codes = np.zeros((n, 1, 0), dtype=np.int64)  # (N, B, k)
+        for k in range(self.K):
+            book = self.codebooks[k]  # (V, D)
+            # ||r - c||^2 = ||r||^2 - 2 r.c + ||c||^2, for every beam entry and codeword: (N, B, V)
+            d2 = err[:, :, None] - 2.0 * resid @ book.T + norms[k][None, None, :]
+            b = d2.shape[1]
+            flat = d2.reshape(n, -1)
+            keep = min(beam, flat.shape[1])
+            top = np.argpartition(flat, keep - 1, axis=1)[:, :keep]  # (N, keep)
+            top = np.take_along_axis(top, np.argsort(np.take_along_axis(flat, top, 1), axis=1), 1)
+            src, cw = top // self.V, top % self.V
+            codes = np.concatenate([np.take_along_axis(codes, src[:, :, None], 1), cw[:, :, None]], axis=2)
+            resid = np.take_along_axis(resid, src[:, :, None], 1) - book[cw]
+            err = np.take_along_axis(flat, top, 1)
+            del b
+        return codes[:, 0, :]  # best final tuple
+
+    def decode(self, codes: np.ndarray, levels: int | None = None) -> np.ndarray:
+        """(N, K) codes -> (N, D): the sum of the chosen codewords of the first `levels` levels."""
+        codes = np.atleast_2d(np.asarray(codes))
+        if codes.shape[1] != self.K:
+            raise NextSpeedError(f"code tuples have {codes.shape[1]} levels, the RVQ has K={self.K}")
+        if codes.size and (codes.min() < 0 or codes.max() >= self.V):
+            raise NextSpeedError(f"codes out of range [0, {self.V}) for V={self.V}")
+        out = np.zeros((len(codes), self.D), dtype=np.float32)
+        for k in range(self.K if levels is None else levels):
+            out += self.codebooks[k][codes[:, k]]
+        return out
+
+    # ------------------------------------------------------------------ io
+    def save(self, path: str | Path) -> None:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, codebooks=self.codebooks, K=self.K, V=self.V, D=self.D)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RVQ":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return cls(codebooks=z["codebooks"])
+        except FileNotFoundError:
+            raise StaleInputError(f"{path} not found: run step 03 (03_fit_rvq.py)") from None
+        except (ValueError, KeyError, OSError) as e:
+            raise StaleInputError(f"{path} is not a valid RVQ file ({e}): rerun step 03") from None
+
+
+@dataclass
+class RVQConfig:
+    """Step 03 knobs."""
+
+    k: int = knob(8, env="K", min=1, max=64, help="RVQ levels (codes per sentence)")
+    v: int = knob(256, env="V", min=2, max=65536, help="codewords per level")
+    niter: int = knob(20, env="NITER", min=1, help="k-means iterations per level")
+    beam: int = knob(1, env="BEAM", min=1, max=64, help="beam width for encoding (1 = greedy)")
+    emb_path: str = knob("data/embeddings.npy", env="OUT_EMB", help="input embeddings (step 02)")
+    emb_meta: str = knob("data/emb_meta.json", env="EMB_META", help="input embeddings metadata")
+    rvq_path: str = knob("out/rvq.npz", env="RVQ_PATH", help="output codebooks")
+    rvq_meta: str = knob("out/rvq_meta.json", env="RVQ_META", help="output metadata JSON")
+    codes_path: str = knob("data/codes.npy", env="CODES_PATH", help="output codes (N x K int)")
+    seed: int = knob(0, env="SEED", help="k-means seed")
+
+
+def level_stats(x: np.ndarray, rvq: RVQ, codes: np.ndarray) -> list[dict]:
+    """Per level k: relative squared error and cosine of the k+1-level reconstruction, codewords
+    used and codebook perplexity."""
+    x = np.asarray(x, dtype=np.float32)
+    xn = (x**2).sum(1)
+    recon = np.zeros_like(x)
+    rows = []
+    for k in range(rvq.K):
+        recon += rvq.codebooks[k][codes[:, k]]
+        err = ((x - recon) ** 2).sum(1)
+        cos = (x * recon).sum(1) / (np.sqrt(xn) * np.linalg.norm(recon, axis=1) + 1e-12)
+        counts = np.bincount(codes[:, k], minlength=rvq.V)
+        p = counts[counts > 0] / len(codes)
+        rows.append({
+            "level": k,
+            "rel_error": float(err.sum() / xn.sum()),
+            "cosine": float(cos.mean()),
+            "used": int((counts > 0).sum()),
+            "perplexity": float(np.exp(-(p * np.log(p)).sum())),
+        })
+    return rows
+
+
+def shared_tuple_share(codes: np.ndarray) -> float:
+    """Share of rows whose full code tuple also belongs to another row."""
+    _, inv, cnt = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
+    return float((cnt[inv.ravel()] > 1).mean())
+
+
+def fit_rvq(cfg: RVQConfig) -> dict:
+    """Run step 03: embeddings -> RVQ_PATH codebooks, CODES_PATH codes, RVQ_META."""
+    from .embed import load_embeddings
+
+    x, emb_meta = load_embeddings(cfg.emb_path, cfg.emb_meta)
+    if len(x) == 0:
+        raise NextSpeedError(f"{cfg.emb_path} is empty: rerun steps 01-02")
+    t0 = time.perf_counter()
+    rvq = RVQ.fit(x, K=cfg.k, V=cfg.v, niter=cfg.niter, seed=cfg.seed)
+    t_fit = time.perf_counter() - t0
+    codes = rvq.encode(x, beam=cfg.beam)
+    t_enc = time.perf_counter() - t0 - t_fit
+    stats = level_stats(x, rvq, codes)
+    rvq.save(cfg.rvq_path)
+    with atomic_path(cfg.codes_path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, codes.astype(np.int32))
+    meta = make_meta("rvq", to_dict(cfg), inputs={"embeddings": cfg.emb_path},
+                     outputs={"rvq": cfg.rvq_path, "codes": cfg.codes_path},
+                     counts={"rows": int(len(x)), "dim": int(x.shape[1])}, K=cfg.k, V=cfg.v, dim=int(x.shape[1]),
+                     encoder=emb_meta.get("model"), sentences_sha256=_sentences_hash(emb_meta), fit_seconds=round(t_fit, 2), encode_seconds=round(t_enc, 2),
+                     levels=stats, shared_tuple_share=shared_tuple_share(codes))
+    write_json(cfg.rvq_meta, meta)
+    log.info("03: K=%d V=%d fit in %.1fs, final rel. error %.3f -> %s", cfg.k, cfg.v, t_fit, stats[-1]["rel_error"], cfg.rvq_path)
+    return meta
+
+
+def _sentences_hash(emb_meta: dict) -> str | None:
+    role = emb_meta.get("input_roles", {}).get("sentences")
+    return emb_meta.get("inputs", {}).get(role, {}).get("sha256") if role else None
+
+
+def load_rvq(rvq_path: str, rvq_meta: str) -> tuple[RVQ, dict]:
+    """Load codebooks after checking them against their metadata."""
+    meta = load_meta(rvq_meta, "rvq", rvq_path)
+    rvq = RVQ.load(rvq_path)
+    if (rvq.K, rvq.V) != (meta["K"], meta["V"]):
+        raise StaleInputError(f"{rvq_path} has K={rvq.K} V={rvq.V} but {rvq_meta} says K={meta['K']} V={meta['V']}: rerun step 03")
+    return rvq, meta
+
+
+def load_codes(codes_path: str, rvq_meta_path: str, k: int | None = None, v: int | None = None) -> tuple[np.ndarray, dict]:
+    """Load `codes.npy` checked against the RVQ metadata, and against the K/V asked for (if given)."""
+    meta = load_meta(rvq_meta_path, "rvq", codes_path)
+    for name, want, have in (("K", k, meta["K"]), ("V", v, meta["V"])):
+        if want is not None and want != have:
+            raise StaleInputError(f"{name}={want} here, but {codes_path} was built with {name}={have}: "
+                                  f"rerun step 03 with {name}={want}, or set {name}={have}")
+    codes = np.load(codes_path, allow_pickle=False).astype(np.int64)
+    return codes, meta
+
+
+# ---------------------------------------------------------------------- evaluation
+
+@dataclass
+class RVQEvalConfig:
+    """rvq_recon_error.py knobs."""
+
+    emb_path: str = knob("data/embeddings.npy", env="OUT_EMB", help="embeddings (step 02)")
+    emb_meta: str = knob("data/emb_meta.json", env="EMB_META", help="embeddings metadata")
+    rvq_path: str = knob("out/rvq.npz", env="RVQ_PATH", help="codebooks (step 03)")
+    rvq_meta: str = knob("out/rvq_meta.json", env="RVQ_META", help="codebooks metadata")
+    beam: int = knob(1, env="BEAM", min=1, max=64, help="beam width for encoding (1 = greedy)")
+    out_json: str = knob("out/rvq_recon_error.json", env="OUT_JSON", help="where to write the report JSON")
+
+
+def rvq_report(cfg: RVQEvalConfig) -> dict:
+    """Quantization error per level, codebook usage and tuple sharing for the fitted RVQ."""
+    from .embed import load_embeddings
+
+    rvq, meta = load_rvq(cfg.rvq_path, cfg.rvq_meta)
+    x, _ = load_embeddings(cfg.emb_path, cfg.emb_meta)
+    if not _same_input(meta, cfg.emb_path):
+        raise StaleInputError(f"{cfg.rvq_path} was fitted on other embeddings than {cfg.emb_path}: rerun step 03")
+    codes = rvq.encode(x, beam=cfg.beam)
+    report = {"K": rvq.K, "V": rvq.V, "rows": int(len(x)), "beam": cfg.beam, "levels": level_stats(x, rvq, codes),
+              "shared_tuple_share": shared_tuple_share(codes),
+              "unique_tuples": int(len(np.unique(codes, axis=0)))}
+    write_json(cfg.out_json, report)
+    return report
+
+
+def _same_input(meta: dict, path: str) -> bool:
+    from .artifacts import sha256_path
+
+    rec = meta["inputs"].get(path)
+    return rec is None or rec["sha256"] == sha256_path(path)
+
+
+def format_report(rep: dict) -> str:
+    lines = [f"RVQ K={rep['K']} V={rep['V']} on {rep['rows']} sentences (beam {rep['beam']})",
+             f"{'level':>5} {'rel.err':>8} {'cosine':>7} {'used':>6} {'perplex':>8}"]
+    for r in rep["levels"]:
+        lines.append(f"{r['level']:>5} {r['rel_error']:>8.4f} {r['cosine']:>7.4f} {r['used']:>6} {r['perplexity']:>8.1f}")
+    lines.append(f"unique tuples: {rep['unique_tuples']}; sentences sharing their full tuple: {100 * rep['shared_tuple_share']:.1f}%")
+    return "\n".join(lines)

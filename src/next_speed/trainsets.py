@@ -1,0 +1,98 @@
+"""Step 04: training sets for the planner and the decoder, split by document.
+
+No document appears on both sides of the split. Planner rows hold the previous CONTEXT_SENTS code
+tuples (fewer at a document start) and the next tuple; decoder rows hold the previous sentences'
+text, the target's codes and the target sentence.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from .artifacts import StaleInputError, load_meta, make_meta, sha256_path, write_json, write_jsonl
+from .config import knob, to_dict
+from .errors import NextSpeedError
+from .rvq import load_codes
+from .sentences import load_sentences
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSetsConfig:
+    """Step 04 knobs."""
+
+    context_sents: int = knob(8, env="CONTEXT_SENTS", min=0, help="previous sentences kept as context")
+    val_frac: float = knob(0.05, env="VAL_FRAC", min=0.0, max=0.9, help="share of documents held out for validation")
+    k: int | None = knob(None, env="K", min=1, help="expected RVQ levels (checked against step 03; default: take it)")
+    v: int | None = knob(None, env="V", min=2, help="expected codewords per level (checked against step 03)")
+    sent_path: str = knob("data/sentences.jsonl", env="SENT_PATH", help="input sentences (step 01)")
+    sent_meta: str = knob("data/sentences.meta.json", env="SENT_META", help="input sentences metadata")
+    codes_path: str = knob("data/codes.npy", env="CODES_PATH", help="input codes (step 03)")
+    rvq_meta: str = knob("out/rvq_meta.json", env="RVQ_META", help="input RVQ metadata (step 03)")
+    out_lm: str = knob("data/sent_lm_train.jsonl", env="OUT_LM", help="planner training rows")
+    out_lm_val: str = knob("data/sent_lm_val.jsonl", env="OUT_LM_VAL", help="planner validation rows")
+    out_dec: str = knob("data/decoder_train.jsonl", env="OUT_DEC", help="decoder training rows")
+    out_dec_val: str = knob("data/decoder_val.jsonl", env="OUT_DEC_VAL", help="decoder validation rows")
+    train_meta: str = knob("data/train_meta.json", env="TRAIN_META", help="metadata JSON for the four files")
+    seed: int = knob(0, env="SEED", help="split seed")
+
+
+def split_docs(doc_ids: np.ndarray, val_frac: float, seed: int) -> set[int]:
+    """Seeded choice of validation documents: round(val_frac * n), at least 1 when val_frac > 0 and n > 1."""
+    docs = np.unique(doc_ids)
+    n_val = int(round(val_frac * len(docs)))
+    if val_frac > 0 and len(docs) > 1:
+        n_val = max(1, min(n_val, len(docs) - 1))
+    rng = np.random.default_rng(seed)
+    return set(rng.permutation(docs)[:n_val].tolist())
+
+
+def build_training_sets(cfg: TrainSetsConfig) -> dict:
+    """Run step 04: sentences + codes -> four JSONL files + TRAIN_META."""
+    load_meta(cfg.sent_meta, "sentences", cfg.sent_path)
+    codes, rvq_meta = load_codes(cfg.codes_path, cfg.rvq_meta, cfg.k, cfg.v)
+    if rvq_meta.get("sentences_sha256") and rvq_meta["sentences_sha256"] != sha256_path(cfg.sent_path):
+        raise StaleInputError(f"{cfg.codes_path} was built from another sentence file than {cfg.sent_path}: rerun steps 02-03")
+    rows = load_sentences(cfg.sent_path)
+    if len(rows) != len(codes):
+        raise StaleInputError(f"{cfg.sent_path} has {len(rows)} sentences but {cfg.codes_path} has {len(codes)} rows: rerun steps 02-03")
+    if not rows:
+        raise NextSpeedError(f"{cfg.sent_path} has no sentences: rerun step 01")
+    doc_ids = np.array([r["doc"] for r in rows])
+    val_docs = split_docs(doc_ids, cfg.val_frac, cfg.seed)
+
+    lm = {"train": [], "val": []}
+    dec = {"train": [], "val": []}
+    c = cfg.context_sents
+    start = 0
+    for i, r in enumerate(rows):
+        if i > 0 and r["doc"] != rows[i - 1]["doc"]:
+            start = i
+        lo = max(start, i - c)
+        side = "val" if r["doc"] in val_docs else "train"
+        target = codes[i].tolist()
+        lm[side].append({"doc": r["doc"], "pos": i - start, "context": codes[lo:i].tolist(), "target": target})
+        dec[side].append({"doc": r["doc"], "pos": i - start, "context": " ".join(x["text"] for x in rows[lo:i]),
+                          "codes": target, "target": r["text"]})
+    if not lm["train"]:
+        raise NextSpeedError(f"VAL_FRAC={cfg.val_frac} leaves no training documents: lower VAL_FRAC")
+    write_jsonl(cfg.out_lm, lm["train"])
+    write_jsonl(cfg.out_lm_val, lm["val"])
+    write_jsonl(cfg.out_dec, dec["train"])
+    write_jsonl(cfg.out_dec_val, dec["val"])
+    n_docs = len(np.unique(doc_ids))
+    meta = make_meta(
+        "trainsets", to_dict(cfg),
+        inputs={"sentences": cfg.sent_path, "codes": cfg.codes_path},
+        outputs={"lm_train": cfg.out_lm, "lm_val": cfg.out_lm_val, "dec_train": cfg.out_dec, "dec_val": cfg.out_dec_val},
+        counts={"docs": n_docs, "val_docs": len(val_docs), "train_rows": len(lm["train"]), "val_rows": len(lm["val"])},
+        K=rvq_meta["K"], V=rvq_meta["V"], rvq_path=rvq_meta["config"]["rvq_path"],
+        rvq_sha256=rvq_meta["outputs"].get(rvq_meta["config"]["rvq_path"], {}).get("sha256"),
+    )
+    write_json(cfg.train_meta, meta)
+    log.info("04: %d train / %d val rows (%d of %d documents held out)", len(lm["train"]), len(lm["val"]), len(val_docs), n_docs)
+    return meta

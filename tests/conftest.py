@@ -1,0 +1,63 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TOPICS = {
+    "cats": ["Cats are small carnivorous mammals.", "They are often kept as house pets.",
+             "Cats sleep for most of the day.", "A cat can see well in dim light."],
+    "rivers": ["A river is a natural stream of water.", "Rivers flow toward an ocean or a lake.",
+               "Many cities were built along rivers.", "Floods happen when rivers overflow their banks."],
+    "music": ["Music is the art of arranging sounds.", "Melody and rhythm are basic elements of music.",
+              "Orchestras play music with many instruments.", "Some songs are passed down for generations."],
+    "stars": ["A star is a luminous ball of plasma.", "The Sun is the nearest star to Earth.",
+              "Stars are born in clouds of gas and dust.", "Some stars end their lives as supernovae."],
+}
+
+
+def make_docs(n_docs: int = 24) -> list[dict]:
+    docs = []
+    names = sorted(TOPICS)
+    for i in range(n_docs):
+        topic = names[i % len(names)]
+        sents = TOPICS[topic][i % 2 :] + TOPICS[names[(i + 1) % len(names)]][:2]
+        docs.append({"id": f"d{i}", "title": f"{topic} {i}", "text": " ".join(sents)})
+    return docs
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> str:
+    from next_speed.testing import build_tiny_encoder
+
+    return build_tiny_encoder(tmp_path_factory.mktemp("enc") / "tiny-encoder")
+
+
+@pytest.fixture()
+def docs_file(tmp_path) -> Path:
+    p = tmp_path / "docs.jsonl"
+    p.write_text("".join(json.dumps(d) + "\n" for d in make_docs()))
+    return p
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch) -> Path:
+    """Run in a fresh folder with none of the spec's variables set from outside."""
+    monkeypatch.chdir(tmp_path)
+    for var in ("SEED", "K", "V", "BS", "OUT_DIR", "OUT_PATH", "OUT_META", "LANG", "MAX_DOCS", "DOCS_JSONL", "CORPUS",
+                "HF_DATASET", "STEPS", "LR", "MODEL", "CODE_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path
+
+
+def run_script(script: str, *args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600):
+    """Run one of the spec's scripts (or `-m next_speed.cli`) in a subprocess; return CompletedProcess."""
+    full_env = {k: v for k, v in os.environ.items()}
+    full_env.update(env or {})
+    full_env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + str(ROOT)
+    cmd = [sys.executable, str(ROOT / script), *args] if script.endswith(".py") else [sys.executable, "-m", script, *args]
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,49 @@
+import pytest
+
+from next_speed.config import resolve
+from next_speed.errors import ConfigError
+from next_speed.rvq import RVQConfig
+from next_speed.sentences import SentencesConfig
+from next_speed.train_planner import PlannerTrainConfig
+
+
+def test_defaults_env_then_cli():
+    assert resolve(RVQConfig, environ={}).k == 8
+    assert resolve(RVQConfig, environ={"K": "4"}).k == 4
+    assert resolve(RVQConfig, {"k": "2"}, environ={"K": "4"}).k == 2
+    assert resolve(RVQConfig, environ={}, base={"k": 3}).k == 3
+    assert resolve(RVQConfig, environ={"K": "5"}, base={"k": 3}).k == 5
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"K": "0"}, "K=0"), ({"V": "1"}, "V=1"), ({"K": "abc"}, "K='abc'"), ({"NITER": "-1"}, "NITER"),
+])
+def test_invalid_values_name_the_knob(env, needle):
+    with pytest.raises(ConfigError, match=needle):
+        resolve(RVQConfig, environ=env)
+
+
+def test_unknown_option_lists_valid_ones():
+    with pytest.raises(ConfigError, match="unknown option 'kk'.*valid options"):
+        resolve(RVQConfig, {"kk": 1}, environ={})
+
+
+def test_cross_knob_rules():
+    with pytest.raises(ConfigError, match="MIN_LEN=50 is larger than MAX_LEN=10"):
+        resolve(SentencesConfig, environ={"MIN_LEN": "50", "MAX_LEN": "10"})
+    with pytest.raises(ConfigError, match="D_MODEL=30 is not divisible by N_HEADS=4"):
+        resolve(PlannerTrainConfig, environ={"D_MODEL": "30"})
+
+
+def test_lang_reads_locales_and_hf_dataset_implies_hf():
+    assert resolve(SentencesConfig, environ={"LANG": "C.UTF-8"}).lang == "en"
+    assert resolve(SentencesConfig, environ={"LANG": "de_DE.UTF-8"}).lang == "de"
+    assert resolve(SentencesConfig, environ={}).corpus == "wiki"
+    assert resolve(SentencesConfig, environ={"HF_DATASET": "wikitext"}).corpus == "hf"
+    assert resolve(SentencesConfig, environ={"HF_DATASET": "x", "CORPUS": "sotu"}).corpus == "sotu"
+
+
+def test_bool_parsing():
+    assert resolve(PlannerTrainConfig, environ={"DETERMINISTIC": "0"}).deterministic is False
+    with pytest.raises(ConfigError, match="DETERMINISTIC='maybe'"):
+        resolve(PlannerTrainConfig, environ={"DETERMINISTIC": "maybe"})
