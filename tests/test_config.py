@@ -8,7 +8,7 @@ from next_speed.train_planner import PlannerTrainConfig
 
 
 def test_defaults_env_then_cli():
-    assert resolve(RVQConfig, environ={}).k == 8
+    assert resolve(RVQConfig, environ={}).k == 6
     assert resolve(RVQConfig, environ={"K": "4"}).k == 4
     assert resolve(RVQConfig, {"k": "2"}, environ={"K": "4"}).k == 2
     assert resolve(RVQConfig, environ={}, base={"k": 3}).k == 3

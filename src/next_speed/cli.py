@@ -63,6 +63,25 @@ def _print_planner_eval(rep: dict) -> None:
     print(format_eval(rep))
 
 
+def _print_decoder(info: dict) -> None:
+    if info.get("pretokenize_only"):
+        c = info["cache"]
+        print(f"tokenized {info['train_rows']} train / {info['val_rows']} val rows"
+              + (f"; cache {'reused' if c['hit'] else 'written'}: {c['cache']}" if c.get("cache") else " (CACHE_TOKENIZED=0: nothing kept)"))
+        return
+    b, sel = info["best"], info["selection"]
+    print(f"decoder {info['base_model']} ({info['train']['code_mode']} codes): {info['steps']} steps in {info['seconds']}s "
+          f"(stopped by {info['stopped_by']}), {sel['trainable_params']:,} of {sel['total_params']:,} parameters trained; "
+          f"val loss {info['val_loss_before']:.3f} -> {b['val_loss']:.3f} (best step {b['step']})")
+    print(f"wrote {info['train']['out_dir']}/ (safetensors, tokenizer, config.json, curve.png)")
+
+
+def _print_decoder_eval(res: dict) -> None:
+    from .train_decoder import format_decoder_eval
+
+    print(format_decoder_eval(res))
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
@@ -82,6 +101,10 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "step 05: train the Sentence-LM planner", lambda i: _print_planner(i)),
     Command("eval-planner", "next_speed.train_planner", "PlannerEvalConfig", "eval_planner",
             "planner accuracy against baselines on the validation split", lambda r: _print_planner_eval(r)),
+    Command("train-decoder", "next_speed.train_decoder", "DecoderTrainConfig", "train_decoder",
+            "step 06: train the decoder (context + codes -> sentence)", lambda i: _print_decoder(i)),
+    Command("eval-decoder", "next_speed.train_decoder", "DecoderEvalConfig", "eval_decoder",
+            "decoder validation loss with true codes, shuffled codes, and a no-codes decoder", lambda r: _print_decoder_eval(r)),
     Command("trainsets", "next_speed.trainsets", "TrainSetsConfig", "build_training_sets",
             "step 04: planner and decoder training sets, split by document", _print_counts),
 ]}

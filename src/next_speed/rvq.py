@@ -138,7 +138,7 @@ class RVQ:
 class RVQConfig:
     """Step 03 knobs."""
 
-    k: int = knob(8, env="K", min=1, max=64, help="RVQ levels (codes per sentence)")
+    k: int = knob(6, env="K", min=1, max=64, help="RVQ levels (codes per sentence)")
     v: int = knob(256, env="V", min=2, max=65536, help="codewords per level")
     niter: int = knob(20, env="NITER", min=1, help="k-means iterations per level")
     beam: int = knob(1, env="BEAM", min=1, max=64, help="beam width for encoding (1 = greedy)")

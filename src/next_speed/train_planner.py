@@ -156,7 +156,7 @@ def train_planner(cfg: PlannerTrainConfig) -> dict:
         opt.step()
         seen += len(idx)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            rec = {"step": step + 1, "train_loss": float(loss), "lr": opt.param_groups[0]["lr"],
+            rec = {"step": step + 1, "train_loss": loss.item(), "lr": opt.param_groups[0]["lr"],
                    "seq_per_s": seen / (time.perf_counter() - t0)}
             if val is not None:
                 m = evaluate_model(model, *val, device=device)
@@ -166,8 +166,8 @@ def train_planner(cfg: PlannerTrainConfig) -> dict:
             if score < best["val_loss"]:
                 best = {"val_loss": score, "step": step + 1, **{k: v for k, v in rec.items() if k.startswith("val_")}}
                 best_state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
-            bar.set_postfix(loss=f"{float(loss):.3f}", val=f"{rec.get('val_loss', float('nan')):.3f}")
-            log.info("step %d: train %.3f val %s acc0 %s", step + 1, float(loss), f"{rec.get('val_loss', float('nan')):.3f}",
+            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{rec.get('val_loss', float('nan')):.3f}")
+            log.info("step %d: train %.3f val %s acc0 %s", step + 1, loss.item(), f"{rec.get('val_loss', float('nan')):.3f}",
                      f"{rec['val_acc'][0]:.3f}" if "val_acc" in rec else "-")
     elapsed = time.perf_counter() - t0
     assert best_state is not None

@@ -1,0 +1,231 @@
+"""The decoder with tiny random-init Llama-style and T5-style models built in the test."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from next_speed.artifacts import make_meta, write_json, write_jsonl
+from next_speed.config import resolve
+from next_speed.decoder_model import (Conditioning, add_code_tokens_to_tokenizer, code_token, encode_example,
+                                      init_code_embeddings, load_decoder)
+from next_speed.errors import ConfigError, NextSpeedError, StaleInputError
+from next_speed.testing import build_tiny_causal_lm, build_tiny_seq2seq
+from next_speed.train_decoder import (DecoderEvalConfig, DecoderTrainConfig, eval_decoder, format_decoder_eval,
+                                      train_decoder)
+
+from conftest import TOPICS, run_script
+
+SENTS = [s for v in TOPICS.values() for s in v]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("llm") / "tiny-llama", SENTS * 3)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory):
+    return build_tiny_seq2seq(tmp_path_factory.mktemp("t5") / "tiny-t5", SENTS * 3)
+
+
+def write_decoder_sets(root: Path, K=2, V=4, n_docs=12):
+    names = sorted(TOPICS)
+    rows = {"train": [], "val": []}
+    for d in range(n_docs):
+        topic = names[d % 4]
+        sents = TOPICS[topic]
+        for i, s in enumerate(sents):
+            codes = [d % 4, i % V][:K] + [0] * max(0, K - 2)
+            rows["val" if d < 2 else "train"].append({"doc": d, "pos": i, "context": " ".join(sents[max(0, i - 2) : i]),
+                                                       "codes": codes, "target": s})
+    paths = {n: root / f"data/decoder_{n}.jsonl" for n in rows}
+    for n, p in paths.items():
+        write_jsonl(p, rows[n])
+    write_json(root / "data/train_meta.json", make_meta("trainsets", {"context_sents": 2},
+                                                         outputs={"dec_train": paths["train"], "dec_val": paths["val"]},
+                                                         K=K, V=V, rvq_path="out/rvq.npz"))
+    return rows
+
+
+def env(model, **kw):
+    e = {"MODEL": model, "MAX_STEPS": "6", "EVAL_EVERY": "3", "TRAIN_BS": "4", "LR": "1e-3", "WARMUP": "1", "DEVICE": "cpu",
+         "TRAIN_LAYERS": "all", "VAL_ROWS": "8"}
+    e.update({k: str(v) for k, v in kw.items()})
+    return e
+
+
+def test_code_tokens_round_trip(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    cond = Conditioning(K=3, V=16)
+    n = len(tok)
+    assert add_code_tokens_to_tokenizer(tok, cond) == 48 and len(tok) == n + 48
+    s = f"{code_token(0, 1, 16)} {code_token(2, 15, 16)}"
+    ids = tok(s, add_special_tokens=False)["input_ids"]
+    assert [i for i in ids if i >= n] == tok.convert_tokens_to_ids(["<c0_0001>", "<c2_0015>"])
+    assert tok.decode(ids).replace(" ", "") == s.replace(" ", "")
+
+
+def test_code_embedding_init_is_in_distribution(tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    cond = Conditioning(K=2, V=4)
+    n = len(tok)
+    add_code_tokens_to_tokenizer(tok, cond)
+    init_code_embeddings(model, tok, cond, n, {(0, 1): ["Cats sleep for most of the day."]})
+    emb = model.get_input_embeddings().weight.detach()
+    old_norm = emb[:n].norm(dim=1).mean()
+    new = emb[n:]
+    assert torch.allclose(new.norm(dim=1), old_norm.expand(len(new)), rtol=1e-3)
+    assert not torch.allclose(new[1], new[0])  # the code with sentences differs from the default ones
+
+
+@pytest.mark.parametrize("mode", ["special", "text", "none"])
+def test_loss_mask_covers_exactly_the_target(tiny_llama, mode):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    cond = Conditioning(K=2, V=4, code_mode=mode, max_in=64, max_out=32)
+    add_code_tokens_to_tokenizer(tok, cond)
+    ex = encode_example(tok, cond, "Rivers flow toward an ocean.", [1, 3], "Cats sleep for most of the day.")
+    labels = [t for t in ex["labels"] if t != -100]
+    assert labels == tok("Cats sleep for most of the day.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    n_prompt = ex["labels"].index(labels[0])
+    assert all(t == -100 for t in ex["labels"][:n_prompt]) and ex["input_ids"][n_prompt:] == labels
+    prompt = tok.decode(ex["input_ids"][:n_prompt])
+    assert ("<c1_0003>" in prompt) == (mode == "special") and ("c1=3" in prompt) == (mode == "text")
+
+
+def test_context_cut_from_the_left_and_max_in(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    cond = Conditioning(K=2, V=4, max_in=20, max_out=8)
+    add_code_tokens_to_tokenizer(tok, cond)
+    long_ctx = " ".join(SENTS)
+    ex = encode_example(tok, cond, long_ctx, [0, 1], "A river is a natural stream of water.")
+    prompt = [t for t, l in zip(ex["input_ids"], ex["labels"]) if l == -100]
+    assert len(prompt) <= 20
+    assert tok.decode(prompt).strip().endswith("<c0_0000> <c1_0001>") or "<c1_0001>" in tok.decode(prompt)
+    assert SENTS[-1][-10:] in tok.decode(prompt)  # the most recent context survives
+    assert len([l for l in ex["labels"] if l != -100]) == 8  # target cut to MAX_OUT
+    with pytest.raises(ConfigError, match="MAX_IN=8 is too small"):
+        encode_example(tok, Conditioning(K=2, V=4, max_in=8), "", [0, 1], "x")
+
+
+@pytest.mark.parametrize("mode", ["special", "text", "none"])
+def test_all_code_modes_train_and_reload(workdir, tiny_llama, mode):
+    write_decoder_sets(workdir)
+    info = train_decoder(resolve(DecoderTrainConfig, environ=env(tiny_llama, CODE_MODE=mode)))
+    out = "out/decoder" if mode == "special" else f"out/decoder_{mode}"
+    assert info["steps"] == 6 and (Path(out) / "model.safetensors").is_file() and (Path(out) / "curve.png").is_file()
+    assert info["best"]["val_loss"] < info["val_loss_before"]
+    m1, tok, cond, meta = load_decoder(out)
+    m2, _, _, _ = load_decoder(out)
+    assert cond.code_mode == mode and meta["K"] == 2 and meta["V"] == 4
+    batch = tok(["Cats sleep"], return_tensors="pt")
+    assert torch.equal(m1(**batch).logits, m2(**batch).logits)
+    cfg = json.loads((Path(out) / "config.json").read_text())
+    assert cfg["next_speed"]["conditioning"]["code_mode"] == mode
+
+
+def test_seq2seq_family_trains(workdir, tiny_t5):
+    write_decoder_sets(workdir)
+    info = train_decoder(resolve(DecoderTrainConfig, environ=env(tiny_t5)))
+    assert info["best"]["val_loss"] < info["val_loss_before"]
+    _, _, cond, _ = load_decoder("out/decoder")
+    assert cond.family == "seq2seq"
+
+
+def test_top_layers_only_trains_top_and_code_rows(workdir, tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    write_decoder_sets(workdir)
+    info = train_decoder(resolve(DecoderTrainConfig, environ=env(tiny_llama, TRAIN_LAYERS=1)))
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    tuned, tok, cond, _ = load_decoder("out/decoder")
+    n = base.get_input_embeddings().weight.shape[0]
+    assert torch.equal(base.model.layers[0].mlp.up_proj.weight, tuned.model.layers[0].mlp.up_proj.weight)
+    assert not torch.equal(base.model.layers[1].mlp.up_proj.weight, tuned.model.layers[1].mlp.up_proj.weight)
+    assert torch.equal(base.get_input_embeddings().weight, tuned.get_input_embeddings().weight[:n])
+    assert info["selection"]["code_rows"] == 8
+
+
+def test_tokenization_cache_reused_and_invalidated(workdir, tiny_llama):
+    write_decoder_sets(workdir)
+    e = env(tiny_llama, CACHE_TOKENIZED=1, PRETOKENIZE_ONLY=1)
+    r1 = train_decoder(resolve(DecoderTrainConfig, environ=e))
+    assert r1["cache"]["hit"] is False and not Path("out/decoder").exists()
+    r2 = train_decoder(resolve(DecoderTrainConfig, environ=e))
+    assert r2["cache"]["hit"] is True and r2["cache"]["cache"] == r1["cache"]["cache"]
+    r3 = train_decoder(resolve(DecoderTrainConfig, environ={**e, "MAX_IN": "40"}))
+    assert r3["cache"]["hit"] is False and r3["cache"]["cache"] != r1["cache"]["cache"]
+    # the input changes -> another key
+    p = Path("data/decoder_train.jsonl")
+    p.write_text(p.read_text().replace("Cats", "Dogs"))
+    meta = json.loads(Path("data/train_meta.json").read_text())
+    from next_speed.artifacts import sha256_path
+
+    key = next(k for k in meta["outputs"] if k.endswith("decoder_train.jsonl"))
+    meta["outputs"][key]["sha256"] = sha256_path(p)
+    write_json("data/train_meta.json", meta)
+    r4 = train_decoder(resolve(DecoderTrainConfig, environ=e))
+    assert r4["cache"]["hit"] is False
+    # a corrupted cache is rebuilt, never read
+    cache = Path(r4["cache"]["cache"])
+    (cache / "cache_meta.json").write_text('{"key_src": {}, "rows": 1}')
+    assert train_decoder(resolve(DecoderTrainConfig, environ=e))["cache"]["hit"] is False
+
+
+def test_bad_inputs(workdir, tiny_llama):
+    with pytest.raises(StaleInputError, match="step 04"):
+        train_decoder(resolve(DecoderTrainConfig, environ=env(tiny_llama)))
+    write_decoder_sets(workdir)
+    with pytest.raises(StaleInputError, match="V=8 here, but the training sets were built with V=4"):
+        train_decoder(resolve(DecoderTrainConfig, environ=env(tiny_llama, V=8)))
+    with pytest.raises(NextSpeedError, match="MODEL='/nope' could not be loaded.*smollm2-135m"):
+        train_decoder(resolve(DecoderTrainConfig, environ=env("/nope")))
+    with pytest.raises(ConfigError, match="MAX_IN=8 is too small"):
+        train_decoder(resolve(DecoderTrainConfig, environ=env(tiny_llama, MAX_IN=8)))
+    with pytest.raises(ConfigError, match="TRAIN_LAYERS='top'"):
+        resolve(DecoderTrainConfig, environ=env(tiny_llama, TRAIN_LAYERS="top"))
+    assert not Path("out/decoder").exists()
+    Path("data/decoder_train.jsonl").write_text('{"context": "", "codes": [0, 1]\n')
+    with pytest.raises(StaleInputError, match="does not match its metadata"):
+        train_decoder(resolve(DecoderTrainConfig, environ=env(tiny_llama)))
+    meta = json.loads(Path("data/train_meta.json").read_text())
+    from next_speed.artifacts import sha256_path
+
+    key = next(k for k in meta["outputs"] if k.endswith("decoder_train.jsonl"))
+    meta["outputs"][key]["sha256"] = sha256_path("data/decoder_train.jsonl")
+    write_json("data/train_meta.json", meta)
+    with pytest.raises(NextSpeedError, match=r"decoder_train.jsonl:1: malformed JSON"):
+        train_decoder(resolve(DecoderTrainConfig, environ=env(tiny_llama)))
+
+
+def test_codes_value_report(workdir, tiny_llama):
+    write_decoder_sets(workdir)
+    train_decoder(resolve(DecoderTrainConfig, environ=env(tiny_llama, MAX_STEPS=30, EVAL_EVERY=30)))
+    res = eval_decoder(resolve(DecoderEvalConfig, environ={"DEVICE": "cpu"}))
+    assert res["no_codes_decoder"] is None and "CODE_MODE=none" in res["note"]
+    train_decoder(resolve(DecoderTrainConfig, environ=env(tiny_llama, MAX_STEPS=30, EVAL_EVERY=30, CODE_MODE="none")))
+    res = eval_decoder(resolve(DecoderEvalConfig, environ={"DEVICE": "cpu"}))
+    assert res["true_codes"] != res["shuffled_codes"] and res["no_codes_decoder"] is not None
+    assert "shuffled codes" in format_decoder_eval(res)
+
+
+def test_cli_spec_commands(workdir, tiny_llama):
+    write_decoder_sets(workdir)
+    base = env(tiny_llama)
+    r = run_script("06_train_decoder.py", env={**base, "NUM_PROC": "2", "CACHE_TOKENIZED": "1", "MAP_BATCH_SIZE": "5",
+                                                "PRETOKENIZE_ONLY": "1"}, cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    assert "tokenized" in r.stdout and not (workdir / "out/decoder").exists()
+    r = run_script("06_train_decoder.py", env={**base, "CODE_MODE": "none"}, cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    assert (workdir / "out/decoder_none/model.safetensors").is_file()

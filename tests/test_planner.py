@@ -1,0 +1,148 @@
+"""The planner: causality, save/load, learning a pattern the baselines cannot, CLI end to end."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from next_speed.artifacts import make_meta, write_json, write_jsonl
+from next_speed.config import resolve
+from next_speed.errors import ConfigError, NextSpeedError, StaleInputError
+from next_speed.planner import Planner, PlannerModelConfig
+from next_speed.train_planner import (PlannerEvalConfig, PlannerRunner, PlannerTrainConfig, eval_planner,
+                                      load_planner, train_planner)
+
+from conftest import run_script
+
+
+def synthetic_docs(n_docs=60, doc_len=8, V=5, seed=0):
+    """next = ((a + b) % V, a): level 0 depends on both previous levels, so no per-level table predicts it."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(n_docs):
+        t = [int(rng.integers(V)), int(rng.integers(V))]
+        seq = [t]
+        for _ in range(doc_len - 1):
+            a, b = seq[-1]
+            seq.append([(a + b) % V, a])
+        docs.append(seq)
+    return docs
+
+
+def write_trainsets(root: Path, docs, K=2, V=5, context=3, val_docs=10):
+    rows = {"train": [], "val": []}
+    for d, seq in enumerate(docs):
+        side = "val" if d < val_docs else "train"
+        for i, tgt in enumerate(seq):
+            rows[side].append({"doc": d, "pos": i, "context": seq[max(0, i - context) : i], "target": tgt})
+    paths = {n: root / f"data/sent_lm_{n}.jsonl" for n in ("train", "val")}
+    for n, p in paths.items():
+        write_jsonl(p, rows[n])
+    meta = make_meta("trainsets", {"context_sents": context}, outputs={"lm_train": paths["train"], "lm_val": paths["val"]},
+                     K=K, V=V, rvq_path="out/rvq.npz")
+    write_json(root / "data/train_meta.json", meta)
+    return paths
+
+
+def tiny_env(**kw):
+    env = {"D_MODEL": "32", "N_HEADS": "2", "N_LAYERS": "2", "DROP": "0", "STEPS": "300", "LOG_EVERY": "100",
+           "BS": "32", "LR": "3e-3", "WARMUP": "10", "DEVICE": "cpu"}
+    env.update({k: str(v) for k, v in kw.items()})
+    return env
+
+
+def test_planner_is_causal():
+    torch.manual_seed(0)
+    m = Planner(PlannerModelConfig(K=3, V=7, d_model=32, n_heads=4, n_layers=2, dropout=0.0, max_len=8)).eval()
+    x = torch.randint(0, 7, (2, 6, 3))
+    y = x.clone()
+    y[:, 4:] = torch.randint(0, 7, (2, 2, 3))
+    a, b = m(x), m(y)
+    assert a.shape == (2, 6, 3, 7)
+    assert torch.allclose(a[:, :4], b[:, :4], atol=1e-6)
+    assert not torch.allclose(a[:, 4:], b[:, 4:])
+
+
+def test_chained_heads_see_lower_levels_only():
+    torch.manual_seed(0)
+    m = Planner(PlannerModelConfig(K=3, V=7, d_model=32, n_heads=4, n_layers=1, dropout=0.0, head_mode="chained")).eval()
+    x = torch.randint(0, 7, (1, 4, 3))
+    t1 = torch.randint(0, 7, (1, 4, 3))
+    t2 = t1.clone()
+    t2[..., 1] = (t2[..., 1] + 1) % 7  # change level 1 of the target
+    a, b = m(x, t1), m(x, t2)
+    assert torch.allclose(a[..., :2, :], b[..., :2, :])  # levels 0 and 1 do not see level 1
+    assert not torch.allclose(a[..., 2, :], b[..., 2, :])  # level 2 does
+
+
+@pytest.mark.parametrize("head_mode", ["independent", "chained"])
+def test_training_learns_pattern_beyond_baselines(workdir, head_mode):
+    write_trainsets(workdir, synthetic_docs())
+    info = train_planner(resolve(PlannerTrainConfig, environ=tiny_env(HEAD_MODE=head_mode)))
+    hist = info["history"]
+    assert hist[-1]["val_loss"] < hist[0]["val_loss"] * 0.7
+    rep = eval_planner(resolve(PlannerEvalConfig, environ={"DEVICE": "cpu"}))
+    res = rep["results"]
+    best_baseline = max(res[b]["acc"][0] for b in ("most frequent", "copy previous", "bigram"))
+    assert res["planner"]["acc"][0] > best_baseline + 0.2, res
+    assert res["planner"]["exact"] > res["bigram"]["exact"]
+    for f in ("sentence_lm.pt", "config.json", "curve.png"):
+        assert (workdir / "out/sentence_lm" / f).is_file()
+    assert json.loads(Path("out/sent_lm_eval.json").read_text())["results"]["planner"]["n"] == 80
+
+
+def test_save_load_identical_and_seeded(workdir):
+    write_trainsets(workdir, synthetic_docs(n_docs=20))
+    train_planner(resolve(PlannerTrainConfig, environ=tiny_env(STEPS=20, LOG_EVERY=10)))
+    m1, info = load_planner("out/sentence_lm")
+    m2, _ = load_planner("out/sentence_lm")
+    x = torch.randint(0, 5, (3, 4, 2))
+    assert torch.equal(m1(x), m2(x))
+    sd = torch.load("out/sentence_lm/sentence_lm.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())
+    runner = PlannerRunner(m1, info["context_sents"])
+    ctx = [[1, 2], [3, 4]]
+    draws = [runner.next_tuple(ctx, temperature=1.5, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert draws[0] == draws[1]
+    probs = runner.distributions(ctx)
+    assert probs.shape == (2, 5) and torch.allclose(probs.sum(-1), torch.ones(2))
+    assert runner.next_tuple(ctx, greedy=True) == probs.argmax(-1).tolist()
+    # same seed, same training -> same weights
+    info2 = train_planner(resolve(PlannerTrainConfig, environ=tiny_env(STEPS=20, LOG_EVERY=10, OUT_DIR="out/again")))
+    sd2 = torch.load("out/again/sentence_lm.pt", weights_only=True)
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert info2["best"] == info["best"]
+
+
+def test_bad_inputs(workdir):
+    with pytest.raises(StaleInputError, match="step 04"):
+        train_planner(resolve(PlannerTrainConfig, environ=tiny_env()))
+    write_trainsets(workdir, synthetic_docs(n_docs=12))
+    with pytest.raises(StaleInputError, match="K=3 here, but the training sets were built with K=2"):
+        train_planner(resolve(PlannerTrainConfig, environ=tiny_env(K=3)))
+    with pytest.raises(ConfigError, match="STEPS=0 is too small"):
+        resolve(PlannerTrainConfig, environ=tiny_env(STEPS=0))
+    # codes out of range for V
+    write_trainsets(workdir, synthetic_docs(n_docs=12, V=9), V=5)
+    with pytest.raises(StaleInputError, match="out of range"):
+        train_planner(resolve(PlannerTrainConfig, environ=tiny_env()))
+    # an empty training split
+    paths = write_trainsets(workdir, synthetic_docs(n_docs=4), val_docs=4)
+    with pytest.raises(NextSpeedError, match="is empty"):
+        train_planner(resolve(PlannerTrainConfig, environ=tiny_env()))
+    assert not Path("out/sentence_lm").exists()
+    del paths
+
+
+def test_cli_end_to_end(workdir):
+    write_trainsets(workdir, synthetic_docs(n_docs=20))
+    r = run_script("05_train_sentence_lm.py", "--steps", "30", env=tiny_env(STEPS=5000), cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    assert "planner (" in r.stdout and json.loads(Path("out/sentence_lm/config.json").read_text())["train"]["steps"] == 30
+    r = run_script("sent_lm_eval.py", env={"DEVICE": "cpu"}, cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    assert "bigram" in r.stdout and "copy previous" in r.stdout and "most frequent" in r.stdout
+    r = run_script("05_train_sentence_lm.py", env=tiny_env(D_MODEL=30, N_HEADS=4), cwd=workdir)
+    assert r.returncode == 2 and r.stderr.strip() == "error: D_MODEL=30 is not divisible by N_HEADS=4"
