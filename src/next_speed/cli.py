@@ -82,6 +82,18 @@ def _print_decoder_eval(res: dict) -> None:
     print(format_decoder_eval(res))
 
 
+def _print_generate(r: dict) -> None:
+    from .generate import print_generation
+
+    print_generation(r)
+
+
+def _print_agreement(r: dict) -> None:
+    from .agreement import format_agreement
+
+    print(format_agreement(r))
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
@@ -105,6 +117,12 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "step 06: train the decoder (context + codes -> sentence)", lambda i: _print_decoder(i)),
     Command("eval-decoder", "next_speed.train_decoder", "DecoderEvalConfig", "eval_decoder",
             "decoder validation loss with true codes, shuffled codes, and a no-codes decoder", lambda r: _print_decoder_eval(r)),
+    Command("generate", "next_speed.generate", "GenerateConfig", "run_generate",
+            "step 07: generate sentence by sentence and write a JSON log", lambda r: _print_generate(r)),
+    Command("code-agreement", "next_speed.agreement", "AgreementConfig", "code_agreement",
+            "planned vs realized codes, rerank off/on, several N_CAND", lambda r: _print_agreement(r)),
+    Command("run", "next_speed.pipeline", "RunConfig", "run_pipeline",
+            "the main job: steps 01-07 with a preset, skipping up-to-date stages", None),
     Command("trainsets", "next_speed.trainsets", "TrainSetsConfig", "build_training_sets",
             "step 04: planner and decoder training sets, split by document", _print_counts),
 ]}
@@ -129,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         C.add_arguments(sp, cls)
         if cmd.extra_args:
             cmd.extra_args(sp)
+    sub.add_parser("chat", help="08: interactive chat REPL (-p TEXT for one shot)", add_help=False)
+    sub.add_parser("serve", help="09: HTTP server (POST /generate, GET /health)", add_help=False)
     return p
 
 
@@ -189,6 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
+    if argv[0] == "chat":
+        from .chat import main as chat_main
+
+        return chat_main(argv[1:])
+    if argv[0] == "serve":
+        from .server import main as serve_main
+
+        return serve_main(argv[1:])
     name = argv[0] if argv[0] in COMMANDS else None
     if name is None:
         parser.parse_args(argv)  # prints the usage error and exits 2

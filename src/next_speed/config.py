@@ -89,11 +89,12 @@ def fields_of(cls: type) -> list[tuple[dataclasses.Field, type, bool]]:
     return out
 
 
-def validate(cfg: Any) -> Any:
-    """Check every knob's range and choices, then the config's own `check()` for cross-knob rules."""
+def validate(cfg: Any, field_names: bool = False) -> Any:
+    """Check every knob's range and choices, then the config's own `check()` for cross-knob rules.
+    Errors name the environment variable, or the field when `field_names` (per-call parameters)."""
     for f, tp, optional in fields_of(type(cfg)):
         v = getattr(cfg, f.name)
-        name = knob_name(f)
+        name = f.name if field_names else knob_name(f)
         if v is None:
             if not optional:
                 raise ConfigError(f"{name} must be set")

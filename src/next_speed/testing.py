@@ -19,6 +19,8 @@ def _char_vocab() -> list[str]:
 
 def build_tiny_encoder(path: str | Path, dim: int = 32, seed: int = 0) -> str:
     """Save a random-init 1-layer BERT sentence encoder (mean pooling) to `path`; return the path."""
+    if (Path(path) / "modules.json").is_file():
+        return str(path)
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -27,6 +29,10 @@ def build_tiny_encoder(path: str | Path, dim: int = 32, seed: int = 0) -> str:
     except ImportError:  # sentence-transformers < 6
         from sentence_transformers.models import Pooling, Transformer
     from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from .runtime import quiet_hf
+
+    quiet_hf()
 
     path = Path(path)
     if (path / "modules.json").is_file():
@@ -67,8 +73,14 @@ def train_tiny_tokenizer(texts: Iterable[str], path: str | Path, vocab_size: int
 
 def build_tiny_causal_lm(path: str | Path, texts: Iterable[str], hidden: int = 32, layers: int = 2, seed: int = 0) -> str:
     """Save a random-init tiny Llama causal LM with its own tokenizer to `path`; return the path."""
+    if (Path(path) / "config.json").is_file():
+        return str(path)
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .runtime import quiet_hf
+
+    quiet_hf()
 
     path = Path(path)
     if (path / "config.json").is_file():

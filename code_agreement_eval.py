@@ -1,0 +1,5 @@
+"""Spec script: a thin wrapper over `next-speed code-agreement` (same knobs as environment variables or flags)."""
+from next_speed.cli import script_main
+
+if __name__ == "__main__":
+    script_main("code-agreement")

@@ -1,0 +1,228 @@
+"""Generation, the Python API, the chat REPL and the server, on the tiny preset's artifacts."""
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from next_speed.config import resolve
+from next_speed.errors import ConfigError, NextSpeedError, StaleInputError
+from next_speed.generate import GenerateConfig, SentenceGenerator, match_score, run_generate
+
+from conftest import ROOT, run_script
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A folder holding the artifacts of `next-speed run --preset tiny` (steps 01-07)."""
+    from next_speed.pipeline import RunConfig, run_pipeline
+
+    d = tmp_path_factory.mktemp("tinyrun")
+    old = os.getcwd()
+    os.chdir(d)
+    try:
+        lines = []
+        env = {k: v for k, v in os.environ.items() if k not in ("LANG",)}
+        run_pipeline(resolve(RunConfig, environ={"PRESET": "tiny"}), environ=env, echo=lines.append)
+    finally:
+        os.chdir(old)
+    return d
+
+
+@pytest.fixture()
+def in_run(tiny_run, monkeypatch):
+    monkeypatch.chdir(tiny_run)
+    return tiny_run
+
+
+@pytest.fixture()
+def gen(in_run):
+    return SentenceGenerator(resolve(GenerateConfig, environ={"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu",
+                                                             "MAX_NEW_TOKENS": "10", "N_CAND": "3"}))
+
+
+def test_loop_shapes_and_determinism(gen):
+    res = gen.run("Paris is the capital of France. It lies on the Seine.", 2, seed=3)
+    K = gen.rvq.K
+    assert len(res.steps) >= 1 and len(res.sentences) <= 2
+    for st in res.steps:
+        assert len(st.planned) == K and len(st.candidates) == 3
+        if st.chosen is not None:
+            assert len(st.realized) == K and st.sentence == st.candidates[st.chosen]["text"]
+    assert set(res.timings) >= {"planner", "decoder", "rerank", "total"}
+    again = gen.run("Paris is the capital of France. It lies on the Seine.", 2, seed=3)
+    assert again.sentences == res.sentences and again.planned == res.planned
+    other = gen.run("Paris is the capital of France. It lies on the Seine.", 2, seed=4)
+    assert other.planned != res.planned or other.sentences != res.sentences
+
+
+def test_rerank_picks_best_match(gen, monkeypatch):
+    cands = ["first candidate sentence.", "second candidate sentence.", "third candidate sentence."]
+    monkeypatch.setattr(gen, "render", lambda ctx, codes, p, seed: cands[: p.n_cand])
+
+    def fake_score(planned, candidates):
+        prefixes = {"first": 0, "second": 2, "third": 1}
+        return [{"text": c, "codes": list(planned) if prefixes[c.split()[0]] == 2 else [0] * len(planned),
+                 "prefix": prefixes[c.split()[0]], "cosine": 0.5} for c in candidates]
+
+    monkeypatch.setattr(gen, "score", fake_score)
+    res = gen.run("A prompt sentence is here.", 1, rerank=True)
+    assert res.sentences == ["second candidate sentence."] and res.steps[0].chosen == 1
+    assert res.realized[0] == res.planned[0]
+    assert match_score([1, 2, 3], [1, 2, 0], 0.1) > match_score([1, 2, 3], [1, 0, 3], 0.9)
+
+
+def test_stop_rules(gen, monkeypatch):
+    monkeypatch.setattr(gen, "render", lambda ctx, codes, p, seed: ["", ""])
+    res = gen.run("A prompt sentence is here.", 3)
+    assert res.sentences == [] and res.stop_reason == "empty"
+    monkeypatch.setattr(gen, "render", lambda ctx, codes, p, seed: ["A prompt sentence is here."] * 2)
+    res = gen.run("A prompt sentence is here.", 3)
+    assert res.sentences == [] and res.stop_reason == "repeat"
+    seq = iter(["One new sentence.", "Another new sentence.", "One new sentence."])
+    monkeypatch.setattr(gen, "render", lambda ctx, codes, p, seed: [next(seq)])
+    res = gen.run("A prompt sentence is here.", 5, n_cand=1, rerank=False)
+    assert res.sentences == ["One new sentence.", "Another new sentence."] and res.stop_reason == "repeat"
+
+
+def test_bad_calls(gen):
+    with pytest.raises(NextSpeedError, match="prompt is empty"):
+        gen.run("   ")
+    with pytest.raises(ConfigError, match="unknown parameter 'temperature'"):
+        gen.run("Hello there.", 1, temperature=0.5)
+    with pytest.raises(ConfigError, match="top_p"):
+        gen.run("Hello there.", 1, top_p=1.5)
+
+
+def test_generate_log_schema(in_run, gen):
+    cfg = resolve(GenerateConfig, environ={"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "RUN_ID": "t1",
+                                           "PROMPT": "Paris is the capital of France.", "MAX_NEW_TOKENS": "8"})
+    out = run_generate(cfg, generator=gen)
+    log = json.loads(Path("out/generate/t1.json").read_text())
+    assert out["out_path"] == "out/generate/t1.json"
+    assert log["run_id"] == "t1" and log["settings"]["prompt"] == "Paris is the capital of France."
+    run = log["runs"][0]
+    assert {"prompt", "sentences", "planned", "realized", "steps", "stop_reason", "timings", "text", "params"} <= set(run)
+    step = run["steps"][0]
+    assert {"planned", "candidates", "chosen", "sentence", "realized", "timings"} <= set(step)
+    assert {"text", "codes", "prefix", "cosine"} <= set(step["candidates"][0])
+
+
+def test_mismatched_artifacts_are_refused(in_run, tmp_path):
+    with pytest.raises(StaleInputError, match="CODE_MODE=none but the decoder"):
+        SentenceGenerator(resolve(GenerateConfig, environ={"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu",
+                                                           "CODE_MODE": "none", "DECODER_DIR": "out/decoder"}))
+    with pytest.raises(StaleInputError, match="no trained planner"):
+        SentenceGenerator(resolve(GenerateConfig, environ={"PLANNER_DIR": str(tmp_path / "nothing"), "DEVICE": "cpu"}))
+
+
+def test_api_one_liner_and_chat_oneshot(in_run):
+    env = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "8"}
+    code = "from infer import SentenceGenerator; g=SentenceGenerator(); print(repr(g.generate('Paris is the capital of France.', 2)))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=in_run, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **env, "PYTHONPATH": f"{ROOT}/src:{ROOT}"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().startswith("'")
+    r = run_script("08_chat.py", "-p", "Paris is the capital of France.", env=env, cwd=in_run, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+
+
+def test_chat_scripted_session(gen):
+    from next_speed.chat import chat_loop
+
+    inp = io.StringIO("/show\n/set n_cand=2\n/set bogus=1\nParis is the capital of France.\n/reset\n/quit\nnever read\n")
+    out = io.StringIO()
+    assert chat_loop(gen, inp, out, interactive=False) == 0
+    text = out.getvalue()
+    assert "n_cand=3" in text and "n_cand=2" in text and "unknown parameter 'bogus'" in text
+    assert "(conversation cleared)" in text and "never read" not in text
+
+
+def test_server_in_process(gen):
+    from fastapi.testclient import TestClient
+
+    from next_speed.server import ServerConfig, create_app
+
+    app = create_app(lambda: gen, ServerConfig(max_prompt_chars=200, max_sentences_cap=3), background=False)
+    with TestClient(app) as c:
+        assert c.get("/health").status_code == 200
+        r = c.post("/generate", json={"prompt": "Paris is the capital of France.", "max_sentences": 2, "params": {"rerank": True}})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert {"text", "sentences", "planned", "realized"} <= set(body) and len(body["planned"]) == len(body["sentences"]) or body["stop_reason"]
+        bad = [
+            ({"prompt": "", "max_sentences": 1}, 422), ({"prompt": "x" * 500}, 413), ({"prompt": "Hi there.", "max_sentences": 9}, 422),
+            ({"prompt": "Hi there.", "params": {"temp": 0}}, 422), ({"prompt": "Hi there.", "params": {"top_p": 2}}, 422),
+            ({"prompt": "Hi there.", "params": {"n_cand": 100}}, 422), ({"prompt": "Hi there.", "params": {"nope": 1}}, 422),
+            ({"max_sentences": 1}, 422), ({"prompt": 5}, 422), ({"prompt": "Hi there.", "params": {"n_cand": "many"}}, 422),
+        ]
+        for payload, status in bad:
+            r = c.post("/generate", json=payload)
+            assert r.status_code == status, (payload, r.text)
+            assert "error" in r.json()
+        r = c.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 422 and "error" in r.json()
+
+
+def test_server_health_503_while_loading():
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from next_speed.server import create_app
+
+    release = threading.Event()
+    app = create_app(lambda: release.wait(30) and None, background=True)
+    with TestClient(app) as c:
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json()["error"] == "loading models"
+        assert c.post("/generate", json={"prompt": "Hi there."}).status_code == 503
+        release.set()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_real_server_command(in_run):
+    port = _free_port()
+    env = {**os.environ, "EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "PORT": str(port), "MAX_NEW_TOKENS": "8",
+           "PYTHONPATH": f"{ROOT}/src:{ROOT}"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "09_server.py")], cwd=in_run, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        status = None
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    status = r.status
+                    break
+            except urllib.error.HTTPError as e:
+                status = e.code
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            time.sleep(1)
+        assert status == 200, f"server never became healthy (last status {status})"
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", method="POST",
+                                     data=json.dumps({"prompt": "Paris is the capital of France.", "max_sentences": 2,
+                                                      "params": {"rerank": True}}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            body = json.loads(r.read())
+        assert r.status == 200 and "text" in body and "planned" in body
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
