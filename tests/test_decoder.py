@@ -146,7 +146,7 @@ def test_top_layers_only_trains_top_and_code_rows(workdir, tiny_llama):
     from transformers import AutoModelForCausalLM
 
     write_decoder_sets(workdir)
-    info = train_decoder(resolve(DecoderTrainConfig, environ=env(tiny_llama, TRAIN_LAYERS=1)))
+    info = train_decoder(resolve(DecoderTrainConfig, environ=env(tiny_llama, TRAIN_LAYERS=1, TRAIN_CODE_EMB=1)))
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     tuned, tok, cond, _ = load_decoder("out/decoder")
     n = base.get_input_embeddings().weight.shape[0]

@@ -47,15 +47,18 @@ def write_trainsets(root: Path, docs, K=2, V=5, context=3, val_docs=10):
 
 
 def tiny_env(**kw):
-    env = {"D_MODEL": "32", "N_HEADS": "2", "N_LAYERS": "2", "DROP": "0", "STEPS": "300", "LOG_EVERY": "100",
+    env = {"D_MODEL": "32", "N_HEADS": "2", "N_LAYERS": "2", "DROP": "0", "STEPS": "300", "LOG_EVERY": "100", "CODEBOOK_FEATURES": "0",
            "BS": "32", "LR": "3e-3", "WARMUP": "10", "DEVICE": "cpu"}
     env.update({k: str(v) for k, v in kw.items()})
     return env
 
 
-def test_planner_is_causal():
+@pytest.mark.parametrize("extras", [{}, {"codebook_dim": 5, "copy_gate": True}])
+def test_planner_is_causal(extras):
     torch.manual_seed(0)
-    m = Planner(PlannerModelConfig(K=3, V=7, d_model=32, n_heads=4, n_layers=2, dropout=0.0, max_len=8)).eval()
+    m = Planner(PlannerModelConfig(K=3, V=7, d_model=32, n_heads=4, n_layers=2, dropout=0.0, max_len=8, **extras)).eval()
+    if extras:
+        m.set_codebooks(torch.randn(3, 7, 5))
     x = torch.randint(0, 7, (2, 6, 3))
     y = x.clone()
     y[:, 4:] = torch.randint(0, 7, (2, 2, 3))
@@ -82,7 +85,7 @@ def test_training_learns_pattern_beyond_baselines(workdir, head_mode):
     write_trainsets(workdir, synthetic_docs())
     info = train_planner(resolve(PlannerTrainConfig, environ=tiny_env(HEAD_MODE=head_mode)))
     hist = info["history"]
-    assert hist[-1]["val_loss"] < hist[0]["val_loss"] * 0.7
+    assert hist[-1]["val_loss"] < 0.5 * np.log(5)  # far below the loss of a uniform guess
     rep = eval_planner(resolve(PlannerEvalConfig, environ={"DEVICE": "cpu"}))
     res = rep["results"]
     best_baseline = max(res[b]["acc"][0] for b in ("most frequent", "copy previous", "bigram"))

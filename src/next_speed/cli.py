@@ -123,6 +123,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "planned vs realized codes, rerank off/on, several N_CAND", lambda r: _print_agreement(r)),
     Command("run", "next_speed.pipeline", "RunConfig", "run_pipeline",
             "the main job: steps 01-07 with a preset, skipping up-to-date stages", None),
+    Command("report", "next_speed.report", "ReportConfig", "make_report",
+            "run the evaluations and write out/report/report.md with plots", lambda r: print(f"wrote {r['report']}")),
     Command("trainsets", "next_speed.trainsets", "TrainSetsConfig", "build_training_sets",
             "step 04: planner and decoder training sets, split by document", _print_counts),
 ]}

@@ -129,6 +129,7 @@ class Conditioning:
     max_in: int = 192
     max_out: int = 64
     family: str = "causal"
+    base_vocab: int | None = None  # ids from here on are input-only code tokens, never predicted
 
     def codes_text(self, codes: Sequence[int]) -> str:
         return code_string(codes, self.code_mode, self.V)
@@ -226,14 +227,17 @@ def collate(batch: list[dict], pad_id: int, family: str):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def token_losses(model, batch: dict, family: str):
-    """Per-row summed loss and token count for a collated batch (no reduction across rows)."""
+def token_losses(model, batch: dict, family: str, base_vocab: int | None = None):
+    """Per-row summed loss and token count for a collated batch (no reduction across rows).
+    Logits of the code tokens (ids >= base_vocab) are masked: codes are read, never written."""
     import torch
     import torch.nn.functional as F
 
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 labels=batch["labels"] if family == "seq2seq" else None)
     logits = out.logits.float()
+    if base_vocab is not None and logits.shape[-1] > base_vocab:
+        logits = logits[..., :base_vocab]
     labels = batch["labels"]
     if family == "causal":
         logits, labels = logits[:, :-1], labels[:, 1:]

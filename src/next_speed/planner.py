@@ -29,6 +29,8 @@ class PlannerModelConfig:
     dropout: float = 0.1
     max_len: int = 64  # longest input sequence (BOS + context tuples)
     head_mode: str = "independent"  # or "chained"
+    codebook_dim: int = 0  # > 0: the RVQ codewords (K, V, codebook_dim) also feed the input and the heads
+    copy_gate: bool = False  # a learned, context-dependent bonus for repeating the previous sentence's codes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +72,19 @@ class Planner(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(D)
         self.heads = nn.Linear(D, K * V)  # K heads of V classes, fused
+        if cfg.codebook_dim:
+            # Codebook features: a tuple also enters as its RVQ reconstruction (an approximate
+            # sentence embedding), and each head adds a score by similarity to its level's codewords,
+            # so codes with nearby codewords share statistics ("the same topic again" is easy).
+            self.register_buffer("codebooks", torch.zeros(K, V, cfg.codebook_dim))
+            self.in_proj = nn.Linear(cfg.codebook_dim, D)
+            self.out_proj = nn.Linear(D, K * cfg.codebook_dim)
+            self.out_scale = nn.Parameter(torch.full((K,), 10.0))
+        if cfg.copy_gate:
+            # Consecutive sentences often share codes (same topic): the "copy previous" baseline is
+            # strong. A gate per level lets the model add a bonus to the previous sentence's code,
+            # as pointer-generator networks do (See et al. 2017), instead of rediscovering identity.
+            self.copy = nn.Linear(D, K)
         if cfg.head_mode == "chained":
             self.cond_emb = nn.ModuleList(nn.Embedding(V, D) for _ in range(max(K - 1, 0)))
             self.cond_mlp = nn.Sequential(nn.Linear(D, D), nn.GELU())
@@ -88,6 +103,11 @@ class Planner(nn.Module):
         if T > self.cfg.max_len:
             raise ValueError(f"sequence of {T} sentences is longer than the planner's max_len {self.cfg.max_len}")
         x = sum(self.code_emb[k](codes[:, :, k]) for k in range(K))  # (B, T, D)
+        if self.cfg.codebook_dim:
+            real = (codes < self.cfg.V).all(-1, keepdim=True)  # BOS/PAD rows have no codewords: (B, T, 1)
+            safe = codes.clamp(max=self.cfg.V - 1)
+            recon = sum(self.codebooks[k][safe[:, :, k]] for k in range(K)) * real  # (B, T, Dc)
+            x = x + self.in_proj(recon)
         x = x + self.pos_emb(torch.arange(T, device=codes.device))[None]
         x = self.drop(x)
         for block in self.blocks:
@@ -99,25 +119,49 @@ class Planner(nn.Module):
         head in chained mode (only the first K-1 levels of it are read)."""
         K, V = self.cfg.K, self.cfg.V
         if self.cfg.head_mode != "chained":
-            return self.heads(h).view(*h.shape[:-1], K, V)
+            return self.heads(h).view(*h.shape[:-1], K, V) + self._codebook_scores(h)
         w = self.heads.weight.view(K, V, -1)  # (K, V, D)
         b = self.heads.bias.view(K, V)
         ctx = torch.zeros_like(h)
         out = []
         for k in range(K):
             hk = h + self.cond_mlp(ctx) if k > 0 else h
-            out.append(hk @ w[k].T + b[k])  # (..., V)
+            cb = self._codebook_scores(hk)[..., k, :] if self.cfg.codebook_dim else 0.0
+            out.append(hk @ w[k].T + b[k] + cb)  # (..., V)
             if k < K - 1 and prefix is not None:
                 ctx = ctx + self.cond_emb[k](prefix[..., k])
         return torch.stack(out, dim=-2)
+
+    def _codebook_scores(self, h: torch.Tensor) -> torch.Tensor | float:
+        """(..., D) -> (..., K, V): scaled cosine between a per-level projection and the codewords."""
+        if not self.cfg.codebook_dim:
+            return 0.0
+        K = self.cfg.K
+        q = F.normalize(self.out_proj(h).view(*h.shape[:-1], K, self.cfg.codebook_dim), dim=-1)  # (..., K, Dc)
+        cb = F.normalize(self.codebooks, dim=-1)  # (K, V, Dc)
+        return torch.einsum("...kd,kvd->...kv", q, cb) * self.out_scale[:, None]
+
+    def set_codebooks(self, codebooks) -> None:
+        """Copy the RVQ codebooks (K, V, Dc) in; they are saved with the weights."""
+        self.codebooks.copy_(torch.as_tensor(codebooks, dtype=self.codebooks.dtype))
+
+    def add_copy(self, logits: torch.Tensor, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """Add the copy bonus: logits (..., K, V), h (..., D), prev (..., K) = the input tuple at
+        that position, i.e. the previous sentence's codes (BOS/PAD there get no bonus)."""
+        if not self.cfg.copy_gate:
+            return logits
+        V = self.cfg.V
+        bonus = self.copy(h) * (prev < V)  # (..., K)
+        onehot = F.one_hot(prev.clamp(max=V - 1), V).to(logits.dtype)  # (..., K, V)
+        return logits + onehot * bonus[..., None]
 
     def forward(self, codes: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, K) input codes -> (B, T, K, V) logits for the next tuple at every position.
         In chained mode, `targets` (B, T, K) supply the teacher-forced lower levels."""
         h = self.hidden(codes)
         if self.cfg.head_mode == "chained" and targets is not None:
-            return self.head_logits(h, targets.clamp(0, self.cfg.V - 1))
-        return self.head_logits(h)
+            return self.add_copy(self.head_logits(h, targets.clamp(0, self.cfg.V - 1)), h, codes)
+        return self.add_copy(self.head_logits(h), h, codes)
 
     @torch.no_grad()
     def next_logits_levelwise(self, codes: torch.Tensor, choose) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,15 +169,16 @@ class Planner(nn.Module):
         `choose(level, logits (B, V)) -> (B,)` picks each level's code (greedy or sampled).
         Returns (chosen codes (B, K), logits (B, K, V))."""
         h = self.hidden(codes)[:, -1]  # (B, D)
+        prev = codes[:, -1]  # (B, K)
         K = self.cfg.K
         if self.cfg.head_mode != "chained":
-            logits = self.head_logits(h)  # (B, K, V)
+            logits = self.add_copy(self.head_logits(h), h, prev)  # (B, K, V)
             chosen = torch.stack([choose(k, logits[:, k]) for k in range(K)], dim=1)
             return chosen, logits
         prefix = torch.zeros(h.shape[0], K, dtype=torch.long, device=h.device)
         all_logits = []
         for k in range(K):
-            logits = self.head_logits(h, prefix)[:, k]  # (B, V): level k sees prefix[:, :k]
+            logits = self.add_copy(self.head_logits(h, prefix), h, prev)[:, k]  # (B, V): level k sees prefix[:, :k]
             prefix[:, k] = choose(k, logits)
             all_logits.append(logits)
         return prefix, torch.stack(all_logits, dim=1)

@@ -54,6 +54,8 @@ class DecoderTrainConfig:
     max_steps: int | None = knob(None, env="MAX_STEPS", min=1, help="stop after this many optimizer steps")
     time_budget: float | None = knob(None, env="TIME_BUDGET", min=0.05, help="stop training after this many minutes")
     train_layers: str = knob("4", env="TRAIN_LAYERS", help="'all', or N: train the top N blocks + final norm + code embeddings")
+    train_code_emb: bool = knob(False, env="TRAIN_CODE_EMB",
+                                help="with TRAIN_LAYERS=N, also train the code-token rows (backprop then runs through every block)")
     warmup: int = knob(20, env="WARMUP", min=0, help="warmup steps")
     eval_every: int = knob(50, env="EVAL_EVERY", min=1, help="validate every N steps")
     val_rows: int = knob(200, env="VAL_ROWS", min=1, help="validation rows used for the loss")
@@ -155,7 +157,7 @@ def _block_list(model):
     return best
 
 
-def select_trainable(model, train_layers: str, n_vocab_before: int) -> dict:
+def select_trainable(model, train_layers: str, n_vocab_before: int, train_code_emb: bool = True) -> dict:
     """Freeze what TRAIN_LAYERS says; return a summary. Code-token rows stay trainable via a
     gradient mask on the (shared) embedding matrix."""
     import torch
@@ -177,7 +179,7 @@ def select_trainable(model, train_layers: str, n_vocab_before: int) -> dict:
             for p in mod.parameters():
                 p.requires_grad_(True)
     emb = model.get_input_embeddings().weight
-    n_new = emb.shape[0] - n_vocab_before
+    n_new = emb.shape[0] - n_vocab_before if train_code_emb else 0
     if n_new > 0:
         emb.requires_grad_(True)
         mask = torch.zeros(emb.shape[0], 1)
@@ -194,7 +196,7 @@ def _rows(path: str) -> list[dict]:
     return list(read_jsonl(path, required=("context", "codes", "target")))
 
 
-def evaluate_loss(model, data, pad_id: int, family: str, device: str, bs: int = 16) -> float:
+def evaluate_loss(model, data, pad_id: int, family: str, device: str, bs: int = 16, base_vocab: int | None = None) -> float:
     """Mean per-token loss over `data` (tokenized examples)."""
     import torch
 
@@ -203,7 +205,7 @@ def evaluate_loss(model, data, pad_id: int, family: str, device: str, bs: int = 
     with torch.no_grad():
         for i in range(0, len(data), bs):
             batch = {k: v.to(device) for k, v in collate([data[j] for j in range(i, min(i + bs, len(data)))], pad_id, family).items()}
-            s, c = token_losses(model, batch, family)
+            s, c = token_losses(model, batch, family, base_vocab)
             tot += s.sum().item()
             n += c.sum().item()
     return tot / max(n, 1)
@@ -233,7 +235,7 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict:
     device = pick_device(cfg.device)
     tok, family, base_path = load_base_tokenizer(cfg.model)
     cond = Conditioning(K=K, V=V, code_mode=cfg.code_mode, add_special_tokens=cfg.add_special_tokens,
-                        max_in=cfg.max_in, max_out=cfg.max_out, family=family)
+                        max_in=cfg.max_in, max_out=cfg.max_out, family=family, base_vocab=len(tok))
     n_before = len(tok)
     add_code_tokens_to_tokenizer(tok, cond)
     subset = f"max_rows={cfg.max_rows};seed={cfg.seed}"
@@ -251,7 +253,7 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict:
             if len(lst) < 16:
                 lst.append(r["target"])
     added = init_code_embeddings(model, tok, cond, n_before, init_texts)
-    sel = select_trainable(model, cfg.train_layers, n_before)
+    sel = select_trainable(model, cfg.train_layers, n_before, cfg.train_code_emb)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     emb = model.get_input_embeddings().weight
@@ -274,7 +276,7 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict:
         sd = model.state_dict()
         return {n: sd[n].detach().to("cpu", copy=True) for n in trainable_names if n in sd}
 
-    val0 = evaluate_loss(model, val_ds, pad_id, family, device)
+    val0 = evaluate_loss(model, val_ds, pad_id, family, device, base_vocab=n_before)
     history.append({"step": 0, "train_loss": float("nan"), "val_loss": val0})
     log.info("06: %s (%s), %d code tokens added, %s of %s parameters trained; val loss before training %.3f",
              cfg.model, family, added, f"{sel['trainable_params']:,}", f"{sel['total_params']:,}", val0)
@@ -291,7 +293,7 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict:
             idx, order = order[: cfg.train_bs], order[cfg.train_bs :]
             batch = {k: v.to(device) for k, v in collate([train_ds[i] for i in idx], pad_id, family).items()}
             with amp:
-                s, c = token_losses(model, batch, family)
+                s, c = token_losses(model, batch, family, n_before)
                 loss = s.sum() / c.sum().clamp(min=1)
             (loss / cfg.grad_accum).backward()
             run_loss.append(loss.item())
@@ -310,7 +312,7 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict:
             bar.total = total
         out_of_time = cfg.time_budget is not None and elapsed > cfg.time_budget * 60
         if step % cfg.eval_every == 0 or step == total or out_of_time:
-            vl = evaluate_loss(model, val_ds, pad_id, family, device)
+            vl = evaluate_loss(model, val_ds, pad_id, family, device, base_vocab=n_before)
             rec = {"step": step, "train_loss": sum(run_loss) / len(run_loss), "val_loss": vl, "lr": lr,
                    "seconds": round(time.perf_counter() - t0, 1), "tokens_per_s": round(tokens / (time.perf_counter() - t0), 1)}
             history.append(rec)
@@ -373,7 +375,7 @@ def eval_decoder(cfg: DecoderEvalConfig) -> dict:
 
     def loss(m, t, c, codes_list):
         data = [encode_example(t, c, r["context"], codes, r["target"]) for r, codes in zip(rows, codes_list)]
-        return evaluate_loss(m, data, t.pad_token_id, c.family, device)
+        return evaluate_loss(m, data, t.pad_token_id, c.family, device, base_vocab=c.base_vocab)
 
     res = {"rows": len(rows), "code_mode": cond.code_mode,
            "true_codes": loss(model, tok, cond, [r["codes"] for r in rows]),

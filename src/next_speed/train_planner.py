@@ -36,6 +36,10 @@ class PlannerTrainConfig:
     drop: float = knob(0.1, env="DROP", min=0.0, max=0.9, help="dropout")
     head_mode: str = knob("independent", env="HEAD_MODE", choices=("independent", "chained"),
                           help="independent K heads (spec) or chained: level k sees levels < k")
+    codebook_features: bool = knob(True, env="CODEBOOK_FEATURES",
+                                   help="feed RVQ codewords into the input and heads (needs RVQ_PATH)")
+    rvq_path: str = knob("out/rvq.npz", env="RVQ_PATH", help="RVQ codebooks (step 03), for CODEBOOK_FEATURES")
+    copy_gate: bool = knob(True, env="COPY_GATE", help="learned bonus for repeating the previous sentence's codes")
     bs: int = knob(64, env="BS", min=1, help="batch size (rows)")
     lr: float = knob(1e-3, env="LR", min=0.0, help="peak learning rate (AdamW)")
     weight_decay: float = knob(0.1, env="WEIGHT_DECAY", min=0.0, help="AdamW weight decay")
@@ -124,9 +128,23 @@ def train_planner(cfg: PlannerTrainConfig) -> dict:
     x_tr, y_tr, _ = tensorize(train_rows, K, V, cfg.out_lm)
     val = tensorize(val_rows, K, V, cfg.out_lm_val) if val_rows else None
     max_len = max(x_tr.shape[1], val[0].shape[1] if val else 0, tmeta["config"]["context_sents"] + 1)
+    books = None
+    if cfg.codebook_features:
+        from .rvq import RVQ
+
+        rvq = RVQ.load(cfg.rvq_path)
+        if (rvq.K, rvq.V) != (K, V):
+            raise StaleInputError(f"{cfg.rvq_path} has K={rvq.K} V={rvq.V} but the training sets K={K} V={V}: rerun step 04")
+        if tmeta.get("rvq_sha256") and tmeta["rvq_sha256"] != sha256_path(cfg.rvq_path):
+            raise StaleInputError(f"the training sets were built from another {cfg.rvq_path}: rerun step 04")
+        books = rvq.codebooks
     mcfg = PlannerModelConfig(K=K, V=V, d_model=cfg.d_model, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
-                              dropout=cfg.drop, max_len=max_len, head_mode=cfg.head_mode)
-    model = Planner(mcfg).to(device)
+                              dropout=cfg.drop, max_len=max_len, head_mode=cfg.head_mode,
+                              codebook_dim=books.shape[-1] if books is not None else 0, copy_gate=cfg.copy_gate)
+    model = Planner(mcfg)
+    if books is not None:
+        model.set_codebooks(books)
+    model = model.to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -235,15 +253,16 @@ def evaluate_model(model, inp, tgt, last, device: str = "cpu", bs: int = 512) ->
             lb = last[i : i + bs].to(device)
             gold = tgt[i : i + bs].to(device)[torch.arange(len(xb), device=device), lb]  # (B, K)
             h = model.hidden(xb)[torch.arange(len(xb), device=device), lb]  # (B, D)
+            prev = xb[torch.arange(len(xb), device=device), lb]  # (B, K): the previous sentence's codes
             # Loss with teacher-forced lower levels (chained) is the model's likelihood of the tuple.
-            logits_tf = model.head_logits(h, gold) if model.cfg.head_mode == "chained" else model.head_logits(h)
+            logits_tf = model.add_copy(model.head_logits(h, gold) if model.cfg.head_mode == "chained" else model.head_logits(h), h, prev)
             tot_loss += F.cross_entropy(logits_tf.float().reshape(-1, V), gold.reshape(-1), reduction="sum").item()
             # Accuracies use the model's own greedy choices for the lower levels (what generation sees).
             if model.cfg.head_mode == "chained":
                 prefix = torch.zeros_like(gold)
                 cols = []
                 for k in range(K):
-                    lk = model.head_logits(h, prefix)[:, k]
+                    lk = model.add_copy(model.head_logits(h, prefix), h, prev)[:, k]
                     prefix[:, k] = lk.argmax(-1)
                     cols.append(lk)
                 logits = torch.stack(cols, 1)

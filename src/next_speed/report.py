@@ -1,0 +1,99 @@
+"""The evaluation report: RVQ error, planner against baselines, code agreement (and the decoder's
+codes-value losses when a no-codes decoder exists), as Markdown with PNG plots in out/report/."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import knob, resolve
+from .errors import NextSpeedError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReportConfig:
+    """`next-speed report` knobs (the evaluations' own knobs apply too)."""
+
+    out_dir: str = knob("out/report", env="REPORT_DIR", help="folder for report.md and its plots")
+    eval_docs: int = knob(6, env="EVAL_DOCS", min=1, help="validation documents for code agreement")
+    decoder_rows: int = knob(100, env="VAL_ROWS", min=1, help="validation rows for the decoder losses")
+    device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def make_report(cfg: ReportConfig, environ: dict | None = None) -> dict:
+    from .agreement import AgreementConfig, code_agreement, format_agreement
+    from .rvq import RVQEvalConfig, format_report, rvq_report
+    from .train_decoder import DecoderEvalConfig, eval_decoder, format_decoder_eval
+    from .train_planner import PlannerEvalConfig, eval_planner, format_eval
+
+    import os
+
+    env = dict(os.environ if environ is None else environ)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plt = _plt()
+    md = ["# next-speed evaluation report", ""]
+
+    rvq = rvq_report(resolve(RVQEvalConfig, environ=env))
+    lv = rvq["levels"]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].plot([r["level"] + 1 for r in lv], [r["rel_error"] for r in lv], marker="o", label="relative error")
+    ax[0].plot([r["level"] + 1 for r in lv], [r["cosine"] for r in lv], marker="s", label="cosine")
+    ax[0].set_xlabel("levels used")
+    ax[0].set_title("RVQ reconstruction")
+    ax[0].legend()
+    ax[1].bar([r["level"] for r in lv], [r["perplexity"] for r in lv], label="perplexity")
+    ax[1].plot([r["level"] for r in lv], [r["used"] for r in lv], "k.", label="codewords used")
+    ax[1].set_xlabel("level")
+    ax[1].set_title("codebook usage")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "rvq.png", dpi=100)
+    plt.close(fig)
+    md += ["## RVQ", "", "```", format_report(rvq), "```", "", "![RVQ error and codebook usage](rvq.png)", ""]
+
+    plan = eval_planner(resolve(PlannerEvalConfig, {"device": cfg.device}, environ=env))
+    md += ["## Planner against baselines (validation split)", "", "```", format_eval(plan), "```", ""]
+    for name, src in (("planner_curve.png", Path(plan.get("out_dir", "out/sentence_lm")) / "curve.png"),
+                      ("decoder_curve.png", Path("out/decoder/curve.png"))):
+        if src.is_file():
+            shutil.copyfile(src, out / name)
+            md += [f"![{name[:-4]}]({name})", ""]
+
+    try:
+        dec = eval_decoder(resolve(DecoderEvalConfig, {"val_rows": cfg.decoder_rows, "device": cfg.device}, environ=env))
+        md += ["## What codes buy the decoder", "", "```", format_decoder_eval(dec), "```", ""]
+    except NextSpeedError as e:
+        dec = None
+        md += ["## What codes buy the decoder", "", f"skipped: {e}", ""]
+
+    agr = code_agreement(resolve(AgreementConfig, {"eval_docs": cfg.eval_docs, "device": cfg.device}, environ=env))
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for mode in ("off", "on"):
+        rows = [r for r in agr["results"] if r["rerank"] == mode]
+        ax.plot([r["n_cand"] for r in rows], [r["prefix"] for r in rows], marker="o", label=f"rerank {mode}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("N_CAND")
+    ax.set_ylabel("mean matched prefix (levels)")
+    ax.set_title("code agreement")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "agreement.png", dpi=100)
+    plt.close(fig)
+    md += ["## Code agreement: planned vs realized tuples", "", "```", format_agreement(agr), "```", "",
+           "![agreement against N_CAND](agreement.png)", ""]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    return {"report": str(out / "report.md"), "rvq": rvq, "planner": plan, "decoder": dec, "agreement": agr}

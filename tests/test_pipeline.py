@@ -1,0 +1,74 @@
+"""The main job (`next-speed run`) with the tiny preset, through the real CLI and in-process."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from next_speed.config import resolve
+from next_speed.errors import ConfigError, NextSpeedError
+from next_speed.pipeline import RunConfig, run_pipeline
+
+from conftest import run_script
+
+ARTIFACTS = ["data/sentences.jsonl", "data/sentences.meta.json", "data/embeddings.npy", "data/emb_meta.json", "out/rvq.npz",
+             "out/rvq_meta.json", "data/codes.npy", "data/sent_lm_train.jsonl", "data/sent_lm_val.jsonl",
+             "data/decoder_train.jsonl", "data/decoder_val.jsonl", "data/train_meta.json", "out/sentence_lm/sentence_lm.pt",
+             "out/sentence_lm/config.json", "out/decoder/config.json", "out/decoder/model.safetensors"]
+
+
+def test_main_job_cli_tiny_then_rerun_skips(tmp_path):
+    r = run_script("next_speed.cli", "run", "--preset", "tiny", env={"LANG": "C.UTF-8"}, cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for a in ARTIFACTS:
+        assert (tmp_path / a).exists(), a
+    logs = list((tmp_path / "out/generate").glob("*.json"))
+    assert len(logs) == 1
+    runs = json.loads(logs[0].read_text())["runs"]
+    assert len(runs) == 3 and all(run["text"].strip() for run in runs)
+    assert "[7/7] generate" in r.stdout and "done in" in r.stdout
+    r2 = run_script("next_speed.cli", "run", "--preset", "tiny", cwd=tmp_path, timeout=900)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    for i, stage in enumerate(["sentences", "embed", "rvq", "trainsets", "planner", "decoder"], 1):
+        assert f"[{i}/7] {stage}: up to date, skipped" in r2.stdout
+    # a changed knob reruns that stage and the ones after it
+    r3 = run_script("next_speed.cli", "run", "--preset", "tiny", env={"CONTEXT_SENTS": "2"}, cwd=tmp_path, timeout=900)
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    assert "[3/7] rvq: up to date, skipped" in r3.stdout and "[4/7] trainsets: up to date" not in r3.stdout
+    assert "[5/7] planner: up to date" not in r3.stdout
+
+
+def test_interrupted_stage_is_redone_and_nothing_half_read(tmp_path, monkeypatch):
+    import next_speed.pipeline as P
+
+    monkeypatch.chdir(tmp_path)
+    table = P._stage_table()
+    real_planner = table["planner"][1]
+
+    def interrupted(cfg):
+        Path(cfg.out_dir + ".tmp-partial").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P, "_stage_table", lambda: {**table, "planner": (table["planner"][0], interrupted, *table["planner"][2:])})
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(resolve(RunConfig, environ={"PRESET": "tiny"}), environ={}, echo=lambda s: None)
+    assert not Path("out/sentence_lm").exists()
+    monkeypatch.setattr(P, "_stage_table", lambda: table)
+    lines = []
+    run_pipeline(resolve(RunConfig, environ={"PRESET": "tiny"}), environ={}, echo=lines.append)
+    assert [ln for ln in lines if "skipped" in ln] == [f"[{i}/7] {s}: up to date, skipped" for i, s in
+                                                        enumerate(["sentences", "embed", "rvq", "trainsets"], 1)]
+    assert Path("out/sentence_lm/sentence_lm.pt").is_file() and real_planner
+    # --from reruns from a named stage; --force reruns all
+    lines = []
+    run_pipeline(resolve(RunConfig, {"from_stage": "decoder"}, environ={"PRESET": "tiny"}), environ={}, echo=lines.append)
+    assert sum("skipped" in ln for ln in lines) == 5
+
+
+def test_ambiguous_env_and_bad_output_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="OUT_DIR is set, but it means different knobs"):
+        run_pipeline(resolve(RunConfig, environ={}), environ={"OUT_DIR": "x"}, echo=lambda s: None)
+    Path("afile").write_text("")
+    with pytest.raises(NextSpeedError, match="cannot create output folder afile"):
+        run_pipeline(resolve(RunConfig, environ={"PRESET": "tiny"}), environ={"SENT_PATH": "afile/s.jsonl"}, echo=lambda s: None)
