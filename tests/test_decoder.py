@@ -77,12 +77,17 @@ def test_code_embedding_init_is_in_distribution(tiny_llama):
     cond = Conditioning(K=2, V=4)
     n = len(tok)
     add_code_tokens_to_tokenizer(tok, cond)
-    init_code_embeddings(model, tok, cond, n, {(0, 1): ["Cats sleep for most of the day."]})
+    init_code_embeddings(model, tok, cond, n, {(0, 1): ["Cats sleep for most of the day."],
+                                               (1, 2): ["A river is a natural stream of water."]})
     emb = model.get_input_embeddings().weight.detach()
-    old_norm = emb[:n].norm(dim=1).mean()
+    mean = emb[:n].mean(0)
+    spread = (emb[:n] - mean).norm(dim=1).mean()
     new = emb[n:]
-    assert torch.allclose(new.norm(dim=1), old_norm.expand(len(new)), rtol=1e-3)
-    assert not torch.allclose(new[1], new[0])  # the code with sentences differs from the default ones
+    # every new row sits at a real token's typical distance from the centre of the embeddings
+    assert torch.allclose((new - mean).norm(dim=1), spread.expand(len(new)), rtol=1e-3)
+    # codes carrying different sentences point in different directions
+    cos = torch.nn.functional.cosine_similarity(new[1] - mean, new[4 + 2] - mean, dim=0)
+    assert cos < 0.5
 
 
 @pytest.mark.parametrize("mode", ["special", "text", "none"])

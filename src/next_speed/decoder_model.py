@@ -145,9 +145,10 @@ def init_code_embeddings(model, tok, cond: Conditioning, n_before: int,
                          init_texts: dict[tuple[int, int], list[str]] | None = None) -> int:
     """Resize the embeddings for the code tokens already in `tok` and initialize their rows.
 
-    Each new row starts at the mean input embedding of the tokens of sentences carrying that code
-    (`init_texts[(k, v)]`), rescaled to the typical row norm; codes without sentences start at the
-    mean embedding. Returns the number of tokens added.
+    Each new row points from the embedding centre towards the mean embedding of the tokens of
+    sentences carrying that code (`init_texts[(k, v)]`), at the typical distance of a real token
+    from the centre: inside the model's embedding distribution, and already about its content.
+    Returns the number of tokens added.
     """
     import torch
 
@@ -160,20 +161,26 @@ def init_code_embeddings(model, tok, cond: Conditioning, n_before: int,
     with torch.no_grad():
         old = emb[:n_before]
         mean = old.mean(0)
-        norm = old.norm(dim=1).mean()
-        new_rows = mean.expand(len(tokens), -1).clone()
+        spread = (old - mean).norm(dim=1).mean()  # typical distance of a real token from the centre
+        dirs = torch.zeros(len(tokens), emb.shape[1], dtype=emb.dtype)
         if init_texts:
             for i, (k, v) in enumerate((k, v) for k in range(cond.K) for v in range(cond.V)):
                 texts = init_texts.get((k, v))
                 if texts:
-                    ids = [t for s in texts for t in tok(s, add_special_tokens=False)["input_ids"]]
-                    ids = [t for t in ids if t < n_before]
+                    ids = [t for s in texts for t in tok(s, add_special_tokens=False)["input_ids"] if t < n_before]
                     if ids:
-                        new_rows[i] = old[torch.tensor(ids)].mean(0)
-        # centre on the mean, then scale so rows have the typical norm of existing embeddings
-        dirs = new_rows - mean
-        scale = (norm / (new_rows.norm(dim=1, keepdim=True) + 1e-8))
-        emb[n_before : n_before + len(tokens)] = (mean + dirs) * scale
+                        dirs[i] = old[torch.tensor(ids)].mean(0)
+        # Sentence-token means share one big component (frequent tokens); keep what is specific to
+        # each code by centring them across codes. Codes without sentences get a random direction.
+        empty = dirs.norm(dim=1) == 0
+        if (~empty).sum() > 1:
+            dirs[~empty] -= dirs[~empty].mean(0)
+        else:
+            dirs[~empty] -= mean
+        empty = dirs.norm(dim=1) < 1e-6
+        dirs[empty] = torch.randn(int(empty.sum()), emb.shape[1], generator=torch.Generator().manual_seed(0)).to(emb.dtype)
+        # each row sits as far from the centre as a typical real token, towards its sentences' content
+        emb[n_before : n_before + len(tokens)] = mean + dirs / dirs.norm(dim=1, keepdim=True) * spread
         out = model.get_output_embeddings()
         if out is not None and out.weight.data_ptr() != emb.data_ptr():
             out.weight[n_before : n_before + len(tokens)] = out.weight[:n_before].mean(0)
