@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import ROOT, run_script
+from conftest import run_script
 
 
 def test_help_is_fast_and_lists_stages():

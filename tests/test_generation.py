@@ -3,7 +3,6 @@
 import io
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -216,6 +215,11 @@ def test_real_server_command(in_run):
                 pass
             time.sleep(1)
         assert status == 200, f"server never became healthy (last status {status})"
+        # a client that disconnects mid-request does not take the server down
+        body = json.dumps({"prompt": "Paris is the capital of France.", "max_sentences": 2}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", method="POST",
                                      data=json.dumps({"prompt": "Paris is the capital of France.", "max_sentences": 2,
                                                       "params": {"rerank": True}}).encode(),
@@ -226,3 +230,24 @@ def test_real_server_command(in_run):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_code_agreement_and_report(in_run):
+    from next_speed.agreement import AgreementConfig, code_agreement, format_agreement
+    from next_speed.report import ReportConfig, make_report
+
+    env = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "6"}
+    rep = code_agreement(resolve(AgreementConfig, {"eval_docs": 3, "n_cands": "1,2,4"}, environ=env))
+    assert [(r["rerank"], r["n_cand"]) for r in rep["results"]] == [("off", 1), ("off", 2), ("off", 4), ("on", 1), ("on", 2), ("on", 4)]
+    by = {(r["rerank"], r["n_cand"]): r for r in rep["results"]}
+    # reranking among more candidates never lowers the matched prefix (same samples, best of more)
+    assert by[("on", 4)]["prefix"] >= by[("on", 2)]["prefix"] >= by[("on", 1)]["prefix"] == by[("off", 1)]["prefix"]
+    assert "rerank" in format_agreement(rep)
+    out = make_report(ReportConfig(out_dir="out/report_test", eval_docs=2, decoder_rows=8, device="cpu"), environ=env)
+    md = Path(out["report"]).read_text()
+    for needle in ("## RVQ", "## Planner against baselines", "## Code agreement", "rvq.png", "agreement.png"):
+        assert needle in md
+    for png in ("rvq.png", "agreement.png", "planner_curve.png"):
+        assert (Path("out/report_test") / png).stat().st_size > 1000
+    with pytest.raises(ConfigError, match="N_CANDS='1,x'"):
+        resolve(AgreementConfig, {"n_cands": "1,x"}, environ=env)

@@ -10,7 +10,6 @@ import csv
 import importlib.util
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator

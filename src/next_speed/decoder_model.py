@@ -237,7 +237,6 @@ def collate(batch: list[dict], pad_id: int, family: str):
 def token_losses(model, batch: dict, family: str, base_vocab: int | None = None):
     """Per-row summed loss and token count for a collated batch (no reduction across rows).
     Logits of the code tokens (ids >= base_vocab) are masked: codes are read, never written."""
-    import torch
     import torch.nn.functional as F
 
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

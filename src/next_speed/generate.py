@@ -11,17 +11,15 @@ an earlier sentence.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from .artifacts import StaleInputError, read_json, sha256_path, write_json
+from .artifacts import StaleInputError, sha256_path, write_json
 from .config import knob, to_dict
 from .errors import ConfigError, NextSpeedError
 

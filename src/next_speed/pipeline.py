@@ -34,7 +34,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "embed": {"bs": 64},
         "rvq": {"k": 6, "v": 256, "niter": 20},
         "trainsets": {"context_sents": 8, "val_frac": 0.05},
-        "planner": {"steps": 1000, "log_every": 200, "bs": 64},
+        "planner": {"d_model": 128, "n_layers": 2, "n_heads": 4, "drop": 0.3, "steps": 800, "log_every": 100, "bs": 64},
         "decoder": {"time_budget": 7.0, "train_layers": "4", "train_bs": 8, "lr": 3e-4, "eval_every": 40, "val_rows": 64,
                     "max_in": 128, "max_out": 48},
         "generate": {"gen_steps": 3, "n_cand": 4},

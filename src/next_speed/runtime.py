@@ -48,8 +48,10 @@ def pick_device(requested: str = "auto") -> str:
 def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "datasets", "sentence_transformers", "faiss"):
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "sentence_transformers", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Offline, the hub client logs each failed request; our own one-line error says what to do.
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
 def progress(iterable=None, **kw):

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -404,4 +403,4 @@ def format_decoder_eval(res: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DecoderTrainConfig", "train_decoder", "DecoderEvalConfig", "eval_decoder", "shutil"]
+__all__ = ["DecoderTrainConfig", "train_decoder", "DecoderEvalConfig", "eval_decoder"]

@@ -33,7 +33,7 @@ class PlannerTrainConfig:
     d_model: int = knob(256, env="D_MODEL", min=8, help="hidden size")
     n_layers: int = knob(4, env="N_LAYERS", min=1, help="transformer blocks")
     n_heads: int = knob(4, env="N_HEADS", min=1, help="attention heads (must divide D_MODEL)")
-    drop: float = knob(0.1, env="DROP", min=0.0, max=0.9, help="dropout")
+    drop: float = knob(0.3, env="DROP", min=0.0, max=0.9, help="dropout")
     head_mode: str = knob("independent", env="HEAD_MODE", choices=("independent", "chained"),
                           help="independent K heads (spec) or chained: level k sees levels < k")
     codebook_features: bool = knob(True, env="CODEBOOK_FEATURES",
@@ -245,7 +245,7 @@ def evaluate_model(model, inp, tgt, last, device: str = "cpu", bs: int = 512) ->
 
     model.eval()
     K, V = model.cfg.K, model.cfg.V
-    tot_loss, top1, top5 = 0.0, [], []
+    tot_loss, top5 = 0.0, []
     preds, golds = [], []
     with torch.no_grad():
         for i in range(0, len(inp), bs):
