@@ -163,7 +163,6 @@ def run_pipeline(rcfg: RunConfig, environ: dict[str, str] | None = None, echo: C
     start = STAGES.index(rcfg.from_stage) if rcfg.from_stage else len(STAGES)
     results: dict[str, Any] = {}
     t_all = time.perf_counter()
-    rerun_rest = False
     for i, name in enumerate(STAGES):
         cls, fn, inputs_of, outputs_of = table[name]
         cfg = cfgs[name]
@@ -172,12 +171,13 @@ def run_pipeline(rcfg: RunConfig, environ: dict[str, str] | None = None, echo: C
         conf = to_dict(cfg)
         inputs, outputs = [p for p in inputs_of(cfg) if p], outputs_of(cfg)
         stamp = stamps / f"{name}.json"
-        fresh = name != "generate" and not rcfg.force and not rerun_rest and i < start and _stamp_ok(stamp, conf, inputs, outputs)
+        # Stale config or inputs rerun a stage; inputs carry hashes, so a rerun upstream reruns
+        # exactly the stages that read its outputs (the decoder does not wait on the planner).
+        fresh = name != "generate" and not rcfg.force and i < start and _stamp_ok(stamp, conf, inputs, outputs)
         if fresh:
             echo(f"[{i + 1}/7] {name}: up to date, skipped")
             results[name] = {"skipped": True}
             continue
-        rerun_rest = True
         t0 = time.perf_counter()
         res = fn(cfg)
         dt = time.perf_counter() - t0
