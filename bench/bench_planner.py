@@ -30,14 +30,16 @@ def main() -> None:
     rows = load_rows("data/sent_lm_train.jsonl")[:8192]
     x, y, _ = tensorize(rows, rvq.K, rvq.V)
     res = {"threads": torch.get_num_threads(), "seq_len": x.shape[1]}
-    for name, d, L, H, bs in (("cpu preset", 256, 4, 4, 64), ("full preset", 512, 8, 8, 256)):
+    for name, d, L, H, bs, steps in (("cpu preset (128x2)", 128, 2, 4, 64, args.steps),
+                                     ("05 defaults (256x4)", 256, 4, 4, 64, args.steps),
+                                     ("full preset (512x8)", 512, 8, 8, 256, max(5, args.steps // 6))):
         m = Planner(PlannerModelConfig(K=rvq.K, V=rvq.V, d_model=d, n_layers=L, n_heads=H, max_len=x.shape[1],
                                        codebook_dim=rvq.D))
         m.set_codebooks(rvq.codebooks)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
         g = torch.Generator().manual_seed(0)
         t0, n = 0.0, 0
-        for step in range(args.steps + 5):
+        for step in range(steps + 5):
             if step == 5:
                 t0, n = time.perf_counter(), 0
             idx = torch.randint(0, len(x), (bs,), generator=g)
@@ -48,7 +50,7 @@ def main() -> None:
             opt.step()
             n += bs
         dt = time.perf_counter() - t0
-        res[name] = {"params": m.num_params(), "batch": bs, "seq_per_s": round(n / dt, 1), "step_ms": round(1000 * dt / args.steps, 1)}
+        res[name] = {"params": m.num_params(), "batch": bs, "seq_per_s": round(n / dt, 1), "step_ms": round(1000 * dt / steps, 1)}
     print(json.dumps(res, indent=2))
     Path("bench/results").mkdir(parents=True, exist_ok=True)
     Path("bench/results/bench_planner.json").write_text(json.dumps(res, indent=2) + "\n")

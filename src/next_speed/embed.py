@@ -83,11 +83,13 @@ def embed_shard(model, texts: Sequence[str], out: np.ndarray, bs: int = 64, show
     from .runtime import progress
 
     order = np.argsort([-len(t) for t in texts], kind="stable")  # longest first: padding waste stays low
-    batches = [order[i : i + bs] for i in range(0, len(order), bs)]
+    # One encode call per chunk of 16 batches: per-call overhead amortized, memory still bounded.
+    chunk = bs * 16
+    batches = [order[i : i + chunk] for i in range(0, len(order), chunk)]
     bar = progress(total=len(texts), desc="02 embed", unit="sent", disable=None if show_progress else True)
     with torch.inference_mode():
         for idx in batches:
-            emb = model.encode([texts[i] for i in idx], batch_size=len(idx), convert_to_numpy=True,
+            emb = model.encode([texts[i] for i in idx], batch_size=bs, convert_to_numpy=True,
                                normalize_embeddings=True, show_progress_bar=False)
             out[idx] = emb.astype(np.float32, copy=False)
             bar.update(len(idx))
