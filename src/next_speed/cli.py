@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="next-speed", description="Sentence-step text generation with RVQ codes.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for cmd in COMMANDS.values():
+    order = ["run", "export", "sentences", "embed", "rvq", "trainsets", "train-planner", "train-decoder", "generate",
+             "rvq-eval", "eval-planner", "eval-decoder", "code-agreement", "report"]
+    for cmd in sorted(COMMANDS.values(), key=lambda c: order.index(c.name) if c.name in order else len(order)):
         sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         cls, _ = _load(cmd)
         C.add_arguments(sp, cls)
