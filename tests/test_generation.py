@@ -84,7 +84,7 @@ def test_stop_rules(gen, monkeypatch):
     monkeypatch.setattr(gen, "render", lambda ctx, codes, p, seed: ["", ""])
     res = gen.run("A prompt sentence is here.", 3)
     assert res.sentences == [] and res.stop_reason == "empty"
-    monkeypatch.setattr(gen, "render", lambda ctx, codes, p, seed: ["A prompt sentence is here."] * 2)
+    monkeypatch.setattr(gen, "render", lambda ctx, codes, p, seed: ["", "A prompt sentence is here."])
     res = gen.run("A prompt sentence is here.", 3)
     assert res.sentences == [] and res.stop_reason == "repeat"
     seq = iter(["One new sentence.", "Another new sentence.", "One new sentence."])
@@ -163,7 +163,7 @@ def test_server_in_process(gen):
             ({"prompt": "", "max_sentences": 1}, 422), ({"prompt": "x" * 500}, 413), ({"prompt": "Hi there.", "max_sentences": 9}, 422),
             ({"prompt": "Hi there.", "params": {"temp": 0}}, 422), ({"prompt": "Hi there.", "params": {"top_p": 2}}, 422),
             ({"prompt": "Hi there.", "params": {"n_cand": 100}}, 422), ({"prompt": "Hi there.", "params": {"nope": 1}}, 422),
-            ({"max_sentences": 1}, 422), ({"prompt": 5}, 422), ({"prompt": "Hi there.", "params": {"n_cand": "many"}}, 422),
+            ({"max_sentences": 1}, 422), ({"prompt": "Hi there.", "params": {"gen_steps": 2}}, 422), ({"prompt": 5}, 422), ({"prompt": "Hi there.", "params": {"n_cand": "many"}}, 422),
         ]
         for payload, status in bad:
             r = c.post("/generate", json=payload)

@@ -192,6 +192,9 @@ class SentenceGenerator:
             raise StaleInputError(f"the encoder gives {dim}-d vectors but {cfg.rvq_path} quantizes {self.rvq.D}-d ones: "
                                   f"set EMB_MODEL to the encoder of step 02")
         self._bad_ids = [[i] for i in code_token_ids(self.tok, self.cond)]
+        from .sentences import _init_worker
+
+        _init_worker("en")  # the prompt splitter, built once (not per call)
         self.load_seconds = time.perf_counter() - t0
         self.torch = torch
         log.info("generator loaded in %.1fs on %s (K=%d, V=%d, %s codes)", self.load_seconds, self.device, self.rvq.K,
@@ -199,9 +202,8 @@ class SentenceGenerator:
 
     # ------------------------------------------------------------------ pieces
     def split(self, text: str) -> list[str]:
-        from .sentences import _init_worker, split_text
+        from .sentences import split_text
 
-        _init_worker("en")
         return split_text(text)
 
     def embed(self, sentences: Sequence[str]) -> np.ndarray:
@@ -283,7 +285,7 @@ class SentenceGenerator:
                 chosen = 0 if 0 in ok else None
             timings = {"planner": t1 - t0, "decoder": t2 - t1, "rerank": t3 - t2}
             if chosen is None:
-                reason = "empty" if all(not c for c in cands) else "repeat" if cands and cands[0] else "empty"
+                reason = "empty" if all(not c for c in cands) else "repeat"  # every non-empty one repeats
                 res.steps.append(Step(planned, scored or [{"text": c} for c in cands], None, None, None, timings))
                 res.stop_reason = reason
                 break

@@ -97,7 +97,8 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
         if not 1 <= req.max_sentences <= scfg.max_sentences_cap:
             return error(422, f"max_sentences: must be between 1 and {scfg.max_sentences_cap} (MAX_SENTENCES_CAP)")
         params = dict(req.params)
-        params.pop("gen_steps", None)
+        if "gen_steps" in params:
+            return error(422, "params.gen_steps: set the number of sentences with max_sentences")
         if "n_cand" in params and isinstance(params["n_cand"], int) and params["n_cand"] > scfg.max_n_cand:
             return error(422, f"params.n_cand: must be at most {scfg.max_n_cand} (MAX_N_CAND)")
         if "max_new_tokens" in params and isinstance(params["max_new_tokens"], int) and params["max_new_tokens"] > scfg.max_new_tokens_cap:
