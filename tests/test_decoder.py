@@ -216,12 +216,23 @@ def test_bad_inputs(workdir, tiny_llama):
 def test_codes_value_report(workdir, tiny_llama):
     write_decoder_sets(workdir)
     train_decoder(resolve(DecoderTrainConfig, environ=env(tiny_llama, MAX_STEPS=30, EVAL_EVERY=30)))
+    res = eval_decoder(resolve(DecoderEvalConfig, environ={"DEVICE": "cpu", "TRAIN_NONE": "0"}))
+    assert res["no_codes_decoder"] is None and "CODE_MODE=none" in res["note"] and res["summary"]["loss_none"] is None
+    # by default the no-codes decoder is trained here, with the codes decoder's recorded budget
     res = eval_decoder(resolve(DecoderEvalConfig, environ={"DEVICE": "cpu"}))
-    assert res["no_codes_decoder"] is None and "CODE_MODE=none" in res["note"]
-    train_decoder(resolve(DecoderTrainConfig, environ=env(tiny_llama, MAX_STEPS=30, EVAL_EVERY=30, CODE_MODE="none")))
-    res = eval_decoder(resolve(DecoderEvalConfig, environ={"DEVICE": "cpu"}))
-    assert res["true_codes"] != res["shuffled_codes"] and res["no_codes_decoder"] is not None
+    _, _, cond, nmeta = load_decoder("out/decoder_none")
+    steps = load_decoder("out/decoder")[3]["steps"]
+    assert cond.code_mode == "none" and nmeta["steps"] == steps and nmeta["train"]["lr"] == 1e-3
+    s = res["summary"]
+    assert set(s) >= {"loss_true", "loss_shuffled", "loss_none", "rows"} and s["rows"] == res["rows"]
+    assert s["ratio_none"] == round(s["loss_true"] / s["loss_none"], 4)
     assert "shuffled codes" in format_decoder_eval(res)
+    # a no-codes decoder with another budget is not comparable: retrained (default) or refused (TRAIN_NONE=0)
+    train_decoder(resolve(DecoderTrainConfig, environ=env(tiny_llama, MAX_STEPS=5, CODE_MODE="none")))
+    res = eval_decoder(resolve(DecoderEvalConfig, environ={"DEVICE": "cpu", "TRAIN_NONE": "0"}))
+    assert res["no_codes_decoder"] is None and "MAX_STEPS=5 there, 30 for the codes decoder" in res["note"]
+    res = eval_decoder(resolve(DecoderEvalConfig, environ={"DEVICE": "cpu"}))
+    assert res["no_codes_decoder"] is not None and load_decoder("out/decoder_none")[3]["steps"] == steps
 
 
 def test_cli_spec_commands(workdir, tiny_llama):
@@ -234,3 +245,151 @@ def test_cli_spec_commands(workdir, tiny_llama):
     r = run_script("06_train_decoder.py", env={**base, "CODE_MODE": "none"}, cwd=workdir)
     assert r.returncode == 0, r.stderr
     assert (workdir / "out/decoder_none/model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------- the plan reaches the decoder
+
+def write_rvq(root: Path, K=2, V=4, D=16, seed=0):
+    """A small random RVQ at out/rvq.npz, recorded in the training sets' metadata."""
+    import numpy as np
+
+    from next_speed.artifacts import sha256_path
+    from next_speed.rvq import RVQ
+
+    rvq = RVQ(codebooks=np.random.default_rng(seed).normal(size=(K, V, D)).astype("float32"))
+    rvq.save(root / "out/rvq.npz")
+    meta_path = root / "data/train_meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["rvq_path"], meta["rvq_sha256"] = "out/rvq.npz", sha256_path(root / "out/rvq.npz")
+    write_json(meta_path, meta)
+    return rvq
+
+
+def write_code_function_sets(root: Path, n_train=96, n_val=24, seed=0):
+    """Synthetic rows where the target is a function of the codes alone: code 0 picks a topic, code 1
+    one of its sentences, and the context is the same filler for every row."""
+    import random as _r
+
+    names = sorted(TOPICS)
+    rng = _r.Random(seed)
+    rows = {"train": [], "val": []}
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            c0, c1 = rng.randrange(4), rng.randrange(4)
+            rows[split].append({"doc": i if split == "train" else 10_000 + i, "pos": 1, "context": "Here is a sentence.",
+                                "codes": [c0, c1], "target": TOPICS[names[c0]][c1]})
+    paths = {n: root / f"data/decoder_{n}.jsonl" for n in rows}
+    for n, p in paths.items():
+        write_jsonl(p, rows[n])
+    write_json(root / "data/train_meta.json", make_meta("trainsets", {"context_sents": 1},
+                                                         outputs={"dec_train": paths["train"], "dec_val": paths["val"]},
+                                                         K=2, V=4, rvq_path="out/rvq.npz"))
+    write_rvq(root)
+    return rows
+
+
+def test_inject_mode_learns_the_codes(workdir, tiny_llama):
+    """After a few dozen steps the true codes must beat shuffled codes by far, since the target
+    depends on nothing else. (The random-init tiny LM cannot learn language with its top block
+    alone, so all of it trains here and the plan enters at block 0.)"""
+    write_code_function_sets(workdir)
+    info = train_decoder(resolve(DecoderTrainConfig, environ=env(
+        tiny_llama, CODE_MODE="inject", MAX_STEPS=60, NUM_EPOCHS=20, EVAL_EVERY=20, TRAIN_BS=8, LR="1e-2", ADAPTER_LR="3e-2",
+        VAL_ROWS=24)))
+    assert info["selection"]["inject_layer"] == 0 and info["selection"]["adapter_params"] > 0
+    res = eval_decoder(resolve(DecoderEvalConfig, environ={"DEVICE": "cpu", "VAL_ROWS": "24", "TRAIN_NONE": "0"}))
+    assert res["true_codes"] < 0.7 * res["shuffled_codes"], res
+
+
+def test_inject_parameters_receive_gradient(workdir, tiny_llama):
+    """On the CPU preset's path, the adapter (the plan's only way in) gets gradient; frozen blocks do not."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from next_speed.decoder_model import (PlanInjector, attach_injector, build_plan_adapter, collate, token_losses)
+    from next_speed.train_decoder import select_trainable
+
+    rvq_books = torch.randn(2, 4, 16)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    cond = Conditioning(K=2, V=4, code_mode="inject", max_in=32, max_out=16)
+    select_trainable(model, "1", len(tok), False)
+    adapter = build_plan_adapter(rvq_books, model.config.hidden_size, 16, 1.0)
+    torch.nn.init.normal_(adapter.out.weight, std=0.1)  # off zero, so the first layer gets gradient too
+    attach_injector(model, PlanInjector(model, adapter, 1))
+    batch = collate([encode_example(tok, cond, "Rivers flow.", [1, 2], "Cats sleep."),
+                     encode_example(tok, cond, "Stars shine.", [3, 0], "A river is long.")], tok.pad_token_id, "causal")
+    s, n = token_losses(model, batch, "causal")
+    (s.sum() / n.sum()).backward()
+    assert adapter.inp.weight.grad is not None and adapter.inp.weight.grad.abs().sum() > 0
+    assert adapter.out.weight.grad.abs().sum() > 0
+    assert model.model.layers[1].mlp.up_proj.weight.grad.abs().sum() > 0
+    assert model.model.layers[0].mlp.up_proj.weight.grad is None
+
+
+def test_untrained_adapter_changes_nothing(tiny_llama):
+    """A zero-initialized adapter leaves the decoder exactly the no-codes decoder (so codes can only help)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from next_speed.decoder_model import PlanInjector, attach_injector, build_plan_adapter, collate, token_losses
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    cond = Conditioning(K=2, V=4, code_mode="inject", max_in=32, max_out=16)
+    batch = collate([encode_example(tok, cond, "Rivers flow.", [1, 2], "Cats sleep.")], tok.pad_token_id, "causal")
+    before, _ = token_losses(model, batch, "causal")
+    attach_injector(model, PlanInjector(model, build_plan_adapter(torch.randn(2, 4, 16), model.config.hidden_size, 16, 5.0), 0))
+    after, _ = token_losses(model, batch, "causal")
+    assert torch.equal(before, after)
+
+
+def test_label_only_lm_head_matches_full_logits(tiny_llama):
+    """The step's cheaper loss (LM head only where a label is scored) equals the loss over full logits."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from next_speed.decoder_model import collate, token_losses
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    cond = Conditioning(K=2, V=4, code_mode="none", max_in=32, max_out=16)
+    batch = collate([encode_example(tok, cond, "Rivers flow toward an ocean.", [1, 2], "Cats sleep."),
+                     encode_example(tok, cond, "", [3, 0], "A river is a natural stream of water.")], tok.pad_token_id, "causal")
+    s, n = token_losses(model, batch, "causal")
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    ref = F.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100, reduction="none").sum(1)
+    assert torch.allclose(s, ref, atol=1e-5) and n.tolist() == (batch["labels"][:, 1:] != -100).sum(1).tolist()
+
+
+def test_exemplar_bank_lookup_and_exclusions():
+    import numpy as np
+
+    from next_speed.decoder_model import ExemplarBank
+
+    books = np.zeros((2, 2, 4), dtype="float32")
+    books[0, 0, 0] = books[0, 1, 1] = 1.0  # level 0: axis 0 or axis 1
+    books[1, 1, 2] = 0.5  # level 1: nothing, or a bit of axis 2
+    emb = np.eye(4, dtype="float32")[[0, 0, 1, 2]]
+    emb[1] += [0, 0, 0.3, 0]
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    codes = [[0, 0], [0, 1], [1, 0], [0, 1]]
+    bank = ExemplarBank(texts=["a0", "a0 too", "b", "e"], docs=[1, 2, 3, 4], emb=emb, codebooks=books, codes=codes)
+    assert bank.lookup([[0, 0]], 2) == [["a0", "a0 too"]]
+    # the longest matched code prefix first, then cosine: "e" (prefix 2, cosine 0.45) before "a0" (prefix 1, 0.89)
+    assert bank.lookup([[0, 1]], 3) == [["a0 too", "e", "a0"]]
+    assert bank.lookup([[0, 1]], 2, exclude_docs=[2]) == [["e", "a0"]]
+    assert bank.lookup([[0, 1]], 2, exclude_texts=[{"e"}]) == [["a0 too", "a0"]]
+    assert bank.lookup([[1, 0], [0, 0]], 1) == [["b"], ["a0"]]
+
+
+def test_exemplars_enter_the_prompt_whole(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    cond = Conditioning(K=2, V=4, code_mode="inject", max_in=40, max_out=16, exemplars=2)
+    ex = encode_example(tok, cond, " ".join(SENTS), [1, 2], "Cats sleep.", ["Stars shine.", "Rivers flow."])
+    prompt = tok.decode([t for t, l in zip(ex["input_ids"], ex["labels"]) if l == -100])
+    assert prompt.rstrip().endswith("Stars shine. Rivers flow.") and len([l for l in ex["labels"] if l == -100]) <= 40
+    assert SENTS[-1][-8:] in prompt  # the latest context stays, cut from the left
+    plain = encode_example(tok, Conditioning(K=2, V=4, code_mode="inject", max_in=40, max_out=16), "Rivers flow.", [1, 2], "Cats sleep.",
+                           ["Stars shine."])
+    assert "Stars" not in tok.decode(plain["input_ids"])  # a decoder trained without exemplars ignores them

@@ -66,7 +66,7 @@ def test_loop_shapes_and_determinism(gen):
 
 def test_rerank_picks_best_match(gen, monkeypatch):
     cands = ["first candidate sentence.", "second candidate sentence.", "third candidate sentence."]
-    monkeypatch.setattr(gen, "render", lambda ctx, codes, p, seed: cands[: p.n_cand])
+    monkeypatch.setattr(gen, "render", lambda ctx, codes, p, seed, exemplars=None: cands[: p.n_cand])
 
     def fake_score(planned, candidates):
         prefixes = {"first": 0, "second": 2, "third": 1}
@@ -81,14 +81,14 @@ def test_rerank_picks_best_match(gen, monkeypatch):
 
 
 def test_stop_rules(gen, monkeypatch):
-    monkeypatch.setattr(gen, "render", lambda ctx, codes, p, seed: ["", ""])
+    monkeypatch.setattr(gen, "render", lambda ctx, codes, p, seed, exemplars=None: ["", ""])
     res = gen.run("A prompt sentence is here.", 3)
     assert res.sentences == [] and res.stop_reason == "empty"
-    monkeypatch.setattr(gen, "render", lambda ctx, codes, p, seed: ["", "A prompt sentence is here."])
+    monkeypatch.setattr(gen, "render", lambda ctx, codes, p, seed, exemplars=None: ["", "A prompt sentence is here."])
     res = gen.run("A prompt sentence is here.", 3)
     assert res.sentences == [] and res.stop_reason == "repeat"
     seq = iter(["One new sentence.", "Another new sentence.", "One new sentence."])
-    monkeypatch.setattr(gen, "render", lambda ctx, codes, p, seed: [next(seq)])
+    monkeypatch.setattr(gen, "render", lambda ctx, codes, p, seed, exemplars=None: [next(seq)])
     res = gen.run("A prompt sentence is here.", 5, n_cand=1, rerank=False)
     assert res.sentences == ["One new sentence.", "Another new sentence."] and res.stop_reason == "repeat"
 
@@ -243,11 +243,65 @@ def test_code_agreement_and_report(in_run):
     # reranking among more candidates never lowers the matched prefix (same samples, best of more)
     assert by[("on", 4)]["prefix"] >= by[("on", 2)]["prefix"] >= by[("on", 1)]["prefix"] == by[("off", 1)]["prefix"]
     assert "rerank" in format_agreement(rep)
-    out = make_report(ReportConfig(out_dir="out/report_test", eval_docs=2, decoder_rows=8, device="cpu"), environ=env)
+    s = rep["summary"]
+    assert s["positions"] == rep["positions"] == by[("off", 1)]["n"] > 0
+    assert s["l0_norerank"] == by[("off", 1)]["per_level"][0] and s["l0_rerank_n4"] == by[("on", 4)]["per_level"][0]
+    for k in ("cos_plan_norerank", "cos_plan_rerank_n4", "cos_next_norerank", "cos_next_rerank_n4"):
+        assert -1.0 <= s[k] <= 1.0
+    # rerank among more candidates raises the cosine to the plan's reconstruction whenever prefixes tie
+    assert by[("on", 4)]["prefix"] >= by[("off", 4)]["prefix"]
+    out = make_report(ReportConfig(out_dir="out/report_test", eval_positions=6, decoder_rows=8, device="cpu"), environ=env)
     md = Path(out["report"]).read_text()
     for needle in ("## RVQ", "## Planner against baselines", "## Code agreement", "rvq.png", "agreement.png"):
         assert needle in md
-    for png in ("rvq.png", "agreement.png", "planner_curve.png"):
+    for png in ("rvq.png", "agreement.png", "planner_curve.png", "decoder.png"):
         assert (Path("out/report_test") / png).stat().st_size > 1000
     with pytest.raises(ConfigError, match="N_CANDS='1,x'"):
         resolve(AgreementConfig, {"n_cands": "1,x"}, environ=env)
+
+
+def test_candidates_never_contain_code_tokens(in_run, tmp_path):
+    """Even a special-token decoder that prefers code tokens above all else never writes one."""
+    import torch
+
+    from next_speed.decoder_model import code_token_ids
+    from next_speed.train_decoder import DecoderTrainConfig, train_decoder
+
+    train_decoder(resolve(DecoderTrainConfig, environ={"MODEL": "cache/tiny/decoder", "CODE_MODE": "special", "MAX_STEPS": "1",
+                                                       "TRAIN_BS": "2", "VAL_ROWS": "2", "DEVICE": "cpu",
+                                                       "OUT_DIR": str(tmp_path / "dec_special")}))
+    g = SentenceGenerator(resolve(GenerateConfig, environ={"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "CODE_MODE": "special",
+                                                          "DECODER_DIR": str(tmp_path / "dec_special"), "MAX_NEW_TOKENS": "6",
+                                                          "N_CAND": "2"}))
+    ids = code_token_ids(g.tok, g.cond)
+    assert ids
+    g.model.lm_head.register_forward_hook(lambda m, a, out: out.index_add(-1, torch.tensor(ids), torch.full(
+        (*out.shape[:-1], len(ids)), 100.0)))
+    prompt = torch.tensor([g.tok("Cats sleep.")["input_ids"]])
+    raw = g.model.generate(input_ids=prompt, max_new_tokens=3, do_sample=False, pad_token_id=g.tok.pad_token_id)
+    assert set(raw[0, prompt.shape[1]:].tolist()) <= set(ids)  # unsuppressed, the boosted codes win
+    res = g.run("Cats sleep. They purr.", 2, do_sample=False)
+    texts = [c["text"] for st in res.steps for c in st.candidates]
+    assert texts and not any("<c" in t for t in texts)
+
+
+def test_inject_decoder_generates_and_reloads(in_run, tmp_path):
+    """A CODE_MODE=inject decoder with exemplars: trained, reloaded with its adapter and bank, used by the loop."""
+    from next_speed.decoder_model import exemplar_bank, plan_injector
+    from next_speed.train_decoder import DecoderTrainConfig, train_decoder
+
+    out = tmp_path / "dec_inject"
+    train_decoder(resolve(DecoderTrainConfig, environ={"MODEL": "cache/tiny/decoder", "CODE_MODE": "inject", "EXEMPLARS": "1",
+                                                       "MAX_STEPS": "2", "TRAIN_BS": "2", "VAL_ROWS": "2", "DEVICE": "cpu",
+                                                       "OUT_DIR": str(out)}))
+    assert (out / "plan_adapter.safetensors").is_file() and (out / "exemplars.npz").is_file()
+    g = SentenceGenerator(resolve(GenerateConfig, environ={"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu",
+                                                          "DECODER_DIR": str(out), "MAX_NEW_TOKENS": "6", "N_CAND": "2"}))
+    assert g.cond.code_mode == "inject" and plan_injector(g.model) is not None and exemplar_bank(g.model) is not None
+    res = g.run("Cats sleep. They purr.", 2, seed=1)
+    assert res.steps and all(len(st.exemplars) == 1 for st in res.steps)
+    assert res.to_dict()["steps"][0]["exemplars"] == res.steps[0].exemplars
+    assert g.run("Cats sleep. They purr.", 2, seed=1).sentences == res.sentences  # same seed, same text
+    with pytest.raises(StaleInputError, match="CODE_MODE=special but the decoder"):
+        SentenceGenerator(resolve(GenerateConfig, environ={"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu",
+                                                           "DECODER_DIR": str(out), "CODE_MODE": "special"}))

@@ -45,12 +45,13 @@ def test_real_smollm2_trains_a_few_steps(tmp_path):
     for script in ("01_make_sentences.py", "02_embed_sentences.py", "03_fit_rvq.py", "04_build_training_sets.py"):
         r = run_script(script, env=env, cwd=tmp_path)
         assert r.returncode == 0, f"{script}: {r.stderr[-2000:]}"
-    denv = {"MAX_STEPS": "2", "MAX_ROWS": "16", "VAL_ROWS": "8", "TRAIN_BS": "4", "EVAL_EVERY": "2", "MAX_IN": "96",
-            "MAX_OUT": "40", "TRAIN_LAYERS": "2", "DEVICE": "cpu"}
+    denv = {"MAX_STEPS": "4", "MAX_ROWS": "16", "VAL_ROWS": "8", "TRAIN_BS": "4", "EVAL_EVERY": "2", "MAX_IN": "128",
+            "MAX_OUT": "40", "TRAIN_LAYERS": "2", "DEVICE": "cpu", "EXEMPLARS": "2", "WARMUP": "1", "LR": "3e-4"}
     r = run_script("06_train_decoder.py", env=denv, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     cfg = json.loads((tmp_path / "out/decoder/config.json").read_text())
     ns = cfg["next_speed"]
     assert ns["base_model"] == "smollm2-135m" and ns["conditioning"]["code_mode"] == "special"
+    assert ns["conditioning"]["exemplars"] == 2 and (tmp_path / "out/decoder/exemplars.npz").is_file()
     assert ns["val_loss_before"] < 6.0  # a real pretrained LM: low loss from the start
-    assert ns["best"]["val_loss"] <= ns["val_loss_before"] + 0.05
+    assert ns["best"]["val_loss"] < ns["val_loss_before"]  # four steps already adapt it to the format

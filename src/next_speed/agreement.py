@@ -1,10 +1,13 @@
 """code_agreement_eval.py: does the chosen sentence carry the codes the planner asked for?
 
-For validation documents, at each position after the first, the planner plans the next tuple
-from the true previous sentences' codes and the decoder renders max(N_CANDS) candidates for it.
-Rerank on with N candidates keeps the best match among the first N (i.i.d. samples, so the
-first N of the batch are a fair draw of N); rerank off keeps the first candidate, whatever N.
-Reported per setting: agreement per level, exact tuple match and mean matched prefix.
+At validation positions (a sentence with at least one sentence before it in its document), the
+planner plans the next tuple from the true previous sentences' codes and the decoder renders
+max(N_CANDS) candidates for it. Rerank on with N candidates keeps the best match among the first
+N (i.i.d. samples, so the first N of the batch are a fair draw of N); rerank off keeps the first
+candidate, whatever N. Reported per setting: agreement per level, exact tuple match, mean matched
+prefix, and the round-trip measure of the Large Concept Models paper (LCM team 2024, sec. 2.4):
+the cosine between the chosen sentence's embedding and (a) the plan's RVQ reconstruction, (b) the
+embedding of the true next sentence.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ log = logging.getLogger(__name__)
 class AgreementConfig(GenerateConfig):
     """Knobs of code_agreement_eval.py (plus the generation knobs)."""
 
-    eval_docs: int = knob(8, env="EVAL_DOCS", min=1, help="validation documents")
-    eval_steps: int = knob(2, env="EVAL_STEPS", min=1, help="positions scored per document")
-    n_cands: str = knob("1,2,4,8", env="N_CANDS", help="candidate counts compared (comma-separated)")
+    eval_positions: int = knob(200, env="EVAL_POSITIONS", min=1, help="validation positions scored")
+    eval_steps: int = knob(3, env="EVAL_STEPS", min=1, help="at most this many positions per document (spreads them over documents)")
+    eval_docs: int | None = knob(None, env="EVAL_DOCS", min=1, help="at most this many validation documents (default: as many as needed)")
+    n_cands: str = knob("1,2,4", env="N_CANDS", help="candidate counts compared (comma-separated)")
     out_dec_val: str = knob("data/decoder_val.jsonl", env="OUT_DEC_VAL", help="validation rows (step 04)")
     out_json: str = knob("out/code_agreement.json", env="OUT_JSON", help="where to write the report JSON")
 
@@ -41,47 +45,86 @@ class AgreementConfig(GenerateConfig):
             raise ConfigError(f"N_CANDS={self.n_cands!r} is not valid: use numbers like 1,2,4,8") from None
         if not ns or ns[0] < 1:
             raise ConfigError(f"N_CANDS={self.n_cands!r} is not valid: use numbers >= 1")
+        if ns[-1] > 32:
+            raise ConfigError(f"N_CANDS={self.n_cands!r} is not valid: at most 32 candidates")
         self.n_cands = ",".join(map(str, ns))
 
 
-def code_agreement(cfg: AgreementConfig, generator: SentenceGenerator | None = None) -> dict:
-    gen = generator or SentenceGenerator(cfg)
-    ns = [int(x) for x in cfg.n_cands.split(",")]
-    p = params_from(cfg)
-    p.n_cand = max(ns)
+def _positions(cfg: AgreementConfig) -> list[tuple[list[dict], int]]:
+    """(document rows, index of the scored sentence) pairs: documents in a seeded order, up to
+    EVAL_STEPS positions each, until EVAL_POSITIONS."""
     docs: dict[int, list[dict]] = {}
-    for r in read_jsonl(cfg.out_dec_val, required=("doc", "pos", "codes", "target")):
+    for r in read_jsonl(cfg.out_dec_val, required=("doc", "pos", "codes", "target", "context")):
         docs.setdefault(r["doc"], []).append(r)
     usable = [sorted(v, key=lambda r: r["pos"]) for v in docs.values() if len(v) >= 2]
     if not usable:
         raise NextSpeedError(f"{cfg.out_dec_val} has no validation document with two or more sentences")
     random.Random(cfg.seed).shuffle(usable)
+    if cfg.eval_docs:
+        usable = usable[: cfg.eval_docs]
+    out = []
+    for rows in usable:
+        for i in range(1, min(len(rows), cfg.eval_steps + 1)):
+            out.append((rows, i))
+            if len(out) >= cfg.eval_positions:
+                return out
+    if len(out) < cfg.eval_positions:
+        log.warning("code agreement: only %d validation positions available (EVAL_POSITIONS=%d); raise EVAL_STEPS or VAL_FRAC",
+                    len(out), cfg.eval_positions)
+    return out
+
+
+def code_agreement(cfg: AgreementConfig, generator: SentenceGenerator | None = None) -> dict:
+    """Score planned against realized codes over validation positions; write OUT_JSON."""
     import torch
 
+    from .runtime import progress
+
+    gen = generator or SentenceGenerator(cfg)
+    ns = [int(x) for x in cfg.n_cands.split(",")]
+    p = params_from(cfg)
+    p.n_cand = max(ns)
+    positions = _positions(cfg)
     settings = [("off", n) for n in ns] + [("on", n) for n in ns]
-    picks: dict[tuple[str, int], list[tuple[list[int], list[int]]]] = {s: [] for s in settings}
+    picks: dict[tuple[str, int], list[tuple[list[int], list[int], float, float]]] = {s: [] for s in settings}
     g = torch.Generator().manual_seed(cfg.seed)
-    for d, rows in enumerate(usable[: cfg.eval_docs]):
-        for i in range(1, min(len(rows), cfg.eval_steps + 1)):
-            ctx_codes = [r["codes"] for r in rows[:i]]
-            ctx_text = " ".join(r["target"] for r in rows[max(0, i - gen.context_sents) : i])
-            planned = gen.planner.next_tuple(ctx_codes, greedy=p.plan_temp <= 0, temperature=p.plan_temp,
-                                             top_k=p.plan_top_k, generator=g, at_doc_start=rows[0]["pos"] == 0)
-            cands = gen.render(ctx_text, planned, p, seed=cfg.seed * 1000 + d * 100 + i)
-            scored = gen.score(planned, [c or " " for c in cands])
-            for n in ns:
-                picks[("off", n)].append((planned, scored[0]["codes"]))
-                best = max(range(n), key=lambda j: (scored[j]["prefix"], scored[j]["cosine"], -j))
-                picks[("on", n)].append((planned, scored[best]["codes"]))
+    plan_vs_next, recon_vs_next = [], []
+    for j, (rows, i) in enumerate(progress(positions, desc="code agreement", unit="position")):
+        ctx_codes = [r["codes"] for r in rows[:i]]
+        ctx_text = rows[i]["context"]  # the true previous sentences, as in training
+        planned = gen.planner.next_tuple(ctx_codes, greedy=p.plan_temp <= 0, temperature=p.plan_temp,
+                                         top_k=p.plan_top_k, generator=g, at_doc_start=rows[0]["pos"] == 0)
+        cands = gen.render(ctx_text, planned, p, seed=cfg.seed * 100_000 + j)
+        scored, x = gen.score(planned, [c or " " for c in cands], return_embeddings=True)
+        nxt = gen.embed([rows[i]["target"]])[0]
+        plan_vec = gen.rvq.decode(np.asarray([planned]))[0]
+        plan_vs_next.append(float(plan_vec @ nxt / (np.linalg.norm(plan_vec) + 1e-12)))
+        rec = gen.rvq.decode(np.asarray([rows[i]["codes"]]))[0]
+        recon_vs_next.append(float(rec @ nxt / (np.linalg.norm(rec) + 1e-12)))
+        cos_next = x @ nxt  # (n_cand,)
+        for n in ns:
+            picks[("off", n)].append((planned, scored[0]["codes"], scored[0]["cosine"], float(cos_next[0])))
+            best = max(range(n), key=lambda b: (scored[b]["prefix"], scored[b]["cosine"], -b))
+            picks[("on", n)].append((planned, scored[best]["codes"], scored[best]["cosine"], float(cos_next[best])))
     rows_out = []
-    for (mode, n), pairs in picks.items():
-        pl = np.asarray([a for a, _ in pairs])
-        re_ = np.asarray([b for _, b in pairs])
+    for (mode, n), items in picks.items():
+        pl = np.asarray([a for a, *_ in items])
+        re_ = np.asarray([b for _, b, *_ in items])
         hit = pl == re_
         rows_out.append({"rerank": mode, "n_cand": n, "per_level": hit.mean(0).round(4).tolist(),
-                         "exact": float(hit.all(1).mean()), "prefix": float(np.cumprod(hit, 1).sum(1).mean()), "n": len(pairs)})
-    report = {"K": gen.rvq.K, "V": gen.rvq.V, "docs": min(len(usable), cfg.eval_docs), "positions": len(picks[settings[0]]),
-              "code_mode": gen.cond.code_mode, "results": rows_out}
+                         "exact": float(hit.all(1).mean()), "prefix": float(np.cumprod(hit, 1).sum(1).mean()),
+                         "cos_plan": round(float(np.mean([c for *_, c, _ in items])), 4),
+                         "cos_next": round(float(np.mean([c for *_, c in items])), 4), "n": len(items)})
+    by = {(r["rerank"], r["n_cand"]): r for r in rows_out}
+    n4 = 4 if 4 in ns else max(ns)
+    summary = {"positions": len(positions), "l0_norerank": by[("off", ns[0])]["per_level"][0],
+               f"l0_rerank_n{n4}": by[("on", n4)]["per_level"][0],
+               "cos_plan_norerank": by[("off", ns[0])]["cos_plan"], f"cos_plan_rerank_n{n4}": by[("on", n4)]["cos_plan"],
+               "cos_next_norerank": by[("off", ns[0])]["cos_next"], f"cos_next_rerank_n{n4}": by[("on", n4)]["cos_next"],
+               "cos_plan_vs_next": round(float(np.mean(plan_vs_next)), 4),
+               "cos_recon_vs_next": round(float(np.mean(recon_vs_next)), 4)}
+    report = {"K": gen.rvq.K, "V": gen.rvq.V, "docs": len({id(r) for r, _ in positions}), "positions": len(positions),
+              "code_mode": gen.cond.code_mode, "decoder": gen.cfg.decoder_dir, "results": rows_out, "summary": summary}
     write_json(cfg.out_json, report)
     return report
 
@@ -89,7 +132,13 @@ def code_agreement(cfg: AgreementConfig, generator: SentenceGenerator | None = N
 def format_agreement(rep: dict) -> str:
     K = rep["K"]
     lines = [f"code agreement, planned vs chosen sentence's codes ({rep['positions']} positions in {rep['docs']} validation docs)",
-             f"{'rerank':<7}{'N':>3}" + "".join(f" {'L' + str(k):>6}" for k in range(K)) + f" {'prefix':>7} {'exact':>6}"]
+             f"{'rerank':<7}{'N':>3}" + "".join(f" {'L' + str(k):>6}" for k in range(K))
+             + f" {'prefix':>7} {'exact':>6} {'cos plan':>9} {'cos next':>9}"]
     for r in rep["results"]:
-        lines.append(f"{r['rerank']:<7}{r['n_cand']:>3}" + "".join(f" {a:>6.3f}" for a in r["per_level"]) + f" {r['prefix']:>7.3f} {r['exact']:>6.3f}")
+        lines.append(f"{r['rerank']:<7}{r['n_cand']:>3}" + "".join(f" {a:>6.3f}" for a in r["per_level"])
+                     + f" {r['prefix']:>7.3f} {r['exact']:>6.3f} {r['cos_plan']:>9.3f} {r['cos_next']:>9.3f}")
+    s = rep.get("summary", {})
+    if "cos_plan_vs_next" in s:
+        lines.append(f"references: the plan's reconstruction vs the true next sentence {s['cos_plan_vs_next']:.3f}; "
+                     f"the true next sentence's own RVQ reconstruction {s['cos_recon_vs_next']:.3f}")
     return "\n".join(lines)

@@ -4,13 +4,22 @@ Two families behind one interface. Causal LMs (the offline default, SmolLM2-135M
 `context \\n codes \\n` and continue with the sentence and an end marker, with the loss on the
 sentence only. Seq2seq models (T5/BART) encode `context codes` and decode the sentence.
 
-Codes enter as text (CODE_MODE): `special` adds K*V tokens `<c{k}_{v}>` (new embedding rows
-initialized from the tokens of the sentences that carry each code, so they start inside the
-model's embedding distribution); `text` writes `c0=.. c1=..`; `none` leaves them out (ablation).
+Codes enter (CODE_MODE) as text or as vectors. `special` adds K*V tokens `<c{k}_{v}>` (new
+embedding rows initialized from the tokens of the sentences that carry each code, so they start
+inside the model's embedding distribution); `text` writes `c0=.. c1=..`; `none` leaves them out
+(ablation). `inject` writes no code tokens at all: the plan's per-level RVQ codewords go through a
+small MLP (`PlanAdapter`) into the LM's hidden size, and that vector is added to the residual
+stream at one block (the first trainable one) at every position that predicts the sentence. The
+idea is activation steering (Turner et al. 2023, "Activation Addition") made learnable, as in
+conditioning by residual-stream addition; its point here is that gradients stop where training
+already stops, so the plan's path is trained at the price of the top blocks alone, and with a
+zero-initialized output the decoder starts exactly as the no-codes decoder and can only learn to use
+the plan.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -27,7 +36,7 @@ log = logging.getLogger(__name__)
 DEFAULT_DECODER = "smollm2-135m"
 _SMOLLM_NAMES = {"smollm2-135m", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct", "smollm2"}
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CODE_MODES = ("special", "text", "none")
+CODE_MODES = ("inject", "special", "text", "none")
 
 
 def cache_root() -> Path:
@@ -45,7 +54,7 @@ def code_string(codes: Sequence[int], mode: str, V: int) -> str:
         return " ".join(code_token(k, int(c), V) for k, c in enumerate(codes))
     if mode == "text":
         return " ".join(f"c{k}={int(c)}" for k, c in enumerate(codes))
-    return ""
+    return ""  # none, and inject (the plan enters as a vector, not as text)
 
 
 def smollm_checkpoint() -> Path:
@@ -130,6 +139,9 @@ class Conditioning:
     max_out: int = 64
     family: str = "causal"
     base_vocab: int | None = None  # ids from here on are input-only code tokens, never predicted
+    inject_layer: int | None = None  # inject: the block whose input receives the plan vector
+    adapter_width: int = 512  # inject: hidden width of the PlanAdapter MLP
+    exemplars: int = 0  # training sentences nearest to the plan written into the prompt (ExemplarBank)
 
     def codes_text(self, codes: Sequence[int]) -> str:
         return code_string(codes, self.code_mode, self.V)
@@ -194,31 +206,42 @@ def code_token_ids(tok, cond: Conditioning) -> list[int]:
     return [i for i in ids if i is not None and i != tok.unk_token_id]
 
 
-def encode_example(tok, cond: Conditioning, context: str, codes: Sequence[int], target: str | None) -> dict:
-    """Token ids for one example. Causal: prompt = context + codes, labels only on target + EOS.
-    Seq2seq: encoder gets context + codes, labels are the target. Context is cut from the left."""
-    code_ids = tok((cond.codes_text(codes) + "\n") if cond.code_mode != "none" else "", add_special_tokens=False)["input_ids"]
+def encode_example(tok, cond: Conditioning, context: str, codes: Sequence[int], target: str | None,
+                   exemplars: Sequence[str] | None = None) -> dict:
+    """Token ids for one example. Causal: prompt = context + exemplars + codes, labels only on
+    target + EOS. Seq2seq: the encoder gets the same prompt, labels are the target. The context is
+    cut from the left; exemplars (the plan's nearest training sentences, one line) are kept whole.
+    With CODE_MODE=inject the example also carries `codes` and `plan_start`, the first position
+    that receives the plan vector (the prompt's last token, whose output predicts the sentence)."""
+    code_ids = tok((cond.codes_text(codes) + "\n") if cond.code_mode not in ("none", "inject") else "", add_special_tokens=False)["input_ids"]
+    ex_ids = tok(" ".join(exemplars) + "\n", add_special_tokens=False)["input_ids"][: cond.max_in // 2] \
+        if cond.exemplars and exemplars else []
     if len(code_ids) + 8 > cond.max_in:
         raise ConfigError(f"MAX_IN={cond.max_in} is too small to hold the {len(code_ids)} code tokens and some context: "
                           f"raise MAX_IN to at least {len(code_ids) + 8}")
     ctx_ids = tok((context + "\n") if context else "", add_special_tokens=False)["input_ids"]
-    budget = cond.max_in - len(code_ids)
+    budget = cond.max_in - len(code_ids) - len(ex_ids)
     bos = [tok.bos_token_id] if cond.family == "causal" and tok.bos_token_id is not None and tok.bos_token_id != tok.eos_token_id else []
     ctx_ids = ctx_ids[-(budget - len(bos)) :] if budget - len(bos) > 0 else []
-    prompt = bos + ctx_ids + code_ids
+    prompt = bos + ctx_ids + ex_ids + code_ids
     if cond.family == "seq2seq":
         prompt = prompt + [tok.eos_token_id]
+    if cond.family == "causal" and not prompt:  # the first target token needs a position to be predicted from
+        prompt = [tok.eos_token_id]
+    plan = {"codes": [int(c) for c in codes], "plan_start": 0 if cond.family == "seq2seq" else len(prompt) - 1} \
+        if cond.code_mode == "inject" else {}
     if target is None:
-        return {"input_ids": prompt}
+        return {"input_ids": prompt, **plan}
     tgt = tok(target, add_special_tokens=False)["input_ids"]
     tgt = tgt[: cond.max_out - 1] + [tok.eos_token_id] if len(tgt) < cond.max_out else tgt[: cond.max_out]
     if cond.family == "seq2seq":
-        return {"input_ids": prompt, "labels": tgt}
-    return {"input_ids": prompt + tgt, "labels": [-100] * len(prompt) + tgt}
+        return {"input_ids": prompt, "labels": tgt, **plan}
+    return {"input_ids": prompt + tgt, "labels": [-100] * len(prompt) + tgt, **plan}
 
 
 def collate(batch: list[dict], pad_id: int, family: str):
-    """Right-pad a batch: input_ids, attention_mask, labels (-100 on padding)."""
+    """Right-pad a batch: input_ids, attention_mask, labels (-100 on padding); `codes` (B, K) and
+    `plan_start` (B,) when the examples carry a plan (CODE_MODE=inject)."""
     import torch
 
     L = max(len(b["input_ids"]) for b in batch)
@@ -231,38 +254,324 @@ def collate(batch: list[dict], pad_id: int, family: str):
     labels = torch.full((len(batch), Lb), -100, dtype=torch.long)
     for i, b in enumerate(batch):
         labels[i, : len(b["labels"])] = torch.tensor(b["labels"])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if batch and batch[0].get("codes") is not None:
+        out["codes"] = torch.tensor([b["codes"] for b in batch], dtype=torch.long)
+        out["plan_start"] = torch.tensor([b["plan_start"] for b in batch], dtype=torch.long)
+    return out
 
 
 def token_losses(model, batch: dict, family: str, base_vocab: int | None = None):
     """Per-row summed loss and token count for a collated batch (no reduction across rows).
-    Logits of the code tokens (ids >= base_vocab) are masked: codes are read, never written."""
+    Logits of the code tokens (ids >= base_vocab) are masked: codes are read, never written.
+    Causal LMs project only the positions that predict a label (`logits_to_keep`): the LM head
+    over a 49k vocabulary at every context position would cost about a fifth of the step."""
+    import contextlib
+
+    import torch
     import torch.nn.functional as F
 
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                labels=batch["labels"] if family == "seq2seq" else None)
-    logits = out.logits.float()
-    if base_vocab is not None and logits.shape[-1] > base_vocab:
-        logits = logits[..., :base_vocab]
-    labels = batch["labels"]
-    if family == "causal":
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none")
-    ce = ce.view(labels.shape)
-    n = (labels != -100).sum(1)
-    return ce.sum(1), n
+    inj = plan_injector(model)
+    with inj.plan(batch["codes"], batch["plan_start"], batch.get("keep")) if inj is not None and "codes" in batch \
+            else contextlib.nullcontext():
+        labels = batch["labels"]
+        if family == "causal":
+            nxt = labels[:, 1:]
+            sel = nxt != -100  # (B, T-1): positions whose next token is scored
+            keep = F.pad(sel, (0, 1), value=False)  # (B, T)
+            try:
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+                logits = out.logits.float()  # (N, vocab), N = sel.sum()
+                if logits.dim() != 2:
+                    raise TypeError
+            except TypeError:  # a model without boolean logits_to_keep: project everything, then select
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                logits = out.logits[:, :-1][sel].float()
+            if base_vocab is not None and logits.shape[-1] > base_vocab:
+                logits = logits[..., :base_vocab]
+            ce = F.cross_entropy(logits, nxt[sel], reduction="none")  # (N,)
+            rows = sel.nonzero()[:, 0]
+            s = torch.zeros(labels.shape[0], dtype=ce.dtype, device=ce.device).index_add_(0, rows, ce)
+            return s, sel.sum(1)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+        logits = out.logits.float()
+        if base_vocab is not None and logits.shape[-1] > base_vocab:
+            logits = logits[..., :base_vocab]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none")
+        ce = ce.view(labels.shape)
+        return ce.sum(1), (labels != -100).sum(1)
 
 
-def save_decoder(model, tok, cond: Conditioning, out_dir: str | Path, info: dict) -> None:
-    """HF format (safetensors) with our metadata under `next_speed` in config.json."""
+# ---------------------------------------------------------------------- the plan as a vector (CODE_MODE=inject)
+
+def block_list(model):
+    """(name, ModuleList) of the model's main stack of transformer blocks (the decoder's, for
+    seq2seq models)."""
+    import torch.nn as nn
+
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and name.split(".")[-1] in ("layers", "block", "h", "layer"):
+            best = (name, mod)  # the last registered stack: the decoder's in encoder-decoder models
+    if best is None:
+        raise NextSpeedError("could not find the model's transformer blocks: use TRAIN_LAYERS=all with CODE_MODE=special/text/none")
+    return best
+
+
+def _adapter_class():
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class PlanAdapter(nn.Module):
+        """Code tuple -> one vector in the decoder's hidden space.
+
+        Each level's RVQ codeword (frozen, from step 03) is scaled to unit RMS (deeper levels have
+        smaller codewords but carry as much identity), the K of them are concatenated and mapped by
+        a two-layer MLP. The output layer starts at zero, so the untrained adapter adds nothing.
+        `scale` is the RMS of the residual stream where the vector is added, so the learned output
+        is in units of the stream's own size. Dropped levels (`keep` False) enter as zeros.
+        """
+
+        def __init__(self, *, codebooks, hidden: int, width: int = 512, scale: float = 1.0):
+            super().__init__()
+            cb = torch.as_tensor(codebooks, dtype=torch.float32)  # (K, V, D)
+            self.K, self.V, self.D = cb.shape
+            self.register_buffer("codebooks", cb / cb.pow(2).mean((1, 2), keepdim=True).sqrt().clamp(min=1e-8))
+            self.register_buffer("scale", torch.tensor(float(scale)))
+            self.inp = nn.Linear(self.K * self.D, width)
+            self.out = nn.Linear(width, hidden)
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+
+        def forward(self, codes, keep=None):
+            """codes (B, K) long, keep (B, K) bool or None -> (B, hidden)."""
+            x = self.codebooks[torch.arange(self.K, device=codes.device), codes]  # (B, K, D)
+            if keep is not None:
+                x = x * keep[..., None].to(x.dtype)
+            return self.out(F.gelu(self.inp(x.flatten(1)))) * self.scale  # (B, hidden)
+
+    return PlanAdapter
+
+
+def build_plan_adapter(codebooks, hidden: int, width: int = 512, scale: float = 1.0):
+    return _adapter_class()(codebooks=codebooks, hidden=hidden, width=width, scale=scale)
+
+
+class PlanInjector:
+    """Adds the adapter's plan vector to the input of one block, at the positions from each row's
+    `plan_start` on (a forward pre-hook: the model's weights and state dict are untouched).
+
+    Positions come from the block's `position_ids` argument, so the same hook serves training
+    (whole sequences) and cached generation (one new token per call): every generated token
+    gets the plan, no context token does.
+    """
+
+    def __init__(self, model, adapter, layer: int):
+        _, blocks = block_list(model)
+        if not 0 <= layer < len(blocks):
+            raise NextSpeedError(f"the plan's injection block {layer} does not exist (the model has {len(blocks)} blocks)")
+        self.adapter, self.layer = adapter, layer
+        self._u = self._start = None
+        self._handle = blocks[layer].register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        if self._u is None:
+            return None
+        import torch
+
+        h = args[0] if args else kwargs["hidden_states"]
+        T = h.shape[1]
+        pos = kwargs.get("position_ids")
+        if pos is None:  # blocks without positions: a one-token call is a generated token
+            pos = torch.full((1, T), 1 << 30, device=h.device) if T == 1 else torch.arange(T, device=h.device)[None]
+        mask = (pos.to(h.device) >= self._start[:, None]).to(h.dtype)  # (B or 1, T)
+        h = h + self._u[:, None, :].to(h.dtype) * mask[..., None]  # (B, T, H)
+        if args:
+            return (h, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": h}
+
+    @contextlib.contextmanager
+    def plan(self, codes, plan_start, keep=None):
+        """Inside the block, every forward of the model carries these plans (one row each)."""
+        import torch
+
+        dev = next(self.adapter.parameters()).device
+        codes = torch.as_tensor(codes, dtype=torch.long, device=dev)
+        self._u = self.adapter(codes, None if keep is None else torch.as_tensor(keep, device=dev))
+        self._start = torch.as_tensor(plan_start, dtype=torch.long, device=dev).reshape(-1)
+        try:
+            yield self._u
+        finally:
+            self._u = self._start = None
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def attach_injector(model, injector: PlanInjector | None) -> None:
+    # kept in the instance dict, not registered as a submodule: the HF state dict stays the base model's
+    model.__dict__["_next_speed_injector"] = injector
+
+
+def plan_injector(model) -> PlanInjector | None:
+    return model.__dict__.get("_next_speed_injector")
+
+
+def residual_rms(model, layer: int, batch: dict) -> float:
+    """RMS of the residual stream entering block `layer` over a batch's real tokens (the plan
+    vector's unit)."""
+    import torch
+
+    _, blocks = block_list(model)
+    seen = []
+
+    def grab(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+    hd = blocks[layer].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  **({"labels": batch["labels"]} if getattr(model.config, "is_encoder_decoder", False) else {}))
+    finally:
+        hd.remove()
+    h = seen[0].float()
+    m = batch["attention_mask"].to(h.device).bool() if h.shape[1] == batch["attention_mask"].shape[1] else torch.ones(h.shape[:2], dtype=torch.bool)
+    return float(h[m].pow(2).mean().sqrt())
+
+
+# ---------------------------------------------------------------------- the plan as example sentences (EXEMPLARS)
+
+BANK_FILES = ("exemplars.npz", "exemplars.jsonl")
+
+
+class ExemplarBank:
+    """Training sentences with their encoder embeddings and codes; the plan's exemplars are the
+    sentences whose codes share the longest prefix with the plan, ties broken by cosine to the
+    plan's RVQ reconstruction (the rerank's own criterion), among the nearest few dozen.
+
+    Retrieval-augmented rendering (Lewis et al. 2020, RAG; Guu et al. 2020, REALM), keyed by the
+    plan instead of the context: a pretrained LM already copies structure and wording from its
+    prompt, so example sentences of the planned kind steer it without first having to learn what
+    a code means. Rows of the target's own document, and exact copies of the target or of text
+    already written, are never returned.
+    """
+
+    def __init__(self, *, texts: Sequence[str], docs, emb, codebooks, codes):
+        import numpy as np
+
+        self.texts = list(texts)
+        self.docs = np.asarray(docs, dtype=np.int64)
+        self.codes = np.asarray(codes, dtype=np.int64).reshape(len(self.texts), -1)  # (N, K)
+        self.emb = np.ascontiguousarray(emb, dtype=np.float32)  # (N, D), unit rows
+        self.codebooks = np.ascontiguousarray(codebooks, dtype=np.float32)  # (K, V, D)
+        if not (len(self.texts) == len(self.docs) == len(self.emb) == len(self.codes)) \
+                or self.emb.shape[1] != self.codebooks.shape[2] or self.codes.shape[1] != self.codebooks.shape[0]:
+            raise NextSpeedError("exemplar bank: texts, documents and embeddings do not line up: rerun step 06")
+        self._index = None
+
+    def _search_index(self):
+        if self._index is None:
+            import faiss
+
+            self._index = faiss.IndexFlatIP(self.emb.shape[1])
+            self._index.add(self.emb)
+        return self._index
+
+    def plan_vectors(self, codes):
+        import numpy as np
+
+        codes = np.atleast_2d(np.asarray(codes, dtype=np.int64))
+        K = self.codebooks.shape[0]
+        rec = self.codebooks[np.arange(K)[None, :], codes].sum(1)  # (B, D): the RVQ decode
+        return rec / np.maximum(np.linalg.norm(rec, axis=1, keepdims=True), 1e-12)
+
+    def lookup(self, codes, k: int, exclude_docs: Sequence[int | None] | None = None,
+               exclude_texts: Sequence[set[str] | None] | None = None) -> list[list[str]]:
+        """For each plan (B, K), its k nearest bank sentences, best first."""
+        import numpy as np
+
+        if k <= 0:
+            return [[] for _ in range(len(codes))]
+        plans = np.atleast_2d(np.asarray(codes, dtype=np.int64))
+        vec = self.plan_vectors(plans)
+        sims, ids = self._search_index().search(vec, min(len(self.texts), 8 * k + 48))
+        out = []
+        for b, row in enumerate(ids):
+            doc = exclude_docs[b] if exclude_docs else None
+            skip = exclude_texts[b] if exclude_texts else None
+            row = row[row >= 0]
+            prefix = np.cumprod(self.codes[row] == plans[b][None, :], axis=1).sum(1)  # levels matched from level 0
+            got: list[str] = []
+            for i in row[np.lexsort((-sims[b][: len(row)], -prefix))]:
+                if i < 0 or (doc is not None and self.docs[i] == doc) or (skip and self.texts[i] in skip) or self.texts[i] in got:
+                    continue
+                got.append(self.texts[i])
+                if len(got) == k:
+                    break
+            out.append(got)
+        return out
+
+    def save(self, folder: str | Path) -> None:
+        import numpy as np
+
+        folder = Path(folder)
+        with open(folder / BANK_FILES[0], "wb") as fh:
+            np.savez(fh, emb=self.emb.astype(np.float16), docs=self.docs, codebooks=self.codebooks, codes=self.codes)
+        (folder / BANK_FILES[1]).write_text("".join(json.dumps(t) + "\n" for t in self.texts))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "ExemplarBank":
+        import numpy as np
+
+        folder = Path(folder)
+        try:
+            with np.load(folder / BANK_FILES[0], allow_pickle=False) as z:
+                emb, docs, books, codes = z["emb"].astype(np.float32), z["docs"], z["codebooks"], z["codes"]
+            texts = [json.loads(line) for line in (folder / BANK_FILES[1]).read_text().splitlines()]
+        except (OSError, ValueError, KeyError) as e:
+            raise StaleInputError(f"{folder} has no readable exemplar bank ({type(e).__name__}): rerun step 06") from None
+        return cls(texts=texts, docs=docs, emb=emb, codebooks=books, codes=codes)
+
+
+def attach_bank(model, bank: ExemplarBank | None) -> None:
+    model.__dict__["_next_speed_bank"] = bank
+
+
+def exemplar_bank(model) -> ExemplarBank | None:
+    return model.__dict__.get("_next_speed_bank")
+
+
+ADAPTER_FILE = "plan_adapter.safetensors"
+
+
+def save_decoder(model, tok, cond: Conditioning, out_dir: str | Path, info: dict, adapter=None, write_extra=None,
+                 bank: ExemplarBank | None = None) -> None:
+    """HF format (safetensors) with our metadata under `next_speed` in config.json; the plan
+    adapter (CODE_MODE=inject) beside it. `write_extra(tmp_dir)` adds files (plots) before the
+    folder is swapped in, so the folder appears complete or not at all."""
     model.config.next_speed = {"format": "next-speed-decoder/1", "conditioning": cond.__dict__, **info}
+    if adapter is not None:
+        model.config.next_speed["adapter"] = {"K": adapter.K, "V": adapter.V, "D": adapter.D,
+                                              "width": adapter.inp.out_features, "hidden": adapter.out.out_features}
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        if adapter is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}, str(tmp / ADAPTER_FILE))
+        if bank is not None:
+            bank.save(tmp)
+        if write_extra is not None:
+            write_extra(tmp)
 
 
 def load_decoder(out_dir: str | Path, device: str = "cpu"):
-    """(model, tokenizer, Conditioning, metadata) from a trained decoder folder."""
+    """(model, tokenizer, Conditioning, metadata) from a trained decoder folder. A CODE_MODE=inject
+    decoder comes with its plan adapter attached (`plan_injector(model)`), one trained with
+    EXEMPLARS with its bank (`exemplar_bank(model)`)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -276,11 +585,28 @@ def load_decoder(out_dir: str | Path, device: str = "cpu"):
     meta = raw.get("next_speed")
     if not meta or meta.get("format") != "next-speed-decoder/1":
         raise StaleInputError(f"{d}/config.json is not a next-speed decoder: rerun step 06")
-    cond = Conditioning(**meta["conditioning"])
+    try:
+        cond = Conditioning(**meta["conditioning"])
+    except TypeError as e:
+        raise StaleInputError(f"{d}/config.json has conditioning this version cannot read ({e}): rerun step 06") from None
+    if cond.code_mode not in CODE_MODES:
+        raise StaleInputError(f"{d} was trained with CODE_MODE={cond.code_mode!r}, unknown to this version: rerun step 06")
     config = AutoConfig.from_pretrained(d)
     cls = AutoModelForSeq2SeqLM if cond.family == "seq2seq" else AutoModelForCausalLM
     model = cls.from_pretrained(d, config=config, dtype=torch.float32).to(device).eval()
     tok = AutoTokenizer.from_pretrained(d)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    attach_injector(model, None)
+    attach_bank(model, ExemplarBank.load(d) if cond.exemplars else None)
+    if cond.code_mode == "inject":
+        from safetensors.torch import load_file
+
+        a = meta.get("adapter")
+        if not a or not (d / ADAPTER_FILE).is_file() or cond.inject_layer is None:
+            raise StaleInputError(f"{d} is a CODE_MODE=inject decoder without its {ADAPTER_FILE}: rerun step 06")
+        state = load_file(str(d / ADAPTER_FILE))
+        adapter = build_plan_adapter(torch.zeros(a["K"], a["V"], a["D"]), a["hidden"], a["width"])
+        adapter.load_state_dict(state)
+        attach_injector(model, PlanInjector(model, adapter.to(device).eval(), cond.inject_layer))
     return model, tok, cond, meta

@@ -52,8 +52,8 @@ class GenParams:
 class GenerateConfig(GenParams):
     """Step 07 knobs: GenParams plus where the models are and where the log goes."""
 
-    code_mode: str = knob("special", env="CODE_MODE", choices=("special", "text", "none"),
-                          help="which decoder to use (out/decoder, or out/decoder_<mode>)")
+    code_mode: str = knob("auto", env="CODE_MODE", choices=("auto", "inject", "special", "text", "none"),
+                          help="which decoder: auto = out/decoder as trained; text/none = out/decoder_<mode>; checked against the decoder")
     prompt: str | None = knob(None, env="PROMPT", help="prompt text (default: three built-in prompts)")
     run_id: str | None = knob(None, env="RUN_ID", help="name of the log (default: a timestamp)")
     out_path: str | None = knob(None, env="OUT_PATH", help="log path (default out/generate/<RUN_ID>.json)")
@@ -98,6 +98,7 @@ class Step:
     sentence: str | None
     realized: list[int] | None
     timings: dict[str, float]
+    exemplars: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -178,7 +179,7 @@ class SentenceGenerator:
         self.planner = PlannerRunner(planner, pinfo["context_sents"])
         self.context_sents = pinfo["context_sents"]
         self.model, self.tok, self.cond, dmeta = load_decoder(cfg.decoder_dir, self.device)
-        if self.cond.code_mode != cfg.code_mode:
+        if cfg.code_mode != "auto" and self.cond.code_mode != cfg.code_mode:
             raise StaleInputError(f"CODE_MODE={cfg.code_mode} but the decoder in {cfg.decoder_dir} was trained with "
                                   f"CODE_MODE={self.cond.code_mode}: set CODE_MODE={self.cond.code_mode} or rerun step 06")
         if (self.cond.K, self.cond.V) != (self.rvq.K, self.rvq.V):
@@ -210,29 +211,63 @@ class SentenceGenerator:
         return np.asarray(self.encoder.encode(list(sentences), normalize_embeddings=True, convert_to_numpy=True,
                                               show_progress_bar=False), dtype=np.float32)
 
-    def render(self, context_text: str, codes: Sequence[int], p: GenParams, seed: int) -> list[str]:
+    def exemplars_for(self, codes: Sequence[int], exclude: set[str] | None = None) -> list[str]:
+        """The decoder's exemplars for a plan (empty for a decoder trained without EXEMPLARS)."""
+        from .decoder_model import exemplar_bank
+
+        bank = exemplar_bank(self.model)
+        if bank is None or not self.cond.exemplars:
+            return []
+        return bank.lookup([list(codes)], self.cond.exemplars, exclude_texts=[exclude or set()])[0]
+
+    def render(self, context_text: str, codes: Sequence[int], p: GenParams, seed: int,
+               exemplars: Sequence[str] | None = None) -> list[str]:
         """Decode `p.n_cand` candidate sentences for one planned tuple, in one batch."""
         from .decoder_model import encode_example
 
         torch = self.torch
-        ex = encode_example(self.tok, self.cond, context_text, codes, None)
+        if exemplars is None:
+            exemplars = self.exemplars_for(codes)
+        ex = encode_example(self.tok, self.cond, context_text, codes, None, exemplars)
         ids = torch.tensor([ex["input_ids"]], device=self.device)
-        torch.manual_seed(seed)
-        gen_kwargs = dict(max_new_tokens=p.max_new_tokens, num_return_sequences=p.n_cand, do_sample=p.do_sample,
+        n = p.n_cand
+        gen_kwargs = dict(max_new_tokens=p.max_new_tokens, do_sample=p.do_sample,
                           pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id)
         if p.do_sample:
             gen_kwargs.update(top_p=p.top_p, temperature=p.temp)
         if self._bad_ids:
             gen_kwargs["bad_words_ids"] = self._bad_ids
-        with torch.no_grad():
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen_kwargs)
+        import contextlib
+
+        from .decoder_model import plan_injector
+
+        inj = plan_injector(self.model)
+        plan = inj.plan([ex["codes"]], [ex["plan_start"]]) if inj is not None else contextlib.nullcontext()
+        with torch.no_grad(), plan:
+            if self.cond.family == "causal" and ids.shape[1] > 1:
+                # The shared prompt is read once and its KV cache copied to the candidates
+                # (num_return_sequences would read it once per candidate).
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=self.model.config)
+                self.model(input_ids=ids[:, :-1], cache=cache, use_cache=True)
+                if n > 1:
+                    cache.batch_repeat_interleave(n)
+                torch.manual_seed(seed)
+                batch = ids.expand(n, -1)
+                out = self.model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), cache=cache, **gen_kwargs)
+            else:
+                torch.manual_seed(seed)
+                out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), num_return_sequences=n,
+                                          **gen_kwargs)
         if self.cond.family == "causal":
             out = out[:, ids.shape[1] :]
         texts = self.tok.batch_decode(out, skip_special_tokens=True)
         return [t.split("\n")[0].strip() for t in texts]
 
-    def score(self, planned: Sequence[int], candidates: Sequence[str]) -> list[dict]:
-        """Re-encode candidates: their tuples, matched prefix and cosine to the plan's reconstruction."""
+    def score(self, planned: Sequence[int], candidates: Sequence[str], return_embeddings: bool = False):
+        """Re-encode candidates: their tuples, matched prefix and cosine to the plan's reconstruction
+        (and their unit embeddings, (N, D), with `return_embeddings`)."""
         target = self.rvq.decode(np.asarray([planned]))[0]
         target = target / (np.linalg.norm(target) + 1e-12)
         x = self.embed(candidates)
@@ -241,7 +276,7 @@ class SentenceGenerator:
         for c, e, t in zip(candidates, x, codes):
             prefix, cos = match_score(planned, t.tolist(), float(e @ target))
             out.append({"text": c, "codes": t.tolist(), "prefix": prefix, "cosine": round(cos, 4)})
-        return out
+        return (out, x) if return_embeddings else out
 
     # ------------------------------------------------------------------ the loop
     def run(self, prompt: str, max_sentences: int | None = None, **overrides: Any) -> GenerationResult:
@@ -272,7 +307,8 @@ class SentenceGenerator:
                                               top_k=p.plan_top_k, generator=gen, at_doc_start=True)
             t1 = time.perf_counter()
             context_text = " ".join(history[-self.context_sents :]) if self.context_sents else ""
-            cands = self.render(context_text, planned, p, seed=p.seed * 1000 + step)
+            exemplars = self.exemplars_for(planned, exclude={h for h in history})
+            cands = self.render(context_text, planned, p, seed=p.seed * 1000 + step, exemplars=exemplars)
             t2 = time.perf_counter()
             scored = self.score(planned, cands) if p.rerank else None
             t3 = time.perf_counter()
@@ -286,7 +322,7 @@ class SentenceGenerator:
             timings = {"planner": t1 - t0, "decoder": t2 - t1, "rerank": t3 - t2}
             if chosen is None:
                 reason = "empty" if all(not c for c in cands) else "repeat"  # every non-empty one repeats
-                res.steps.append(Step(planned, scored or [{"text": c} for c in cands], None, None, None, timings))
+                res.steps.append(Step(planned, scored or [{"text": c} for c in cands], None, None, None, timings, exemplars))
                 res.stop_reason = reason
                 break
             sentence = cands[chosen]
@@ -294,7 +330,7 @@ class SentenceGenerator:
             timings["rerank"] = time.perf_counter() - t2
             for k in timings:
                 tot[k] += timings[k]
-            res.steps.append(Step(planned, scored or [{"text": c} for c in cands], chosen, sentence, realized, timings))
+            res.steps.append(Step(planned, scored or [{"text": c} for c in cands], chosen, sentence, realized, timings, exemplars))
             res.sentences.append(sentence)
             res.planned.append(planned)
             res.realized.append(realized)

@@ -35,8 +35,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "rvq": {"k": 6, "v": 256, "niter": 20},
         "trainsets": {"context_sents": 8, "val_frac": 0.05},
         "planner": {"d_model": 128, "n_layers": 2, "n_heads": 4, "drop": 0.3, "steps": 800, "log_every": 100, "bs": 64},
-        "decoder": {"time_budget": 7.0, "train_layers": "4", "train_bs": 8, "lr": 3e-4, "eval_every": 40, "val_rows": 64,
-                    "max_in": 128, "max_out": 48},
+        # The plan reaches the decoder as its code tokens plus the two training sentences that match
+        # it best, written into the prompt (README, "How the plan reaches the text").
+        "decoder": {"code_mode": "special", "exemplars": 2, "time_budget": 7.0, "train_layers": "4", "train_bs": 8,
+                    "lr": 3e-4, "eval_every": 40, "val_rows": 64, "max_in": 160, "max_out": 48},
         "generate": {"gen_steps": 3, "n_cand": 4},
     },
     # Seconds, with random-init stand-in models built on the spot: for tests and smoke checks.
@@ -46,8 +48,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "rvq": {"k": 2, "v": 8, "niter": 5},
         "trainsets": {"context_sents": 3, "val_frac": 0.2},
         "planner": {"d_model": 32, "n_heads": 2, "n_layers": 1, "steps": 30, "log_every": 10, "warmup": 5},
-        "decoder": {"model": TINY_DECODER, "max_steps": 4, "eval_every": 2, "val_rows": 8, "train_bs": 4, "max_in": 64,
-                    "max_out": 24, "train_layers": "all", "lr": 1e-3},
+        "decoder": {"model": TINY_DECODER, "code_mode": "special", "exemplars": 2, "max_steps": 4, "eval_every": 2, "val_rows": 8,
+                    "train_bs": 4, "max_in": 64, "max_out": 24, "train_layers": "all", "lr": 1e-3},
         "generate": {"gen_steps": 2, "n_cand": 2, "max_new_tokens": 12, "emb_model": TINY_ENCODER},
     },
     # The spec's full-size settings, for a GPU.
@@ -57,7 +59,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "rvq": {"k": 6, "v": 256, "niter": 25},
         "trainsets": {"context_sents": 8, "val_frac": 0.05},
         "planner": {"d_model": 512, "n_heads": 8, "n_layers": 8, "steps": 20000, "log_every": 500, "bs": 256, "lr": 6e-4},
-        "decoder": {"num_epochs": 1.0, "train_layers": "all", "train_bs": 32, "lr": 1e-4, "eval_every": 500, "val_rows": 500},
+        "decoder": {"code_mode": "special", "exemplars": 2, "num_epochs": 1.0, "train_layers": "all", "train_bs": 32, "lr": 1e-4,
+                    "eval_every": 500, "val_rows": 500, "max_in": 192},
         "generate": {"gen_steps": 5, "n_cand": 8},
     },
 }

@@ -19,8 +19,8 @@ class ReportConfig:
     """`next-speed report` knobs (the evaluations' own knobs apply too)."""
 
     out_dir: str = knob("out/report", env="REPORT_DIR", help="folder for report.md and its plots")
-    eval_docs: int = knob(6, env="EVAL_DOCS", min=1, help="validation documents for code agreement")
-    decoder_rows: int = knob(100, env="VAL_ROWS", min=1, help="validation rows for the decoder losses")
+    eval_positions: int = knob(200, env="EVAL_POSITIONS", min=1, help="validation positions for code agreement")
+    decoder_rows: int = knob(300, env="VAL_ROWS", min=1, help="validation rows for the decoder losses")
     device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
 
 
@@ -76,24 +76,44 @@ def make_report(cfg: ReportConfig, environ: dict | None = None) -> dict:
     try:
         dec = eval_decoder(resolve(DecoderEvalConfig, {"val_rows": cfg.decoder_rows, "device": cfg.device}, environ=env))
         md += ["## What codes buy the decoder", "", "```", format_decoder_eval(dec), "```", ""]
+        names = [("true codes", "loss_true"), ("shuffled codes", "loss_shuffled"), ("no-codes decoder", "loss_none")]
+        vals = [(n, dec["summary"][k]) for n, k in names if dec["summary"].get(k) is not None]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.bar([n for n, _ in vals], [v for _, v in vals], color=["tab:green", "tab:orange", "tab:gray"][: len(vals)])
+        for i, (_, v) in enumerate(vals):
+            ax.text(i, v, f"{v:.3f}", ha="center", va="bottom")
+        ax.set_ylabel("validation loss per token (nats)")
+        ax.set_ylim(min(v for _, v in vals) * 0.8, max(v for _, v in vals) * 1.05)
+        ax.set_title(f"decoder ({dec['code_mode']}), {dec['rows']} rows")
+        fig.tight_layout()
+        fig.savefig(out / "decoder.png", dpi=100)
+        plt.close(fig)
+        md += ["![decoder loss with true, shuffled and no codes](decoder.png)", ""]
     except NextSpeedError as e:
         dec = None
         md += ["## What codes buy the decoder", "", f"skipped: {e}", ""]
 
-    agr = code_agreement(resolve(AgreementConfig, {"eval_docs": cfg.eval_docs, "device": cfg.device}, environ=env))
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for mode in ("off", "on"):
+    agr = code_agreement(resolve(AgreementConfig, {"eval_positions": cfg.eval_positions, "device": cfg.device}, environ=env))
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    for mode, style in (("off", "--"), ("on", "-")):
         rows = [r for r in agr["results"] if r["rerank"] == mode]
-        ax.plot([r["n_cand"] for r in rows], [r["prefix"] for r in rows], marker="o", label=f"rerank {mode}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("N_CAND")
-    ax.set_ylabel("mean matched prefix (levels)")
-    ax.set_title("code agreement")
-    ax.legend()
+        ns = [r["n_cand"] for r in rows]
+        ax[0].plot(ns, [r["per_level"][0] for r in rows], style, marker="o", label=f"level 0, rerank {mode}")
+        ax[0].plot(ns, [r["prefix"] / agr["K"] for r in rows], style, marker="s", label=f"prefix / K, rerank {mode}")
+        ax[1].plot(ns, [r["cos_plan"] for r in rows], style, marker="o", label=f"to the plan, rerank {mode}")
+        ax[1].plot(ns, [r["cos_next"] for r in rows], style, marker="s", label=f"to the true next, rerank {mode}")
+    ax[1].axhline(agr["summary"]["cos_plan_vs_next"], color="gray", lw=0.8, label="plan vs true next")
+    for a, title, ylab in ((ax[0], "code agreement", "share of positions"),
+                           (ax[1], "round trip (LCM): cosine of the chosen sentence", "cosine")):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("N_CAND")
+        a.set_ylabel(ylab)
+        a.set_title(title)
+        a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "agreement.png", dpi=100)
     plt.close(fig)
     md += ["## Code agreement: planned vs realized tuples", "", "```", format_agreement(agr), "```", "",
-           "![agreement against N_CAND](agreement.png)", ""]
+           "![agreement and round-trip cosine against N_CAND](agreement.png)", ""]
     (out / "report.md").write_text("\n".join(md) + "\n")
     return {"report": str(out / "report.md"), "rvq": rvq, "planner": plan, "decoder": dec, "agreement": agr}

@@ -18,20 +18,21 @@ from pathlib import Path
 
 from .artifacts import atomic_dir, read_jsonl, sha256_path, versions, write_json
 from .config import knob, to_dict
-from .decoder_model import (CODE_MODES, DEFAULT_DECODER, Conditioning, add_code_tokens_to_tokenizer, collate,
-                            encode_example, init_code_embeddings, load_base_model, load_base_tokenizer, save_decoder,
-                            token_losses)
+from .decoder_model import (CODE_MODES, DEFAULT_DECODER, Conditioning, ExemplarBank, PlanInjector,
+                            add_code_tokens_to_tokenizer, attach_injector, block_list, build_plan_adapter, collate,
+                            encode_example, init_code_embeddings, load_base_model, load_base_tokenizer, residual_rms,
+                            save_decoder, token_losses)
 from .errors import ConfigError, NextSpeedError
 from .train_planner import check_trainsets, plot_curve
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
-def default_decoder_dir(code_mode: str) -> str:
-    """out/decoder for the default CODE_MODE, out/decoder_<mode> for the others (ablations never
-    overwrite the main decoder)."""
-    return "out/decoder" if code_mode == "special" else f"out/decoder_{code_mode}"
+def default_decoder_dir(code_mode: str | None) -> str:
+    """out/decoder for the main modes (special, the spec's default, and inject, the CPU preset's),
+    out/decoder_<mode> for the text and none ablations, which never overwrite the main decoder."""
+    return "out/decoder" if code_mode in (None, "auto", "special", "inject") else f"out/decoder_{code_mode}"
 
 
 @dataclass
@@ -41,7 +42,8 @@ class DecoderTrainConfig:
     model: str = knob(DEFAULT_DECODER, env="MODEL", help="base LM: smollm2-135m (packaged), a local folder, or a hub id (t5-small, ...)")
     max_in: int = knob(160, env="MAX_IN", min=8, help="max input tokens (context cut from the left, codes kept)")
     max_out: int = knob(64, env="MAX_OUT", min=2, help="max target tokens (sentence + end marker)")
-    code_mode: str = knob("special", env="CODE_MODE", choices=CODE_MODES, help="special tokens, text codes, or none (ablation)")
+    code_mode: str = knob("special", env="CODE_MODE", choices=CODE_MODES,
+                          help="special tokens, text codes, none (ablation), or inject: the plan as a vector added at a block")
     k: int | None = knob(None, env="K", min=1, help="RVQ levels (checked against the training sets)")
     v: int | None = knob(None, env="V", min=2, help="codewords per level (checked against the training sets)")
     add_special_tokens: bool = knob(True, env="ADD_SPECIAL_TOKENS", help="special mode: add the K*V code tokens to the vocabulary (0: tokenize them as plain text)")
@@ -55,6 +57,14 @@ class DecoderTrainConfig:
     train_layers: str = knob("4", env="TRAIN_LAYERS", help="'all', or N: train the top N blocks + final norm + code embeddings")
     train_code_emb: bool = knob(False, env="TRAIN_CODE_EMB",
                                 help="with TRAIN_LAYERS=N, also train the code-token rows (backprop then runs through every block)")
+    inject_layer: int | None = knob(None, env="INJECT_LAYER", min=0,
+                                    help="inject: block that receives the plan vector (default: the first trainable one; 0 with TRAIN_LAYERS=all)")
+    adapter_width: int = knob(512, env="ADAPTER_WIDTH", min=8, help="inject: hidden width of the plan adapter MLP")
+    adapter_lr: float | None = knob(None, env="ADAPTER_LR", min=0.0, help="inject: the adapter's learning rate (default: 3 x LR)")
+    exemplars: int = knob(0, env="EXEMPLARS", min=0, max=8,
+                          help="write the N training sentences nearest to the plan's RVQ reconstruction into the prompt (0 = off)")
+    code_drop: float = knob(0.0, env="CODE_DROP", min=0.0, max=1.0,
+                            help="share of training rows whose plan keeps only its first j levels (j random): tolerance of planner errors")
     warmup: int = knob(20, env="WARMUP", min=0, help="warmup steps")
     eval_every: int = knob(50, env="EVAL_EVERY", min=1, help="validate every N steps")
     val_rows: int = knob(200, env="VAL_ROWS", min=1, help="validation rows used for the loss")
@@ -79,6 +89,12 @@ class DecoderTrainConfig:
                 raise ConfigError(f"TRAIN_LAYERS={self.train_layers!r} is not valid: use 'all' or a number of top blocks") from None
             if n < 0:
                 raise ConfigError(f"TRAIN_LAYERS={n} must be 'all' or at least 0")
+        if self.code_mode != "inject":
+            for name, val, default in (("INJECT_LAYER", self.inject_layer, None), ("CODE_DROP", self.code_drop, 0.0)):
+                if val != default:
+                    raise ConfigError(f"{name}={val} applies to CODE_MODE=inject only (CODE_MODE={self.code_mode})")
+        if self.exemplars and self.code_mode == "none":
+            raise ConfigError(f"EXEMPLARS={self.exemplars} needs codes to retrieve by: CODE_MODE=none decoders take EXEMPLARS=0")
         if self.out_dir is None:
             self.out_dir = default_decoder_dir(self.code_mode)
 
@@ -100,24 +116,31 @@ def tokenize_rows(rows: list[dict], tok, cond: Conditioning, num_proc: int = 1, 
     datasets.disable_progress_bars()
 
     def fn(batch):
-        enc = [encode_example(tok, cond, c, k, t) for c, k, t in zip(batch["context"], batch["codes"], batch["target"])]
-        return {"input_ids": [e["input_ids"] for e in enc], "labels": [e["labels"] for e in enc]}
+        exs = batch["exemplars"] if "exemplars" in batch else [None] * len(batch["target"])
+        enc = [encode_example(tok, cond, c, k, t, e) for c, k, t, e in zip(batch["context"], batch["codes"], batch["target"], exs)]
+        out = {"input_ids": [e["input_ids"] for e in enc], "labels": [e["labels"] for e in enc]}
+        if cond.code_mode == "inject":
+            out["codes"] = [e["codes"] for e in enc]
+            out["plan_start"] = [e["plan_start"] for e in enc]
+        return out
 
-    ds = datasets.Dataset.from_dict({"context": [r["context"] for r in rows], "codes": [r["codes"] for r in rows],
-                                     "target": [r["target"] for r in rows]})
+    cols = {"context": [r["context"] for r in rows], "codes": [r["codes"] for r in rows], "target": [r["target"] for r in rows]}
+    if cond.exemplars:
+        cols["exemplars"] = [r.get("exemplars") or [] for r in rows]
+    ds = datasets.Dataset.from_dict(cols)
     ds = ds.map(fn, batched=True, batch_size=map_batch_size, num_proc=num_proc if num_proc > 1 and len(rows) > map_batch_size else None,
-                remove_columns=["context", "codes", "target"])
+                remove_columns=list(cols))
     return ds
 
 
 def cached_tokenize(rows: list[dict], tok, cond: Conditioning, cfg: DecoderTrainConfig, source: str, split: str,
-                    subset_key: str) -> tuple[object, dict]:
+                    subset_key: str, extra_key: dict | None = None) -> tuple[object, dict]:
     """Tokenized rows, from the cache when its key (tokenizer, conditioning, input hash, subset)
     matches; else built (and saved when CACHE_TOKENIZED=1). Returns (dataset, info)."""
     import datasets
 
     key_src = {"format": CACHE_FORMAT, "tokenizer": _tokenizer_hash(tok), "cond": cond.__dict__,
-               "input": sha256_path(source), "subset": subset_key}
+               "input": sha256_path(source), "subset": subset_key, **(extra_key or {})}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cfg.cache_dir) / f"{split}-{key}"
     if cfg.cache_tokenized and (path / "cache_meta.json").is_file():
@@ -143,19 +166,6 @@ def cached_tokenize(rows: list[dict], tok, cond: Conditioning, cfg: DecoderTrain
 
 # ---------------------------------------------------------------------- parameter selection
 
-def _block_list(model):
-    """The model's main stack of transformer blocks (the decoder's, for seq2seq models)."""
-    import torch.nn as nn
-
-    best = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and name.split(".")[-1] in ("layers", "block", "h", "layer"):
-            best = (name, mod)  # the last registered stack: the decoder's in encoder-decoder models
-    if best is None:
-        raise NextSpeedError("could not find the model's transformer blocks: use TRAIN_LAYERS=all")
-    return best
-
-
 def select_trainable(model, train_layers: str, n_vocab_before: int, train_code_emb: bool = True) -> dict:
     """Freeze what TRAIN_LAYERS says; return a summary. Code-token rows stay trainable via a
     gradient mask on the (shared) embedding matrix."""
@@ -169,7 +179,7 @@ def select_trainable(model, train_layers: str, n_vocab_before: int, train_code_e
     n_top = int(train_layers)
     for p in model.parameters():
         p.requires_grad_(False)
-    name, blocks = _block_list(model)
+    name, blocks = block_list(model)
     for blk in list(blocks)[len(blocks) - n_top :] if n_top else []:
         for p in blk.parameters():
             p.requires_grad_(True)
@@ -210,6 +220,89 @@ def evaluate_loss(model, data, pad_id: int, family: str, device: str, bs: int = 
     return tot / max(n, 1)
 
 
+def build_bank(cfg: DecoderTrainConfig, tmeta: dict, rows: list[dict]) -> ExemplarBank:
+    """The exemplar bank of step 06: every training sentence with its step-02 embedding (found by
+    the rows' `sid` in the embeddings that step 03 quantized) and the RVQ codebooks."""
+    import numpy as np
+
+    from .rvq import RVQ
+
+    emb_path, rvq_path = tmeta.get("emb_path"), tmeta.get("rvq_path")
+    if not emb_path or any("sid" not in r for r in rows[:1]):
+        raise NextSpeedError("EXEMPLARS needs training sets that name each sentence's embedding row: rerun step 04")
+    for path, want, step in ((emb_path, tmeta.get("emb_sha256"), "02-04"), (rvq_path, tmeta.get("rvq_sha256"), "03-04")):
+        if not Path(path).is_file():
+            raise NextSpeedError(f"EXEMPLARS reads {path}, which is missing: rerun steps {step}")
+        if want and sha256_path(path) != want:
+            raise NextSpeedError(f"{path} is not the file the training sets were built from: rerun steps {step}")
+    emb = np.load(emb_path, mmap_mode="r", allow_pickle=False)
+    sids = np.asarray([r["sid"] for r in rows], dtype=np.int64)
+    if len(sids) and (sids.min() < 0 or sids.max() >= len(emb)):
+        raise NextSpeedError(f"{cfg.out_dec} names sentence rows beyond {emb_path} ({len(emb)} rows): rerun step 04")
+    vec = np.asarray(emb[sids], dtype=np.float32)
+    vec /= np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
+    bank = ExemplarBank(texts=[r["target"] for r in rows], docs=[r["doc"] for r in rows], emb=vec,
+                        codebooks=RVQ.load(rvq_path).codebooks, codes=[r["codes"] for r in rows])
+    log.info("06: exemplar bank of %d training sentences", len(rows))
+    return bank
+
+
+def add_exemplars(bank: ExemplarBank, rows: list[dict], k: int, codes: list | None = None) -> list[dict]:
+    """Rows with `exemplars`: the k bank sentences nearest to each row's plan (its own codes, or
+    `codes[i]`), never from the row's own document nor a copy of its target."""
+    plans = [r["codes"] for r in rows] if codes is None else codes
+    exs = bank.lookup(plans, k, exclude_docs=[r.get("doc") for r in rows], exclude_texts=[{r["target"]} for r in rows])
+    return [{**r, "exemplars": e} for r, e in zip(rows, exs)]
+
+
+def _level_keep(n: int, K: int, p: float, rng: random.Random):
+    """(n, K) bool: with probability p a row keeps only levels < j, j uniform in 1..K-1 (the
+    coarse part of the plan, as when the planner gets the deeper levels wrong); else all levels."""
+    import torch
+
+    keep = torch.ones(n, K, dtype=torch.bool)
+    for i in range(n):
+        if K > 1 and rng.random() < p:
+            keep[i, rng.randint(1, K - 1) :] = False
+    return keep
+
+
+def _make_adapter(model, cfg: DecoderTrainConfig, cond: Conditioning, tmeta: dict, val_ds, pad_id: int, family: str):
+    """CODE_MODE=inject: the plan adapter over step 03's codebooks, hooked into the block where
+    training starts (its scale is the residual stream's RMS there), and recorded in `cond`."""
+    from .rvq import RVQ
+
+    n_blocks = len(block_list(model)[1])
+    if cfg.inject_layer is not None:
+        layer = cfg.inject_layer
+    elif cfg.train_layers == "all":
+        layer = 0
+    else:
+        layer = max(0, n_blocks - int(cfg.train_layers))
+    if layer >= n_blocks:
+        raise ConfigError(f"INJECT_LAYER={layer} is past the model's last block ({n_blocks - 1})")
+    if cfg.train_layers != "all" and layer < n_blocks - int(cfg.train_layers):
+        log.warning("06: INJECT_LAYER=%d is below the trainable blocks: gradients to the plan adapter pass through "
+                    "frozen blocks (slower steps)", layer)
+    rvq_path = tmeta.get("rvq_path") or "out/rvq.npz"
+    if not Path(rvq_path).is_file():
+        raise NextSpeedError(f"CODE_MODE=inject reads the RVQ codebooks of step 03, but {rvq_path} is missing: rerun step 03")
+    if tmeta.get("rvq_sha256") and sha256_path(rvq_path) != tmeta["rvq_sha256"]:
+        raise NextSpeedError(f"{rvq_path} is not the RVQ the training sets were built with: rerun steps 03-04")
+    rvq = RVQ.load(rvq_path)
+    if (rvq.K, rvq.V) != (cond.K, cond.V):
+        raise NextSpeedError(f"{rvq_path} has K={rvq.K} V={rvq.V}, the training sets K={cond.K} V={cond.V}: rerun steps 03-04")
+    calib = collate([val_ds[i] for i in range(min(8, len(val_ds)))], pad_id, family)
+    scale = residual_rms(model, layer, calib)
+    hidden = model.get_input_embeddings().weight.shape[1]
+    adapter = build_plan_adapter(rvq.codebooks, hidden, cfg.adapter_width, scale)
+    attach_injector(model, PlanInjector(model, adapter, layer))
+    cond.inject_layer, cond.adapter_width = layer, cfg.adapter_width
+    log.info("06: plan adapter (%s parameters) injects at block %d of %d (residual RMS %.2f)",
+             f"{sum(p.numel() for p in adapter.parameters()):,}", layer, n_blocks, scale)
+    return adapter
+
+
 def train_decoder(cfg: DecoderTrainConfig) -> dict:
     """Run step 06: decoder rows -> a fine-tuned decoder in OUT_DIR (or only the cache)."""
     import torch
@@ -225,6 +318,7 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict:
         for i, r in enumerate(rows[:1000]):
             if len(r["codes"]) != K or min(r["codes"]) < 0 or max(r["codes"]) >= V:
                 raise NextSpeedError(f"{path}: row {i + 1} has codes {r['codes']} that do not fit K={K} V={V}: rerun step 04")
+    bank = build_bank(cfg, tmeta, train_rows) if cfg.exemplars else None
     rng = random.Random(cfg.seed)
     if cfg.max_rows and cfg.max_rows < len(train_rows):
         train_rows = rng.sample(train_rows, cfg.max_rows)
@@ -234,12 +328,18 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict:
     device = pick_device(cfg.device)
     tok, family, base_path = load_base_tokenizer(cfg.model)
     cond = Conditioning(K=K, V=V, code_mode=cfg.code_mode, add_special_tokens=cfg.add_special_tokens,
-                        max_in=cfg.max_in, max_out=cfg.max_out, family=family, base_vocab=len(tok))
+                        max_in=cfg.max_in, max_out=cfg.max_out, family=family, base_vocab=len(tok), exemplars=cfg.exemplars)
+    extra_key = {}
+    if bank is not None:
+        train_rows = add_exemplars(bank, train_rows, cfg.exemplars)
+        val_rows = add_exemplars(bank, val_rows, cfg.exemplars)
+        extra_key = {"exemplar_bank": [tmeta.get("emb_sha256"), tmeta.get("rvq_sha256")]}
     n_before = len(tok)
     add_code_tokens_to_tokenizer(tok, cond)
     subset = f"max_rows={cfg.max_rows};seed={cfg.seed}"
-    train_ds, cache_info = cached_tokenize(train_rows, tok, cond, cfg, cfg.out_dec, "train", subset)
-    val_ds, _ = cached_tokenize(val_rows, tok, cond, cfg, cfg.out_dec_val, "val", f"val_rows={cfg.val_rows};seed={cfg.seed}")
+    train_ds, cache_info = cached_tokenize(train_rows, tok, cond, cfg, cfg.out_dec, "train", subset, extra_key)
+    val_ds, _ = cached_tokenize(val_rows, tok, cond, cfg, cfg.out_dec_val, "val", f"val_rows={cfg.val_rows};seed={cfg.seed}",
+                                extra_key)
     if cfg.pretokenize_only:
         log.info("06: tokenized %d train / %d val rows; PRETOKENIZE_ONLY=1, stopping", len(train_ds), len(val_ds))
         return {"pretokenize_only": True, "train_rows": len(train_ds), "val_rows": len(val_ds), "cache": cache_info}
@@ -249,16 +349,30 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict:
     for r in train_rows:
         for k, c in enumerate(r["codes"]):
             lst = init_texts.setdefault((k, c), [])
-            if len(lst) < 16:
+            if len(lst) < 16:  # measured: 128 sentences with IDF weights did no better (README)
                 lst.append(r["target"])
     added = init_code_embeddings(model, tok, cond, n_before, init_texts)
     sel = select_trainable(model, cfg.train_layers, n_before, cfg.train_code_emb)
+    adapter = None
+    if cfg.code_mode == "inject":
+        adapter = _make_adapter(model, cfg, cond, tmeta, val_ds, tok.pad_token_id, family)
+        sel["adapter_params"] = sum(p.numel() for p in adapter.parameters())
+        sel["trainable_params"] += sel["adapter_params"]
+        sel["inject_layer"] = cond.inject_layer
     model.to(device)
+    if adapter is not None:
+        adapter.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     emb = model.get_input_embeddings().weight
     decay = [p for p in params if p.dim() >= 2 and p is not emb]
     no_decay = [p for p in params if not (p.dim() >= 2 and p is not emb)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    groups = [{"params": decay, "weight_decay": 0.01, "base_lr": cfg.lr}, {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr}]
+    if adapter is not None:
+        a_lr = cfg.adapter_lr if cfg.adapter_lr is not None else 3 * cfg.lr
+        groups.append({"params": list(adapter.parameters()), "weight_decay": 0.0, "base_lr": a_lr})
+        params = params + list(adapter.parameters())
+    groups = [g for g in groups if g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
 
     steps_per_epoch = math.ceil(len(train_ds) / (cfg.train_bs * cfg.grad_accum))
@@ -273,7 +387,9 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict:
 
     def snapshot():
         sd = model.state_dict()
-        return {n: sd[n].detach().to("cpu", copy=True) for n in trainable_names if n in sd}
+        snap = {n: sd[n].detach().to("cpu", copy=True) for n in trainable_names if n in sd}
+        ad = {k: v.detach().to("cpu", copy=True) for k, v in adapter.state_dict().items()} if adapter is not None else None
+        return snap, ad
 
     val0 = evaluate_loss(model, val_ds, pad_id, family, device, base_vocab=n_before)
     history.append({"step": 0, "train_loss": float("nan"), "val_loss": val0})
@@ -291,6 +407,8 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict:
                 g.shuffle(order)
             idx, order = order[: cfg.train_bs], order[cfg.train_bs :]
             batch = {k: v.to(device) for k, v in collate([train_ds[i] for i in idx], pad_id, family).items()}
+            if adapter is not None and cfg.code_drop > 0:
+                batch["keep"] = _level_keep(len(idx), K, cfg.code_drop, g).to(device)
             with amp:
                 s, c = token_losses(model, batch, family, n_before)
                 loss = s.sum() / c.sum().clamp(min=1)
@@ -299,7 +417,7 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict:
             tokens += int(batch["attention_mask"].sum())
         lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
         for grp in opt.param_groups:
-            grp["lr"] = lr
+            grp["lr"] = lr * grp["base_lr"] / cfg.lr if cfg.lr > 0 else 0.0
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -326,7 +444,9 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict:
             break
     bar.close()
     if best_state is not None:
-        model.load_state_dict(best_state, strict=False)
+        model.load_state_dict(best_state[0], strict=False)
+        if adapter is not None:
+            adapter.load_state_dict(best_state[1])
     elapsed = time.perf_counter() - t0
     info = {"kind": "decoder", "base_model": cfg.model, "base_path": base_path, "train": to_dict(cfg), "K": K, "V": V,
             "selection": sel, "code_tokens_added": added, "best": best, "history": history, "steps": step,
@@ -335,8 +455,11 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict:
             "rvq_sha256": tmeta.get("rvq_sha256"), "rvq_path": tmeta.get("rvq_path"), "versions": versions(),
             "tokenization_cache": cache_info}
     model.to("cpu")
-    save_decoder(model, tok, cond, cfg.out_dir, info)
-    plot_curve([h for h in history if h["step"] > 0] or history, Path(cfg.out_dir) / "curve.png", f"decoder ({cfg.code_mode})")
+    if adapter is not None:
+        adapter.to("cpu")
+    curve = [h for h in history if h["step"] > 0] or history
+    save_decoder(model, tok, cond, cfg.out_dir, info, adapter=adapter, bank=bank,
+                 write_extra=lambda tmp: plot_curve(curve, Path(tmp) / "curve.png", f"decoder ({cfg.code_mode})"))
     log.info("06: %d steps in %.0fs, best val loss %.3f (from %.3f) -> %s", step, elapsed, best["val_loss"], val0, cfg.out_dir)
     return info
 
@@ -349,6 +472,8 @@ class DecoderEvalConfig:
 
     out_dir: str = knob("out/decoder", env="OUT_DIR", help="decoder trained with codes")
     none_dir: str = knob("out/decoder_none", env="NONE_DIR", help="decoder trained with CODE_MODE=none, same budget")
+    train_none: bool = knob(True, env="TRAIN_NONE",
+                            help="train the no-codes decoder with the main decoder's recorded settings when it is missing or differs")
     out_dec_val: str = knob("data/decoder_val.jsonl", env="OUT_DEC_VAL", help="validation rows (step 04)")
     val_rows: int = knob(300, env="VAL_ROWS", min=1, help="validation rows scored")
     out_json: str = knob("out/decoder_eval.json", env="OUT_JSON", help="where to write the report JSON")
@@ -356,8 +481,34 @@ class DecoderEvalConfig:
     seed: int = knob(0, env="SEED", help="seed for the row sample and the code shuffle")
 
 
+# Settings that define the budget and the data of a decoder run; a no-codes decoder is comparable
+# to a codes decoder when all of these agree.
+_BUDGET_KEYS = ("model", "max_in", "max_out", "num_epochs", "lr", "train_bs", "grad_accum", "max_rows", "max_steps",
+                "time_budget", "train_layers", "warmup", "eval_every", "val_rows", "out_dec", "out_dec_val", "seed")
+
+
+def none_config_for(meta: dict, none_dir: str) -> dict:
+    """The step-06 settings of a CODE_MODE=none decoder with the same budget as the decoder of `meta`."""
+    return {**{k: meta["train"][k] for k in _BUDGET_KEYS if k in meta["train"]}, "code_mode": "none", "out_dir": none_dir,
+            "device": meta["train"].get("device", "auto"), "deterministic": meta["train"].get("deterministic", True),
+            "train_meta": meta["train"].get("train_meta", "data/train_meta.json")}
+
+
+def _none_mismatch(meta: dict, none_meta: dict) -> str | None:
+    """Why a no-codes decoder is not comparable to the codes decoder (None when it is)."""
+    for k in _BUDGET_KEYS:
+        if meta["train"].get(k) != none_meta["train"].get(k):
+            return f"{k.upper()}={none_meta['train'].get(k)} there, {meta['train'].get(k)} for the codes decoder"
+    if meta.get("inputs") != none_meta.get("inputs"):
+        return "it was trained on other training rows"
+    return None
+
+
 def eval_decoder(cfg: DecoderEvalConfig) -> dict:
-    """Codes are worth something only if the true-code loss is clearly below the other two."""
+    """Codes are worth something only if the true-code loss is clearly below the other two. The
+    no-codes decoder is trained here (same recorded settings and budget) when it is missing or
+    not comparable, unless TRAIN_NONE=0."""
+    from .config import resolve
     from .decoder_model import load_decoder
     from .runtime import pick_device
 
@@ -373,20 +524,39 @@ def eval_decoder(cfg: DecoderEvalConfig) -> dict:
     random.Random(cfg.seed + 1).shuffle(shuffled)
 
     def loss(m, t, c, codes_list):
-        data = [encode_example(t, c, r["context"], codes, r["target"]) for r, codes in zip(rows, codes_list)]
+        from .decoder_model import exemplar_bank
+
+        bank = exemplar_bank(m)
+        exs = add_exemplars(bank, rows, c.exemplars, codes_list) if bank is not None else [{} for _ in rows]
+        data = [encode_example(t, c, r["context"], codes, r["target"], e.get("exemplars"))
+                for r, codes, e in zip(rows, codes_list, exs)]
         return evaluate_loss(m, data, t.pad_token_id, c.family, device, base_vocab=c.base_vocab)
 
-    res = {"rows": len(rows), "code_mode": cond.code_mode,
+    res = {"rows": len(rows), "code_mode": cond.code_mode, "exemplars": cond.exemplars, "decoder": cfg.out_dir,
            "true_codes": loss(model, tok, cond, [r["codes"] for r in rows]),
            "shuffled_codes": loss(model, tok, cond, shuffled)}
-    if Path(cfg.none_dir).is_dir():
+    del model
+    why = "missing"
+    if (Path(cfg.none_dir) / "config.json").is_file():
+        _, _, _, nmeta = load_decoder(cfg.none_dir, "cpu")
+        why = _none_mismatch(meta, nmeta) if nmeta.get("train", {}).get("code_mode") == "none" else "not a CODE_MODE=none decoder"
+    if why and cfg.train_none:
+        log.info("eval-decoder: training the no-codes decoder in %s (%s) with the codes decoder's settings", cfg.none_dir, why)
+        train_decoder(resolve(DecoderTrainConfig, cli=none_config_for(meta, cfg.none_dir), environ={}))
+        why = None
+    if why is None:
         m2, t2, c2, meta2 = load_decoder(cfg.none_dir, device)
         res["no_codes_decoder"] = loss(m2, t2, c2, [r["codes"] for r in rows])
         res["budgets"] = {"codes": {"steps": meta["steps"], "seconds": meta["seconds"]},
                           "none": {"steps": meta2["steps"], "seconds": meta2["seconds"]}}
     else:
         res["no_codes_decoder"] = None
-        res["note"] = f"no CODE_MODE=none decoder in {cfg.none_dir}: train one with `CODE_MODE=none uv run python 06_train_decoder.py`"
+        res["note"] = (f"no comparable CODE_MODE=none decoder in {cfg.none_dir} ({why}): rerun with TRAIN_NONE=1 or "
+                       f"train one with `CODE_MODE=none uv run python 06_train_decoder.py` and the same settings")
+    lt, ls, ln = res["true_codes"], res["shuffled_codes"], res["no_codes_decoder"]
+    res["summary"] = {"loss_true": round(lt, 4), "loss_shuffled": round(ls, 4), "loss_none": None if ln is None else round(ln, 4),
+                      "rows": len(rows), "ratio_shuffled": round(lt / ls, 4),
+                      "ratio_none": None if ln is None else round(lt / ln, 4)}
     write_json(cfg.out_json, res)
     return res
 
@@ -398,6 +568,9 @@ def format_decoder_eval(res: dict) -> str:
     for name, key in (("true codes", "true_codes"), ("shuffled codes", "shuffled_codes"), ("no-codes decoder", "no_codes_decoder")):
         v = res.get(key)
         lines.append(f"  {name:<18} " + (f"{v:.4f} ({_m.exp(v):.1f})" if v is not None else "n/a"))
+    sm = res.get("summary", {})
+    if sm.get("ratio_none") is not None:
+        lines.append(f"  true / no-codes {sm['ratio_none']:.3f}, true / shuffled {sm['ratio_shuffled']:.3f}")
     if res.get("note"):
         lines.append("  " + res["note"])
     return "\n".join(lines)

@@ -2,7 +2,9 @@
 
 No document appears on both sides of the split. Planner rows hold the previous CONTEXT_SENTS code
 tuples (fewer at a document start) and the next tuple; decoder rows hold the previous sentences'
-text, the target's codes and the target sentence.
+text, the target's codes and the target sentence, and the sentence's row `sid` in the sentence
+file and the embeddings (so step 06 can find the training sentences' embeddings for its exemplar
+bank).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def build_training_sets(cfg: TrainSetsConfig) -> dict:
         side = "val" if r["doc"] in val_docs else "train"
         target = codes[i].tolist()
         lm[side].append({"doc": r["doc"], "pos": i - start, "context": codes[lo:i].tolist(), "target": target})
-        dec[side].append({"doc": r["doc"], "pos": i - start, "context": " ".join(x["text"] for x in rows[lo:i]),
+        dec[side].append({"doc": r["doc"], "pos": i - start, "sid": i, "context": " ".join(x["text"] for x in rows[lo:i]),
                           "codes": target, "target": r["text"]})
     if not lm["train"]:
         raise NextSpeedError(f"VAL_FRAC={cfg.val_frac} leaves no training documents: lower VAL_FRAC")
@@ -92,6 +94,8 @@ def build_training_sets(cfg: TrainSetsConfig) -> dict:
         counts={"docs": n_docs, "val_docs": len(val_docs), "train_rows": len(lm["train"]), "val_rows": len(lm["val"])},
         K=rvq_meta["K"], V=rvq_meta["V"], rvq_path=rvq_meta["config"]["rvq_path"],
         rvq_sha256=rvq_meta["outputs"].get(rvq_meta["config"]["rvq_path"], {}).get("sha256"),
+        emb_path=rvq_meta["config"].get("emb_path"),
+        emb_sha256=rvq_meta.get("inputs", {}).get(rvq_meta["config"].get("emb_path"), {}).get("sha256"),
     )
     write_json(cfg.train_meta, meta)
     log.info("04: %d train / %d val rows (%d of %d documents held out)", len(lm["train"]), len(lm["val"]), len(val_docs), n_docs)

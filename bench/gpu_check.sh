@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU check of issue 9: the main job with the full preset on the whole default corpus, with a
+# decoder budget that fits one data-centre GPU in about 8 minutes all told, then the two
+# evaluations (decoder_eval.py trains the no-codes decoder with the same budget), then the
+# acceptance figures as one JSON line.
+#
+#   bash bench/gpu_check.sh            # on a GPU machine (set-up included: uv + locked environment)
+#   bash bench/gpu_check.sh --tiny     # the same path on CPU with the tiny preset, in about a minute
+#
+# Budgets are knobs: DECODER_MINUTES (default 2), PLANNER_STEPS (default 4000), EVAL_POSITIONS
+# (default 200), VAL_ROWS (default 300). Everything goes to a separate folder (GPU_CHECK_DIR,
+# default out/gpu_check), so the artifacts of the main job are left alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+TINY=0
+for a in "$@"; do
+  case "$a" in
+    --tiny) TINY=1 ;;
+    *) echo "error: unknown option $a (use --tiny)" >&2; exit 2 ;;
+  esac
+done
+# NEXT_SPEED_PYTHON: an interpreter that already has the environment (the test suite uses its own)
+if [ -n "${NEXT_SPEED_PYTHON:-}" ]; then
+  PY=("$NEXT_SPEED_PYTHON")
+else
+  source scripts/bootstrap.sh
+  PY=("${UV[@]}" run --frozen --project "$ROOT" python)
+fi
+DIR=${GPU_CHECK_DIR:-out/gpu_check}
+mkdir -p "$DIR"
+cd "$DIR"
+unset OUT_DIR BS LR WARMUP OUT_PATH OUT_META
+T0=$(date +%s)
+if [ "$TINY" = 1 ]; then
+  PRESET=tiny "${PY[@]}" -m next_speed.cli run
+  EXTRA=(EMB_MODEL=cache/tiny/encoder DEVICE=cpu MAX_NEW_TOKENS=8 EVAL_POSITIONS=${EVAL_POSITIONS:-6} VAL_ROWS=${VAL_ROWS:-8})
+else
+  PRESET=full TIME_BUDGET=${DECODER_MINUTES:-2} STEPS=${PLANNER_STEPS:-4000} "${PY[@]}" -m next_speed.cli run
+  EXTRA=(EVAL_POSITIONS=${EVAL_POSITIONS:-200} VAL_ROWS=${VAL_ROWS:-300})
+fi
+T1=$(date +%s)
+env "${EXTRA[@]}" "${PY[@]}" "$ROOT/decoder_eval.py"
+env "${EXTRA[@]}" "${PY[@]}" "$ROOT/code_agreement_eval.py"
+T2=$(date +%s)
+"${PY[@]}" - "$T1" "$T0" "$T2" <<'PY'
+import json, sys
+t1, t0, t2 = (int(x) for x in sys.argv[1:])
+d = json.load(open("out/decoder_eval.json"))["summary"]
+a = json.load(open("out/code_agreement.json"))["summary"]
+import torch
+print("GPU_CHECK " + json.dumps({"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+      "main_job_s": t1 - t0, "evals_s": t2 - t1, **{f"decoder_{k}": v for k, v in d.items()},
+      **{f"agreement_{k}": v for k, v in a.items()}}))
+PY

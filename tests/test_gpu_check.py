@@ -1,0 +1,25 @@
+"""bench/gpu_check.sh, the GPU recipe of the decoder's acceptance, run on CPU with --tiny."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_gpu_check_script_runs_with_the_tiny_preset(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("LANG", "OUT_DIR", "VAL_ROWS", "EVAL_POSITIONS")}
+    env.update({"NEXT_SPEED_PYTHON": sys.executable, "GPU_CHECK_DIR": str(tmp_path / "gpu_check"),
+                "PYTHONPATH": str(ROOT / "src")})
+    r = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh"), "--tiny"], env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("GPU_CHECK "))
+    fig = json.loads(line[len("GPU_CHECK "):])
+    for k in ("decoder_loss_true", "decoder_loss_shuffled", "decoder_loss_none", "decoder_ratio_none",
+              "agreement_positions", "agreement_l0_norerank", "agreement_l0_rerank_n4", "agreement_cos_plan_rerank_n4"):
+        assert fig[k] is not None, k
+    assert fig["agreement_positions"] == 6 and fig["device"] == "cpu"
+    r = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh"), "--fast"], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown option --fast" in r.stderr
