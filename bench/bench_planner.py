@@ -24,7 +24,7 @@ def main() -> None:
 
     from next_speed.planner import Planner, PlannerModelConfig
     from next_speed.rvq import RVQ
-    from next_speed.train_planner import load_rows, tensorize
+    from next_speed.planner import load_rows, tensorize
 
     rvq = RVQ.load("out/rvq.npz")
     rows = load_rows("data/sent_lm_train.jsonl")[:8192]

@@ -55,9 +55,12 @@ def workdir(tmp_path, monkeypatch) -> Path:
 
 
 def run_script(script: str, *args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600):
-    """Run one of the spec's scripts (or `-m next_speed.cli`) in a subprocess; return CompletedProcess."""
+    """Run one of the spec's scripts (or `-m next_speed.cli`, or `-c CODE`) in a subprocess; return CompletedProcess."""
     full_env = {k: v for k, v in os.environ.items()}
     full_env.update(env or {})
     full_env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + str(ROOT)
-    cmd = [sys.executable, str(ROOT / script), *args] if script.endswith(".py") else [sys.executable, "-m", script, *args]
+    if script == "-c":
+        cmd = [sys.executable, "-c", *args]
+    else:
+        cmd = [sys.executable, str(ROOT / script), *args] if script.endswith(".py") else [sys.executable, "-m", script, *args]
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -40,7 +40,26 @@ def test_lang_reads_locales_and_hf_dataset_implies_hf():
     assert resolve(SentencesConfig, environ={"LANG": "de_DE.UTF-8"}).lang == "de"
     assert resolve(SentencesConfig, environ={}).corpus == "wiki"
     assert resolve(SentencesConfig, environ={"HF_DATASET": "wikitext"}).corpus == "hf"
-    assert resolve(SentencesConfig, environ={"HF_DATASET": "x", "CORPUS": "sotu"}).corpus == "sotu"
+    # HF_CONFIG or HF_SPLIT alone means the hub too; an HF_* knob beside another corpus is refused, never ignored
+    assert resolve(SentencesConfig, environ={"HF_CONFIG": "wikitext-103-raw-v1"}).corpus == "hf"
+    assert resolve(SentencesConfig, environ={"HF_SPLIT": "validation"}).corpus == "hf"
+    with pytest.raises(ConfigError, match="HF_DATASET is set but CORPUS=sotu"):
+        resolve(SentencesConfig, environ={"HF_DATASET": "x", "CORPUS": "sotu"})
+
+
+def test_numbers_are_finite_and_typed():
+    """NaN passes `v < min` and `v > max` (both false): refused at parsing, as are infinity, a
+    boolean given for a number, a fraction for a count and a seed past 32 bits."""
+    from next_speed.generate import GenerateConfig
+
+    for env, knob in (({"TEMP": "nan"}, "TEMP"), ({"TOP_P": "inf"}, "TOP_P"), ({"TEMP": "-Infinity"}, "TEMP"),
+                      ({"SEED": str(2**64)}, "SEED"), ({"SEED": "-1"}, "SEED")):
+        with pytest.raises(ConfigError, match=knob):
+            resolve(GenerateConfig, environ=env)
+    for cli, knob in (({"n_cand": True}, "N_CAND"), ({"n_cand": 2.5}, "N_CAND"), ({"temp": float("nan")}, "TEMP")):
+        with pytest.raises(ConfigError, match=knob):
+            resolve(GenerateConfig, cli)
+    assert resolve(GenerateConfig, {"temp": 1, "seed": 2**32 - 1}).temp == 1
 
 
 def test_bool_parsing():

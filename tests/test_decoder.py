@@ -288,21 +288,69 @@ def write_code_function_sets(root: Path, n_train=96, n_val=24, seed=0):
     return rows
 
 
-def test_inject_mode_learns_the_codes(workdir, tiny_llama):
+@pytest.mark.parametrize("mode", ["inject", "special"])
+def test_conditioning_learns_the_codes(workdir, tiny_llama, mode):
     """After a few dozen steps the true codes must beat shuffled codes by far, since the target
     depends on nothing else. (The random-init tiny LM cannot learn language with its top block
     alone, so all of it trains here and the plan enters at block 0.)"""
     write_code_function_sets(workdir)
     info = train_decoder(resolve(DecoderTrainConfig, environ=env(
-        tiny_llama, CODE_MODE="inject", MAX_STEPS=60, NUM_EPOCHS=20, EVAL_EVERY=20, TRAIN_BS=8, LR="1e-2", ADAPTER_LR="3e-2",
+        tiny_llama, CODE_MODE=mode, MAX_STEPS=60, NUM_EPOCHS=20, EVAL_EVERY=20, TRAIN_BS=8, LR="1e-2", ADAPTER_LR="3e-2",
         VAL_ROWS=24)))
-    assert info["selection"]["inject_layer"] == 0 and info["selection"]["adapter_params"] > 0
+    if mode == "inject":
+        assert info["selection"]["inject_layer"] == 0 and info["selection"]["adapter_params"] > 0
     res = eval_decoder(resolve(DecoderEvalConfig, environ={"DEVICE": "cpu", "VAL_ROWS": "24", "TRAIN_NONE": "0"}))
-    assert res["true_codes"] < 0.7 * res["shuffled_codes"], res
+    # the special code rows learn slower on this tiny random-init LM (measured 1.22 vs 1.41 after 60 steps)
+    assert res["true_codes"] < (0.7 if mode == "inject" else 0.9) * res["shuffled_codes"], res
+
+
+def test_preset_path_reads_the_plan(tiny_llama):
+    """The CPU preset's path (CODE_MODE=special + exemplars, top blocks only): the plan's positions
+    (exemplar and code tokens) pass gradient into the trained block, whose weights get gradient, and
+    the loss changes with the codes; frozen blocks get none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from next_speed.decoder_model import add_code_tokens_to_tokenizer, collate, token_losses
+    from next_speed.train_decoder import select_trainable
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    cond = Conditioning(K=2, V=4, code_mode="special", max_in=48, max_out=16, exemplars=2)
+    n_before = len(tok)
+    add_code_tokens_to_tokenizer(tok, cond)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    init_code_embeddings(model, tok, cond, n_before)
+    select_trainable(model, "1", n_before, False)
+    seen = {}
+
+    def keep_input(_module, args, kwargs):  # the trained block's input as a leaf, to read its gradient
+        if args:
+            seen["h"] = args[0].detach().requires_grad_(True)
+            return (seen["h"], *args[1:]), kwargs
+        seen["h"] = kwargs["hidden_states"].detach().requires_grad_(True)
+        return args, {**kwargs, "hidden_states": seen["h"]}
+
+    model.model.layers[1].register_forward_pre_hook(keep_input, with_kwargs=True)
+
+    def loss(codes, ex):
+        batch = collate([encode_example(tok, cond, "Rivers flow.", codes, "Cats sleep.", ex)], tok.pad_token_id, "causal")
+        s, n = token_losses(model, batch, "causal")
+        return (s.sum() / n.sum()), batch
+
+    true, batch = loss([1, 2], ["Stars shine.", "Rivers flow."])
+    true.backward()
+    n_prompt = int((batch["labels"][0] == -100).sum())
+    plan_len = len(tok(" ".join(["Stars shine.", "Rivers flow."]) + "\n" + cond.codes_text([1, 2]) + "\n",
+                       add_special_tokens=False)["input_ids"])
+    g = seen["h"].grad[0, n_prompt - plan_len : n_prompt - 1].abs().sum(-1)
+    assert (g > 0).all(), g  # every plan token but the last (whose output predicts the target) is read
+    assert model.model.layers[1].self_attn.k_proj.weight.grad.abs().sum() > 0
+    assert model.model.layers[0].mlp.up_proj.weight.grad is None
+    with torch.no_grad():  # same length, other codes: if the code tokens were not read the loss would be equal
+        assert abs(loss([3, 0], ["Stars shine.", "Rivers flow."])[0] - true) > 1e-6
 
 
 def test_inject_parameters_receive_gradient(workdir, tiny_llama):
-    """On the CPU preset's path, the adapter (the plan's only way in) gets gradient; frozen blocks do not."""
+    """On CODE_MODE=inject's path, the adapter (the plan's only way in) gets gradient; frozen blocks do not."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from next_speed.decoder_model import (PlanInjector, attach_injector, build_plan_adapter, collate, token_losses)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from next_speed.config import resolve
-from next_speed.errors import ConfigError, NextSpeedError, StaleInputError
+from next_speed.errors import ConfigError, StaleInputError
 from next_speed.generate import GenerateConfig, SentenceGenerator, match_score, run_generate
 
 from conftest import ROOT, run_script
@@ -45,8 +45,9 @@ def in_run(tiny_run, monkeypatch):
 
 @pytest.fixture()
 def gen(in_run):
+    # REPEAT_COS off: the random-init stand-in encoder puts every sentence near every other
     return SentenceGenerator(resolve(GenerateConfig, environ={"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu",
-                                                             "MAX_NEW_TOKENS": "10", "N_CAND": "3"}))
+                                                             "MAX_NEW_TOKENS": "10", "N_CAND": "3", "REPEAT_COS": "1.01"}))
 
 
 def test_loop_shapes_and_determinism(gen):
@@ -64,11 +65,15 @@ def test_loop_shapes_and_determinism(gen):
     assert other.planned != res.planned or other.sentences != res.sentences
 
 
+def _rendered(texts, ended=True):
+    return lambda ctx, codes, p, seed, exemplars=None: [{"text": t, "ended": ended} for t in texts[: p.n_cand]]
+
+
 def test_rerank_picks_best_match(gen, monkeypatch):
     cands = ["first candidate sentence.", "second candidate sentence.", "third candidate sentence."]
-    monkeypatch.setattr(gen, "render", lambda ctx, codes, p, seed, exemplars=None: cands[: p.n_cand])
+    monkeypatch.setattr(gen, "render_candidates", _rendered(cands))
 
-    def fake_score(planned, candidates):
+    def fake_score(planned, candidates, return_embeddings=False, embeddings=None):
         prefixes = {"first": 0, "second": 2, "third": 1}
         return [{"text": c, "codes": list(planned) if prefixes[c.split()[0]] == 2 else [0] * len(planned),
                  "prefix": prefixes[c.split()[0]], "cosine": 0.5} for c in candidates]
@@ -78,28 +83,91 @@ def test_rerank_picks_best_match(gen, monkeypatch):
     assert res.sentences == ["second candidate sentence."] and res.steps[0].chosen == 1
     assert res.realized[0] == res.planned[0]
     assert match_score([1, 2, 3], [1, 2, 0], 0.1) > match_score([1, 2, 3], [1, 0, 3], 0.9)
+    # a candidate cut by MAX_NEW_TOKENS loses to one that ended, whatever its codes
+    monkeypatch.setattr(gen, "render_candidates", lambda ctx, codes, p, seed, exemplars=None: [
+        {"text": cands[0], "ended": True}, {"text": cands[1], "ended": False}, {"text": cands[2], "ended": True}])
+    res = gen.run("A prompt sentence is here.", 1, rerank=True)
+    assert res.sentences == ["third candidate sentence."] and res.steps[0].candidates[1]["ended"] is False
 
 
 def test_stop_rules(gen, monkeypatch):
-    monkeypatch.setattr(gen, "render", lambda ctx, codes, p, seed, exemplars=None: ["", ""])
+    monkeypatch.setattr(gen, "render_candidates", _rendered(["", ""]))
     res = gen.run("A prompt sentence is here.", 3)
     assert res.sentences == [] and res.stop_reason == "empty"
-    monkeypatch.setattr(gen, "render", lambda ctx, codes, p, seed, exemplars=None: ["", "A prompt sentence is here."])
+    monkeypatch.setattr(gen, "render_candidates", _rendered(["", "A prompt sentence is here."]))
     res = gen.run("A prompt sentence is here.", 3)
     assert res.sentences == [] and res.stop_reason == "repeat"
     seq = iter(["One new sentence.", "Another new sentence.", "One new sentence."])
-    monkeypatch.setattr(gen, "render", lambda ctx, codes, p, seed, exemplars=None: [next(seq)])
+    monkeypatch.setattr(gen, "render_candidates", lambda ctx, codes, p, seed, exemplars=None: [{"text": next(seq), "ended": True}])
     res = gen.run("A prompt sentence is here.", 5, n_cand=1, rerank=False)
     assert res.sentences == ["One new sentence.", "Another new sentence."] and res.stop_reason == "repeat"
 
 
+def test_rerank_off_renders_one_candidate(gen, monkeypatch):
+    """RERANK=0 renders one candidate per sentence (nothing would choose among more) and its stop
+    reason says what happened to that one."""
+    asked = []
+
+    def render(ctx, codes, p, seed, exemplars=None):
+        asked.append(p.n_cand)
+        return [{"text": "", "ended": True}] * p.n_cand
+
+    monkeypatch.setattr(gen, "render_candidates", render)
+    res = gen.run("A prompt sentence is here.", 2, n_cand=4, rerank=False)
+    assert asked == [1] and res.stop_reason == "empty" and len(res.steps[0].candidates) == 1
+    monkeypatch.setattr(gen, "render_candidates", _rendered(["A fresh sentence.", "Another one."]))
+    res = gen.run("A prompt sentence is here.", 1, n_cand=2, rerank=False)
+    assert res.sentences == ["A fresh sentence."] and len(res.steps[0].candidates) == 1
+
+
+def test_semantic_repeat_stops(gen, monkeypatch):
+    """LCM's rule: a candidate whose embedding is within REPEAT_COS of an earlier sentence is a repeat."""
+    import numpy as np
+
+    vecs = {"A prompt sentence is here.": [1, 0, 0], "Here is a prompt sentence.": [0.99, 0.141, 0], "Something else.": [0, 1, 0]}
+    dim = gen.rvq.D
+    monkeypatch.setattr(gen, "embed", lambda texts: np.asarray(
+        [np.pad(np.asarray(vecs.get(t, [0, 0, 1]), dtype="float32"), (0, dim - 3)) for t in texts], dtype="float32"))
+    monkeypatch.setattr(gen, "render_candidates", _rendered(["Here is a prompt sentence."]))
+    res = gen.run("A prompt sentence is here.", 2, n_cand=1, repeat_cos=0.9)
+    assert res.sentences == [] and res.stop_reason == "repeat" and res.steps[0].candidates[0]["repeat_cos"] > 0.98
+    res = gen.run("A prompt sentence is here.", 1, n_cand=1, repeat_cos=1.01)
+    assert res.sentences == ["Here is a prompt sentence."]
+    monkeypatch.setattr(gen, "render_candidates", _rendered(["Something else.", "Here is a prompt sentence."]))
+    res = gen.run("A prompt sentence is here.", 1, n_cand=2, rerank=True, repeat_cos=0.9)
+    assert res.sentences == ["Something else."]
+
+
+def test_repetition_guards_spare_the_prompt():
+    """The penalty and the n-gram ban see the sentence being written, never the prompt."""
+    import torch
+
+    from next_speed.generate import GenParams, _sentence_only_processors
+
+    procs = _sentence_only_processors(GenParams(repetition_penalty=2.0, no_repeat_ngram=2), start=4)
+    ids = torch.tensor([[5, 6, 5, 6, 7, 8, 7]])  # prompt 5 6 5 6; the sentence so far 7 8 7
+    scores = torch.ones(1, 10)
+    for proc in procs:
+        scores = proc(ids, scores)
+    assert scores[0, 8] == float("-inf")  # "7 8" again is banned
+    assert scores[0, 7] == 0.5  # used in the sentence: penalized
+    assert scores[0, 5] == 1.0 and scores[0, 6] == 1.0  # only the prompt used them: untouched
+
+
 def test_bad_calls(gen):
-    with pytest.raises(NextSpeedError, match="prompt is empty"):
+    with pytest.raises(ConfigError, match="prompt: is empty"):
         gen.run("   ")
+    with pytest.raises(ConfigError, match="control character"):
+        gen.run("Hello\x00 there.")
     with pytest.raises(ConfigError, match="unknown parameter 'temperature'"):
         gen.run("Hello there.", 1, temperature=0.5)
     with pytest.raises(ConfigError, match="top_p"):
         gen.run("Hello there.", 1, top_p=1.5)
+    for bad in ({"temp": float("nan")}, {"top_p": float("inf")}, {"n_cand": True}, {"seed": 2**64}, {"seed": -1}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            gen.run("Hello there.", 1, **bad)
+    with pytest.raises(ConfigError, match="PROMPT: is empty"):
+        resolve(GenerateConfig, environ={"PROMPT": "   "})
 
 
 def test_generate_log_schema(in_run, gen):
@@ -158,19 +226,52 @@ def test_server_in_process(gen):
         r = c.post("/generate", json={"prompt": "Paris is the capital of France.", "max_sentences": 2, "params": {"rerank": True}})
         assert r.status_code == 200, r.text
         body = r.json()
-        assert {"text", "sentences", "planned", "realized"} <= set(body) and len(body["planned"]) == len(body["sentences"]) or body["stop_reason"]
+        assert {"text", "sentences", "planned", "realized", "stop_reason"} <= set(body)
+        assert len(body["planned"]) == len(body["realized"]) == len(body["sentences"])
+        assert body["stop_reason"] in ("steps", "empty", "repeat") and (body["stop_reason"] != "steps" or len(body["sentences"]) == 2)
         bad = [
             ({"prompt": "", "max_sentences": 1}, 422), ({"prompt": "x" * 500}, 413), ({"prompt": "Hi there.", "max_sentences": 9}, 422),
             ({"prompt": "Hi there.", "params": {"temp": 0}}, 422), ({"prompt": "Hi there.", "params": {"top_p": 2}}, 422),
             ({"prompt": "Hi there.", "params": {"n_cand": 100}}, 422), ({"prompt": "Hi there.", "params": {"nope": 1}}, 422),
             ({"max_sentences": 1}, 422), ({"prompt": "Hi there.", "params": {"gen_steps": 2}}, 422), ({"prompt": 5}, 422), ({"prompt": "Hi there.", "params": {"n_cand": "many"}}, 422),
+            # every value typed and capped, whatever its JSON type
+            ({"prompt": "Hi there.", "params": {"n_cand": "30"}}, 422), ({"prompt": "Hi there.", "params": {"max_new_tokens": "500"}}, 422),
+            ({"prompt": "Hi there.", "params": {"n_cand": 17}}, 422), ({"prompt": "Hi there.", "params": {"max_new_tokens": 129}}, 422),
+            ({"prompt": "Hi there.", "params": {"n_cand": True}}, 422), ({"prompt": "Hi there.", "max_sentences": True}, 422),
+            ({"prompt": "Hi there.", "params": {"n_cand": 2.5}}, 422), ({"prompt": "Hi there.", "params": {"seed": 2**70}}, 422),
+            ({"prompt": "Hi there.", "params": {"seed": -1}}, 422), ({"prompt": "Hi there.", "params": {"rerank": "yes"}}, 422),
+            ({"prompt": "   "}, 422), ({"prompt": "Hi\x00 there."}, 422), ({"prompt": "Hi there.", "extra": 1}, 422),
         ]
         for payload, status in bad:
             r = c.post("/generate", json=payload)
             assert r.status_code == status, (payload, r.text)
             assert "error" in r.json()
+        msg = c.post("/generate", json={"prompt": "Hi there.", "params": {"n_cand": 17}}).json()["error"]
+        assert msg.startswith("params.n_cand:") and "MAX_N_CAND" in msg
+        # NaN and infinity are not JSON, but Python's json module writes them: refused, not a 500
+        for raw in (b'{"prompt": "Hi there.", "params": {"temp": NaN}}', b'{"prompt": "Hi there.", "params": {"top_p": Infinity}}'):
+            r = c.post("/generate", content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 422 and "params." in r.json()["error"], r.text
+        ok = c.post("/generate", json={"prompt": "Hi there.", "max_sentences": 1, "params": {"temp": 1, "n_cand": 2, "seed": 2**32 - 1}})
+        assert ok.status_code == 200, ok.text
         r = c.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 422 and "error" in r.json()
+
+
+def test_server_unexpected_error_is_json_and_it_keeps_serving(gen, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from next_speed.server import create_app
+
+    app = create_app(lambda: gen, background=False)
+    real = gen.run
+    monkeypatch.setattr(gen, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/generate", json={"prompt": "Hi there."})
+        assert r.status_code == 500 and r.json()["error"].startswith("internal error (RuntimeError)")
+        monkeypatch.setattr(gen, "run", real)
+        assert c.get("/health").status_code == 200
+        assert c.post("/generate", json={"prompt": "Hi there.", "max_sentences": 1}).status_code == 200
 
 
 def test_server_health_503_while_loading():

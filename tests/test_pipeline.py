@@ -36,6 +36,30 @@ def test_main_job_cli_tiny_then_rerun_skips(tmp_path):
     assert r3.returncode == 0, r3.stderr[-3000:]
     assert "[3/7] rvq: up to date, skipped" in r3.stdout and "[4/7] trainsets: up to date" not in r3.stdout
     assert "[5/7] planner: up to date" not in r3.stdout
+    # SIGKILL in the middle of step 04's writes (its second file is about to be published): the
+    # next stage refuses with one line, the rerun completes and removes the dead run's temporaries
+    killer = ("import os, signal, sys\n"
+              "real, n = os.replace, [0]\n"
+              "def replace(a, b):\n"
+              "    n[0] += '.tmp-' in str(a)\n"
+              "    if n[0] == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    real(a, b)\n"
+              "os.replace = replace\n"
+              "from next_speed.cli import script_main\n"
+              "sys.argv = ['04_build_training_sets.py']\n"
+              "script_main('trainsets')\n")
+    r4 = run_script("-c", killer, env={"CONTEXT_SENTS": "3"}, cwd=tmp_path, timeout=300)
+    assert r4.returncode == -9, r4.stderr[-2000:]
+    assert list((tmp_path / "data").glob("*.tmp-*")), "the killed run left its temporary behind"
+    r5 = run_script("05_train_sentence_lm.py", cwd=tmp_path, timeout=300)
+    err = r5.stderr.strip().splitlines()
+    assert r5.returncode != 0 and "Traceback" not in r5.stderr and err[-1].startswith("error:") and "step 04" in err[-1], r5.stderr
+    r6 = run_script("04_build_training_sets.py", env={"CONTEXT_SENTS": "3"}, cwd=tmp_path, timeout=300)
+    assert r6.returncode == 0, r6.stderr[-2000:]
+    assert not list((tmp_path / "data").glob("*.tmp-*"))
+    r7 = run_script("05_train_sentence_lm.py", env={"STEPS": "2", "WARMUP": "0", "LOG_EVERY": "1", "D_MODEL": "16", "N_HEADS": "2", "N_LAYERS": "1"},
+                    cwd=tmp_path, timeout=300)
+    assert r7.returncode == 0, r7.stderr[-2000:]
 
 
 def test_interrupted_stage_is_redone_and_nothing_half_read(tmp_path, monkeypatch):
@@ -43,10 +67,14 @@ def test_interrupted_stage_is_redone_and_nothing_half_read(tmp_path, monkeypatch
 
     monkeypatch.chdir(tmp_path)
     table = P._stage_table()
-    real_planner = table["planner"][1]
+
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid whose process is gone, as after a SIGKILL
 
     def interrupted(cfg):
-        Path(cfg.out_dir + ".tmp-partial").mkdir(parents=True)
+        Path(f"{cfg.out_dir}.tmp-{dead.pid}-partial").mkdir(parents=True)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(P, "_stage_table", lambda: {**table, "planner": (table["planner"][0], interrupted, *table["planner"][2:])})
@@ -58,7 +86,8 @@ def test_interrupted_stage_is_redone_and_nothing_half_read(tmp_path, monkeypatch
     run_pipeline(resolve(RunConfig, environ={"PRESET": "tiny"}), environ={}, echo=lines.append)
     assert [ln for ln in lines if "skipped" in ln] == [f"[{i}/7] {s}: up to date, skipped" for i, s in
                                                         enumerate(["sentences", "embed", "rvq", "trainsets"], 1)]
-    assert Path("out/sentence_lm/sentence_lm.pt").is_file() and real_planner
+    assert Path("out/sentence_lm/sentence_lm.pt").is_file()
+    assert not list(Path("out").glob("sentence_lm.tmp-*"))  # the interrupted run's temporary is gone
     # --from reruns from a named stage; --force reruns all
     lines = []
     run_pipeline(resolve(RunConfig, {"from_stage": "decoder"}, environ={"PRESET": "tiny"}), environ={}, echo=lines.append)

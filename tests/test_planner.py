@@ -11,8 +11,9 @@ from next_speed.artifacts import make_meta, write_json, write_jsonl
 from next_speed.config import resolve
 from next_speed.errors import ConfigError, NextSpeedError, StaleInputError
 from next_speed.planner import Planner, PlannerModelConfig
-from next_speed.train_planner import (PlannerEvalConfig, PlannerRunner, PlannerTrainConfig, eval_planner,
-                                      load_planner, train_planner)
+from next_speed.planner import PlannerRunner, load_planner
+from next_speed.planner_eval import PlannerEvalConfig, eval_planner
+from next_speed.train_planner import PlannerTrainConfig, train_planner
 
 from conftest import run_script
 

@@ -43,21 +43,61 @@ STEP_HINT = {
 
 # --------------------------------------------------------------------------- atomic writes
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(path: str | Path) -> int:
+    """Delete the temporaries of `path` left by a writer that died (SIGKILL, power loss): siblings
+    named `<name>.tmp-<pid>-*` or `<name>.old-<pid>-*` whose process is gone. Returns how many."""
+    path = Path(path)
+    n = 0
+    if not path.parent.is_dir():
+        return 0
+    for kind in ("tmp", "old"):
+        for p in path.parent.glob(f"{path.name}.{kind}-*"):
+            pid = p.name[len(path.name) + len(kind) + 2 :].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                log.info("removed %s, left by an interrupted run", p)
+                n += 1
+    return n
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder entry) to disk, so a rename never publishes an empty file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it over `path`, else delete it."""
+    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`, else
+    delete it. Temporaries of earlier writers that died are removed first."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise NextSpeedError(f"cannot create output folder {path.parent}: {e.strerror}") from None
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
+    clean_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield tmp_path
+        _fsync(tmp_path)
         os.replace(tmp_path, path)
+        _fsync(path.parent)
     except OSError as e:
         tmp_path.unlink(missing_ok=True)
         raise NextSpeedError(f"cannot write {path}: {e.strerror or e}") from None
@@ -68,18 +108,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success it replaces `path` as a whole."""
+    """Yield a temporary folder beside `path`; on success its files are fsynced and it replaces
+    `path` as a whole. Temporaries of earlier writers that died are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+    clean_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync(f)
+        _fsync(tmp)
         old = None
         if path.exists():
-            old = path.with_name(path.name + ".old-" + tmp.name.rsplit("-", 1)[-1])
+            old = path.with_name(f"{path.name}.old-{os.getpid()}-{tmp.name.rsplit('-', 1)[-1]}")
             os.replace(path, old)
         os.replace(tmp, path)
+        _fsync(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

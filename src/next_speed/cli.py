@@ -29,6 +29,16 @@ class Command:
     extra_args: Callable[[argparse.ArgumentParser], None] | None = None
 
 
+def print_generation(log_obj: dict) -> None:
+    for r in log_obj["runs"]:
+        print(f"> {r['prompt']}")
+        print(r["text"] if r["text"] else "(nothing generated)")
+        t = r["timings"]
+        print(f"  [{len(r['sentences'])} sentences, stop: {r['stop_reason']}; planner {t['planner']:.2f}s, "
+              f"decoder {t['decoder']:.2f}s, rerank {t['rerank']:.2f}s, total {t['total']:.2f}s]")
+    print(f"log: {log_obj['out_path']}")
+
+
 def _print_counts(meta: dict) -> None:
     outs = ", ".join(meta.get("outputs", {}))
     counts = ", ".join(f"{k}={v}" for k, v in meta.get("counts", {}).items())
@@ -58,7 +68,7 @@ def _print_planner(info: dict) -> None:
 
 
 def _print_planner_eval(rep: dict) -> None:
-    from .train_planner import format_eval
+    from .planner_eval import format_eval
 
     print(format_eval(rep))
 
@@ -83,8 +93,6 @@ def _print_decoder_eval(res: dict) -> None:
 
 
 def _print_generate(r: dict) -> None:
-    from .generate import print_generation
-
     print_generation(r)
 
 
@@ -111,7 +119,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "RVQ reconstruction error, codebook usage and tuple sharing", _print_rvq_report),
     Command("train-planner", "next_speed.train_planner", "PlannerTrainConfig", "train_planner",
             "step 05: train the Sentence-LM planner", lambda i: _print_planner(i)),
-    Command("eval-planner", "next_speed.train_planner", "PlannerEvalConfig", "eval_planner",
+    Command("eval-planner", "next_speed.planner_eval", "PlannerEvalConfig", "eval_planner",
             "planner accuracy against baselines on the validation split", lambda r: _print_planner_eval(r)),
     Command("train-decoder", "next_speed.train_decoder", "DecoderTrainConfig", "train_decoder",
             "step 06: train the decoder (context + codes -> sentence)", lambda i: _print_decoder(i)),
@@ -174,6 +182,9 @@ def _execute(cmd: Command, cls: type, fn: Callable, ns: argparse.Namespace) -> A
 
     setup_logging(getattr(ns, "verbose", False))
     cfg = C.resolve(cls, C.from_namespace(ns, cls))
+    from .pipeline import clean_stage
+
+    clean_stage(fn, cfg)
     extra = {k: v for k, v in vars(ns).items() if k.startswith("x_")}
     result = fn(cfg, **{k[2:]: v for k, v in extra.items()}) if extra else fn(cfg)
     if cmd.show is not None and result is not None:

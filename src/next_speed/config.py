@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -16,6 +17,8 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
+# Seeds go to torch.manual_seed, numpy and faiss: 32 bits is what all of them accept.
+SEED_MAX = 2**32 - 1
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -49,8 +52,12 @@ def _parse(value: Any, tp: type, optional: bool, name: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"{name} must be set")
-    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-        return value
+    if isinstance(value, bool) and tp is not bool:
+        raise ConfigError(f"{name}={value!r} is not valid: expected {_KIND.get(tp, tp.__name__)}")
+    if isinstance(value, tp):
+        return _finite(value, name)
+    if tp is int and isinstance(value, float):
+        raise ConfigError(f"{name}={value!r} is not valid: expected an integer")
     s = str(value).strip()
     try:
         if tp is bool:
@@ -62,11 +69,20 @@ def _parse(value: Any, tp: type, optional: bool, name: str) -> Any:
         if tp is int:
             return int(s)
         if tp is float:
-            return float(s)
+            return _finite(float(s), name)
         return tp(s)
     except ValueError:
-        kind = {bool: "0 or 1", int: "an integer", float: "a number"}.get(tp, tp.__name__)
-        raise ConfigError(f"{name}={value!r} is not valid: expected {kind}") from None
+        raise ConfigError(f"{name}={value!r} is not valid: expected {_KIND.get(tp, tp.__name__)}") from None
+
+
+_KIND = {bool: "0 or 1", int: "an integer", float: "a number"}
+
+
+def _finite(v: Any, name: str) -> Any:
+    """NaN passes every range check (each comparison is false) and infinity breaks later: refuse both here."""
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ConfigError(f"{name}={v!r} is not valid: expected a finite number")
+    return v
 
 
 def knob_name(f: dataclasses.Field) -> str:
@@ -100,6 +116,7 @@ def validate(cfg: Any, field_names: bool = False) -> Any:
                 raise ConfigError(f"{name} must be set")
             continue
         m = f.metadata
+        _finite(v, name)
         if m.get("choices") is not None and v not in m["choices"]:
             raise ConfigError(f"{name}={v!r} is not valid: choose one of {', '.join(map(str, m['choices']))}")
         if m.get("min") is not None and v < m["min"]:

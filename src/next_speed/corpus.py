@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .artifacts import make_meta, read_jsonl, write_json, atomic_path
-from .config import knob, to_dict
+from .config import SEED_MAX, knob, to_dict
 from .errors import NextSpeedError
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class ExportConfig:
     max_docs: int = knob(10000, env="MAX_DOCS", min=1, help="stop after this many exported articles")
     out_path: str = knob("data/raw/docs.jsonl", env="OUT_PATH", help="output JSONL")
     out_meta: str = knob("data/raw/docs.meta.json", env="OUT_META", help="output metadata JSON")
-    seed: int = knob(0, env="SEED", help="shuffle seed")
+    seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="shuffle seed")
 
 
 def export_docs(cfg: ExportConfig, rows=None) -> dict:

@@ -20,7 +20,7 @@ SECTIONS = [
     ("07 generation (`07_generate.py`, `next-speed generate`; also 08, 09 and the API)", "next_speed.generate", "GenerateConfig"),
     ("09 server (`09_server.py`, `next-speed serve`), on top of the generation knobs", "next_speed.server", "ServerConfig"),
     ("`rvq_recon_error.py` (`next-speed rvq-eval`)", "next_speed.rvq", "RVQEvalConfig"),
-    ("`sent_lm_eval.py` (`next-speed eval-planner`)", "next_speed.train_planner", "PlannerEvalConfig"),
+    ("`sent_lm_eval.py` (`next-speed eval-planner`)", "next_speed.planner_eval", "PlannerEvalConfig"),
     ("`decoder_eval.py` (`next-speed eval-decoder`)", "next_speed.train_decoder", "DecoderEvalConfig"),
     ("`code_agreement_eval.py` (`next-speed code-agreement`), on top of the generation knobs", "next_speed.agreement", "AgreementConfig"),
     ("Main job (`run.sh`, `next-speed run`)", "next_speed.pipeline", "RunConfig"),

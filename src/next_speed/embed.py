@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from .artifacts import atomic_path, load_meta, make_meta, read_jsonl, write_json
-from .config import knob, to_dict
+from .config import SEED_MAX, knob, to_dict
 from .errors import NextSpeedError
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ class EmbedConfig:
     out_emb: str = knob("data/embeddings.npy", env="OUT_EMB", help="output embeddings .npy (N x D float32)")
     out_meta: str = knob("data/emb_meta.json", env="OUT_META", help="output metadata JSON")
     device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
-    seed: int = knob(0, env="SEED", help="random seed")
+    seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="random seed")
+    deterministic: bool = knob(True, env="DETERMINISTIC", help="deterministic torch kernels")
 
 
 def resolve_encoder_path(name: str) -> str:
@@ -106,7 +107,7 @@ def embed_sentences(cfg: EmbedConfig, model=None) -> dict:
         raise NextSpeedError(f"{cfg.sent_path} has no sentences: rerun step 01")
     import torch  # noqa: F401  (seed torch too)
 
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, cfg.deterministic)
     t0 = time.perf_counter()
     device = pick_device(cfg.device)
     if model is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -20,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .artifacts import StaleInputError, sha256_path, write_json
-from .config import knob, to_dict
+from .config import SEED_MAX, knob, to_dict
 from .errors import ConfigError, NextSpeedError
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,14 @@ class GenParams:
     temp: float = knob(0.8, env="TEMP", min=0.01, max=5.0, help="decoder sampling temperature")
     max_new_tokens: int = knob(48, env="MAX_NEW_TOKENS", min=1, max=512, help="token limit per sentence")
     plan_temp: float = knob(0.7, env="PLAN_TEMP", min=0.0, max=5.0, help="planner sampling temperature (0 = greedy)")
-    plan_top_k: int = knob(20, env="PLAN_TOP_K", min=0, help="planner top-k per level (0 = all)")
-    seed: int = knob(0, env="SEED", help="random seed: same seed and inputs give the same text")
+    plan_top_k: int = knob(20, env="PLAN_TOP_K", min=0, max=4096, help="planner top-k per level (0 = all)")
+    repetition_penalty: float = knob(1.1, env="REPETITION_PENALTY", min=1.0, max=3.0,
+                                     help="penalty on tokens the sentence already used (1 = off; the prompt is exempt)")
+    no_repeat_ngram: int = knob(3, env="NO_REPEAT_NGRAM", min=0, max=16,
+                                help="a sentence never repeats an n-gram of its own of this size (0 = off; the prompt is exempt)")
+    repeat_cos: float = knob(0.9, env="REPEAT_COS", min=0.0, max=1.01,
+                             help="a candidate this close (cosine) to an earlier sentence counts as a repeat (LCM's stop rule; >1 = off)")
+    seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="random seed: same seed and inputs give the same text")
 
 
 @dataclass
@@ -63,8 +70,13 @@ class GenerateConfig(GenParams):
     rvq_meta: str = knob("out/rvq_meta.json", env="RVQ_META", help="RVQ metadata")
     emb_model: str | None = knob(None, env="EMB_MODEL", help="encoder for prompts and reranking (default: the one of step 02)")
     device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
+    deterministic: bool = knob(True, env="DETERMINISTIC", help="deterministic torch kernels")
 
     def check(self) -> None:
+        if self.prompt is not None:
+            check_prompt(self.prompt, "PROMPT")
+        elif "prompt" in getattr(self, "_explicit", ()):
+            raise ConfigError("PROMPT: is empty: give at least one sentence (unset it for the built-in prompts)")
         if self.decoder_dir is None:
             from .train_decoder import default_decoder_dir
 
@@ -72,6 +84,20 @@ class GenerateConfig(GenParams):
 
 
 PARAM_NAMES = tuple(f.name for f in fields(GenParams))
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def check_prompt(prompt: Any, name: str = "prompt") -> str:
+    """A prompt is text with at least one visible character and no control characters (tabs and
+    newlines allowed); anything else is a ConfigError naming `name`."""
+    if not isinstance(prompt, str):
+        raise ConfigError(f"{name}: expected text, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise ConfigError(f"{name}: is empty: give at least one sentence")
+    bad = _CONTROL.search(prompt)
+    if bad:
+        raise ConfigError(f"{name}: control character {bad.group()!r} at position {bad.start()} is not allowed")
+    return prompt
 
 
 def params_from(cfg: GenParams) -> GenParams:
@@ -122,6 +148,47 @@ class GenerationResult:
         return d
 
 
+def recorded_settings(rvq_meta: dict) -> dict:
+    """What steps 01-03 recorded and generation must repeat: the sentence splitter's language
+    (01), the encoder's max length (02) and the RVQ beam (03), read through the metadata chain
+    rvq_meta -> emb_meta -> sentences meta. A link that is missing is logged, not guessed silently."""
+    import json
+    from pathlib import Path
+
+    out = {"beam": int(rvq_meta.get("config", {}).get("beam", 1)), "maxlen": None, "lang": "en"}
+    emb_meta_path = rvq_meta.get("config", {}).get("emb_meta")
+    try:
+        emb_meta = json.loads(Path(emb_meta_path).read_text())
+        out["maxlen"] = emb_meta["config"].get("maxlen")
+        sent_meta = json.loads(Path(emb_meta["config"]["sent_meta"]).read_text())
+        out["lang"] = sent_meta["config"].get("lang") or "en"
+    except (OSError, TypeError, KeyError, ValueError) as e:
+        log.warning("could not read what steps 01-02 recorded via %s (%s): splitting prompts as 'en' with the "
+                    "encoder's own max length", emb_meta_path, e)
+    return out
+
+
+def _sentence_only_processors(p: GenParams, start: int) -> list:
+    """HF's repetition penalty and no-repeat-n-gram processors, applied to the sentence being
+    written only: the prompt (context, exemplars) is meant to be echoed, a loop within the sentence
+    is not ("Canada, Canada, Canada, ...")."""
+    from transformers import LogitsProcessor, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    class SentenceOnly(LogitsProcessor):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, input_ids, scores):
+            return self.inner(input_ids[:, start:], scores)
+
+    procs = []
+    if p.repetition_penalty > 1.0:
+        procs.append(SentenceOnly(RepetitionPenaltyLogitsProcessor(p.repetition_penalty)))
+    if p.no_repeat_ngram > 0:
+        procs.append(SentenceOnly(NoRepeatNGramLogitsProcessor(p.no_repeat_ngram)))
+    return procs
+
+
 def _norm(s: str) -> str:
     return " ".join(s.lower().split())
 
@@ -162,10 +229,11 @@ class SentenceGenerator:
         from .decoder_model import code_token_ids, load_decoder
         from .embed import load_encoder
         from .rvq import load_rvq
-        from .runtime import pick_device
-        from .train_planner import PlannerRunner, load_planner
+        from .runtime import pick_device, seed_everything
+        from .planner import PlannerRunner, load_planner
 
         cfg = self.cfg
+        seed_everything(cfg.seed, cfg.deterministic)  # per-call sampling is seeded again by `seed`
         self.device = pick_device(cfg.device)
         t0 = time.perf_counter()
         self.rvq, rvq_meta = load_rvq(cfg.rvq_path, cfg.rvq_meta)
@@ -187,7 +255,10 @@ class SentenceGenerator:
                                   f"K={self.rvq.K} V={self.rvq.V}: rerun step 06 with these K and V")
         if dmeta.get("rvq_sha256") and dmeta["rvq_sha256"] != rvq_hash:
             raise StaleInputError(f"the decoder in {cfg.decoder_dir} was trained on codes of another {cfg.rvq_path}: rerun steps 04 and 06")
-        self.encoder = load_encoder(cfg.emb_model or rvq_meta.get("encoder") or "all-MiniLM-L6-v2", device=self.device)
+        rec = recorded_settings(rvq_meta)
+        self.beam = rec["beam"]
+        self.encoder = load_encoder(cfg.emb_model or rvq_meta.get("encoder") or "all-MiniLM-L6-v2", device=self.device,
+                                    maxlen=rec["maxlen"])
         dim = self.encoder.get_embedding_dimension() if hasattr(self.encoder, "get_embedding_dimension") else self.encoder.get_sentence_embedding_dimension()
         if dim != self.rvq.D:
             raise StaleInputError(f"the encoder gives {dim}-d vectors but {cfg.rvq_path} quantizes {self.rvq.D}-d ones: "
@@ -195,7 +266,7 @@ class SentenceGenerator:
         self._bad_ids = [[i] for i in code_token_ids(self.tok, self.cond)]
         from .sentences import _init_worker
 
-        _init_worker("en")  # the prompt splitter, built once (not per call)
+        _init_worker(rec["lang"])  # the prompt splitter of step 01, built once (not per call)
         self.load_seconds = time.perf_counter() - t0
         self.torch = torch
         log.info("generator loaded in %.1fs on %s (K=%d, V=%d, %s codes)", self.load_seconds, self.device, self.rvq.K,
@@ -223,6 +294,14 @@ class SentenceGenerator:
     def render(self, context_text: str, codes: Sequence[int], p: GenParams, seed: int,
                exemplars: Sequence[str] | None = None) -> list[str]:
         """Decode `p.n_cand` candidate sentences for one planned tuple, in one batch."""
+        return [c["text"] for c in self.render_candidates(context_text, codes, p, seed, exemplars)]
+
+    def render_candidates(self, context_text: str, codes: Sequence[int], p: GenParams, seed: int,
+                          exemplars: Sequence[str] | None = None) -> list[dict]:
+        """As `render`, with whether each candidate ended its sentence (`ended` False: it hit
+        MAX_NEW_TOKENS first, so it is truncated)."""
+        from transformers import LogitsProcessorList
+
         from .decoder_model import encode_example
 
         torch = self.torch
@@ -231,7 +310,9 @@ class SentenceGenerator:
         ex = encode_example(self.tok, self.cond, context_text, codes, None, exemplars)
         ids = torch.tensor([ex["input_ids"]], device=self.device)
         n = p.n_cand
-        gen_kwargs = dict(max_new_tokens=p.max_new_tokens, do_sample=p.do_sample,
+        start = ids.shape[1] if self.cond.family == "causal" else 1
+        procs = LogitsProcessorList(_sentence_only_processors(p, start))
+        gen_kwargs = dict(max_new_tokens=p.max_new_tokens, do_sample=p.do_sample, logits_processor=procs,
                           pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id)
         if p.do_sample:
             gen_kwargs.update(top_p=p.top_p, temperature=p.temp)
@@ -262,16 +343,20 @@ class SentenceGenerator:
                                           **gen_kwargs)
         if self.cond.family == "causal":
             out = out[:, ids.shape[1] :]
+        nl = self.tok("\n", add_special_tokens=False)["input_ids"]
+        stops = {self.tok.eos_token_id, *(nl[-1:] if nl else [])}
         texts = self.tok.batch_decode(out, skip_special_tokens=True)
-        return [t.split("\n")[0].strip() for t in texts]
+        return [{"text": t.split("\n")[0].strip(), "ended": any(int(i) in stops for i in row) or "\n" in t}
+                for t, row in zip(texts, out)]
 
-    def score(self, planned: Sequence[int], candidates: Sequence[str], return_embeddings: bool = False):
+    def score(self, planned: Sequence[int], candidates: Sequence[str], return_embeddings: bool = False,
+              embeddings: np.ndarray | None = None):
         """Re-encode candidates: their tuples, matched prefix and cosine to the plan's reconstruction
-        (and their unit embeddings, (N, D), with `return_embeddings`)."""
+        (and their unit embeddings, (N, D), with `return_embeddings`; pass `embeddings` when known)."""
         target = self.rvq.decode(np.asarray([planned]))[0]
         target = target / (np.linalg.norm(target) + 1e-12)
-        x = self.embed(candidates)
-        codes = self.rvq.encode(x)
+        x = self.embed(candidates) if embeddings is None else embeddings
+        codes = self.rvq.encode(x, beam=self.beam)
         out = []
         for c, e, t in zip(candidates, x, codes):
             prefix, cos = match_score(planned, t.tolist(), float(e @ target))
@@ -282,8 +367,7 @@ class SentenceGenerator:
     def run(self, prompt: str, max_sentences: int | None = None, **overrides: Any) -> GenerationResult:
         """Generate up to `max_sentences` sentences after `prompt`, with per-call parameter overrides."""
         p = update_params(self.params, {**({"gen_steps": max_sentences} if max_sentences is not None else {}), **overrides})
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise NextSpeedError("the prompt is empty: give at least one sentence")
+        check_prompt(prompt)
         with self._lock:
             return self._run(prompt, p)
 
@@ -294,7 +378,8 @@ class SentenceGenerator:
         if not sents:
             raise NextSpeedError("the prompt has no sentences")
         t0 = time.perf_counter()
-        ctx_codes = self.rvq.encode(self.embed(sents)).tolist()
+        hist_emb = self.embed(sents)
+        ctx_codes = self.rvq.encode(hist_emb, beam=self.beam).tolist()
         t_prompt = time.perf_counter() - t0
         history = list(sents)
         seen = {_norm(s) for s in sents}
@@ -308,34 +393,41 @@ class SentenceGenerator:
             t1 = time.perf_counter()
             context_text = " ".join(history[-self.context_sents :]) if self.context_sents else ""
             exemplars = self.exemplars_for(planned, exclude={h for h in history})
-            cands = self.render(context_text, planned, p, seed=p.seed * 1000 + step, exemplars=exemplars)
+            # Without rerank nothing would choose among candidates: render one (the spec's ablation).
+            rendered = self.render_candidates(context_text, planned, p if p.rerank else replace(p, n_cand=1),
+                                              seed=p.seed * 1000 + step, exemplars=exemplars)
+            cands = [c["text"] for c in rendered]
             t2 = time.perf_counter()
-            scored = self.score(planned, cands) if p.rerank else None
+            x = self.embed(cands)
+            scored = self.score(planned, cands, embeddings=x)
+            near = (x @ hist_emb.T).max(1)  # LCM's stop rule: a paraphrase of an earlier sentence is a repeat
+            for sc, r, cos in zip(scored, rendered, near):
+                sc.update(ended=r["ended"], repeat_cos=round(float(cos), 4))
             t3 = time.perf_counter()
-            ok = [i for i, c in enumerate(cands) if c and _norm(c) not in seen]
+            ok = [i for i, c in enumerate(cands) if c and _norm(c) not in seen and near[i] < p.repeat_cos]
             if not ok:
                 chosen = None
-            elif p.rerank:
-                chosen = max(ok, key=lambda i: (scored[i]["prefix"], scored[i]["cosine"], -i))
+            elif p.rerank:  # sentences that ended before the token limit first, then the code match
+                chosen = max(ok, key=lambda i: (scored[i]["ended"], scored[i]["prefix"], scored[i]["cosine"], -i))
             else:
-                chosen = 0 if 0 in ok else None
+                chosen = ok[0]
             timings = {"planner": t1 - t0, "decoder": t2 - t1, "rerank": t3 - t2}
             if chosen is None:
                 reason = "empty" if all(not c for c in cands) else "repeat"  # every non-empty one repeats
-                res.steps.append(Step(planned, scored or [{"text": c} for c in cands], None, None, None, timings, exemplars))
+                res.steps.append(Step(planned, scored, None, None, None, timings, exemplars))
                 res.stop_reason = reason
                 break
             sentence = cands[chosen]
-            realized = scored[chosen]["codes"] if scored else self.rvq.encode(self.embed([sentence]))[0].tolist()
-            timings["rerank"] = time.perf_counter() - t2
+            realized = scored[chosen]["codes"]
             for k in timings:
                 tot[k] += timings[k]
-            res.steps.append(Step(planned, scored or [{"text": c} for c in cands], chosen, sentence, realized, timings, exemplars))
+            res.steps.append(Step(planned, scored, chosen, sentence, realized, timings, exemplars))
             res.sentences.append(sentence)
             res.planned.append(planned)
             res.realized.append(realized)
             history.append(sentence)
             seen.add(_norm(sentence))
+            hist_emb = np.concatenate([hist_emb, x[chosen : chosen + 1]])
             ctx_codes.append(realized)
         tot["total"] = time.perf_counter() - t_start
         res.timings = {k: round(v, 4) for k, v in tot.items()}
@@ -358,13 +450,3 @@ def run_generate(cfg: GenerateConfig, generator: SentenceGenerator | None = None
     write_json(out_path, log_obj)
     log_obj["out_path"] = out_path
     return log_obj
-
-
-def print_generation(log_obj: dict) -> None:
-    for r in log_obj["runs"]:
-        print(f"> {r['prompt']}")
-        print(r["text"] if r["text"] else "(nothing generated)")
-        t = r["timings"]
-        print(f"  [{len(r['sentences'])} sentences, stop: {r['stop_reason']}; planner {t['planner']:.2f}s, "
-              f"decoder {t['decoder']:.2f}s, rerank {t['rerank']:.2f}s, total {t['total']:.2f}s]")
-    print(f"log: {log_obj['out_path']}")

@@ -11,12 +11,21 @@ refine each other; `"independent"` is the spec's design (K heads on the same hid
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import numpy as np
+
+from .artifacts import StaleInputError, read_jsonl
+
+FORMAT = "next-speed-planner/1"
 
 
 @dataclass
@@ -193,3 +202,94 @@ def cosine_lr(step: int, total: int, warmup: int, base: float, min_ratio: float 
         return base * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+# ---------------------------------------------------------------------- rows and inference
+
+def load_rows(path: str) -> list[dict]:
+    return list(read_jsonl(path, required=("context", "target", "pos")))
+
+
+def tensorize(rows: Sequence[dict], K: int, V: int, path: str = "rows"):
+    """Rows -> inputs (N, L, K) with BOS/PAD, targets (N, L, K) with -100 padding, last index (N,)."""
+    import torch
+
+    bos, pad = V, V + 1
+    L = max(len(r["context"]) + 1 for r in rows)
+    inp = torch.full((len(rows), L, K), pad, dtype=torch.long)
+    tgt = torch.full((len(rows), L, K), -100, dtype=torch.long)
+    last = torch.empty(len(rows), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ctx, target = r["context"], r["target"]
+        full = ctx + [target]
+        arr = np.asarray(full, dtype=np.int64)
+        if arr.ndim != 2 or arr.shape[1] != K:
+            raise StaleInputError(f"{path}: row {i + 1} has tuples of {arr.shape[-1] if arr.ndim == 2 else '?'} codes, expected K={K}: rerun step 04")
+        if arr.min() < 0 or arr.max() >= V:
+            raise StaleInputError(f"{path}: row {i + 1} has codes out of range [0, {V}): rerun step 04 with this V")
+        at_start = r["pos"] == len(ctx)
+        x = ([[bos] * K] if at_start else []) + full[:-1]
+        y = full if at_start else full[1:]
+        if not x:  # a window with no context and not at a document start cannot be scored
+            x, y = [[bos] * K], [target]
+        inp[i, : len(x)] = torch.tensor(x)
+        tgt[i, : len(y)] = torch.tensor(y)
+        last[i] = len(y) - 1
+    return inp, tgt, last
+
+
+def load_planner(out_dir: str, device: str = "cpu"):
+    """Load a trained planner: (model in eval mode, its config.json)."""
+    d = Path(out_dir)
+    cfg_path, weights = d / "config.json", d / "sentence_lm.pt"
+    if not cfg_path.is_file() or not weights.is_file():
+        raise StaleInputError(f"no trained planner in {d}: run step 05 (05_train_sentence_lm.py)")
+    info = json.loads(cfg_path.read_text())
+    if info.get("format") != FORMAT:
+        raise StaleInputError(f"{cfg_path} is not a next-speed planner ({info.get('format')}): rerun step 05")
+    model = Planner(PlannerModelConfig(**info["model"]))
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.to(device).eval(), info
+
+
+class PlannerRunner:
+    """Next-tuple distributions and choices for generation, deterministic under an explicit Generator."""
+
+    def __init__(self, model, context_sents: int):
+        self.model = model
+        self.K, self.V = model.cfg.K, model.cfg.V
+        self.context_sents = context_sents
+
+    def _inputs(self, context: Sequence[Sequence[int]], at_doc_start: bool):
+        import torch
+
+        ctx = [list(t) for t in context][-self.context_sents :] if self.context_sents else []
+        start = at_doc_start and len(context) <= self.context_sents
+        seq = ([[self.V] * self.K] if start or not ctx else []) + ctx
+        seq = seq[-self.model.cfg.max_len :]
+        return torch.tensor([seq], dtype=torch.long, device=next(self.model.parameters()).device)
+
+    def distributions(self, context: Sequence[Sequence[int]], at_doc_start: bool = True):
+        """Per-level probabilities (K, V) for the next tuple (greedy lower levels in chained mode)."""
+        import torch
+
+        _, logits = self.model.next_logits_levelwise(self._inputs(context, at_doc_start), lambda k, lg: lg.argmax(-1))
+        return torch.softmax(logits[0].float(), -1)
+
+    def next_tuple(self, context: Sequence[Sequence[int]], *, greedy: bool = False, temperature: float = 1.0,
+                   top_k: int = 0, generator=None, at_doc_start: bool = True) -> list[int]:
+        """Choose the next tuple: greedy, or sampled per level with temperature and top-k."""
+        import torch
+
+        def choose(k, logits):
+            if greedy or temperature <= 0:
+                return logits.argmax(-1)
+            lg = logits.float() / temperature
+            if top_k and top_k < lg.shape[-1]:
+                kth = lg.topk(top_k, -1).values[..., -1:]
+                lg = lg.masked_fill(lg < kth, float("-inf"))
+            probs = torch.softmax(lg, -1)
+            return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
+
+        chosen, _ = self.model.next_logits_levelwise(self._inputs(context, at_doc_start), choose)
+        return chosen[0].tolist()

@@ -37,7 +37,7 @@ def make_report(cfg: ReportConfig, environ: dict | None = None) -> dict:
     from .agreement import AgreementConfig, code_agreement, format_agreement
     from .rvq import RVQEvalConfig, format_report, rvq_report
     from .train_decoder import DecoderEvalConfig, eval_decoder, format_decoder_eval
-    from .train_planner import PlannerEvalConfig, eval_planner, format_eval
+    from .planner_eval import PlannerEvalConfig, eval_planner, format_eval
 
     import os
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifacts import atomic_path, load_meta, make_meta, write_json
-from .config import knob, to_dict
+from .config import SEED_MAX, knob, to_dict
 from .errors import ConfigError, NextSpeedError, StaleInputError
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class RVQConfig:
     rvq_path: str = knob("out/rvq.npz", env="RVQ_PATH", help="output codebooks")
     rvq_meta: str = knob("out/rvq_meta.json", env="RVQ_META", help="output metadata JSON")
     codes_path: str = knob("data/codes.npy", env="CODES_PATH", help="output codes (N x K int)")
-    seed: int = knob(0, env="SEED", help="k-means seed")
+    seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="k-means seed")
 
 
 def level_stats(x: np.ndarray, rvq: RVQ, codes: np.ndarray) -> list[dict]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .artifacts import atomic_path, make_meta, write_json
-from .config import knob, to_dict
+from .config import SEED_MAX, knob, to_dict
 from .corpus import OFFLINE_HINT, iter_docs
 from .errors import ConfigError, NextSpeedError
 from .runtime import progress
@@ -39,7 +39,7 @@ class SentencesConfig:
     max_len: int = knob(400, env="MAX_LEN", min=1, help="drop sentences longer than this many characters")
     lang: str = knob("en", env="LANG", help="pysbd language code; a locale value such as en_US.UTF-8 means en, C/POSIX mean the default")
     num_proc: int = knob(0, env="NUM_PROC", min=0, help="worker processes for splitting (0 = all cores)")
-    seed: int = knob(0, env="SEED", help="random seed (recorded; splitting is deterministic)")
+    seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="random seed (recorded; splitting is deterministic)")
 
     def check(self) -> None:
         if self.min_len > self.max_len:
@@ -48,8 +48,11 @@ class SentencesConfig:
         lang = re.split(r"[_.@]", self.lang.strip())[0].lower()
         self.lang = "en" if lang in ("", "c", "posix") else lang
         explicit = getattr(self, "_explicit", frozenset())
-        if "hf_dataset" in explicit and "corpus" not in explicit:
-            self.corpus = "hf"  # naming a dataset means using it, never silently the default corpus
+        hub = sorted(k.upper() for k in explicit & {"hf_dataset", "hf_config", "hf_split"})
+        if hub and "corpus" not in explicit:
+            self.corpus = "hf"  # naming a dataset, config or split means using the hub, never silently the default corpus
+        elif hub and self.corpus != "hf" and not self.docs_jsonl:
+            raise ConfigError(f"{hub[0]} is set but CORPUS={self.corpus}: the HF_* knobs apply to CORPUS=hf only")
 
 
 _SEGMENTER = None

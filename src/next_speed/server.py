@@ -2,11 +2,12 @@
 
 `POST /generate` {"prompt", "max_sentences", "params"} returns the text, the sentences and the
 planned and realized tuples. `GET /health` is 503 until the models are loaded, then 200. Every
-limit is a knob; invalid requests get a 4xx JSON error, never a 500.
+limit is a knob; invalid requests get a 4xx JSON error naming the field; a bug is a JSON 500,
+logged with its traceback, and the server keeps serving.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the request model of /generate,
+# built per app, from the handler's live annotation.
 import logging
 import threading
 from dataclasses import dataclass
@@ -20,16 +21,44 @@ from .errors import NextSpeedError
 log = logging.getLogger(__name__)
 
 
-class GenerateRequest(BaseModel):
-    """Body of POST /generate."""
+def request_models(max_n_cand: int, max_new_tokens_cap: int, max_sentences_cap: int):
+    """The request body of POST /generate as a typed model built from the generation knobs: every
+    value of `params` is checked for its type (strictly: no "30" for a count, no boolean for a
+    number), its finite range and the server's caps, with the field's name in the error."""
+    from typing import Annotated, Optional
 
-    prompt: str = Field(..., description="text to continue (one or more sentences)")
-    max_sentences: int = Field(3, description="sentences to generate")
-    params: dict[str, Any] = Field(default_factory=dict, description="per-call overrides of the generation knobs "
-                                   "(gen_steps excepted): n_cand, rerank, do_sample, top_p, temp, max_new_tokens, "
-                                   "plan_temp, plan_top_k, seed")
+    from pydantic import ConfigDict, create_model, model_validator
 
+    from .config import fields_of
+    from .generate import GenParams
 
+    caps = {"n_cand": max_n_cand, "max_new_tokens": max_new_tokens_cap}
+    fields: dict[str, Any] = {}
+    for f, tp, _ in fields_of(GenParams):
+        if f.name == "gen_steps":
+            continue
+        m = f.metadata
+        hi = m.get("max") if f.name not in caps else min(caps[f.name], m.get("max") or caps[f.name])
+        extra = {"allow_inf_nan": False} if tp is float else {}
+        fields[f.name] = (Optional[Annotated[tp, Field(strict=True, ge=m.get("min"), le=hi, description=m.get("help"), **extra)]], None)
+
+    def no_gen_steps(cls, data):
+        if isinstance(data, dict) and "gen_steps" in data:
+            raise ValueError("gen_steps: set the number of sentences with max_sentences")
+        return data
+
+    Params = create_model("GenerationParams", __config__=ConfigDict(extra="forbid"),
+                          __validators__={"no_gen_steps": model_validator(mode="before")(no_gen_steps)}, **fields)
+
+    class GenerateRequest(BaseModel):
+        """Body of POST /generate."""
+
+        model_config = ConfigDict(extra="forbid")
+        prompt: str = Field(..., strict=True, description="text to continue (one or more sentences)")
+        max_sentences: int = Field(3, strict=True, ge=1, le=max_sentences_cap, description="sentences to generate")
+        params: Params = Field(default_factory=Params, description="per-call overrides of the generation knobs")
+
+    return GenerateRequest
 @dataclass
 class ServerConfig:
     """09 knobs (the generation knobs of step 07 apply too)."""
@@ -78,31 +107,40 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
     async def _invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return error(422, f"{where or 'body'}: {first.get('msg', 'invalid request')}")
+        msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        knob = {"params.n_cand": "MAX_N_CAND", "params.max_new_tokens": "MAX_NEW_TOKENS_CAP",
+                "max_sentences": "MAX_SENTENCES_CAP"}.get(where)
+        if knob and first.get("type") == "less_than_equal":
+            msg += f" ({knob})"
+        return error(422, f"{where or 'body'}: {msg}")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        # A bug, not bad input: log it with its traceback, answer JSON, keep serving.
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error(500, f"internal error ({type(exc).__name__}); the server log has the details")
 
     @app.get("/health")
-    def health():
+    async def health():  # async: answered on the event loop, never queued behind generations
         if state["gen"] is not None:
             return {"status": "ok"}
         if state["error"]:
             return error(503, f"models failed to load: {state['error']}")
         return error(503, "loading models")
 
+    GenerateRequest = request_models(scfg.max_n_cand, scfg.max_new_tokens_cap, scfg.max_sentences_cap)
+
     @app.post("/generate")
     async def generate(req: GenerateRequest):
-        if not req.prompt.strip():
-            return error(422, "prompt: must not be empty")
+        from .generate import check_prompt
+
         if len(req.prompt) > scfg.max_prompt_chars:
             return error(413, f"prompt: {len(req.prompt)} characters is over the limit of {scfg.max_prompt_chars} (MAX_PROMPT_CHARS)")
-        if not 1 <= req.max_sentences <= scfg.max_sentences_cap:
-            return error(422, f"max_sentences: must be between 1 and {scfg.max_sentences_cap} (MAX_SENTENCES_CAP)")
-        params = dict(req.params)
-        if "gen_steps" in params:
-            return error(422, "params.gen_steps: set the number of sentences with max_sentences")
-        if "n_cand" in params and isinstance(params["n_cand"], int) and params["n_cand"] > scfg.max_n_cand:
-            return error(422, f"params.n_cand: must be at most {scfg.max_n_cand} (MAX_N_CAND)")
-        if "max_new_tokens" in params and isinstance(params["max_new_tokens"], int) and params["max_new_tokens"] > scfg.max_new_tokens_cap:
-            return error(422, f"params.max_new_tokens: must be at most {scfg.max_new_tokens_cap} (MAX_NEW_TOKENS_CAP)")
+        try:
+            check_prompt(req.prompt)
+        except NextSpeedError as e:
+            return error(422, str(e))
+        params = req.params.model_dump(exclude_none=True)
         gen = state["gen"]
         if gen is None:
             return error(503, "models are still loading" if not state["error"] else f"models failed to load: {state['error']}")

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .artifacts import atomic_dir, read_jsonl, sha256_path, versions, write_json
-from .config import knob, to_dict
+from .config import SEED_MAX, knob, to_dict
 from .decoder_model import (CODE_MODES, DEFAULT_DECODER, Conditioning, ExemplarBank, PlanInjector,
                             add_code_tokens_to_tokenizer, attach_injector, block_list, build_plan_adapter, collate,
                             encode_example, init_code_embeddings, load_base_model, load_base_tokenizer, residual_rms,
                             save_decoder, token_losses)
 from .errors import ConfigError, NextSpeedError
-from .train_planner import check_trainsets, plot_curve
+from .training import check_trainsets, plot_curve
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 2
@@ -78,10 +78,13 @@ class DecoderTrainConfig:
     train_meta: str = knob("data/train_meta.json", env="TRAIN_META", help="training sets metadata (step 04)")
     out_dir: str | None = knob(None, env="OUT_DIR", help="output folder (default out/decoder, or out/decoder_<CODE_MODE>)")
     device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
-    seed: int = knob(0, env="SEED", help="random seed")
+    seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="random seed")
     deterministic: bool = knob(True, env="DETERMINISTIC", help="deterministic torch kernels")
 
     def check(self) -> None:
+        if self.pretokenize_only and not self.cache_tokenized:
+            raise ConfigError("PRETOKENIZE_ONLY=1 builds the tokenization cache, so it needs CACHE_TOKENIZED=1 "
+                              "(without it the tokens would be thrown away)")
         if self.train_layers != "all":
             try:
                 n = int(self.train_layers)
@@ -478,7 +481,7 @@ class DecoderEvalConfig:
     val_rows: int = knob(300, env="VAL_ROWS", min=1, help="validation rows scored")
     out_json: str = knob("out/decoder_eval.json", env="OUT_JSON", help="where to write the report JSON")
     device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
-    seed: int = knob(0, env="SEED", help="seed for the row sample and the code shuffle")
+    seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="seed for the row sample and the code shuffle")
 
 
 # Settings that define the budget and the data of a decoder run; a no-codes decoder is comparable

@@ -1,4 +1,4 @@
-"""Step 05: train the planner; its evaluation against baselines; the inference helper.
+"""Step 05: train the planner (its evaluation is `planner_eval`, its inference `planner`).
 
 Training sequences come from `sent_lm_*.jsonl` rows: a row whose context starts at its
 document's first sentence gets a BOS tuple in front, so the planner knows where documents begin.
@@ -8,22 +8,22 @@ scores only each row's own target (the last position), so every validation sente
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 
-from .artifacts import StaleInputError, atomic_dir, load_meta, read_jsonl, sha256_path, write_json
-from .config import knob, to_dict
+from .artifacts import StaleInputError, atomic_dir, sha256_path, write_json
+from .config import SEED_MAX, knob, to_dict
 from .errors import ConfigError, NextSpeedError
+from .planner import FORMAT, load_rows, tensorize
+from .planner_eval import evaluate_model
+from .training import check_trainsets, plot_curve
 
 log = logging.getLogger(__name__)
 
-FORMAT = "next-speed-planner/1"
 
 
 @dataclass
@@ -54,58 +54,12 @@ class PlannerTrainConfig:
     train_meta: str = knob("data/train_meta.json", env="TRAIN_META", help="training sets metadata (step 04)")
     out_dir: str = knob("out/sentence_lm", env="OUT_DIR", help="output folder")
     device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
-    seed: int = knob(0, env="SEED", help="random seed")
+    seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="random seed")
     deterministic: bool = knob(True, env="DETERMINISTIC", help="deterministic torch kernels")
 
     def check(self) -> None:
         if self.d_model % self.n_heads:
             raise ConfigError(f"D_MODEL={self.d_model} is not divisible by N_HEADS={self.n_heads}")
-
-
-# ---------------------------------------------------------------------- data
-
-def load_rows(path: str) -> list[dict]:
-    return list(read_jsonl(path, required=("context", "target", "pos")))
-
-
-def tensorize(rows: Sequence[dict], K: int, V: int, path: str = "rows"):
-    """Rows -> inputs (N, L, K) with BOS/PAD, targets (N, L, K) with -100 padding, last index (N,)."""
-    import torch
-
-    bos, pad = V, V + 1
-    L = max(len(r["context"]) + 1 for r in rows)
-    inp = torch.full((len(rows), L, K), pad, dtype=torch.long)
-    tgt = torch.full((len(rows), L, K), -100, dtype=torch.long)
-    last = torch.empty(len(rows), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ctx, target = r["context"], r["target"]
-        full = ctx + [target]
-        arr = np.asarray(full, dtype=np.int64)
-        if arr.ndim != 2 or arr.shape[1] != K:
-            raise StaleInputError(f"{path}: row {i + 1} has tuples of {arr.shape[-1] if arr.ndim == 2 else '?'} codes, expected K={K}: rerun step 04")
-        if arr.min() < 0 or arr.max() >= V:
-            raise StaleInputError(f"{path}: row {i + 1} has codes out of range [0, {V}): rerun step 04 with this V")
-        at_start = r["pos"] == len(ctx)
-        x = ([[bos] * K] if at_start else []) + full[:-1]
-        y = full if at_start else full[1:]
-        if not x:  # a window with no context and not at a document start cannot be scored
-            x, y = [[bos] * K], [target]
-        inp[i, : len(x)] = torch.tensor(x)
-        tgt[i, : len(y)] = torch.tensor(y)
-        last[i] = len(y) - 1
-    return inp, tgt, last
-
-
-def check_trainsets(train_meta: str, paths: Sequence[str], k: int | None, v: int | None) -> dict:
-    meta = None
-    for p in paths:
-        meta = load_meta(train_meta, "trainsets", p)
-    assert meta is not None
-    for name, want, have in (("K", k, meta["K"]), ("V", v, meta["V"])):
-        if want is not None and want != have:
-            raise StaleInputError(f"{name}={want} here, but the training sets were built with {name}={have}: "
-                                  f"rerun steps 03-04 with {name}={want}, or set {name}={have}")
-    return meta
 
 
 # ---------------------------------------------------------------------- training
@@ -149,7 +103,7 @@ def train_planner(cfg: PlannerTrainConfig) -> dict:
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95))
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _nullctx()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(x_tr)
     history: list[dict] = []
@@ -207,216 +161,3 @@ def train_planner(cfg: PlannerTrainConfig) -> dict:
     return info
 
 
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-def plot_curve(history: list[dict], path: Path, title: str) -> None:
-    """Training and validation loss against steps, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    steps = [h["step"] for h in history]
-    ax.plot(steps, [h["train_loss"] for h in history], label="train")
-    if history and "val_loss" in history[0]:
-        ax.plot(steps, [h["val_loss"] for h in history], label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------- evaluation
-
-def evaluate_model(model, inp, tgt, last, device: str = "cpu", bs: int = 512) -> dict:
-    """Score each row's own target: loss, per-head top-1/top-5, tuple exact match, matched prefix."""
-    import torch
-    import torch.nn.functional as F
-
-    model.eval()
-    K, V = model.cfg.K, model.cfg.V
-    tot_loss, top5 = 0.0, []
-    preds, golds = [], []
-    with torch.no_grad():
-        for i in range(0, len(inp), bs):
-            xb = inp[i : i + bs].to(device)
-            lb = last[i : i + bs].to(device)
-            gold = tgt[i : i + bs].to(device)[torch.arange(len(xb), device=device), lb]  # (B, K)
-            h = model.hidden(xb)[torch.arange(len(xb), device=device), lb]  # (B, D)
-            prev = xb[torch.arange(len(xb), device=device), lb]  # (B, K): the previous sentence's codes
-            # Loss with teacher-forced lower levels (chained) is the model's likelihood of the tuple.
-            logits_tf = model.add_copy(model.head_logits(h, gold) if model.cfg.head_mode == "chained" else model.head_logits(h), h, prev)
-            tot_loss += F.cross_entropy(logits_tf.float().reshape(-1, V), gold.reshape(-1), reduction="sum").item()
-            # Accuracies use the model's own greedy choices for the lower levels (what generation sees).
-            if model.cfg.head_mode == "chained":
-                prefix = torch.zeros_like(gold)
-                cols = []
-                for k in range(K):
-                    lk = model.add_copy(model.head_logits(h, prefix), h, prev)[:, k]
-                    prefix[:, k] = lk.argmax(-1)
-                    cols.append(lk)
-                logits = torch.stack(cols, 1)
-            else:
-                logits = logits_tf
-            pred = logits.argmax(-1)
-            preds.append(pred.cpu())
-            golds.append(gold.cpu())
-            top5.append((logits.topk(min(5, V), -1).indices == gold[..., None]).any(-1).cpu())
-    pred, gold, t5 = torch.cat(preds), torch.cat(golds), torch.cat(top5)
-    return {"loss": tot_loss / max(1, gold.numel()), **tuple_metrics(pred.numpy(), gold.numpy(), t5.numpy())}
-
-
-def tuple_metrics(pred: np.ndarray, gold: np.ndarray, top5_hit: np.ndarray | None = None) -> dict:
-    """Per-level accuracy, tuple exact match and mean matched prefix (levels right from level 0)."""
-    hit = pred == gold  # (N, K)
-    prefix = np.cumprod(hit, axis=1).sum(1)
-    out = {"acc": hit.mean(0).tolist(), "exact": float(hit.all(1).mean()), "prefix": float(prefix.mean()), "n": int(len(gold))}
-    out["top5"] = (top5_hit if top5_hit is not None else hit).mean(0).tolist()
-    return out
-
-
-def baselines(train_rows: list[dict], val_rows: list[dict], K: int, V: int) -> dict[str, dict]:
-    """Most frequent code per level; copy the previous tuple; level-wise bigram (prev code -> next)."""
-    tr_t = np.asarray([r["target"] for r in train_rows])
-    va_t = np.asarray([r["target"] for r in val_rows])
-    counts = np.stack([np.bincount(tr_t[:, k], minlength=V) for k in range(K)])  # (K, V)
-    freq_top = np.argsort(-counts, axis=1, kind="stable")[:, :5]  # (K, 5)
-    out = {}
-    pred = np.broadcast_to(freq_top[:, 0], va_t.shape)
-    out["most frequent"] = tuple_metrics(pred, va_t, (freq_top[None] == va_t[..., None]).any(-1))
-    # copy: previous sentence's tuple; a document's first sentence falls back to the most frequent codes
-    prev = np.asarray([r["context"][-1] if r["context"] else freq_top[:, 0].tolist() for r in val_rows])
-    out["copy previous"] = tuple_metrics(prev, va_t)
-    # bigram per level, fit on training rows that have a previous sentence (add-one to unigram fallback)
-    big = np.zeros((K, V, V), dtype=np.int32)
-    for r in train_rows:
-        if r["context"]:
-            p = r["context"][-1]
-            for k in range(K):
-                big[k, p[k], r["target"][k]] += 1
-    preds, hits = [], []
-    for r, g in zip(val_rows, va_t):
-        row_pred, row_hit = [], []
-        for k in range(K):
-            dist = big[k, r["context"][-1][k]] if r["context"] else None
-            if dist is None or dist.sum() == 0:
-                top = freq_top[k]
-            else:
-                top = np.lexsort((-counts[k], -dist))[:5]  # by bigram count, ties by unigram count
-            row_pred.append(top[0])
-            row_hit.append(g[k] in top[:5])
-        preds.append(row_pred)
-        hits.append(row_hit)
-    out["bigram"] = tuple_metrics(np.asarray(preds), va_t, np.asarray(hits))
-    return out
-
-
-@dataclass
-class PlannerEvalConfig:
-    """sent_lm_eval.py knobs."""
-
-    out_dir: str = knob("out/sentence_lm", env="OUT_DIR", help="trained planner folder (step 05)")
-    out_lm: str = knob("data/sent_lm_train.jsonl", env="OUT_LM", help="training rows (for the baselines)")
-    out_lm_val: str = knob("data/sent_lm_val.jsonl", env="OUT_LM_VAL", help="validation rows")
-    train_meta: str = knob("data/train_meta.json", env="TRAIN_META", help="training sets metadata")
-    out_json: str = knob("out/sent_lm_eval.json", env="OUT_JSON", help="where to write the report JSON")
-    device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
-
-
-def eval_planner(cfg: PlannerEvalConfig) -> dict:
-    """Planner against the three baselines on the validation split."""
-    from .runtime import pick_device
-
-    model, info = load_planner(cfg.out_dir, device := pick_device(cfg.device))
-    check_trainsets(cfg.train_meta, [cfg.out_lm, cfg.out_lm_val], info["K"], info["V"])
-    val_rows = load_rows(cfg.out_lm_val)
-    if not val_rows:
-        raise NextSpeedError(f"{cfg.out_lm_val} is empty: rerun step 04 with VAL_FRAC > 0")
-    K, V = info["K"], info["V"]
-    res = {"planner": evaluate_model(model, *tensorize(val_rows, K, V, cfg.out_lm_val), device=device)}
-    res.update(baselines(load_rows(cfg.out_lm), val_rows, K, V))
-    report = {"K": K, "V": V, "val_rows": len(val_rows), "head_mode": info["model"]["head_mode"], "results": res}
-    write_json(cfg.out_json, report)
-    return report
-
-
-def format_eval(rep: dict) -> str:
-    K = rep["K"]
-    head = f"{'model':<14}" + "".join(f" {'L' + str(k) + '@1':>7}" for k in range(K)) + f" {'L0@5':>6} {'exact':>6} {'prefix':>6}"
-    lines = [f"planner evaluation on {rep['val_rows']} validation sentences (K={K}, V={rep['V']}, {rep['head_mode']} heads)", head]
-    for name, m in rep["results"].items():
-        lines.append(f"{name:<14}" + "".join(f" {a:>7.3f}" for a in m["acc"]) + f" {m['top5'][0]:>6.3f} {m['exact']:>6.3f} {m['prefix']:>6.2f}")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------- inference helper
-
-def load_planner(out_dir: str, device: str = "cpu"):
-    """Load a trained planner: (model in eval mode, its config.json)."""
-    import torch
-
-    from .planner import Planner, PlannerModelConfig
-
-    d = Path(out_dir)
-    cfg_path, weights = d / "config.json", d / "sentence_lm.pt"
-    if not cfg_path.is_file() or not weights.is_file():
-        raise StaleInputError(f"no trained planner in {d}: run step 05 (05_train_sentence_lm.py)")
-    info = json.loads(cfg_path.read_text())
-    if info.get("format") != FORMAT:
-        raise StaleInputError(f"{cfg_path} is not a next-speed planner ({info.get('format')}): rerun step 05")
-    model = Planner(PlannerModelConfig(**info["model"]))
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return model.to(device).eval(), info
-
-
-class PlannerRunner:
-    """Next-tuple distributions and choices for generation, deterministic under an explicit Generator."""
-
-    def __init__(self, model, context_sents: int):
-        self.model = model
-        self.K, self.V = model.cfg.K, model.cfg.V
-        self.context_sents = context_sents
-
-    def _inputs(self, context: Sequence[Sequence[int]], at_doc_start: bool):
-        import torch
-
-        ctx = [list(t) for t in context][-self.context_sents :] if self.context_sents else []
-        start = at_doc_start and len(context) <= self.context_sents
-        seq = ([[self.V] * self.K] if start or not ctx else []) + ctx
-        seq = seq[-self.model.cfg.max_len :]
-        return torch.tensor([seq], dtype=torch.long, device=next(self.model.parameters()).device)
-
-    def distributions(self, context: Sequence[Sequence[int]], at_doc_start: bool = True):
-        """Per-level probabilities (K, V) for the next tuple (greedy lower levels in chained mode)."""
-        import torch
-
-        _, logits = self.model.next_logits_levelwise(self._inputs(context, at_doc_start), lambda k, lg: lg.argmax(-1))
-        return torch.softmax(logits[0].float(), -1)
-
-    def next_tuple(self, context: Sequence[Sequence[int]], *, greedy: bool = False, temperature: float = 1.0,
-                   top_k: int = 0, generator=None, at_doc_start: bool = True) -> list[int]:
-        """Choose the next tuple: greedy, or sampled per level with temperature and top-k."""
-        import torch
-
-        def choose(k, logits):
-            if greedy or temperature <= 0:
-                return logits.argmax(-1)
-            lg = logits.float() / temperature
-            if top_k and top_k < lg.shape[-1]:
-                kth = lg.topk(top_k, -1).values[..., -1:]
-                lg = lg.masked_fill(lg < kth, float("-inf"))
-            probs = torch.softmax(lg, -1)
-            return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
-
-        chosen, _ = self.model.next_logits_levelwise(self._inputs(context, at_doc_start), choose)
-        return chosen[0].tolist()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .artifacts import StaleInputError, load_meta, make_meta, sha256_path, write_json, write_jsonl
-from .config import knob, to_dict
+from .config import SEED_MAX, knob, to_dict
 from .errors import NextSpeedError
 from .rvq import load_codes
 from .sentences import load_sentences
@@ -40,7 +40,7 @@ class TrainSetsConfig:
     out_dec: str = knob("data/decoder_train.jsonl", env="OUT_DEC", help="decoder training rows")
     out_dec_val: str = knob("data/decoder_val.jsonl", env="OUT_DEC_VAL", help="decoder validation rows")
     train_meta: str = knob("data/train_meta.json", env="TRAIN_META", help="metadata JSON for the four files")
-    seed: int = knob(0, env="SEED", help="split seed")
+    seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="split seed")
 
 
 def split_docs(doc_ids: np.ndarray, val_frac: float, seed: int) -> set[int]:
