@@ -208,3 +208,22 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
             tmp.write_text("new, half")
             raise KeyboardInterrupt
     assert target.read_text() == "old" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_beam_encoding_is_exhaustive_when_wide_enough():
+    """With a beam as wide as every partial tuple (V^(K-1)) the search is exhaustive: it finds the
+    tuple of least error among all V^K; greedy can only be worse or equal."""
+    import itertools
+
+    rng = np.random.default_rng(0)
+    K, V, D = 3, 4, 5
+    rvq = RVQ(codebooks=rng.normal(size=(K, V, D)).astype("float32"))
+    x = rng.normal(size=(40, D)).astype("float32")
+    tuples = np.asarray(list(itertools.product(range(V), repeat=K)))
+    errs = ((x[:, None, :] - rvq.decode(tuples)[None]) ** 2).sum(-1)  # (N, V^K)
+    best = errs.min(1)
+    beam = rvq.encode(x, beam=V ** (K - 1))
+    got = ((x - rvq.decode(beam)) ** 2).sum(-1)
+    assert np.allclose(got, best, atol=1e-4)
+    greedy = ((x - rvq.decode(rvq.encode(x))) ** 2).sum(-1)
+    assert (greedy >= best - 1e-4).all() and (greedy > best + 1e-4).any()  # greedy misses some

@@ -441,3 +441,13 @@ def test_exemplars_enter_the_prompt_whole(tiny_llama):
     plain = encode_example(tok, Conditioning(K=2, V=4, code_mode="inject", max_in=40, max_out=16), "Rivers flow.", [1, 2], "Cats sleep.",
                            ["Stars shine."])
     assert "Stars" not in tok.decode(plain["input_ids"])  # a decoder trained without exemplars ignores them
+
+
+def test_time_budget_replans_the_schedule(workdir, tiny_llama):
+    """TIME_BUDGET re-plans the step count after three steps, so the learning rate has decayed when
+    the budget ends (without the re-plan it would still be near its peak at step ~1% of 2,000)."""
+    write_decoder_sets(workdir)
+    info = train_decoder(resolve(DecoderTrainConfig, environ=env(
+        tiny_llama, MAX_STEPS=2000, NUM_EPOCHS=1000, TIME_BUDGET=0.05, EVAL_EVERY=1000, WARMUP=1)))
+    assert 3 < info["steps"] < 2000 and info["seconds"] < 60, info["steps"]
+    assert info["history"][-1]["lr"] < 0.7 * 1e-3, info["history"][-1]

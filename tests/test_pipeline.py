@@ -14,7 +14,8 @@ from conftest import run_script
 ARTIFACTS = ["data/sentences.jsonl", "data/sentences.meta.json", "data/embeddings.npy", "data/emb_meta.json", "out/rvq.npz",
              "out/rvq_meta.json", "data/codes.npy", "data/sent_lm_train.jsonl", "data/sent_lm_val.jsonl",
              "data/decoder_train.jsonl", "data/decoder_val.jsonl", "data/train_meta.json", "out/sentence_lm/sentence_lm.pt",
-             "out/sentence_lm/config.json", "out/decoder/config.json", "out/decoder/model.safetensors"]
+             "out/sentence_lm/config.json", "out/decoder/config.json", "out/decoder/model.safetensors",
+             "out/sentence_lm/meta.json", "out/decoder/meta.json"]
 
 
 def test_main_job_cli_tiny_then_rerun_skips(tmp_path):
@@ -22,6 +23,10 @@ def test_main_job_cli_tiny_then_rerun_skips(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     for a in ARTIFACTS:
         assert (tmp_path / a).exists(), a
+    for kind, folder, weights in (("planner", "out/sentence_lm", "sentence_lm.pt"), ("decoder", "out/decoder", "model.safetensors")):
+        meta = json.loads((tmp_path / folder / "meta.json").read_text())  # checkpoints: the metadata of every artifact
+        assert meta["kind"] == kind and meta["format_version"] >= 1 and set(meta["input_roles"]) >= {"train", "val", "rvq"}
+        assert weights in meta["outputs"] and meta["config"]["seed"] == 0 and meta["history"]
     logs = list((tmp_path / "out/generate").glob("*.json"))
     assert len(logs) == 1
     runs = json.loads(logs[0].read_text())["runs"]

@@ -237,6 +237,20 @@ def make_meta(
     }
 
 
+def write_checkpoint_meta(folder: Path, kind: str, config: dict[str, Any], inputs: dict[str, str | Path],
+                          **extra: Any) -> dict[str, Any]:
+    """`meta.json` of a checkpoint folder (planner, decoder), in the form every other artifact's
+    metadata has (format version, config, seed, versions, inputs with their roles and hashes); its
+    outputs are the folder's files by name with their hashes. Called on the temporary folder,
+    after every other file is written."""
+    folder = Path(folder)
+    meta = make_meta(kind, config, inputs=inputs, **extra)
+    meta["outputs"] = {f.name: {"sha256": sha256_path(f)} for f in sorted(folder.iterdir())
+                       if f.is_file() and f.name != "meta.json"}
+    write_json(folder / "meta.json", meta)
+    return meta
+
+
 def load_meta(meta_path: str | Path, kind: str, data_path: str | Path | None = None) -> dict[str, Any]:
     """Read the metadata of an input artifact and check it describes `data_path` as it is now.
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .artifacts import atomic_dir, StaleInputError
+from .artifacts import StaleInputError, atomic_dir, write_checkpoint_meta
 from .errors import ConfigError, NextSpeedError
 
 log = logging.getLogger(__name__)
@@ -566,6 +566,11 @@ def save_decoder(model, tok, cond: Conditioning, out_dir: str | Path, info: dict
             bank.save(tmp)
         if write_extra is not None:
             write_extra(tmp)
+        train = info.get("train", {})
+        inputs = {"train": train.get("out_dec"), "val": train.get("out_dec_val"), "rvq": info.get("rvq_path")}
+        write_checkpoint_meta(tmp, "decoder", train, {r: p for r, p in inputs.items() if p and Path(p).is_file()},
+                              counts={"steps": info.get("steps"), "trained_params": info.get("selection", {}).get("trainable_params")},
+                              conditioning=cond.__dict__, best=info.get("best"), history=info.get("history"))
 
 
 def load_decoder(out_dir: str | Path, device: str = "cpu"):

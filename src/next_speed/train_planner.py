@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from .artifacts import StaleInputError, atomic_dir, sha256_path, write_json
+from .artifacts import StaleInputError, atomic_dir, sha256_path, write_checkpoint_meta, write_json
 from .config import SEED_MAX, knob, to_dict
 from .errors import ConfigError, NextSpeedError
 from .planner import FORMAT, load_rows, tensorize
@@ -157,6 +157,9 @@ def train_planner(cfg: PlannerTrainConfig) -> dict:
         torch.save(best_state, tmp / "sentence_lm.pt")
         plot_curve(history, tmp / "curve.png", "planner")
         write_json(tmp / "config.json", info)
+        inputs = {"train": cfg.out_lm, "val": cfg.out_lm_val, "rvq": tmeta.get("rvq_path")}
+        write_checkpoint_meta(tmp, "planner", to_dict(cfg), {r: p for r, p in inputs.items() if p and Path(p).is_file()},
+                              counts={"steps": cfg.steps, "params": model.num_params()}, best=best, history=history)
     log.info("05: best val loss %.3f at step %d; %.0f seq/s -> %s", best["val_loss"], best["step"], seen / elapsed, out)
     return info
 
