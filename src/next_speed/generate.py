@@ -264,6 +264,8 @@ class SentenceGenerator:
             raise StaleInputError(f"the encoder gives {dim}-d vectors but {cfg.rvq_path} quantizes {self.rvq.D}-d ones: "
                                   f"set EMB_MODEL to the encoder of step 02")
         self._bad_ids = [[i] for i in code_token_ids(self.tok, self.cond)]
+        nl = self.tok("\n", add_special_tokens=False)["input_ids"]
+        self._stop_ids = {self.tok.eos_token_id, *nl[-1:]}  # a candidate that emitted one of these ended its sentence
         from .sentences import _init_worker
 
         _init_worker(rec["lang"])  # the prompt splitter of step 01, built once (not per call)
@@ -343,8 +345,7 @@ class SentenceGenerator:
                                           **gen_kwargs)
         if self.cond.family == "causal":
             out = out[:, ids.shape[1] :]
-        nl = self.tok("\n", add_special_tokens=False)["input_ids"]
-        stops = {self.tok.eos_token_id, *(nl[-1:] if nl else [])}
+        stops = self._stop_ids
         texts = self.tok.batch_decode(out, skip_special_tokens=True)
         return [{"text": t.split("\n")[0].strip(), "ended": any(int(i) in stops for i in row) or "\n" in t}
                 for t, row in zip(texts, out)]
