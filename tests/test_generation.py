@@ -65,13 +65,22 @@ def test_loop_shapes_and_determinism(gen):
     assert other.planned != res.planned or other.sentences != res.sentences
 
 
+def _fake_render(gen, monkeypatch, fn):
+    """Replace the decoder: every sentence step's candidates come from fn(context, plan, params, seed, exemplars)."""
+    def render_jobs(jobs):
+        for j in jobs:
+            j.out = fn(j.context, j.planned, j.params, j.seed, j.exemplars)
+
+    monkeypatch.setattr(gen, "render_jobs", render_jobs)
+
+
 def _rendered(texts, ended=True):
     return lambda ctx, codes, p, seed, exemplars=None: [{"text": t, "ended": ended} for t in texts[: p.n_cand]]
 
 
 def test_rerank_picks_best_match(gen, monkeypatch):
     cands = ["first candidate sentence.", "second candidate sentence.", "third candidate sentence."]
-    monkeypatch.setattr(gen, "render_candidates", _rendered(cands))
+    _fake_render(gen, monkeypatch, _rendered(cands))
 
     def fake_score(planned, candidates, return_embeddings=False, embeddings=None):
         prefixes = {"first": 0, "second": 2, "third": 1}
@@ -84,21 +93,21 @@ def test_rerank_picks_best_match(gen, monkeypatch):
     assert res.realized[0] == res.planned[0]
     assert match_score([1, 2, 3], [1, 2, 0], 0.1) > match_score([1, 2, 3], [1, 0, 3], 0.9)
     # a candidate cut by MAX_NEW_TOKENS loses to one that ended, whatever its codes
-    monkeypatch.setattr(gen, "render_candidates", lambda ctx, codes, p, seed, exemplars=None: [
+    _fake_render(gen, monkeypatch, lambda ctx, codes, p, seed, exemplars=None: [
         {"text": cands[0], "ended": True}, {"text": cands[1], "ended": False}, {"text": cands[2], "ended": True}])
     res = gen.run("A prompt sentence is here.", 1, rerank=True)
     assert res.sentences == ["third candidate sentence."] and res.steps[0].candidates[1]["ended"] is False
 
 
 def test_stop_rules(gen, monkeypatch):
-    monkeypatch.setattr(gen, "render_candidates", _rendered(["", ""]))
+    _fake_render(gen, monkeypatch, _rendered(["", ""]))
     res = gen.run("A prompt sentence is here.", 3)
     assert res.sentences == [] and res.stop_reason == "empty"
-    monkeypatch.setattr(gen, "render_candidates", _rendered(["", "A prompt sentence is here."]))
+    _fake_render(gen, monkeypatch, _rendered(["", "A prompt sentence is here."]))
     res = gen.run("A prompt sentence is here.", 3)
     assert res.sentences == [] and res.stop_reason == "repeat"
     seq = iter(["One new sentence.", "Another new sentence.", "One new sentence."])
-    monkeypatch.setattr(gen, "render_candidates", lambda ctx, codes, p, seed, exemplars=None: [{"text": next(seq), "ended": True}])
+    _fake_render(gen, monkeypatch, lambda ctx, codes, p, seed, exemplars=None: [{"text": next(seq), "ended": True}])
     res = gen.run("A prompt sentence is here.", 5, n_cand=1, rerank=False)
     assert res.sentences == ["One new sentence.", "Another new sentence."] and res.stop_reason == "repeat"
 
@@ -112,10 +121,10 @@ def test_rerank_off_renders_one_candidate(gen, monkeypatch):
         asked.append(p.n_cand)
         return [{"text": "", "ended": True}] * p.n_cand
 
-    monkeypatch.setattr(gen, "render_candidates", render)
+    _fake_render(gen, monkeypatch, render)
     res = gen.run("A prompt sentence is here.", 2, n_cand=4, rerank=False)
     assert asked == [1] and res.stop_reason == "empty" and len(res.steps[0].candidates) == 1
-    monkeypatch.setattr(gen, "render_candidates", _rendered(["A fresh sentence.", "Another one."]))
+    _fake_render(gen, monkeypatch, _rendered(["A fresh sentence.", "Another one."]))
     res = gen.run("A prompt sentence is here.", 1, n_cand=2, rerank=False)
     assert res.sentences == ["A fresh sentence."] and len(res.steps[0].candidates) == 1
 
@@ -128,30 +137,46 @@ def test_semantic_repeat_stops(gen, monkeypatch):
     dim = gen.rvq.D
     monkeypatch.setattr(gen, "embed", lambda texts: np.asarray(
         [np.pad(np.asarray(vecs.get(t, [0, 0, 1]), dtype="float32"), (0, dim - 3)) for t in texts], dtype="float32"))
-    monkeypatch.setattr(gen, "render_candidates", _rendered(["Here is a prompt sentence."]))
+    _fake_render(gen, monkeypatch, _rendered(["Here is a prompt sentence."]))
     res = gen.run("A prompt sentence is here.", 2, n_cand=1, repeat_cos=0.9)
     assert res.sentences == [] and res.stop_reason == "repeat" and res.steps[0].candidates[0]["repeat_cos"] > 0.98
     res = gen.run("A prompt sentence is here.", 1, n_cand=1, repeat_cos=1.01)
     assert res.sentences == ["Here is a prompt sentence."]
-    monkeypatch.setattr(gen, "render_candidates", _rendered(["Something else.", "Here is a prompt sentence."]))
+    _fake_render(gen, monkeypatch, _rendered(["Something else.", "Here is a prompt sentence."]))
     res = gen.run("A prompt sentence is here.", 1, n_cand=2, rerank=True, repeat_cos=0.9)
     assert res.sentences == ["Something else."]
 
 
-def test_repetition_guards_spare_the_prompt():
-    """The penalty and the n-gram ban see the sentence being written, never the prompt."""
+def test_repetition_guards_spare_the_prompt(gen):
+    """The penalty and the n-gram ban see the sentence being written, never the prompt: the engine
+    hands them the sentence's own tokens only."""
     import torch
 
-    from next_speed.generate import GenParams, _sentence_only_processors
+    from next_speed.engine import sentence_processors
+    from next_speed.generate import GenParams
 
-    procs = _sentence_only_processors(GenParams(repetition_penalty=2.0, no_repeat_ngram=2), start=4)
-    ids = torch.tensor([[5, 6, 5, 6, 7, 8, 7]])  # prompt 5 6 5 6; the sentence so far 7 8 7
     scores = torch.ones(1, 10)
-    for proc in procs:
-        scores = proc(ids, scores)
+    for proc in sentence_processors(GenParams(repetition_penalty=2.0, no_repeat_ngram=2)):
+        scores = proc(torch.tensor([[7, 8, 7]]), scores)  # the sentence so far
     assert scores[0, 8] == float("-inf")  # "7 8" again is banned
     assert scores[0, 7] == 0.5  # used in the sentence: penalized
-    assert scores[0, 5] == 1.0 and scores[0, 6] == 1.0  # only the prompt used them: untouched
+    assert scores[0, 5] == 1.0  # untouched
+    # in a real step the guards get the sentence so far (empty at first), never the prompt's tokens
+    calls = []
+    orig = gen.engine._choose
+    gen.engine._choose = lambda job, logits, generated, g, procs: calls.append([list(x) for x in generated]) or orig(job, logits, generated, g, procs)
+    try:
+        job = gen.make_job("Paris is the capital of France.", [0] * gen.rvq.K, replace_params(gen, n_cand=1, max_new_tokens=4), seed=0)
+        gen.render_jobs([job])
+    finally:
+        gen.engine._choose = orig
+    assert calls and calls[0] == [[]] and all(len(c[0]) == i for i, c in enumerate(calls))
+
+
+def replace_params(gen, **kw):
+    from next_speed.generate import update_params
+
+    return update_params(gen.params, kw)
 
 
 def test_bad_calls(gen):
@@ -193,7 +218,8 @@ def test_mismatched_artifacts_are_refused(in_run, tmp_path):
 
 
 def test_api_one_liner_and_chat_oneshot(in_run):
-    env = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "8"}
+    # REPEAT_COS off: the random-init stand-in encoder puts every sentence near every other
+    env = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "8", "REPEAT_COS": "1.01"}
     code = "from infer import SentenceGenerator; g=SentenceGenerator(); print(repr(g.generate('Paris is the capital of France.', 2)))"
     r = subprocess.run([sys.executable, "-c", code], cwd=in_run, capture_output=True, text=True, timeout=300,
                        env={**os.environ, **env, "PYTHONPATH": f"{ROOT}/src:{ROOT}"})
@@ -264,12 +290,12 @@ def test_server_unexpected_error_is_json_and_it_keeps_serving(gen, monkeypatch):
     from next_speed.server import create_app
 
     app = create_app(lambda: gen, background=False)
-    real = gen.run
-    monkeypatch.setattr(gen, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    real = gen.render_jobs
+    monkeypatch.setattr(gen, "render_jobs", lambda jobs: (_ for _ in ()).throw(RuntimeError("boom")))
     with TestClient(app, raise_server_exceptions=False) as c:
         r = c.post("/generate", json={"prompt": "Hi there."})
         assert r.status_code == 500 and r.json()["error"].startswith("internal error (RuntimeError)")
-        monkeypatch.setattr(gen, "run", real)
+        monkeypatch.setattr(gen, "render_jobs", real)
         assert c.get("/health").status_code == 200
         assert c.post("/generate", json={"prompt": "Hi there.", "max_sentences": 1}).status_code == 200
 
@@ -406,3 +432,143 @@ def test_inject_decoder_generates_and_reloads(in_run, tmp_path):
     with pytest.raises(StaleInputError, match="CODE_MODE=special but the decoder"):
         SentenceGenerator(resolve(GenerateConfig, environ={"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu",
                                                            "DECODER_DIR": str(out), "CODE_MODE": "special"}))
+
+
+def _no_eos(gen, monkeypatch):
+    """The random-init tiny decoder says end-of-sequence first; ban it so sentences have words."""
+    import torch
+
+    monkeypatch.setattr(gen.engine, "bad", torch.cat([gen.engine.bad, torch.tensor([gen.tok.eos_token_id])]))
+
+
+def _rare_stops(gen):
+    """Zero the output rows of the sentence-ending tokens (logit 0, below the greedy maximum):
+    greedy sentences of the random-init tiny decoder then have words. The fixture's own model copy."""
+    import torch
+
+    with torch.no_grad():
+        gen.model.get_output_embeddings().weight[gen.engine.stop_ids] = 0.0
+
+
+def test_engine_equals_straightforward_loop(gen, monkeypatch):
+    """Greedy decoding: the engine (prompt cache kept across sentences, one prefill shared by the
+    candidates, ended rows dropped) writes exactly what transformers' generate on the whole prompt
+    writes; the cache reuse changes nothing but speed."""
+    _rare_stops(gen)  # greedy would end every sentence at once
+    prompt = "Paris is the capital of France. It lies on the Seine."
+    got = {}
+    for kv in (True, False):
+        monkeypatch.setattr(gen, "use_kv", kv)
+        for n in (1, 3):
+            res = gen.run(prompt, 3, n_cand=n, do_sample=False, max_new_tokens=6, seed=5)
+            got[kv, n] = [[(c["text"], c["ended"]) for c in st.candidates] for st in res.steps], res.timings
+    for n in (1, 3):
+        assert got[True, n][0] == got[False, n][0]
+        assert len(got[True, n][0]) >= 2 and all(c[0] for step in got[True, n][0] for c in step)
+        assert got[True, n][1]["prompt_tokens_reused"] > 0  # the second sentence reused the first one's prompt
+
+
+def test_engine_drops_ended_rows_and_batches_jobs(gen, monkeypatch):
+    """Jobs of different prompts, sizes and settings rendered in one batch give what each gives alone."""
+    _no_eos(gen, monkeypatch)
+    K = gen.rvq.K
+    specs = [("Paris is the capital of France.", 2, 7), ("A much longer context sentence that goes on and on for a while.", 3, 8),
+             ("Short.", 1, 9)]
+
+    def jobs():
+        return [gen.make_job(ctx, [i % 2] * K, replace_params(gen, n_cand=n, max_new_tokens=4 + n, temp=1.5), seed=s)
+                for i, (ctx, n, s) in enumerate(specs)]
+
+    alone = []
+    for j in jobs():
+        gen.render_jobs([j])
+        alone.append(j.out)
+    together = jobs()
+    gen.render_jobs(together)
+    assert [j.out for j in together] == alone
+    assert all(len(j.out) == n for j, (_, n, _) in zip(together, specs))
+    assert all(c["tokens"] <= 4 + n and (c["ended"] or c["tokens"] == 4 + n) for j, (_, n, _) in zip(together, specs) for c in j.out)
+
+
+def _post_all(client, payloads):
+    import threading
+
+    out = [None] * len(payloads)
+
+    def post(i):
+        out[i] = client.post("/generate", json=payloads[i])
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(payloads))]
+    for t in threads:
+        t.start()
+    return threads, out
+
+
+def test_server_batches_concurrent_requests(gen):
+    """Concurrent requests share decoder batches and get what the same requests get one by one."""
+    from fastapi.testclient import TestClient
+
+    from next_speed.server import ServerConfig, create_app
+
+    payloads = [{"prompt": "Paris is the capital of France.", "max_sentences": 2, "params": {"seed": s, "n_cand": n}}
+                for s, n in [(1, 2), (2, 3), (3, 1), (4, 2)]]
+    alone = [gen.run(p["prompt"], p["max_sentences"], **p["params"]) for p in payloads]
+    app = create_app(lambda: gen, ServerConfig(max_queue=8), background=False)
+    with TestClient(app) as c:
+        sched = app.state.gen_state["sched"]
+        with gen._lock:  # the worker waits: all four requests are in the queue before the first batch
+            threads, out = _post_all(c, payloads)
+            deadline = time.time() + 30
+            while sched.load() < len(payloads) and time.time() < deadline:
+                time.sleep(0.05)
+        for t in threads:
+            t.join(timeout=300)
+    assert all(r.status_code == 200 for r in out), [r.text for r in out]
+    assert [r.json()["sentences"] for r in out] == [a.sentences for a in alone]
+    assert [r.json()["planned"] for r in out] == [a.planned for a in alone]
+    assert all("queued" in r.json()["timings"] for r in out)
+    assert sched.rows / sched.batches > 3  # rows of several requests per batch (one request has at most 3)
+
+
+def test_server_queue_limit(gen):
+    """Over MAX_QUEUE requests in flight: an immediate 503, a JSON error and Retry-After; /health stays instant."""
+    from fastapi.testclient import TestClient
+
+    from next_speed.server import ServerConfig, create_app
+
+    app = create_app(lambda: gen, ServerConfig(max_queue=1, retry_after=3), background=False)
+    with TestClient(app) as c:
+        sched = app.state.gen_state["sched"]
+        with gen._lock:
+            threads, out = _post_all(c, [{"prompt": "Paris is the capital of France.", "max_sentences": 1}])
+            deadline = time.time() + 30
+            while sched.load() < 1 and time.time() < deadline:
+                time.sleep(0.05)
+            t0 = time.time()
+            r = c.post("/generate", json={"prompt": "Hi there.", "max_sentences": 1})
+            assert r.status_code == 503 and r.headers["retry-after"] == "3" and "MAX_QUEUE" in r.json()["error"]
+            assert c.get("/health").status_code == 200 and time.time() - t0 < 5
+        threads[0].join(timeout=300)
+    assert out[0].status_code == 200, out[0].text
+
+
+def test_nucleus_sample_keeps_the_top_p_set():
+    """The partial-sort nucleus draws from exactly transformers' TopPLogitsWarper set, on both paths
+    (the set inside the top 256 tokens, and a flat distribution that needs the whole vocabulary)."""
+    import torch
+    from transformers import TopPLogitsWarper
+
+    from next_speed.engine import nucleus_sample
+
+    torch.manual_seed(0)
+    for scale in (6.0, 0.05):
+        logits = torch.randn(1, 2000) * scale
+        allowed = set(torch.isfinite(TopPLogitsWarper(0.9)(None, logits.clone()))[0].nonzero().flatten().tolist())
+        g = torch.Generator().manual_seed(1)
+        seen = {int(nucleus_sample(logits, 0.9, g)[0]) for _ in range(400)}
+        assert seen <= allowed and (len(allowed) > 256 or len(seen) > 1)
+        if len(allowed) <= 4:
+            assert seen == allowed
+    logits = torch.randn(3, 50)
+    a = nucleus_sample(logits, 0.8, torch.Generator().manual_seed(7))
+    assert a.shape == (3,) and torch.equal(a, nucleus_sample(logits, 0.8, torch.Generator().manual_seed(7)))  # same seed, same tokens

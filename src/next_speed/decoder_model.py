@@ -206,6 +206,22 @@ def code_token_ids(tok, cond: Conditioning) -> list[int]:
     return [i for i in ids if i is not None and i != tok.unk_token_id]
 
 
+def _prompt_parts(tok, cond: Conditioning, codes: Sequence[int], exemplars: Sequence[str] | None):
+    """The prompt's fixed parts: BOS (causal models whose BOS is not their EOS), the exemplars'
+    line (at most half of MAX_IN) and the code line."""
+    code_ids = tok((cond.codes_text(codes) + "\n") if cond.code_mode not in ("none", "inject") else "", add_special_tokens=False)["input_ids"]
+    ex_ids = tok(" ".join(exemplars) + "\n", add_special_tokens=False)["input_ids"][: cond.max_in // 2] \
+        if cond.exemplars and exemplars else []
+    bos = [tok.bos_token_id] if cond.family == "causal" and tok.bos_token_id is not None and tok.bos_token_id != tok.eos_token_id else []
+    return bos, ex_ids, code_ids
+
+
+def context_room(tok, cond: Conditioning, codes: Sequence[int], exemplars: Sequence[str] | None = None) -> int:
+    """Tokens left for the context (its closing newline included) in the prompt of `codes`."""
+    bos, ex_ids, code_ids = _prompt_parts(tok, cond, codes, exemplars)
+    return max(0, cond.max_in - len(code_ids) - len(ex_ids) - len(bos))
+
+
 def encode_example(tok, cond: Conditioning, context: str, codes: Sequence[int], target: str | None,
                    exemplars: Sequence[str] | None = None) -> dict:
     """Token ids for one example. Causal: prompt = context + exemplars + codes, labels only on
@@ -213,16 +229,13 @@ def encode_example(tok, cond: Conditioning, context: str, codes: Sequence[int], 
     cut from the left; exemplars (the plan's nearest training sentences, one line) are kept whole.
     With CODE_MODE=inject the example also carries `codes` and `plan_start`, the first position
     that receives the plan vector (the prompt's last token, whose output predicts the sentence)."""
-    code_ids = tok((cond.codes_text(codes) + "\n") if cond.code_mode not in ("none", "inject") else "", add_special_tokens=False)["input_ids"]
-    ex_ids = tok(" ".join(exemplars) + "\n", add_special_tokens=False)["input_ids"][: cond.max_in // 2] \
-        if cond.exemplars and exemplars else []
+    bos, ex_ids, code_ids = _prompt_parts(tok, cond, codes, exemplars)
     if len(code_ids) + 8 > cond.max_in:
         raise ConfigError(f"MAX_IN={cond.max_in} is too small to hold the {len(code_ids)} code tokens and some context: "
                           f"raise MAX_IN to at least {len(code_ids) + 8}")
     ctx_ids = tok((context + "\n") if context else "", add_special_tokens=False)["input_ids"]
-    budget = cond.max_in - len(code_ids) - len(ex_ids)
-    bos = [tok.bos_token_id] if cond.family == "causal" and tok.bos_token_id is not None and tok.bos_token_id != tok.eos_token_id else []
-    ctx_ids = ctx_ids[-(budget - len(bos)) :] if budget - len(bos) > 0 else []
+    budget = cond.max_in - len(code_ids) - len(ex_ids) - len(bos)
+    ctx_ids = ctx_ids[-budget:] if budget > 0 else []
     prompt = bos + ctx_ids + ex_ids + code_ids
     if cond.family == "seq2seq":
         prompt = prompt + [tok.eos_token_id]
@@ -404,6 +417,11 @@ class PlanInjector:
             yield self._u
         finally:
             self._u = self._start = None
+
+    def keep_rows(self, idx) -> None:
+        """Inside `plan`: keep only these batch rows' plans (rows that ended left the batch)."""
+        if self._u is not None and self._u.shape[0] > 1:
+            self._u, self._start = self._u[idx.to(self._u.device)], self._start[idx.to(self._start.device)]
 
     def remove(self) -> None:
         self._handle.remove()

@@ -71,6 +71,9 @@ class GenerateConfig(GenParams):
     emb_model: str | None = knob(None, env="EMB_MODEL", help="encoder for prompts and reranking (default: the one of step 02)")
     device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
     deterministic: bool = knob(True, env="DETERMINISTIC", help="deterministic torch kernels")
+    engine: str = knob("kv", env="ENGINE", choices=("kv", "hf"),
+                       help="kv: prompt cache kept across sentences, one prefill shared by the candidates, ended rows dropped; "
+                            "hf: transformers' generate on the whole prompt (the reference; seq2seq decoders always)")
 
     def check(self) -> None:
         if self.prompt is not None:
@@ -168,27 +171,6 @@ def recorded_settings(rvq_meta: dict) -> dict:
     return out
 
 
-def _sentence_only_processors(p: GenParams, start: int) -> list:
-    """HF's repetition penalty and no-repeat-n-gram processors, applied to the sentence being
-    written only: the prompt (context, exemplars) is meant to be echoed, a loop within the sentence
-    is not ("Canada, Canada, Canada, ...")."""
-    from transformers import LogitsProcessor, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
-
-    class SentenceOnly(LogitsProcessor):
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __call__(self, input_ids, scores):
-            return self.inner(input_ids[:, start:], scores)
-
-    procs = []
-    if p.repetition_penalty > 1.0:
-        procs.append(SentenceOnly(RepetitionPenaltyLogitsProcessor(p.repetition_penalty)))
-    if p.no_repeat_ngram > 0:
-        procs.append(SentenceOnly(NoRepeatNGramLogitsProcessor(p.no_repeat_ngram)))
-    return procs
-
-
 def _norm(s: str) -> str:
     return " ".join(s.lower().split())
 
@@ -263,9 +245,10 @@ class SentenceGenerator:
         if dim != self.rvq.D:
             raise StaleInputError(f"the encoder gives {dim}-d vectors but {cfg.rvq_path} quantizes {self.rvq.D}-d ones: "
                                   f"set EMB_MODEL to the encoder of step 02")
-        self._bad_ids = [[i] for i in code_token_ids(self.tok, self.cond)]
-        nl = self.tok("\n", add_special_tokens=False)["input_ids"]
-        self._stop_ids = {self.tok.eos_token_id, *nl[-1:]}  # a candidate that emitted one of these ended its sentence
+        from .engine import DecodeEngine
+
+        self.engine = DecodeEngine(self.model, self.tok, code_token_ids(self.tok, self.cond), self.device)
+        self.use_kv = cfg.engine == "kv" and self.cond.family == "causal"
         from .sentences import _init_worker
 
         _init_worker(rec["lang"])  # the prompt splitter of step 01, built once (not per call)
@@ -293,6 +276,48 @@ class SentenceGenerator:
             return []
         return bank.lookup([list(codes)], self.cond.exemplars, exclude_texts=[exclude or set()])[0]
 
+    def context_for(self, history: Sequence[str], start: int, codes: Sequence[int], exemplars: Sequence[str]) -> tuple[str, int]:
+        """The context sentences, `history[start:]`, and the new `start`. The start moves forward
+        only when the context no longer fits (more than CONTEXT_SENTS sentences, or more tokens
+        than the prompt has room for), and then by enough to free half the room: the prompt keeps
+        its beginning for several sentences, so the engine reuses its KV cache instead of reading
+        it again (llama.cpp's context shift, which drops half the context when it is full)."""
+        if not self.context_sents or not history:
+            return "", len(history)
+        from .decoder_model import context_room
+
+        room = context_room(self.tok, self.cond, codes, exemplars)
+
+        def fits(s: int, frac: float) -> bool:
+            return (len(history) - s <= self.context_sents * frac
+                    and len(self.tok(" ".join(history[s:]) + "\n", add_special_tokens=False)["input_ids"]) <= room * frac)
+
+        if not fits(start, 1.0):
+            start += 1
+            while start < len(history) - 1 and not fits(start, 0.5):
+                start += 1
+        return " ".join(history[start:]), start
+
+    def make_job(self, context_text: str, codes: Sequence[int], p: GenParams, seed: int,
+                 exemplars: Sequence[str] | None = None, cache=None):
+        """One sentence step for the engine: the prompt of `codes` after `context_text`, with the
+        plan's exemplars (looked up when not given), `p.n_cand` candidates."""
+        from .decoder_model import encode_example
+        from .engine import SentenceJob
+
+        if exemplars is None:
+            exemplars = self.exemplars_for(codes)
+        ex = encode_example(self.tok, self.cond, context_text, codes, None, exemplars)
+        return SentenceJob(prompt=ex["input_ids"], n=p.n_cand, params=p, seed=seed, planned=[int(c) for c in codes],
+                           plan_start=ex.get("plan_start"), cache=cache, context=context_text, exemplars=list(exemplars))
+
+    def render_jobs(self, jobs) -> None:
+        """Render sentence steps (of one or several generations) in one decoder batch."""
+        if self.use_kv:
+            self.engine.render(jobs)
+        else:
+            self.engine.render_hf(jobs)
+
     def render(self, context_text: str, codes: Sequence[int], p: GenParams, seed: int,
                exemplars: Sequence[str] | None = None) -> list[str]:
         """Decode `p.n_cand` candidate sentences for one planned tuple, in one batch."""
@@ -301,54 +326,11 @@ class SentenceGenerator:
     def render_candidates(self, context_text: str, codes: Sequence[int], p: GenParams, seed: int,
                           exemplars: Sequence[str] | None = None) -> list[dict]:
         """As `render`, with whether each candidate ended its sentence (`ended` False: it hit
-        MAX_NEW_TOKENS first, so it is truncated)."""
-        from transformers import LogitsProcessorList
-
-        from .decoder_model import encode_example
-
-        torch = self.torch
-        if exemplars is None:
-            exemplars = self.exemplars_for(codes)
-        ex = encode_example(self.tok, self.cond, context_text, codes, None, exemplars)
-        ids = torch.tensor([ex["input_ids"]], device=self.device)
-        n = p.n_cand
-        start = ids.shape[1] if self.cond.family == "causal" else 1
-        procs = LogitsProcessorList(_sentence_only_processors(p, start))
-        gen_kwargs = dict(max_new_tokens=p.max_new_tokens, do_sample=p.do_sample, logits_processor=procs,
-                          pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id)
-        if p.do_sample:
-            gen_kwargs.update(top_p=p.top_p, temperature=p.temp)
-        if self._bad_ids:
-            gen_kwargs["bad_words_ids"] = self._bad_ids
-        import contextlib
-
-        from .decoder_model import plan_injector
-
-        inj = plan_injector(self.model)
-        plan = inj.plan([ex["codes"]], [ex["plan_start"]]) if inj is not None else contextlib.nullcontext()
-        with torch.no_grad(), plan:
-            if self.cond.family == "causal" and ids.shape[1] > 1:
-                # The shared prompt is read once and its KV cache copied to the candidates
-                # (num_return_sequences would read it once per candidate).
-                from transformers import DynamicCache
-
-                cache = DynamicCache(config=self.model.config)
-                self.model(input_ids=ids[:, :-1], cache=cache, use_cache=True)
-                if n > 1:
-                    cache.batch_repeat_interleave(n)
-                torch.manual_seed(seed)
-                batch = ids.expand(n, -1)
-                out = self.model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), cache=cache, **gen_kwargs)
-            else:
-                torch.manual_seed(seed)
-                out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), num_return_sequences=n,
-                                          **gen_kwargs)
-        if self.cond.family == "causal":
-            out = out[:, ids.shape[1] :]
-        stops = self._stop_ids
-        texts = self.tok.batch_decode(out, skip_special_tokens=True)
-        return [{"text": t.split("\n")[0].strip(), "ended": any(int(i) in stops for i in row) or "\n" in t}
-                for t, row in zip(texts, out)]
+        MAX_NEW_TOKENS first, so it is truncated) and its token count."""
+        job = self.make_job(context_text, codes, p, seed, exemplars)
+        with self._lock:
+            self.render_jobs([job])
+        return job.out
 
     def score(self, planned: Sequence[int], candidates: Sequence[str], return_embeddings: bool = False,
               embeddings: np.ndarray | None = None):
@@ -370,9 +352,25 @@ class SentenceGenerator:
         p = update_params(self.params, {**({"gen_steps": max_sentences} if max_sentences is not None else {}), **overrides})
         check_prompt(prompt)
         with self._lock:
-            return self._run(prompt, p)
+            return self.drive(self.steps(prompt, p))
 
-    def _run(self, prompt: str, p: GenParams) -> GenerationResult:
+    def drive(self, steps) -> GenerationResult:
+        """Run a `steps()` generation to its end, one sentence step at a time (the caller holds the lock)."""
+        try:
+            jobs = next(steps)
+            while True:
+                self.render_jobs(jobs)
+                jobs = steps.send(None)
+        except StopIteration as stop:
+            return stop.value
+
+    def steps(self, prompt: str, p: GenParams):
+        """The generation loop as a Python generator: it yields each sentence step (a list of
+        one SentenceJob) for someone to render (`drive`, or the server's scheduler, which renders
+        the steps of concurrent requests in one batch) and returns the GenerationResult.
+        The prompt's KV cache travels from one step to the next."""
+        from .engine import PromptCache
+
         torch = self.torch
         t_start = time.perf_counter()
         sents = self.split(prompt)
@@ -387,16 +385,21 @@ class SentenceGenerator:
         gen = torch.Generator().manual_seed(p.seed)
         res = GenerationResult(prompt=prompt, sentences=[], planned=[], realized=[], params=asdict(p))
         tot = {"prompt": t_prompt, "planner": 0.0, "decoder": 0.0, "rerank": 0.0}
+        cache = PromptCache() if self.use_kv else None
+        ctx_start = 0
         for step in range(p.gen_steps):
             t0 = time.perf_counter()
             planned = self.planner.next_tuple(ctx_codes, greedy=p.plan_temp <= 0, temperature=p.plan_temp,
                                               top_k=p.plan_top_k, generator=gen, at_doc_start=True)
             t1 = time.perf_counter()
-            context_text = " ".join(history[-self.context_sents :]) if self.context_sents else ""
             exemplars = self.exemplars_for(planned, exclude={h for h in history})
+            context_text, ctx_start = self.context_for(history, ctx_start, planned, exemplars)
             # Without rerank nothing would choose among candidates: render one (the spec's ablation).
-            rendered = self.render_candidates(context_text, planned, p if p.rerank else replace(p, n_cand=1),
-                                              seed=p.seed * 1000 + step, exemplars=exemplars)
+            job = self.make_job(context_text, planned, p if p.rerank else replace(p, n_cand=1), seed=p.seed * 1000 + step,
+                                exemplars=exemplars, cache=cache)
+            yield [job]
+            rendered = job.out
+            cache = job.cache
             cands = [c["text"] for c in rendered]
             t2 = time.perf_counter()
             x = self.embed(cands)
@@ -413,6 +416,8 @@ class SentenceGenerator:
             else:
                 chosen = ok[0]
             timings = {"planner": t1 - t0, "decoder": t2 - t1, "rerank": t3 - t2}
+            for k in timings:
+                tot[k] += timings[k]
             if chosen is None:
                 reason = "empty" if all(not c for c in cands) else "repeat"  # every non-empty one repeats
                 res.steps.append(Step(planned, scored, None, None, None, timings, exemplars))
@@ -420,8 +425,6 @@ class SentenceGenerator:
                 break
             sentence = cands[chosen]
             realized = scored[chosen]["codes"]
-            for k in timings:
-                tot[k] += timings[k]
             res.steps.append(Step(planned, scored, chosen, sentence, realized, timings, exemplars))
             res.sentences.append(sentence)
             res.planned.append(planned)
@@ -432,6 +435,8 @@ class SentenceGenerator:
             ctx_codes.append(realized)
         tot["total"] = time.perf_counter() - t_start
         res.timings = {k: round(v, 4) for k, v in tot.items()}
+        if cache is not None:
+            res.timings.update(prompt_tokens_reused=cache.reused, prompt_tokens_prefilled=cache.prefilled)
         return res
 
     def generate(self, prompt: str, max_sentences: int | None = None, **overrides: Any) -> str:

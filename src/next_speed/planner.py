@@ -12,7 +12,6 @@ refine each other; `"independent"` is the spec's design (K heads on the same hid
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -194,14 +193,6 @@ class Planner(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def cosine_lr(step: int, total: int, warmup: int, base: float, min_ratio: float = 0.1) -> float:
-    """Linear warmup then cosine decay to `min_ratio * base`."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
 # ---------------------------------------------------------------------- rows and inference

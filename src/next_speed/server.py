@@ -1,13 +1,16 @@
 """09: the HTTP server (FastAPI + uvicorn) over one shared SentenceGenerator.
 
-`POST /generate` {"prompt", "max_sentences", "params"} returns the text, the sentences and the
-planned and realized tuples. `GET /health` is 503 until the models are loaded, then 200. Every
+`POST /generate` {"prompt", "max_sentences", "params"} returns the text, the sentences, the
+planned and realized tuples and the request's timings (`queued`: seconds before its first step).
+Concurrent requests share decoder batches (scheduler.py); over MAX_QUEUE requests in flight, a
+request gets an immediate 503 with a Retry-After header. `GET /health` is 503 until the models are loaded, then 200. Every
 limit is a knob; invalid requests get a 4xx JSON error naming the field; a bug is a JSON 500,
 logged with its traceback, and the server keeps serving.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the request model of /generate,
 # built per app, from the handler's live annotation.
+import asyncio
 import logging
 import threading
 from dataclasses import dataclass
@@ -69,6 +72,10 @@ class ServerConfig:
     max_sentences_cap: int = knob(8, env="MAX_SENTENCES_CAP", min=1, help="largest accepted max_sentences")
     max_n_cand: int = knob(16, env="MAX_N_CAND", min=1, help="largest accepted params.n_cand")
     max_new_tokens_cap: int = knob(128, env="MAX_NEW_TOKENS_CAP", min=1, help="largest accepted params.max_new_tokens")
+    max_queue: int = knob(32, env="MAX_QUEUE", min=1, help="requests in flight at most; over it, an immediate 503 with Retry-After")
+    max_batch_rows: int = knob(64, env="MAX_BATCH_ROWS", min=1,
+                               help="candidate rows per decoder batch across concurrent requests (continuous batching)")
+    retry_after: int = knob(2, env="RETRY_AFTER", min=1, help="seconds a refused client is told to wait (Retry-After)")
 
 
 def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, background: bool = True):
@@ -76,14 +83,18 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
-    from starlette.concurrency import run_in_threadpool
 
     scfg = scfg or ServerConfig()
     state: dict[str, Any] = {"gen": None, "error": None}
 
     def _load():
         try:
-            state["gen"] = load()
+            gen = load()
+            if gen is not None:
+                from .scheduler import BatchScheduler
+
+                state["sched"] = BatchScheduler(gen, scfg.max_queue, scfg.max_batch_rows)
+            state["gen"] = gen
         except Exception as e:  # noqa: BLE001 - reported by /health and /generate
             state["error"] = str(e)
             log.error("could not load the generator: %s", e)
@@ -97,6 +108,8 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
         else:
             _load()
         yield
+        if state.get("sched") is not None:
+            state["sched"].close()
 
     app = FastAPI(title="next-speed", description="Sentence-step text generation", lifespan=lifespan)
 
@@ -144,8 +157,13 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
         gen = state["gen"]
         if gen is None:
             return error(503, "models are still loading" if not state["error"] else f"models failed to load: {state['error']}")
+        from .scheduler import QueueFull
+
         try:
-            res = await run_in_threadpool(gen.run, req.prompt, req.max_sentences, **params)
+            fut = state["sched"].submit(req.prompt, req.max_sentences, **params)
+            res = await asyncio.wrap_future(fut)
+        except QueueFull as e:
+            return JSONResponse(status_code=503, content={"error": str(e)}, headers={"Retry-After": str(scfg.retry_after)})
         except NextSpeedError as e:
             return error(422, str(e))
         return {"text": res.text, "sentences": res.sentences, "planned": res.planned, "realized": res.realized,

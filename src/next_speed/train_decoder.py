@@ -23,7 +23,7 @@ from .decoder_model import (CODE_MODES, DEFAULT_DECODER, Conditioning, ExemplarB
                             encode_example, init_code_embeddings, load_base_model, load_base_tokenizer, residual_rms,
                             save_decoder, token_losses)
 from .errors import ConfigError, NextSpeedError
-from .training import check_trainsets, plot_curve
+from .training import check_trainsets, cosine_lr, plot_curve
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 2
@@ -418,7 +418,7 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict:
             (loss / cfg.grad_accum).backward()
             run_loss.append(loss.item())
             tokens += int(batch["attention_mask"].sum())
-        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
+        lr = cosine_lr(step, total, cfg.warmup, cfg.lr)
         for grp in opt.param_groups:
             grp["lr"] = lr * grp["base_lr"] / cfg.lr if cfg.lr > 0 else 0.0
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -69,7 +69,8 @@ def train_planner(cfg: PlannerTrainConfig) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from .planner import Planner, PlannerModelConfig, cosine_lr
+    from .planner import Planner, PlannerModelConfig
+    from .training import cosine_lr
     from .runtime import pick_device, progress, seed_everything
 
     tmeta = check_trainsets(cfg.train_meta, [cfg.out_lm, cfg.out_lm_val], cfg.k, cfg.v)
@@ -117,7 +118,7 @@ def train_planner(cfg: PlannerTrainConfig) -> dict:
         idx = torch.randint(0, n, (min(cfg.bs, n),), generator=gen)
         xb, yb = x_tr[idx].to(device), y_tr[idx].to(device)
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, cfg.steps, min(cfg.warmup, cfg.steps // 5), cfg.lr)
+            g["lr"] = cosine_lr(step, cfg.steps, cfg.warmup, cfg.lr)
         with amp:
             logits = model(xb, yb)  # (B, T, K, V)
             loss = F.cross_entropy(logits.float().reshape(-1, V), yb.reshape(-1), ignore_index=-100)

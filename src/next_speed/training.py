@@ -1,12 +1,23 @@
-"""Helpers shared by the training stages (05 planner, 06 decoder): the training sets' metadata
-check and the loss curve."""
+"""Helpers shared by the training stages (05 planner, 06 decoder): the learning-rate schedule,
+the training sets' metadata check and the loss curve."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
 from .artifacts import StaleInputError, load_meta
+
+
+def cosine_lr(step: int, total: int, warmup: int, base: float, min_ratio: float = 0.1) -> float:
+    """The one schedule of both trainers: linear warmup over `warmup` steps (capped at a fifth of
+    the run), then cosine decay to `min_ratio * base` at `total` (nanoGPT's `get_lr`)."""
+    warmup = min(warmup, total // 5)
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
 def check_trainsets(train_meta: str, paths: Sequence[str], k: int | None, v: int | None) -> dict:
