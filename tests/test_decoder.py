@@ -451,3 +451,46 @@ def test_time_budget_replans_the_schedule(workdir, tiny_llama):
         tiny_llama, MAX_STEPS=2000, NUM_EPOCHS=1000, TIME_BUDGET=0.05, EVAL_EVERY=1000, WARMUP=1)))
     assert 3 < info["steps"] < 2000 and info["seconds"] < 60, info["steps"]
     assert info["history"][-1]["lr"] < 0.7 * 1e-3, info["history"][-1]
+
+
+def test_engine_with_injected_plan_equals_generate(tiny_llama):
+    """CODE_MODE=inject through the engine (prompt cache kept across sentences, candidates batched,
+    rows dropped as they end) writes what transformers' generate writes, and the plan changes it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from next_speed.decoder_model import PlanInjector, attach_injector, build_plan_adapter
+    from next_speed.engine import DecodeEngine, PromptCache, SentenceJob
+    from next_speed.generate import GenParams
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    adapter = build_plan_adapter(torch.randn(2, 4, 16), model.config.hidden_size, 16, 5.0)
+    with torch.no_grad():
+        for p in adapter.parameters():  # an adapter that says something (a fresh one adds zero)
+            p.normal_(0, 0.5)
+    attach_injector(model, PlanInjector(model, adapter, 1))
+    engine = DecodeEngine(model, tok, [], "cpu")
+    with torch.no_grad():
+        model.get_output_embeddings().weight[engine.stop_ids] = 0.0  # greedy would end at once
+    cond = Conditioning(K=2, V=4, code_mode="inject", max_in=48, max_out=16)
+    p = GenParams(do_sample=False, max_new_tokens=5, n_cand=2)
+
+    def job(ctx, plan, cache=None):
+        ex = encode_example(tok, cond, ctx, plan, None)
+        return SentenceJob(prompt=ex["input_ids"], n=2, params=p, seed=0, planned=plan, plan_start=ex["plan_start"], cache=cache)
+
+    cache = PromptCache()
+    outs = {}
+    for plan, ctx in (([1, 2], "Rivers flow."), ([3, 0], "Rivers flow. Cats sleep."), ([0, 1], "Rivers flow.")):
+        a, b = job(ctx, plan, cache), job(ctx, plan)
+        engine.render([a])
+        engine.render_hf([b])
+        assert a.out == b.out and a.out[0]["text"]
+        outs[tuple(plan)] = a.out[0]["text"]
+    assert cache.reused > 0  # the second prompt extends the first
+    assert len(set(outs.values())) > 1  # the plan reaches the text
+    # jobs with different plans in one batch: each as alone
+    together = [job("Rivers flow.", [1, 2]), job("Cats sleep all day.", [0, 1])]
+    engine.render(together)
+    assert together[0].out[0]["text"] == outs[(1, 2)]

@@ -516,7 +516,7 @@ def test_server_batches_concurrent_requests(gen):
     app = create_app(lambda: gen, ServerConfig(max_queue=8), background=False)
     with TestClient(app) as c:
         sched = app.state.gen_state["sched"]
-        with gen._lock:  # the worker waits: all four requests are in the queue before the first batch
+        with gen._lock:  # the worker waits, so the requests pile up and share batches from their first steps on
             threads, out = _post_all(c, payloads)
             deadline = time.time() + 30
             while sched.load() < len(payloads) and time.time() < deadline:
@@ -572,3 +572,19 @@ def test_nucleus_sample_keeps_the_top_p_set():
     logits = torch.randn(3, 50)
     a = nucleus_sample(logits, 0.8, torch.Generator().manual_seed(7))
     assert a.shape == (3,) and torch.equal(a, nucleus_sample(logits, 0.8, torch.Generator().manual_seed(7)))  # same seed, same tokens
+
+
+def test_scheduler_survives_cancelled_requests(gen):
+    """A client that goes away cancels its future; the worker drops the request and keeps serving."""
+    from next_speed.scheduler import BatchScheduler
+
+    sched = BatchScheduler(gen, max_queue=4)
+    try:
+        with gen._lock:
+            gone = sched.submit("Paris is the capital of France.", 2, seed=1)
+            kept = sched.submit("Paris is the capital of France.", 1, seed=2)
+            assert gone.cancel()
+        assert kept.result(timeout=300).sentences == gen.run("Paris is the capital of France.", 1, seed=2).sentences
+        assert sched.submit("Hi there.", 1).result(timeout=300) is not None and sched.load() == 0
+    finally:
+        sched.close()

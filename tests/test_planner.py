@@ -150,3 +150,18 @@ def test_cli_end_to_end(workdir):
     assert "bigram" in r.stdout and "copy previous" in r.stdout and "most frequent" in r.stdout
     r = run_script("05_train_sentence_lm.py", env=tiny_env(D_MODEL=30, N_HEADS=4), cwd=workdir)
     assert r.returncode == 2 and r.stderr.strip() == "error: D_MODEL=30 is not divisible by N_HEADS=4"
+
+
+def test_one_learning_rate_schedule():
+    """Both trainers use training.cosine_lr: linear warmup to the base rate, cosine down to a tenth."""
+    from next_speed.training import cosine_lr
+
+    lrs = [cosine_lr(s, 100, 10, 1e-3) for s in range(101)]
+    assert lrs[0] == 1e-4 and abs(lrs[9] - 1e-3) < 1e-12
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert abs(lrs[100] - 1e-4) < 1e-12
+    import inspect
+
+    from next_speed import train_decoder, train_planner
+
+    assert "cosine_lr(" in inspect.getsource(train_decoder) and "cosine_lr(" in inspect.getsource(train_planner)

@@ -293,7 +293,7 @@ class SentenceGenerator:
                     and len(self.tok(" ".join(history[s:]) + "\n", add_special_tokens=False)["input_ids"]) <= room * frac)
 
         if not fits(start, 1.0):
-            start += 1
+            start = min(start + 1, len(history) - 1)  # the last sentence stays (cut from the left if too long)
             while start < len(history) - 1 and not fits(start, 0.5):
                 start += 1
         return " ".join(history[start:]), start

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,24 @@ log = logging.getLogger(__name__)
 
 class QueueFull(NextSpeedError):
     """The server has `max_queue` requests in flight; the client should retry later."""
+
+
+class ShuttingDown(NextSpeedError):
+    """The scheduler stopped (the server is shutting down)."""
+
+
+def _settle(fut: Future, result: Any = None, exc: BaseException | None = None) -> None:
+    """Hand a result or an error to a request's future, unless it is already done (a client that
+    went away cancels its future; that must never stop the worker)."""
+    if fut.done():
+        return
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:  # cancelled in between
+        pass
 
 
 @dataclass(eq=False)  # requests compare by identity
@@ -69,7 +87,7 @@ class BatchScheduler:
         fut: Future = Future()
         with self._cv:
             if self._stop:
-                raise NextSpeedError("the scheduler is stopped")
+                raise ShuttingDown("the server is shutting down; retry shortly")
             if len(self._waiting) + len(self._active) >= self.max_queue:
                 raise QueueFull(f"the server is busy: {self.max_queue} requests in flight (MAX_QUEUE); retry shortly")
             self._waiting.append(_Request(prompt, p, fut))
@@ -92,51 +110,85 @@ class BatchScheduler:
         except StopIteration as done:
             res = done.value
             res.timings["queued"] = round(r.started - r.submitted, 4)
-            r.future.set_result(res)
+            _settle(r.future, res)
         except Exception as e:  # noqa: BLE001 - handed to the request's caller
-            r.future.set_exception(e)
+            _settle(r.future, exc=e)
         return False
 
+    def _render(self, batch: list[_Request]) -> list[_Request]:
+        """Render the batch's steps; returns the requests that failed. When a batch fails, each
+        request is tried alone (its prompt cache reset), so one bad request fails only itself."""
+        try:
+            self.gen.render_jobs([r.job for r in batch])
+            return []
+        except Exception as e:  # noqa: BLE001 - a bug or an out-of-memory: logged, handed to the requests
+            if len(batch) == 1:
+                log.error("rendering a sentence step failed", exc_info=e)
+                _settle(batch[0].future, exc=e)
+                return batch
+        failed = []
+        for r in batch:
+            if r.job.cache is not None:  # a failed forward may have left it half-extended
+                r.job.cache.kv, r.job.cache.ids, r.job.cache.clean = None, [], 0
+            try:
+                self.gen.render_jobs([r.job])
+            except Exception as e:  # noqa: BLE001
+                log.error("rendering a sentence step failed", exc_info=e)
+                _settle(r.future, exc=e)
+                failed.append(r)
+        return failed
+
     def _loop(self) -> None:
-        gen = self.gen
         while True:
-            with self._cv:
-                while not self._stop and not self._waiting and not self._active:
-                    self._cv.wait()
-                if self._stop:
-                    for r in self._waiting + self._active:
-                        r.future.set_exception(NextSpeedError("the server is shutting down"))
+            try:
+                if not self._round():
                     return
-                new, self._waiting = self._waiting, []
-                self._active.extend(new)  # counted as in flight from here on
-            with gen._lock:
-                failed = []
-                for r in new:
-                    r.started = time.perf_counter()
-                    r.steps = gen.steps(r.prompt, r.params)
-                    if not self._advance(r, first=True):
-                        failed.append(r)
+            except BaseException as e:  # noqa: BLE001 - never leave requests waiting on a dead worker
+                log.error("the scheduler's worker failed; failing the requests in flight", exc_info=e)
                 with self._cv:
-                    self._active = [r for r in self._active if r not in failed]
-                    active = list(self._active)
-                batch, rows = [], 0
-                for r in active:  # oldest first, as many rows as allowed (at least one request)
-                    if batch and rows + r.job.n > self.max_batch_rows:
-                        break
-                    batch.append(r)
-                    rows += r.job.n
-                if not batch:
-                    continue
-                try:
-                    gen.render_jobs([r.job for r in batch])
-                    self.batches += 1
-                    self.rows += rows
-                    done = [r for r in batch if not self._advance(r)]
-                except Exception as e:  # noqa: BLE001 - a bug in rendering: fail this batch, keep serving
-                    log.error("rendering a batch of %d requests failed", len(batch), exc_info=e)
-                    for r in batch:
-                        r.future.set_exception(e)
-                    done = batch
-                with self._cv:
-                    # finished requests leave; the ones served go behind those that waited
-                    self._active = [r for r in self._active if r not in batch] + [r for r in batch if r not in done]
+                    lost, self._waiting, self._active = self._waiting + self._active, [], []
+                for r in lost:
+                    _settle(r.future, exc=NextSpeedError(f"internal error ({type(e).__name__}); the server log has the details"))
+
+    def _round(self) -> bool:
+        """Admit, render one batch, advance; False once stopped."""
+        gen = self.gen
+        with self._cv:
+            while not self._stop and not self._waiting and not self._active:
+                self._cv.wait()
+            if self._stop:
+                for r in self._waiting + self._active:
+                    _settle(r.future, exc=ShuttingDown("the server is shutting down; retry shortly"))
+                self._waiting, self._active = [], []
+                return False
+            new, self._waiting = self._waiting, []
+            # a client that went away cancelled its future: its request leaves
+            self._active = [r for r in self._active if not r.future.cancelled()]
+            new = [r for r in new if not r.future.cancelled()]
+            self._active.extend(new)  # counted as in flight from here on
+        with gen._lock:
+            failed = []
+            for r in new:
+                r.started = time.perf_counter()
+                r.steps = gen.steps(r.prompt, r.params)
+                if not self._advance(r, first=True):
+                    failed.append(r)
+            with self._cv:
+                self._active = [r for r in self._active if r not in failed]
+                active = list(self._active)
+            batch, rows = [], 0
+            for r in active:  # oldest first, as many rows as allowed (at least one request)
+                if batch and rows + r.job.n > self.max_batch_rows:
+                    break
+                batch.append(r)
+                rows += r.job.n
+            if not batch:
+                return True
+            failed = self._render(batch)
+            self.batches += 1
+            self.rows += rows
+            done = failed + [r for r in batch if r not in failed and not self._advance(r)]
+            with self._cv:
+                # finished requests leave; the ones served go behind those that waited
+                self._active = [r for r in self._active if r not in batch] + [r for r in batch if r not in done]
+        return True

@@ -157,12 +157,12 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
         gen = state["gen"]
         if gen is None:
             return error(503, "models are still loading" if not state["error"] else f"models failed to load: {state['error']}")
-        from .scheduler import QueueFull
+        from .scheduler import QueueFull, ShuttingDown
 
         try:
             fut = state["sched"].submit(req.prompt, req.max_sentences, **params)
             res = await asyncio.wrap_future(fut)
-        except QueueFull as e:
+        except (QueueFull, ShuttingDown) as e:
             return JSONResponse(status_code=503, content={"error": str(e)}, headers={"Retry-After": str(scfg.retry_after)})
         except NextSpeedError as e:
             return error(422, str(e))

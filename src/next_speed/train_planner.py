@@ -118,7 +118,7 @@ def train_planner(cfg: PlannerTrainConfig) -> dict:
         idx = torch.randint(0, n, (min(cfg.bs, n),), generator=gen)
         xb, yb = x_tr[idx].to(device), y_tr[idx].to(device)
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, cfg.steps, cfg.warmup, cfg.lr)
+            g["lr"] = cosine_lr(step, cfg.steps, min(cfg.warmup, cfg.steps // 5), cfg.lr)
         with amp:
             logits = model(xb, yb)  # (B, T, K, V)
             loss = F.cross_entropy(logits.float().reshape(-1, V), yb.reshape(-1), ignore_index=-100)

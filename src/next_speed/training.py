@@ -11,9 +11,8 @@ from .artifacts import StaleInputError, load_meta
 
 
 def cosine_lr(step: int, total: int, warmup: int, base: float, min_ratio: float = 0.1) -> float:
-    """The one schedule of both trainers: linear warmup over `warmup` steps (capped at a fifth of
-    the run), then cosine decay to `min_ratio * base` at `total` (nanoGPT's `get_lr`)."""
-    warmup = min(warmup, total // 5)
+    """The one schedule of both trainers: linear warmup over `warmup` steps, then cosine decay to
+    `min_ratio * base` at `total` (nanoGPT's `get_lr`)."""
     if step < warmup:
         return base * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
