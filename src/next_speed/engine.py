@@ -118,6 +118,7 @@ class DecodeEngine:
             stop[tok.eos_token_id] = True
         self.stop = stop
         self.stop_ids = stop.nonzero().flatten().tolist()
+        self._stop_set = set(self.stop_ids)
 
     # ------------------------------------------------------------------ prompts
     def _injector(self):
@@ -220,9 +221,8 @@ class DecodeEngine:
                         if rows:
                             nxt[rows] = self._choose(j, logits[rows], [tokens[alive[b]] for b in rows], gens[ji], procs[ji])
                     keep = []
-                    for b, r in enumerate(alive):
-                        t = int(nxt[b])
-                        if self.stop[t]:
+                    for b, (r, t) in enumerate(zip(alive, nxt.tolist())):  # one device->host copy a step
+                        if t in self._stop_set:
                             ended[r] = True
                             if t != self.tok.eos_token_id:
                                 tokens[r].append(t)  # "word.\n": the text before the newline is kept
@@ -287,7 +287,7 @@ class DecodeEngine:
             res = []
             for row in out.tolist():
                 row = row[1:] if seq2seq else row  # the decoder start token
-                cut = next((i for i, t in enumerate(row) if self.stop[t]), None)
+                cut = next((i for i, t in enumerate(row) if t in self._stop_set), None)
                 body = row if cut is None else row[:cut] + ([row[cut]] if row[cut] != self.tok.eos_token_id else [])
                 text = self.tok.decode(body, skip_special_tokens=True)
                 res.append({"text": text.split("\n")[0].strip(), "ended": cut is not None, "tokens": len(body)})

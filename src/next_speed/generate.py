@@ -249,6 +249,9 @@ class SentenceGenerator:
 
         self.engine = DecodeEngine(self.model, self.tok, code_token_ids(self.tok, self.cond), self.device)
         self.use_kv = cfg.engine == "kv" and self.cond.family == "causal"
+        if cfg.engine == "kv" and not self.use_kv:
+            log.info("ENGINE=kv serves causal decoders; this %s decoder renders with transformers' generate (ENGINE=hf)",
+                     self.cond.family)
         from .sentences import _init_worker
 
         _init_worker(rec["lang"])  # the prompt splitter of step 01, built once (not per call)
