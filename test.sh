@@ -4,4 +4,15 @@
 # Extra arguments go to pytest (e.g. -m "not integration" for the unit tier alone).
 cd "$(dirname "$0")"
 source scripts/bootstrap.sh
+# The web page's test drives a headless Chromium (Debian's chromium and chromium-driver): install
+# them where this machine can (root with apt-get); elsewhere that one test is skipped, with the reason.
+if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian's chromium and chromium-driver for the browser test" >&2
+    { apt-get install -y -q chromium chromium-driver || { apt-get update -q && apt-get install -y -q chromium chromium-driver; }; } \
+      >/dev/null 2>&1 || echo "could not install chromium: the browser test will be skipped" >&2
+  else
+    echo "chromium or chromedriver not found (install Debian's chromium and chromium-driver): the browser test will be skipped" >&2
+  fi
+fi
 exec "${UV[@]}" run --frozen pytest "$@"

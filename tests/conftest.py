@@ -31,6 +31,24 @@ def make_docs(n_docs: int = 24) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A folder holding the artifacts of `next-speed run --preset tiny` (steps 01-07)."""
+    from next_speed.config import resolve
+    from next_speed.pipeline import RunConfig, run_pipeline
+
+    d = tmp_path_factory.mktemp("tinyrun")
+    old = os.getcwd()
+    os.chdir(d)
+    try:
+        lines = []
+        env = {k: v for k, v in os.environ.items() if k not in ("LANG",)}
+        run_pipeline(resolve(RunConfig, environ={"PRESET": "tiny"}), environ=env, echo=lines.append)
+    finally:
+        os.chdir(old)
+    return d
+
+
+@pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory) -> str:
     from next_speed.testing import build_tiny_encoder
 

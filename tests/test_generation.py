@@ -20,23 +20,6 @@ from next_speed.generate import GenerateConfig, SentenceGenerator, match_score, 
 from conftest import ROOT, run_script
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """A folder holding the artifacts of `next-speed run --preset tiny` (steps 01-07)."""
-    from next_speed.pipeline import RunConfig, run_pipeline
-
-    d = tmp_path_factory.mktemp("tinyrun")
-    old = os.getcwd()
-    os.chdir(d)
-    try:
-        lines = []
-        env = {k: v for k, v in os.environ.items() if k not in ("LANG",)}
-        run_pipeline(resolve(RunConfig, environ={"PRESET": "tiny"}), environ=env, echo=lines.append)
-    finally:
-        os.chdir(old)
-    return d
-
-
 @pytest.fixture()
 def in_run(tiny_run, monkeypatch):
     monkeypatch.chdir(tiny_run)
@@ -75,7 +58,7 @@ def _fake_render(gen, monkeypatch, fn):
 
 
 def _rendered(texts, ended=True):
-    return lambda ctx, codes, p, seed, exemplars=None: [{"text": t, "ended": ended} for t in texts[: p.n_cand]]
+    return lambda ctx, codes, p, seed, exemplars=None: [{"text": t, "ended": ended, "tokens": len(t.split())} for t in texts[: p.n_cand]]
 
 
 def test_rerank_picks_best_match(gen, monkeypatch):
@@ -94,7 +77,7 @@ def test_rerank_picks_best_match(gen, monkeypatch):
     assert match_score([1, 2, 3], [1, 2, 0], 0.1) > match_score([1, 2, 3], [1, 0, 3], 0.9)
     # a candidate cut by MAX_NEW_TOKENS loses to one that ended, whatever its codes
     _fake_render(gen, monkeypatch, lambda ctx, codes, p, seed, exemplars=None: [
-        {"text": cands[0], "ended": True}, {"text": cands[1], "ended": False}, {"text": cands[2], "ended": True}])
+        {"text": cands[0], "ended": True, "tokens": 3}, {"text": cands[1], "ended": False, "tokens": 3}, {"text": cands[2], "ended": True, "tokens": 3}])
     res = gen.run("A prompt sentence is here.", 1, rerank=True)
     assert res.sentences == ["third candidate sentence."] and res.steps[0].candidates[1]["ended"] is False
 
@@ -107,7 +90,7 @@ def test_stop_rules(gen, monkeypatch):
     res = gen.run("A prompt sentence is here.", 3)
     assert res.sentences == [] and res.stop_reason == "repeat"
     seq = iter(["One new sentence.", "Another new sentence.", "One new sentence."])
-    _fake_render(gen, monkeypatch, lambda ctx, codes, p, seed, exemplars=None: [{"text": next(seq), "ended": True}])
+    _fake_render(gen, monkeypatch, lambda ctx, codes, p, seed, exemplars=None: [{"text": next(seq), "ended": True, "tokens": 3}])
     res = gen.run("A prompt sentence is here.", 5, n_cand=1, rerank=False)
     assert res.sentences == ["One new sentence.", "Another new sentence."] and res.stop_reason == "repeat"
 
@@ -119,7 +102,7 @@ def test_rerank_off_renders_one_candidate(gen, monkeypatch):
 
     def render(ctx, codes, p, seed, exemplars=None):
         asked.append(p.n_cand)
-        return [{"text": "", "ended": True}] * p.n_cand
+        return [{"text": "", "ended": True, "tokens": 0}] * p.n_cand
 
     _fake_render(gen, monkeypatch, render)
     res = gen.run("A prompt sentence is here.", 2, n_cand=4, rerank=False)

@@ -13,6 +13,12 @@ HELP = """commands:
   /show              current settings
   /set NAME=VALUE    change a setting (e.g. /set n_cand=8, /set rerank=0)
   /reset             forget the conversation
+  /pin C0 C1 ...     pin the codes (first levels) of the next sentence; several: /pin 12 40 ; - ; 7
+                     ('-' leaves that sentence to the planner); pins apply to the next turn only
+  /steer [levels=L] TEXT   steer the next sentence by an example: its codes (first L levels) become the plan
+  /plan              the pins waiting for the next turn; /unpin clears them
+  /code LEVEL INDEX  what a code means: the training sentences that carry it, its nearest codes
+  /codes TEXT        the code tuple of a sentence
   /quit              leave (Ctrl-D and Ctrl-C work too)
 anything else continues the text: your sentences, then the generator's."""
 
@@ -24,6 +30,7 @@ def chat_loop(gen, inp: TextIO = sys.stdin, out: TextIO = sys.stdout, interactiv
     interactive = inp.isatty() if interactive is None else interactive
     history: list[str] = []
     params = gen.params
+    pins: list = []  # plan control for the next turn (generate.check_plan entries)
     if interactive:
         print("next-speed chat: type text to continue it, /help for commands.", file=out)
     while True:
@@ -50,6 +57,11 @@ def chat_loop(gen, inp: TextIO = sys.stdin, out: TextIO = sys.stdout, interactiv
             elif cmd == "reset":
                 history.clear()
                 print("(conversation cleared)", file=out)
+            elif cmd in ("pin", "steer", "plan", "unpin", "code", "codes"):
+                try:
+                    plan_command(gen, cmd, arg.strip(), pins, out)
+                except NextSpeedError as e:
+                    print(f"error: {e}", file=out)
             elif cmd == "set":
                 name, eq, value = arg.partition("=")
                 if not eq:
@@ -65,7 +77,7 @@ def chat_loop(gen, inp: TextIO = sys.stdin, out: TextIO = sys.stdout, interactiv
             continue
         history.append(line)
         try:
-            res = gen.run(" ".join(history), **asdict(params))
+            res = gen.run(" ".join(history), plan=list(pins) or None, **asdict(params))
         except KeyboardInterrupt:
             print("\n(interrupted)", file=out)
             continue
@@ -73,10 +85,72 @@ def chat_loop(gen, inp: TextIO = sys.stdin, out: TextIO = sys.stdout, interactiv
             history.pop()
             print(f"error: {e}", file=out)
             continue
+        if pins:  # show how the pinned plan came out
+            for st in res.steps:
+                if st.chosen is not None:
+                    print(f"  plan {st.planned} (pinned {st.pinned}) -> realized {st.realized}", file=out)
+            pins.clear()
         text = res.text or "(nothing generated)"
         if res.sentences:
             history.append(res.text)
         print(("bot> " if interactive else "") + text, file=out, flush=True)
+
+
+def plan_command(gen, cmd: str, arg: str, pins: list, out: TextIO) -> None:
+    """The REPL's plan-control and code-browser commands (errors raise NextSpeedError)."""
+    from .errors import ConfigError
+    from .generate import check_plan
+
+    K, V = gen.rvq.K, gen.rvq.V
+    if cmd == "pin":
+        if not arg:
+            raise ConfigError("usage: /pin C0 C1 ... (the first levels' codes); several sentences: /pin 12 40 ; - ; 7")
+        new = []
+        for part in arg.split(";"):
+            part = part.strip()
+            if part in ("", "-"):
+                new.append(None)
+                continue
+            try:
+                new.append([int(x) for x in part.replace(",", " ").split()])
+            except ValueError:
+                raise ConfigError(f"/pin: {part!r} is not a list of codes (whole numbers)") from None
+        check_plan(pins + new, K, V, "pin")
+        pins.extend(new)
+        print(f"pinned for the next turn: {pins}", file=out)
+    elif cmd == "steer":
+        levels, text = K, arg
+        if arg.startswith("levels="):
+            head, _, text = arg.partition(" ")
+            try:
+                levels = int(head.removeprefix("levels="))
+            except ValueError:
+                raise ConfigError(f"/steer: {head!r}: levels must be a whole number from 1 to {K}") from None
+        entry = {"example": text.strip(), "levels": levels}
+        check_plan(pins + [entry], K, V, "steer")
+        pins.append(entry)
+        print(f"steering sentence {len(pins)} by the example's first {levels} levels: {gen.codes_of(entry['example'], levels)}",
+              file=out)
+    elif cmd == "plan":
+        print(f"pinned for the next turn: {pins}" if pins else "(no pins: the planner chooses)", file=out)
+    elif cmd == "unpin":
+        pins.clear()
+        print("(pins cleared)", file=out)
+    elif cmd == "codes":
+        if not arg:
+            raise ConfigError("usage: /codes TEXT")
+        print(gen.codes_of(arg), file=out)
+    else:  # code
+        try:
+            level, index = (int(x) for x in arg.split())
+        except ValueError:
+            raise ConfigError("usage: /code LEVEL INDEX (two whole numbers)") from None
+        info = gen.browser().lookup(level, index, n=5, neighbours=3)
+        print(f"level {level}, code {index}: {info['count']} of {info['sentences_total']} training sentences", file=out)
+        for ex in info["examples"]:
+            print(f"  {ex['text']}  {ex['codes']}", file=out)
+        for nb in info["neighbours"]:
+            print(f"  near: code {nb['index']} (cos {nb['cosine']}, {nb['count']} sentences): {nb['example']}", file=out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,6 +103,64 @@ def check_prompt(prompt: Any, name: str = "prompt") -> str:
     return prompt
 
 
+def check_plan(plan: Any, K: int, V: int, name: str = "plan") -> list | None:
+    """Validate plan control and return it as a list of per-sentence entries, one per generated
+    sentence from the first (sentences past the list's end are planned freely). An entry is
+    `None` (the planner chooses), a list of 1..K codes (the first levels pinned, the rest planned;
+    K codes pin the whole tuple), a string (an example sentence: it is embedded and quantized and
+    its codes become the plan), or an object `{"codes": [...]}` or `{"example": "...", "levels": L}`
+    (only the example's first L levels pinned). Errors are ConfigErrors naming the entry."""
+    if plan is None:
+        return None
+    if not isinstance(plan, (list, tuple)):
+        raise ConfigError(f"{name}: expected a list of per-sentence entries, got {type(plan).__name__}")
+    if len(plan) > 64:
+        raise ConfigError(f"{name}: {len(plan)} entries is more than the 64 sentences a call can generate")
+    out: list = []
+    for i, e in enumerate(plan):
+        where = f"{name}[{i}]"
+        if isinstance(e, dict):
+            unknown = sorted(set(e) - {"codes", "example", "levels"})
+            if unknown:
+                raise ConfigError(f"{where}: unknown key {unknown[0]!r}; an entry has 'codes', or 'example' and optionally 'levels'")
+            if ("codes" in e) == ("example" in e):
+                raise ConfigError(f"{where}: give exactly one of 'codes' or 'example'")
+            if "codes" in e:
+                if "levels" in e:
+                    raise ConfigError(f"{where}: 'levels' goes with 'example'; pin fewer levels by giving fewer codes")
+                e = e["codes"]
+            else:
+                levels = e.get("levels", K)
+                if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= K:
+                    raise ConfigError(f"{where}.levels: expected a whole number from 1 to K={K}, got {levels!r}")
+                out.append({"example": check_prompt(e["example"], f"{where}.example"), "levels": levels})
+                continue
+        if e is None:
+            out.append(None)
+        elif isinstance(e, str):
+            out.append({"example": check_prompt(e, where), "levels": K})
+        elif isinstance(e, (list, tuple)):
+            if not 1 <= len(e) <= K:
+                raise ConfigError(f"{where}: expected 1 to K={K} codes (the first levels), got {len(e)}")
+            for j, c in enumerate(e):
+                if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= int(c) < V:
+                    raise ConfigError(f"{where}[{j}]: code {c!r} is not a code of level {j}: expected a whole number from 0 to {V - 1}")
+            out.append([int(c) for c in e])
+        else:
+            raise ConfigError(f"{where}: expected null, a list of codes, an example sentence or an object, got {type(e).__name__}")
+    return out
+
+
+def check_stop(stop: Any, name: str = "stop") -> list[str]:
+    """Stop strings: a string or a list of at most 4 non-empty strings (OpenAI's limit)."""
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)) or len(stops) > 4 or not all(isinstance(x, str) and x for x in stops):
+        raise ConfigError(f"{name}: expected a non-empty string or a list of at most 4 non-empty strings")
+    return list(stops)
+
+
 def params_from(cfg: GenParams) -> GenParams:
     return GenParams(**{n: getattr(cfg, n) for n in PARAM_NAMES})
 
@@ -128,6 +186,8 @@ class Step:
     realized: list[int] | None
     timings: dict[str, float]
     exemplars: list[str] = field(default_factory=list)
+    pinned: int = 0  # levels of `planned` fixed by plan control (0: all chosen by the planner)
+    tokens: int = 0  # decoder tokens of the chosen sentence
 
 
 @dataclass
@@ -349,13 +409,62 @@ class SentenceGenerator:
             out.append({"text": c, "codes": t.tolist(), "prefix": prefix, "cosine": round(cos, 4)})
         return (out, x) if return_embeddings else out
 
+    def codes_of(self, text: str, levels: int | None = None) -> list[int]:
+        """The code tuple of a sentence (embedded and quantized as in step 03), or its first `levels`."""
+        codes = self.rvq.encode(self.embed([text]), beam=self.beam)[0].tolist()
+        return codes[: levels or self.rvq.K]
+
+    def browser(self):
+        """The code browser over the training sentences (built on first use; see codebook.py)."""
+        with self._lock:
+            if getattr(self, "_browser", None) is None:
+                from .codebook import CodeBrowser
+
+                self._browser = CodeBrowser.from_rvq_meta(self.cfg.rvq_meta, self.rvq)
+            return self._browser
+
     # ------------------------------------------------------------------ the loop
-    def run(self, prompt: str, max_sentences: int | None = None, **overrides: Any) -> GenerationResult:
-        """Generate up to `max_sentences` sentences after `prompt`, with per-call parameter overrides."""
+    def prepare(self, prompt: str, max_sentences: int | None = None, *, plan: Any = None, max_tokens: int | None = None,
+                stop: Any = None, **overrides: Any) -> dict:
+        """Validate one call's arguments (ConfigError naming the bad one) into `steps()` keywords."""
         p = update_params(self.params, {**({"gen_steps": max_sentences} if max_sentences is not None else {}), **overrides})
         check_prompt(prompt)
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+            raise ConfigError(f"max_tokens: expected a whole number of at least 1, got {max_tokens!r}")
+        return {"prompt": prompt, "p": p, "plan": check_plan(plan, self.rvq.K, self.rvq.V), "max_tokens": max_tokens,
+                "stop": check_stop(stop)}
+
+    def run(self, prompt: str, max_sentences: int | None = None, *, plan: Any = None, max_tokens: int | None = None,
+            stop: Any = None, **overrides: Any) -> GenerationResult:
+        """Generate up to `max_sentences` sentences after `prompt`, with per-call parameter overrides.
+
+        `plan` pins the codes of the next sentences (see `check_plan`): e.g. `plan=[[12, 40], None,
+        "An example sentence."]` pins levels 0-1 of the first sentence, leaves the second to the
+        planner and gives the third the codes of the example. `max_tokens` caps the decoder tokens
+        of all sentences together (stop reason "length"); `stop` strings end the text where they
+        first occur (stop reason "stop")."""
+        kw = self.prepare(prompt, max_sentences, plan=plan, max_tokens=max_tokens, stop=stop, **overrides)
         with self._lock:
-            return self.drive(self.steps(prompt, p))
+            return self.drive(self.steps(**kw))
+
+    def stream(self, prompt: str, max_sentences: int | None = None, **kwargs: Any):
+        """As `run`, yielding each sentence step (`Step`) as soon as it is decided; the generator's
+        return value is the GenerationResult. Other calls may run between two steps."""
+        kw = self.prepare(prompt, max_sentences, **kwargs)
+        done: list[Step] = []
+        steps = self.steps(**kw, on_step=done.append)
+        try:
+            with self._lock:
+                jobs = next(steps)
+            while True:
+                with self._lock:
+                    self.render_jobs(jobs)
+                    jobs = steps.send(None)
+                yield from done
+                done.clear()
+        except StopIteration as stop:
+            yield from done
+            return stop.value
 
     def drive(self, steps) -> GenerationResult:
         """Run a `steps()` generation to its end, one sentence step at a time (the caller holds the lock)."""
@@ -367,11 +476,13 @@ class SentenceGenerator:
         except StopIteration as stop:
             return stop.value
 
-    def steps(self, prompt: str, p: GenParams):
+    def steps(self, prompt: str, p: GenParams, plan: list | None = None, max_tokens: int | None = None,
+              stop: Sequence[str] = (), on_step=None):
         """The generation loop as a Python generator: it yields each sentence step (a list of
         one SentenceJob) for someone to render (`drive`, or the server's scheduler, which renders
         the steps of concurrent requests in one batch) and returns the GenerationResult.
-        The prompt's KV cache travels from one step to the next."""
+        The prompt's KV cache travels from one step to the next. `plan`, `max_tokens` and `stop`
+        are as checked by `prepare`; `on_step(step)` is called with each Step once decided."""
         from .engine import PromptCache
 
         torch = self.torch
@@ -390,16 +501,26 @@ class SentenceGenerator:
         tot = {"prompt": t_prompt, "planner": 0.0, "decoder": 0.0, "rerank": 0.0}
         cache = PromptCache() if self.use_kv else None
         ctx_start = 0
+        budget = max_tokens
         for step in range(p.gen_steps):
+            if budget is not None and budget <= 0:
+                res.stop_reason = "length"
+                break
             t0 = time.perf_counter()
+            pin = plan[step] if plan and step < len(plan) else None
+            if isinstance(pin, dict):  # steer by example: its codes (first levels) are the plan
+                pin = self.codes_of(pin["example"], pin["levels"])
+            pin = pin or []
             planned = self.planner.next_tuple(ctx_codes, greedy=p.plan_temp <= 0, temperature=p.plan_temp,
-                                              top_k=p.plan_top_k, generator=gen, at_doc_start=True)
+                                              top_k=p.plan_top_k, generator=gen, at_doc_start=True, fixed=pin)
             t1 = time.perf_counter()
             exemplars = self.exemplars_for(planned, exclude={h for h in history})
             context_text, ctx_start = self.context_for(history, ctx_start, planned, exemplars)
             # Without rerank nothing would choose among candidates: render one (the spec's ablation).
-            job = self.make_job(context_text, planned, p if p.rerank else replace(p, n_cand=1), seed=p.seed * 1000 + step,
-                                exemplars=exemplars, cache=cache)
+            ps = p if p.rerank else replace(p, n_cand=1)
+            if budget is not None and budget < ps.max_new_tokens:
+                ps = replace(ps, max_new_tokens=budget)
+            job = self.make_job(context_text, planned, ps, seed=p.seed * 1000 + step, exemplars=exemplars, cache=cache)
             yield [job]
             rendered = job.out
             cache = job.cache
@@ -423,12 +544,29 @@ class SentenceGenerator:
                 tot[k] += timings[k]
             if chosen is None:
                 reason = "empty" if all(not c for c in cands) else "repeat"  # every non-empty one repeats
-                res.steps.append(Step(planned, scored, None, None, None, timings, exemplars))
+                res.steps.append(Step(planned, scored, None, None, None, timings, exemplars, len(pin)))
                 res.stop_reason = reason
+                if on_step is not None:
+                    on_step(res.steps[-1])
                 break
             sentence = cands[chosen]
             realized = scored[chosen]["codes"]
-            res.steps.append(Step(planned, scored, chosen, sentence, realized, timings, exemplars))
+            cut = min((i for i in (sentence.find(s) for s in stop) if i >= 0), default=-1)
+            if cut >= 0:  # a stop string: the text ends before it
+                sentence = sentence[:cut].rstrip()
+            if budget is not None:
+                budget -= rendered[chosen]["tokens"]
+            res.steps.append(Step(planned, scored, chosen, sentence, realized, timings, exemplars, len(pin),
+                                  rendered[chosen]["tokens"]))
+            if on_step is not None:
+                on_step(res.steps[-1])
+            if cut >= 0:
+                res.stop_reason = "stop"
+                if sentence:
+                    res.sentences.append(sentence)
+                    res.planned.append(planned)
+                    res.realized.append(realized)
+                break
             res.sentences.append(sentence)
             res.planned.append(planned)
             res.realized.append(realized)
@@ -436,6 +574,9 @@ class SentenceGenerator:
             seen.add(_norm(sentence))
             hist_emb = np.concatenate([hist_emb, x[chosen : chosen + 1]])
             ctx_codes.append(realized)
+        else:
+            if budget is not None and budget <= 0:
+                res.stop_reason = "length"
         tot["total"] = time.perf_counter() - t_start
         res.timings = {k: round(v, 4) for k, v in tot.items()}
         if cache is not None:

@@ -268,11 +268,19 @@ class PlannerRunner:
         return torch.softmax(logits[0].float(), -1)
 
     def next_tuple(self, context: Sequence[Sequence[int]], *, greedy: bool = False, temperature: float = 1.0,
-                   top_k: int = 0, generator=None, at_doc_start: bool = True) -> list[int]:
-        """Choose the next tuple: greedy, or sampled per level with temperature and top-k."""
+                   top_k: int = 0, generator=None, at_doc_start: bool = True, fixed: Sequence[int] = ()) -> list[int]:
+        """Choose the next tuple: greedy, or sampled per level with temperature and top-k. The
+        first `len(fixed)` levels are pinned to `fixed` (plan control); a chained planner conditions
+        the levels it still chooses on them."""
         import torch
 
+        fixed = [int(c) for c in fixed]
+        if len(fixed) >= self.model.cfg.K:
+            return fixed[: self.model.cfg.K]
+
         def choose(k, logits):
+            if k < len(fixed):
+                return torch.full(logits.shape[:1], fixed[k], dtype=torch.long, device=logits.device)
             if greedy or temperature <= 0:
                 return logits.argmax(-1)
             lg = logits.float() / temperature

@@ -47,9 +47,9 @@ def _settle(fut: Future, result: Any = None, exc: BaseException | None = None) -
 
 @dataclass(eq=False)  # requests compare by identity
 class _Request:
-    prompt: str
-    params: Any
+    kw: dict  # SentenceGenerator.steps() keywords, checked by prepare()
     future: Future
+    on_step: Any = None
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
     steps: Any = None
@@ -79,18 +79,18 @@ class BatchScheduler:
         with self._cv:
             return len(self._waiting) + len(self._active)
 
-    def submit(self, prompt: str, max_sentences: int | None = None, **overrides: Any) -> Future:
-        from .generate import check_prompt, update_params
-
-        p = update_params(self.gen.params, {**({"gen_steps": max_sentences} if max_sentences is not None else {}), **overrides})
-        check_prompt(prompt)
+    def submit(self, prompt: str, max_sentences: int | None = None, *, on_step=None, **kwargs: Any) -> Future:
+        """Queue one generation (`kwargs` as for `SentenceGenerator.run`: plan, max_tokens, stop and
+        parameter overrides). `on_step(step)` is called on the worker thread with each sentence
+        step once decided (the server streams from it)."""
+        kw = self.gen.prepare(prompt, max_sentences, **kwargs)
         fut: Future = Future()
         with self._cv:
             if self._stop:
                 raise ShuttingDown("the server is shutting down; retry shortly")
             if len(self._waiting) + len(self._active) >= self.max_queue:
                 raise QueueFull(f"the server is busy: {self.max_queue} requests in flight (MAX_QUEUE); retry shortly")
-            self._waiting.append(_Request(prompt, p, fut))
+            self._waiting.append(_Request(kw, fut, on_step))
             self._cv.notify()
         return fut
 
@@ -170,7 +170,7 @@ class BatchScheduler:
             failed = []
             for r in new:
                 r.started = time.perf_counter()
-                r.steps = gen.steps(r.prompt, r.params)
+                r.steps = gen.steps(**r.kw, on_step=r.on_step)
                 if not self._advance(r, first=True):
                     failed.append(r)
             with self._cv:

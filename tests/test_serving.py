@@ -1,0 +1,341 @@
+"""Serving the way people consume language models (issue 12): the OpenAI-compatible API through
+the official `openai` client against a live `09_server.py`, plan control in the Python API, the
+REPL and the server, the code browser, /metrics, and the web page in a headless Chromium."""
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from next_speed.config import resolve
+from next_speed.errors import ConfigError
+from next_speed.generate import GenerateConfig, SentenceGenerator, check_plan
+
+from conftest import ROOT
+
+ENV = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "8", "N_CAND": "3", "REPEAT_COS": "1.01"}
+PROMPT = "Paris is the capital of France. It lies on the Seine."
+
+
+@pytest.fixture(scope="module")
+def sgen(tiny_run):
+    old = os.getcwd()
+    os.chdir(tiny_run)
+    try:
+        yield SentenceGenerator(resolve(GenerateConfig, environ=ENV))
+    finally:
+        os.chdir(old)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run):
+    """A live `09_server.py` on loopback over the tiny run's artifacts; yields its base URL."""
+    port = _free_port()
+    env = {**os.environ, **ENV, "PORT": str(port), "MAX_BODY_BYTES": "4096", "PYTHONPATH": f"{ROOT}/src:{ROOT}"}
+    log = open(tiny_run / f"server-{port}.log", "w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "09_server.py")], cwd=tiny_run, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline, status = time.time() + 240, None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                    status = r.status
+                    break
+            except urllib.error.HTTPError as e:
+                status = e.code
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            time.sleep(0.5)
+        assert status == 200, f"server never became healthy (last status {status}): {(tiny_run / f'server-{port}.log').read_text()[-2000:]}"
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def _client(base):
+    from openai import OpenAI
+
+    return OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _post(base, path, body, raw: bytes | None = None, headers=None):
+    req = urllib.request.Request(base + path, method="POST", data=raw if raw is not None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _get(base, path):
+    try:
+        with urllib.request.urlopen(base + path, timeout=120) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+# ---------------------------------------------------------------------- Python API
+
+def test_check_plan_entries():
+    assert check_plan(None, 3, 8) is None
+    assert check_plan([[1], None, [1, 2, 3], "An example.", {"example": "Another.", "levels": 2}, {"codes": [4]}], 3, 8) == [
+        [1], None, [1, 2, 3], {"example": "An example.", "levels": 3}, {"example": "Another.", "levels": 2}, [4]]
+    bad = [([[8]], "plan[0][0]"), ([[1, 2, 3, 4]], "plan[0]"), ([[]], "plan[0]"), ([[True]], "plan[0][0]"), ("x", "plan:"),
+           ([{"example": "A.", "levels": 0}], "plan[0].levels"), ([{"codes": [1], "example": "A."}], "plan[0]"),
+           ([{"nope": 1}], "plan[0]"), ([""], "plan[0]"), ([3.5], "plan[0]"), ([[1.0]], "plan[0][0]")]
+    for plan, where in bad:
+        with pytest.raises(ConfigError, match=r"^" + where.replace("[", r"\[").replace("]", r"\]")):
+            check_plan(plan, 3, 8)
+
+
+def test_plan_control_in_the_python_api(sgen):
+    K, V = sgen.rvq.K, sgen.rvq.V
+    whole = [V - 1] * K
+    res = sgen.run(PROMPT, 3, plan=[whole, None, [1]], seed=5)
+    assert res.steps[0].planned == whole and res.steps[0].pinned == K
+    if len(res.steps) > 2:
+        assert res.steps[2].planned[0] == 1 and res.steps[2].pinned == 1
+    if len(res.steps) > 1:
+        assert res.steps[1].pinned == 0
+    # steering by an example: its codes become the plan
+    example = "Cats sleep for most of the day."
+    res = sgen.run(PROMPT, 1, plan=[example])
+    assert res.steps[0].planned == sgen.codes_of(example)
+    res = sgen.run(PROMPT, 1, plan=[{"example": example, "levels": 1}])
+    assert res.steps[0].planned[0] == sgen.codes_of(example)[0] and res.steps[0].pinned == 1
+    # the same seed and pins give the same text; stream() yields the steps run() returns
+    a = sgen.run(PROMPT, 3, plan=[[2]], seed=9)
+    streamed = []
+    gen = sgen.stream(PROMPT, 3, plan=[[2]], seed=9)
+    while True:
+        try:
+            streamed.append(next(gen))
+        except StopIteration as stop:
+            b = stop.value
+            break
+    assert a.text == b.text and [s.sentence for s in streamed] == [s.sentence for s in a.steps]
+    with pytest.raises(ConfigError, match=r"plan\[0\]\[0\]"):
+        sgen.run(PROMPT, 1, plan=[[V]])
+
+
+def test_token_budget_and_stop_strings(sgen):
+    res = sgen.run(PROMPT, 4, max_tokens=5, seed=1)
+    assert sum(s.tokens for s in res.steps if s.chosen is not None) <= 5
+    assert res.stop_reason in ("length", "empty", "repeat")
+    free = sgen.run(PROMPT, 2, seed=2)
+    if free.sentences and len(free.sentences[0]) > 2:
+        stop = free.sentences[0][2:4]
+        cut = sgen.run(PROMPT, 2, seed=2, stop=[stop])
+        assert cut.stop_reason == "stop" and stop not in cut.text
+        assert cut.text == free.sentences[0][: free.sentences[0].find(stop)].rstrip()
+    with pytest.raises(ConfigError, match="max_tokens"):
+        sgen.run(PROMPT, 1, max_tokens=0)
+    with pytest.raises(ConfigError, match="stop"):
+        sgen.run(PROMPT, 1, stop=["a", "b", "c", "d", "e"])
+
+
+def test_repl_plan_commands_and_code_browser(sgen):
+    from next_speed.chat import chat_loop
+
+    V = sgen.rvq.V
+    inp = io.StringIO(f"/pin 1 ; - \n/steer levels=1 Cats sleep a lot.\n/plan\n/pin {V}\n/code 0 1\n/code 0 {V}\n/codes Hello there.\n"
+                      f"{PROMPT}\n/plan\n/quit\n")
+    out = io.StringIO()
+    assert chat_loop(sgen, inp, out, interactive=False) == 0
+    text = out.getvalue()
+    assert "pinned for the next turn: [[1], None]" in text
+    assert "steering sentence 3 by the example's first 1 levels" in text
+    assert f"error: pin[3][0]: code {V} is not a code of level 0" in text
+    assert "level 0, code 1:" in text and "training sentences" in text
+    assert f"error: index: {V} is not a code" in text
+    assert "(no pins: the planner chooses)" in text  # pins apply to one turn
+    info = sgen.browser().lookup(0, 1, n=3)
+    assert info["count"] == int((sgen.browser().codes[:, 0] == 1).sum())
+    assert all(ex["codes"][0] == 1 for ex in info["examples"])
+
+
+# ---------------------------------------------------------------------- the live server
+
+def test_openai_client_completions(server):
+    import openai
+
+    client = _client(server)
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["next-speed"]
+    K = models.data[0].model_extra["next_speed"]["K"]
+    V = models.data[0].model_extra["next_speed"]["V"]
+    pin = [V - 1] * K
+    c = client.completions.create(model="next-speed", prompt=PROMPT, seed=4, extra_body={"max_sentences": 2, "plan": [pin, [0]]})
+    assert c.object == "text_completion" and len(c.choices) == 1
+    ch = c.choices[0]
+    assert ch.finish_reason in ("stop", "length") and isinstance(ch.text, str)
+    sents = ch.model_extra["sentences"]
+    assert sents and sents[0]["planned"] == pin and sents[0]["pinned"] == K  # the pinned plan is the plan
+    assert len(sents) < 2 or (sents[1]["planned"][0] == 0 and sents[1]["pinned"] == 1)
+    assert ch.text == "".join(" " + s["text"] for s in sents)
+    assert c.usage.completion_tokens == sum(s["tokens"] for s in sents) and c.usage.prompt_tokens > 0
+    # streamed: one event per sentence, then the final chunk with finish_reason and usage
+    chunks = list(client.completions.create(model="next-speed", prompt=PROMPT, seed=4, stream=True,
+                                            extra_body={"max_sentences": 2, "plan": [pin, [0]], "return_candidates": True}))
+    deltas = [x.choices[0].text for x in chunks if x.choices[0].finish_reason is None]
+    assert "".join(deltas) == ch.text and len(deltas) == len(sents)
+    last = chunks[-1]
+    assert last.choices[0].finish_reason == ch.finish_reason and last.usage.completion_tokens == c.usage.completion_tokens
+    first = chunks[0].choices[0].model_extra["sentence"]
+    assert first["planned"] == pin and len(first["candidates"]) == 3 and {"codes", "prefix", "cosine"} <= set(first["candidates"][0])
+    # n choices, each seeded seed + i: choice 1 equals a single request with seed + 1
+    two = client.completions.create(model="next-speed", prompt=PROMPT, seed=4, n=2, max_tokens=12)
+    one = client.completions.create(model="next-speed", prompt=PROMPT, seed=5, max_tokens=12)
+    assert [x.index for x in two.choices] == [0, 1] and two.choices[1].text == one.choices[0].text
+    assert sum(s["tokens"] for s in one.choices[0].model_extra["sentences"]) <= 12
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt=PROMPT)
+    with pytest.raises(openai.BadRequestError, match=r"plan\[0\]\[0\]"):
+        client.completions.create(model="next-speed", prompt=PROMPT, extra_body={"plan": [[V]]})
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.completions.create(model="next-speed", prompt=PROMPT, logprobs=2)
+
+
+def test_openai_client_chat(server):
+    client = _client(server)
+    msgs = [{"role": "system", "content": "Continue the text."}, {"role": "user", "content": PROMPT}]
+    r = client.chat.completions.create(model="next-speed", messages=msgs, seed=3, extra_body={"max_sentences": 2})
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    content = r.choices[0].message.content
+    assert content == " ".join(s["text"] for s in r.choices[0].model_extra["sentences"])
+    stream = list(client.chat.completions.create(model="next-speed", messages=msgs, seed=3, stream=True,
+                                                 extra_body={"max_sentences": 2}))
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert "".join(x.choices[0].delta.content or "" for x in stream) == content
+    assert stream[-1].choices[0].finish_reason == r.choices[0].finish_reason and stream[-1].usage.total_tokens == r.usage.total_tokens
+    # steering by example from the API: the example's codes are the plan
+    ex = "Rivers flow toward an ocean or a lake."
+    status, enc = _post(server, "/v1/codes/encode", {"text": ex})
+    assert status == 200
+    r = client.chat.completions.create(model="next-speed", messages=msgs, extra_body={"max_sentences": 1, "plan": [ex]})
+    assert r.choices[0].model_extra["sentences"][0]["planned"] == enc["codes"]
+
+
+def test_bad_requests_get_the_error_envelope_and_the_server_keeps_serving(server):
+    ok = {"model": "next-speed", "prompt": PROMPT, "max_sentences": 1}
+    cases = [
+        ("/v1/completions", {**ok, "prompt": 5}, 400, "prompt"), ("/v1/completions", {**ok, "max_tokens": "10"}, 400, "max_tokens"),
+        ("/v1/completions", {**ok, "temperature": 3}, 400, "temperature"), ("/v1/completions", {**ok, "n": 99}, 400, "n"),
+        ("/v1/completions", {**ok, "n_cand": 1000}, 400, "n_cand"), ("/v1/completions", {**ok, "max_sentences": 99}, 400, "max_sentences"),
+        ("/v1/completions", {**ok, "plan": [[999]]}, 400, "plan[0][0]"), ("/v1/completions", {**ok, "plan": "x"}, 400, "plan"),
+        ("/v1/completions", {**ok, "plan": [{"example": "A b.", "levels": 99}]}, 400, "plan[0].levels"),
+        ("/v1/completions", {**ok, "stop": ["a"] * 5}, 400, "stop"), ("/v1/completions", {**ok, "wat": 1}, 400, "wat"),
+        ("/v1/completions", {**ok, "prompt": ["a", "b"]}, 400, "prompt"), ("/v1/completions", {**ok, "prompt": "  "}, 400, "prompt"),
+        ("/v1/completions", {**ok, "top_p": 0}, 400, "top_p"), ("/v1/completions", {**ok, "model": "nope"}, 404, "model"),
+        ("/v1/chat/completions", {"model": "next-speed", "messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"model": "next-speed", "messages": [{"role": "robot", "content": "Hi."}]}, 400, "messages"),
+        ("/v1/chat/completions", {"model": "next-speed", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
+        ("/v1/codes/encode", {"text": 3}, 400, "text"),
+    ]
+    for path, body, status, param in cases:
+        got, err = _post(server, path, body)
+        assert got == status, (path, body, err)
+        assert set(err["error"]) == {"message", "type", "param", "code"} and err["error"]["message"], err
+        assert (err["error"]["param"] or "").startswith(param), (body, err)
+    got, err = _post(server, "/v1/completions", None, raw=b'{"model": ')
+    assert got == 400 and "invalid JSON" in err["error"]["message"]
+    got, err = _post(server, "/v1/completions", {**ok, "prompt": "x" * 5000})  # MAX_BODY_BYTES=4096 in this server
+    assert got == 413 and "MAX_BODY_BYTES" in err["error"]["message"]
+    got, err = _post(server, "/generate", {"prompt": "x" * 5000})
+    assert got == 413 and "MAX_BODY_BYTES" in err["error"]  # the spec's endpoint keeps its own error shape
+    for path, status in (("/v1/codes/0/9999", 404), ("/v1/codes/99/0", 404), ("/v1/codes/x/1", 400), ("/v1/codes/0/1?n=0", 400),
+                         ("/v1/models/other", 404), ("/v1/nothing", 404)):
+        got, text = _get(server, path)
+        assert got == status and "error" in json.loads(text), (path, text)
+    assert _get(server, "/health")[0] == 200
+    assert _post(server, "/v1/completions", ok)[0] == 200
+
+
+def test_code_browser_and_metrics(server):
+    status, text = _get(server, "/v1/codes/0/1?n=3&neighbours=2")
+    info = json.loads(text)
+    assert status == 200 and info["level"] == 0 and info["index"] == 1 and len(info["neighbours"]) == 2
+    assert all(ex["codes"][0] == 1 for ex in info["examples"]) and len(info["examples"]) == min(3, info["count"])
+    _post(server, "/generate", {"prompt": PROMPT, "max_sentences": 1, "plan": [[1]]})
+    status, text = _get(server, "/metrics")
+    assert status == 200
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    assert {"nextspeed_requests", "nextspeed_errors", "nextspeed_sentences", "nextspeed_tokens", "nextspeed_queue_length",
+            "nextspeed_stage_seconds"} <= set(fams)
+    total = {s.labels.get("endpoint"): s.value for s in fams["nextspeed_requests"].samples if s.name.endswith("_total")
+             and s.labels.get("endpoint") == "/generate"}
+    assert total.get("/generate", 0) >= 1
+    stages = {s.labels["stage"] for s in fams["nextspeed_stage_seconds"].samples if "stage" in s.labels}
+    assert {"planner", "decoder", "rerank", "queued", "total"} <= stages
+
+
+def _chromium():
+    chrome, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chrome and driver):
+        pytest.skip("the browser test needs Debian's chromium and chromium-driver (test.sh installs them where it can)")
+    return chrome, driver
+
+
+@pytest.mark.integration
+def test_web_page_in_headless_chromium(server):
+    """Load the page, generate (streamed), open a sentence's candidates, browse a code; keep a
+    screenshot at out/web_page.png."""
+    chrome, driver_path = _chromium()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chrome
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1400", "--disable-gpu"):
+        opts.add_argument(a)
+    drv = webdriver.Chrome(service=Service(driver_path), options=opts)
+    try:
+        drv.get(server + "/")
+        wait = WebDriverWait(drv, 120)
+        wait.until(lambda d: "model next-speed" in d.find_element(By.ID, "status").text)
+        drv.find_element(By.ID, "max_sentences").clear()
+        drv.find_element(By.ID, "max_sentences").send_keys("2")
+        drv.find_element(By.ID, "pins").send_keys("1")  # pin level 0 of the first sentence to code 1
+        drv.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_element(By.ID, "status").text.startswith(("done", "error")))
+        assert drv.find_element(By.ID, "status").text.startswith("done"), drv.find_element(By.ID, "status").text
+        rows = drv.find_elements(By.CSS_SELECTOR, "tr.sentence-row")
+        assert rows and rows[0].find_elements(By.CSS_SELECTOR, "td")[2].find_elements(By.CSS_SELECTOR, ".code")[0].text == "1"
+        assert rows[0].find_elements(By.CSS_SELECTOR, ".code.pinned")  # the pinned level is marked
+        assert len(drv.find_elements(By.CSS_SELECTOR, "#output .sentence")) == len(rows)
+        rows[0].find_element(By.CSS_SELECTOR, "button.show-cands").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "table.cand-table tr.chosen"))
+        rows[0].find_elements(By.CSS_SELECTOR, ".code")[0].click()  # the code browser
+        wait.until(lambda d: "carried by" in d.find_element(By.ID, "browser").text)
+        out = ROOT / "out"
+        out.mkdir(exist_ok=True)
+        assert drv.save_screenshot(str(out / "web_page.png"))
+        assert (out / "web_page.png").stat().st_size > 10_000
+        logs = [e for e in drv.get_log("browser") if e.get("level") == "SEVERE"]
+        assert not logs, logs
+    finally:
+        drv.quit()
