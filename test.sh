@@ -3,6 +3,9 @@
 # random-init models and the integration tier with the real packaged models (-m integration).
 # Extra arguments go to pytest (e.g. -m "not integration" for the unit tier alone).
 cd "$(dirname "$0")"
+# The tests run the Ray Data path of step 02 too: the optional `ray` group is installed here
+# (the main job, run.sh, does without it).
+SYNC_EXTRAS=(--extra ray)
 source scripts/bootstrap.sh
 # The web page's test drives a headless Chromium (Debian's chromium and chromium-driver): install
 # them where this machine can (root with apt-get); elsewhere that one test is skipped, with the reason.
@@ -15,4 +18,4 @@ if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
     echo "chromium or chromedriver not found (install Debian's chromium and chromium-driver): the browser test will be skipped" >&2
   fi
 fi
-exec "${UV[@]}" run --frozen pytest "$@"
+exec "${UV[@]}" run --frozen --extra ray pytest "$@"

@@ -12,4 +12,5 @@ else
 fi
 # --frozen: exactly the committed uv.lock; --compile-bytecode: imports stay fast even where
 # PYTHONDONTWRITEBYTECODE is set.
-"${UV[@]}" sync --frozen --compile-bytecode --quiet
+# SYNC_EXTRAS (set by test.sh): optional groups to install too, e.g. (--extra ray).
+"${UV[@]}" sync --frozen --compile-bytecode --quiet ${SYNC_EXTRAS[@]+"${SYNC_EXTRAS[@]}"}

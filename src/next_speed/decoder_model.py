@@ -284,7 +284,7 @@ def token_losses(model, batch: dict, family: str, base_vocab: int | None = None)
     import torch
     import torch.nn.functional as F
 
-    inj = plan_injector(model)
+    inj = plan_injector(getattr(model, "module", model))  # unwrap DistributedDataParallel
     with inj.plan(batch["codes"], batch["plan_start"], batch.get("keep")) if inj is not None and "codes" in batch \
             else contextlib.nullcontext():
         labels = batch["labels"]

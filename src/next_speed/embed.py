@@ -41,6 +41,11 @@ class EmbedConfig:
     device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
     seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="random seed")
     deterministic: bool = knob(True, env="DETERMINISTIC", help="deterministic torch kernels")
+    backend: str = knob("local", env="BACKEND", choices=("local", "ray"),
+                        help="local: this process; ray: Ray Data map_batches over shards, one encoder per actor (pip install 'next-speed[ray]')")
+    ray_address: str | None = knob(None, env="RAY_ADDRESS",
+                                   help="Ray cluster to join (e.g. ray://head:10001 or auto); unset starts a local Ray instance")
+    ray_actors: int = knob(0, env="RAY_ACTORS", min=0, help="encoder actors (0 = one per CPU of the cluster, or per GPU with DEVICE=cuda)")
 
 
 def resolve_encoder_path(name: str) -> str:
@@ -97,6 +102,83 @@ def embed_shard(model, texts: Sequence[str], out: np.ndarray, bs: int = 64, show
     bar.close()
 
 
+class RayEncoder:
+    """One Ray Data actor: loads the encoder once, embeds the batches it is given (`map_batches`)."""
+
+    def __init__(self, emb_model: str, maxlen: int, device: str, bs: int, threads: int):
+        import torch
+
+        torch.set_num_threads(max(threads, 1))  # actors share the machine: no oversubscription
+        self.model = load_encoder(emb_model, device=device, maxlen=maxlen)
+        self.bs = bs
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        with torch.inference_mode():
+            emb = self.model.encode([str(t) for t in batch["text"]], batch_size=self.bs, convert_to_numpy=True,
+                                    normalize_embeddings=True, show_progress_bar=False)
+        return {"id": np.asarray(batch["id"], dtype=np.int64), "emb": emb.astype(np.float32, copy=False)}
+
+
+def embed_with_ray(cfg: EmbedConfig, n_rows: int, out: np.ndarray, device: str) -> int:
+    """Step 02 on Ray Data: read the sentence file as a dataset (`read_json`), embed it with
+    `map_batches` over a pool of encoder actors, and write each batch into the memmapped output at
+    its rows' ids. Returns the number of actors. On a cluster SENT_PATH must be on storage every
+    node can read (the driver writes the output)."""
+    import os
+
+    try:
+        import ray
+    except ImportError:
+        raise NextSpeedError("BACKEND=ray needs Ray: pip install 'next-speed[ray]' (or uv sync --extra ray)") from None
+    import ray.data
+
+    started = False
+    if not ray.is_initialized():
+        kw = {"address": cfg.ray_address} if cfg.ray_address else {"num_cpus": os.cpu_count()}
+        try:
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kw)
+        except Exception as e:  # noqa: BLE001 - a cluster that cannot be reached is the user's to fix
+            raise NextSpeedError(f"RAY_ADDRESS={cfg.ray_address!r}: could not start or join Ray ({str(e).splitlines()[0][:200]})") from None
+        started = True
+    try:
+        gpu = device.startswith("cuda")
+        res = ray.cluster_resources()
+        cpus = int(res.get("CPU", 1))
+        actors = cfg.ray_actors or (int(res.get("GPU", 1)) if gpu else cpus)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        # Reads take a quarter of a CPU and the actors share the rest: whole-CPU actors on every CPU
+        # would leave the read tasks nothing to run on (a deadlock on a small machine).
+        per_actor = max((cpus - 0.25) / actors, 0.1)
+        ds = ray.data.read_json(str(Path(cfg.sent_path).resolve()), lines=True,
+                                ray_remote_args={"num_cpus": 0.25})  # (no select_columns: a separate 1-CPU operator)
+        ds = ds.map_batches(RayEncoder, fn_constructor_kwargs={"emb_model": cfg.emb_model, "maxlen": cfg.maxlen,
+                                                                "device": "cuda" if gpu else "cpu", "bs": cfg.bs,
+                                                                "threads": max(int(per_actor), 1)},
+                            batch_size=cfg.bs * 16, batch_format="numpy", concurrency=actors,
+                            num_gpus=1 if gpu else 0, num_cpus=0 if gpu else per_actor)
+        from .runtime import progress
+
+        seen = 0
+        with progress(total=n_rows, desc="02 embed (ray)", unit="sent") as bar:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                ids = batch["id"]
+                if ids.size and (ids.min() < 0 or ids.max() >= n_rows):
+                    raise NextSpeedError(f"{cfg.sent_path}: sentence ids must be the row numbers 0..{n_rows - 1} "
+                                         f"(as step 01 writes them); got {int(ids.max())}")
+                out[ids] = batch["emb"]
+                seen += len(ids)
+                bar.update(len(ids))
+        if seen != n_rows:
+            raise NextSpeedError(f"Ray returned {seen} embeddings for {n_rows} sentences of {cfg.sent_path}")
+        return actors
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def embed_sentences(cfg: EmbedConfig, model=None) -> dict:
     """Run step 02: SENT_PATH -> OUT_EMB (+ OUT_META). `model` overrides loading EMB_MODEL."""
     from .runtime import pick_device, seed_everything
@@ -114,9 +196,16 @@ def embed_sentences(cfg: EmbedConfig, model=None) -> dict:
         model = load_encoder(cfg.emb_model, device=device, maxlen=cfg.maxlen)
     dim = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") else model.get_sentence_embedding_dimension()
     t_load = time.perf_counter() - t0
+    extra = {}
     with atomic_path(cfg.out_emb) as tmp:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(texts), dim))
-        embed_shard(model, texts, arr, bs=cfg.bs)
+        if cfg.backend == "ray":
+            n_texts = len(texts)
+            del texts  # the actors read the sentence file themselves
+            extra["ray_actors"] = embed_with_ray(cfg, n_texts, arr, device)
+            texts = range(n_texts)
+        else:
+            embed_shard(model, texts, arr, bs=cfg.bs)
         arr.flush()
         del arr
     elapsed = time.perf_counter() - t0
@@ -124,10 +213,22 @@ def embed_sentences(cfg: EmbedConfig, model=None) -> dict:
                      counts={"rows": len(texts), "dim": int(dim)}, model=cfg.emb_model,
                      model_path=resolve_encoder_path(cfg.emb_model), dim=int(dim), normalized=True,
                      seconds=round(elapsed, 2), load_seconds=round(t_load, 2),
-                     sentences_per_s=round(len(texts) / max(elapsed - t_load, 1e-9), 1))
+                     sentences_per_s=round(len(texts) / max(elapsed - t_load, 1e-9), 1), **extra)
     write_json(cfg.out_meta, meta)
     log.info("02: %d x %d embeddings in %.1fs -> %s", len(texts), dim, elapsed, cfg.out_emb)
     return meta
+
+
+def open_embeddings(emb_path: str, emb_meta: str):
+    """The embeddings file as `NpyRows` (read in chunks, never all at once), checked against its metadata."""
+    from .artifacts import NpyRows
+
+    meta = load_meta(emb_meta, "embeddings", emb_path)
+    rows = NpyRows(emb_path)
+    if rows.shape[0] != meta["counts"]["rows"] or rows.dtype != np.float32:
+        raise NextSpeedError(f"{emb_path} has shape {rows.shape} ({rows.dtype}), metadata says {meta['counts']['rows']} float32 rows: "
+                             "rerun step 02")
+    return rows, meta
 
 
 def load_embeddings(emb_path: str, emb_meta: str, sent_path: str | None = None) -> tuple[np.ndarray, dict]:

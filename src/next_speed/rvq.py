@@ -148,57 +148,107 @@ class RVQConfig:
     rvq_meta: str = knob("out/rvq_meta.json", env="RVQ_META", help="output metadata JSON")
     codes_path: str = knob("data/codes.npy", env="CODES_PATH", help="output codes (N x K int)")
     seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="k-means seed")
+    fit_sample: int = knob(200_000, env="FIT_SAMPLE", min=0,
+                           help="fit the codebooks on a seeded sample of this many vectors (0 = all); every vector is then "
+                                "encoded, in chunks, so memory does not grow with the corpus")
+
+
+class LevelStats:
+    """Per-level quantization statistics accumulated over chunks of vectors (see `level_stats`)."""
+
+    def __init__(self, rvq: "RVQ"):
+        self.rvq = rvq
+        self.err = np.zeros(rvq.K)
+        self.cos = np.zeros(rvq.K)
+        self.xn = 0.0
+        self.n = 0
+        self.counts = np.zeros((rvq.K, rvq.V), dtype=np.int64)
+
+    def add(self, x: np.ndarray, codes: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float32)
+        xn = (x**2).sum(1)
+        recon = np.zeros_like(x)
+        for k in range(self.rvq.K):
+            recon += self.rvq.codebooks[k][codes[:, k]]
+            self.err[k] += float(((x - recon) ** 2).sum(1).sum())
+            self.cos[k] += float(((x * recon).sum(1) / (np.sqrt(xn) * np.linalg.norm(recon, axis=1) + 1e-12)).sum())
+            self.counts[k] += np.bincount(codes[:, k], minlength=self.rvq.V)
+        self.xn += float(xn.sum())
+        self.n += len(x)
+
+    def result(self) -> list[dict]:
+        rows = []
+        for k in range(self.rvq.K):
+            p = self.counts[k][self.counts[k] > 0] / max(self.n, 1)
+            rows.append({"level": k, "rel_error": float(self.err[k] / self.xn), "cosine": float(self.cos[k] / self.n),
+                         "used": int((self.counts[k] > 0).sum()), "perplexity": float(np.exp(-(p * np.log(p)).sum()))})
+        return rows
 
 
 def level_stats(x: np.ndarray, rvq: RVQ, codes: np.ndarray) -> list[dict]:
     """Per level k: relative squared error and cosine of the k+1-level reconstruction, codewords
     used and codebook perplexity."""
-    x = np.asarray(x, dtype=np.float32)
-    xn = (x**2).sum(1)
-    recon = np.zeros_like(x)
-    rows = []
-    for k in range(rvq.K):
-        recon += rvq.codebooks[k][codes[:, k]]
-        err = ((x - recon) ** 2).sum(1)
-        cos = (x * recon).sum(1) / (np.sqrt(xn) * np.linalg.norm(recon, axis=1) + 1e-12)
-        counts = np.bincount(codes[:, k], minlength=rvq.V)
-        p = counts[counts > 0] / len(codes)
-        rows.append({
-            "level": k,
-            "rel_error": float(err.sum() / xn.sum()),
-            "cosine": float(cos.mean()),
-            "used": int((counts > 0).sum()),
-            "perplexity": float(np.exp(-(p * np.log(p)).sum())),
-        })
-    return rows
+    acc = LevelStats(rvq)
+    acc.add(x, codes)
+    return acc.result()
 
 
 def shared_tuple_share(codes: np.ndarray) -> float:
     """Share of rows whose full code tuple also belongs to another row."""
-    _, inv, cnt = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
+    codes = np.asarray(codes)
+    bits = max(int(codes.max(initial=0)).bit_length(), 1)
+    if bits * codes.shape[1] <= 63:  # one int64 key per tuple: a 1-d unique, far lighter than axis=0
+        key = np.zeros(len(codes), dtype=np.int64)
+        for k in range(codes.shape[1]):
+            key = (key << bits) | codes[:, k].astype(np.int64)
+        _, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
+    else:
+        _, inv, cnt = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
     return float((cnt[inv.ravel()] > 1).mean())
 
 
 def fit_rvq(cfg: RVQConfig) -> dict:
-    """Run step 03: embeddings -> RVQ_PATH codebooks, CODES_PATH codes, RVQ_META."""
-    from .embed import load_embeddings
+    """Run step 03: embeddings -> RVQ_PATH codebooks, CODES_PATH codes, RVQ_META.
 
-    x, emb_meta = load_embeddings(cfg.emb_path, cfg.emb_meta)
-    if len(x) == 0:
+    The codebooks are fitted on all vectors, or on a seeded sample of FIT_SAMPLE of them; then
+    every vector is encoded chunk by chunk, read from the file (not mapped), so peak memory is the
+    fit sample plus the codes, whatever the corpus size."""
+    from .embed import open_embeddings
+
+    rows, emb_meta = open_embeddings(cfg.emb_path, cfg.emb_meta)
+    N, D = rows.shape
+    if N == 0:
         raise NextSpeedError(f"{cfg.emb_path} is empty: rerun steps 01-02")
     t0 = time.perf_counter()
-    rvq = RVQ.fit(x, K=cfg.k, V=cfg.v, niter=cfg.niter, seed=cfg.seed)
+    if cfg.fit_sample and N > cfg.fit_sample:
+        sample = np.sort(np.random.default_rng(cfg.seed).choice(N, cfg.fit_sample, replace=False))
+        x_fit = rows.take(sample)
+        log.info("03: fitting on a seeded sample of %d of %d vectors (FIT_SAMPLE)", len(sample), N)
+    else:
+        x_fit = rows.read(0, N)
+    rvq = RVQ.fit(x_fit, K=cfg.k, V=cfg.v, niter=cfg.niter, seed=cfg.seed)
+    fit_rows = len(x_fit)
+    del x_fit
     t_fit = time.perf_counter() - t0
-    codes = rvq.encode(x, beam=cfg.beam)
+    codes = np.empty((N, cfg.k), dtype=np.int32)
+    acc = LevelStats(rvq)
+    from .runtime import progress
+
+    with progress(total=N, desc="03 encode", unit="vec") as bar:
+        for start, x in rows.chunks(65536):
+            c = rvq.encode(x, beam=cfg.beam)
+            codes[start : start + len(x)] = c
+            acc.add(x, c)
+            bar.update(len(x))
     t_enc = time.perf_counter() - t0 - t_fit
-    stats = level_stats(x, rvq, codes)
+    stats = acc.result()
     rvq.save(cfg.rvq_path)
     with atomic_path(cfg.codes_path) as tmp:
         with open(tmp, "wb") as fh:
-            np.save(fh, codes.astype(np.int32))
+            np.save(fh, codes)
     meta = make_meta("rvq", to_dict(cfg), inputs={"embeddings": cfg.emb_path},
                      outputs={"rvq": cfg.rvq_path, "codes": cfg.codes_path},
-                     counts={"rows": int(len(x)), "dim": int(x.shape[1])}, K=cfg.k, V=cfg.v, dim=int(x.shape[1]),
+                     counts={"rows": int(N), "dim": int(D), "fit_rows": int(fit_rows)}, K=cfg.k, V=cfg.v, dim=int(D),
                      encoder=emb_meta.get("model"), sentences_sha256=_sentences_hash(emb_meta), fit_seconds=round(t_fit, 2), encode_seconds=round(t_enc, 2),
                      levels=stats, shared_tuple_share=shared_tuple_share(codes))
     write_json(cfg.rvq_meta, meta)
@@ -220,13 +270,19 @@ def load_rvq(rvq_path: str, rvq_meta: str) -> tuple[RVQ, dict]:
     return rvq, meta
 
 
-def load_codes(codes_path: str, rvq_meta_path: str, k: int | None = None, v: int | None = None) -> tuple[np.ndarray, dict]:
-    """Load `codes.npy` checked against the RVQ metadata, and against the K/V asked for (if given)."""
+def check_codes(codes_path: str, rvq_meta_path: str, k: int | None = None, v: int | None = None) -> dict:
+    """The RVQ metadata, after checking `codes.npy` against it and against the K/V asked for (if given)."""
     meta = load_meta(rvq_meta_path, "rvq", codes_path)
     for name, want, have in (("K", k, meta["K"]), ("V", v, meta["V"])):
         if want is not None and want != have:
             raise StaleInputError(f"{name}={want} here, but {codes_path} was built with {name}={have}: "
                                   f"rerun step 03 with {name}={want}, or set {name}={have}")
+    return meta
+
+
+def load_codes(codes_path: str, rvq_meta_path: str, k: int | None = None, v: int | None = None) -> tuple[np.ndarray, dict]:
+    """Load `codes.npy` checked against the RVQ metadata, and against the K/V asked for (if given)."""
+    meta = check_codes(codes_path, rvq_meta_path, k, v)
     codes = np.load(codes_path, allow_pickle=False).astype(np.int64)
     return codes, meta
 

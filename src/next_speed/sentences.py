@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing as mp
 import os
@@ -9,7 +10,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from .artifacts import atomic_path, make_meta, write_json
 from .config import SEED_MAX, knob, to_dict
@@ -79,9 +80,14 @@ def split_text(text: str) -> list[str]:
     return out
 
 
-def _split_doc(args: tuple[int, str]) -> tuple[int, list[str]]:
-    i, text = args
-    return i, split_text(text)
+def _split_doc(text: str) -> list[str]:
+    return split_text(text)
+
+
+def _batched(it: Iterable, n: int) -> Iterator[list]:
+    it = iter(it)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
 
 
 def check_lang(lang: str) -> None:
@@ -95,38 +101,43 @@ def check_lang(lang: str) -> None:
         raise ConfigError(f"LANG={lang!r} is not a pysbd language: choose one of {', '.join(sorted(LANGUAGE_CODES))}") from None
 
 
-def segment_docs(docs: list[dict], lang: str, num_proc: int) -> Iterable[tuple[int, list[str]]]:
-    """Yield (doc index, sentences) in document order, splitting in `num_proc` processes."""
+def segment_docs(docs: Iterable[dict], lang: str, num_proc: int, chunk: int = 2048) -> Iterator[tuple[dict, list[str]]]:
+    """Yield (document, sentences) in document order, splitting in `num_proc` processes. Documents
+    are read `chunk` at a time, so memory holds one chunk however large the corpus (a pool's
+    `imap` alone would queue the whole input)."""
     n = num_proc or os.cpu_count() or 1
-    jobs = ((i, d["text"]) for i, d in enumerate(docs))
-    if n <= 1 or len(docs) < 64:
+    batches = _batched(docs, chunk)
+    first = next(batches, [])
+    second = next(batches, None)
+    if n <= 1 or (second is None and len(first) < 64):
         _init_worker(lang)
-        yield from map(_split_doc, jobs)
+        for batch in itertools.chain([first], [second] if second else [], batches):
+            for d in batch:
+                yield d, split_text(d["text"])
         return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     with ctx.Pool(n, initializer=_init_worker, initargs=(lang,)) as pool:
-        yield from pool.imap(_split_doc, jobs, chunksize=32)
+        for batch in itertools.chain([first], [second] if second else [], batches):
+            yield from zip(batch, pool.imap(_split_doc, [d["text"] for d in batch], chunksize=16))
 
 
 def make_sentences(cfg: SentencesConfig) -> dict:
     """Run step 01: corpus -> `SENT_PATH` rows `{id, doc, doc_id, pos, text}` + `SENT_META`."""
     check_lang(cfg.lang)
     t0 = time.perf_counter()
-    docs = []
-    for d in iter_docs(cfg.corpus, cfg.docs_jsonl, cfg.hf_dataset, cfg.hf_config, cfg.hf_split):
-        docs.append(d)
-        if cfg.max_docs and len(docs) >= cfg.max_docs:
-            break
+    docs = iter_docs(cfg.corpus, cfg.docs_jsonl, cfg.hf_dataset, cfg.hf_config, cfg.hf_split)
+    if cfg.max_docs:
+        docs = itertools.islice(docs, cfg.max_docs)
     source = cfg.docs_jsonl or (f"hf:{cfg.hf_dataset}/{cfg.hf_config}/{cfg.hf_split}" if cfg.corpus == "hf" else cfg.corpus)
-    if not docs:
-        raise NextSpeedError(f"the corpus {source} has no documents with text")
-    counts = {"docs": len(docs), "sentences_raw": 0, "dropped_short": 0, "dropped_long": 0,
+    counts = {"docs": 0, "sentences_raw": 0, "dropped_short": 0, "dropped_long": 0,
               "sentences": 0, "docs_with_sentences": 0}
     with atomic_path(cfg.sent_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         import json
 
         doc_out = 0
-        for i, sents in progress(segment_docs(docs, cfg.lang, cfg.num_proc), total=len(docs), desc="01 split", unit="doc"):
+        # streamed: documents in, sentences out, one chunk of documents in memory
+        for doc, sents in progress(segment_docs(docs, cfg.lang, cfg.num_proc), total=cfg.max_docs, desc="01 split", unit="doc"):
+            counts["docs"] += 1
             pos = 0
             for s in sents:
                 counts["sentences_raw"] += 1
@@ -136,13 +147,15 @@ def make_sentences(cfg: SentencesConfig) -> dict:
                 if len(s) > cfg.max_len:
                     counts["dropped_long"] += 1
                     continue
-                fh.write(json.dumps({"id": counts["sentences"], "doc": doc_out, "doc_id": docs[i]["id"],
+                fh.write(json.dumps({"id": counts["sentences"], "doc": doc_out, "doc_id": doc["id"],
                                      "pos": pos, "text": s}, ensure_ascii=False) + "\n")
                 counts["sentences"] += 1
                 pos += 1
             if pos:
                 doc_out += 1
         counts["docs_with_sentences"] = doc_out
+        if counts["docs"] == 0:
+            raise NextSpeedError(f"the corpus {source} has no documents with text")
         if counts["sentences"] == 0:
             raise NextSpeedError(
                 f"no sentences left from {source}: {counts['sentences_raw']} split, {counts['dropped_short']} shorter "

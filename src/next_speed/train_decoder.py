@@ -306,11 +306,17 @@ def _make_adapter(model, cfg: DecoderTrainConfig, cond: Conditioning, tmeta: dic
     return adapter
 
 
-def train_decoder(cfg: DecoderTrainConfig) -> dict:
-    """Run step 06: decoder rows -> a fine-tuned decoder in OUT_DIR (or only the cache)."""
+def train_decoder(cfg: DecoderTrainConfig) -> dict | None:
+    """Run step 06: decoder rows -> a fine-tuned decoder in OUT_DIR (or only the cache).
+
+    Under `torchrun --nproc-per-node N`: DistributedDataParallel (gloo on CPU, NCCL on GPUs);
+    every rank walks the same shuffled order and trains on its shard of each global micro-batch
+    of TRAIN_BS rows, the loss weighted by the global token count; rank 0 validates, decides the
+    time budget for all, and writes the decoder once, atomically (other ranks return None)."""
     import torch
 
     from .runtime import pick_device, progress, seed_everything
+    from .training import broadcast_flags, dist_close, dist_init, global_mean, shard
 
     tmeta = check_trainsets(cfg.train_meta, [cfg.out_dec, cfg.out_dec_val], cfg.k, cfg.v)
     K, V = tmeta["K"], tmeta["V"]
@@ -328,7 +334,9 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict:
     val_rows = random.Random(cfg.seed + 1).sample(val_rows, min(cfg.val_rows, len(val_rows)))
 
     seed_everything(cfg.seed, cfg.deterministic)
-    device = pick_device(cfg.device)
+    dd, device = dist_init(pick_device(cfg.device))
+    if cfg.train_bs < dd.world:
+        raise ConfigError(f"TRAIN_BS={cfg.train_bs} is smaller than the {dd.world} processes: each needs at least one row")
     tok, family, base_path = load_base_tokenizer(cfg.model)
     cond = Conditioning(K=K, V=V, code_mode=cfg.code_mode, add_special_tokens=cfg.add_special_tokens,
                         max_in=cfg.max_in, max_out=cfg.max_out, family=family, base_vocab=len(tok), exemplars=cfg.exemplars)
@@ -365,6 +373,11 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict:
     model.to(device)
     if adapter is not None:
         adapter.to(device)
+    train_model = model  # what the training forward calls: DDP's wrapper under torchrun
+    if dd.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(model, device_ids=[dd.local_rank] if device.startswith("cuda") else None)
     params = [p for p in model.parameters() if p.requires_grad]
     emb = model.get_input_embeddings().weight
     decay = [p for p in params if p.dim() >= 2 and p is not emb]
@@ -394,12 +407,12 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict:
         ad = {k: v.detach().to("cpu", copy=True) for k, v in adapter.state_dict().items()} if adapter is not None else None
         return snap, ad
 
-    val0 = evaluate_loss(model, val_ds, pad_id, family, device, base_vocab=n_before)
+    val0 = evaluate_loss(model, val_ds, pad_id, family, device, base_vocab=n_before) if dd.main else float("nan")
     history.append({"step": 0, "train_loss": float("nan"), "val_loss": val0})
     log.info("06: %s (%s), %d code tokens added, %s of %s parameters trained; val loss before training %.3f",
              cfg.model, family, added, f"{sel['trainable_params']:,}", f"{sel['total_params']:,}", val0)
     t0 = time.perf_counter()
-    bar = progress(total=total, desc="06 decoder", unit="step")
+    bar = progress(total=total, desc="06 decoder", unit="step", disable=True if not dd.main else None)
     step, run_loss, tokens = 0, [], 0
     stopped = "steps"
     while step < total:
@@ -408,30 +421,39 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict:
             if not order:
                 order = list(range(len(train_ds)))
                 g.shuffle(order)
-            idx, order = order[: cfg.train_bs], order[cfg.train_bs :]
-            batch = {k: v.to(device) for k, v in collate([train_ds[i] for i in idx], pad_id, family).items()}
-            if adapter is not None and cfg.code_drop > 0:
-                batch["keep"] = _level_keep(len(idx), K, cfg.code_drop, g).to(device)
+            idx, order = order[: cfg.train_bs], order[cfg.train_bs :]  # the global micro-batch, the same on every rank
+            keep = _level_keep(len(idx), K, cfg.code_drop, g) if adapter is not None and cfg.code_drop > 0 else None
+            mine = shard(list(range(len(idx))), dd)
+            batch = {k: v.to(device) for k, v in collate([train_ds[idx[i]] for i in mine], pad_id, family).items()}
+            if keep is not None:
+                batch["keep"] = keep[mine].to(device)
             with amp:
-                s, c = token_losses(model, batch, family, n_before)
-                loss = s.sum() / c.sum().clamp(min=1)
+                s, c = token_losses(train_model, batch, family, n_before)
+                loss, loss_mean = global_mean(s.sum(), c.sum(), dd)
             (loss / cfg.grad_accum).backward()
-            run_loss.append(loss.item())
+            run_loss.append(loss_mean.item())
             tokens += int(batch["attention_mask"].sum())
         lr = cosine_lr(step, total, cfg.warmup, cfg.lr)
         for grp in opt.param_groups:
             grp["lr"] = lr * grp["base_lr"] / cfg.lr if cfg.lr > 0 else 0.0
+        if adapter is not None and dd.world > 1:  # the adapter runs inside hooks, outside DDP: average by hand
+            import torch.distributed as dist
+
+            for p in adapter.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= dd.world
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
         elapsed = time.perf_counter() - t0
-        if cfg.time_budget and step == 3:  # re-plan the schedule to what fits in the budget
-            total = max(step + 1, min(total, int(cfg.time_budget * 60 / (elapsed / step))))
+        if cfg.time_budget and step == 3:  # re-plan the schedule to what fits in the budget (rank 0 decides)
+            total = int(broadcast_flags([max(step + 1, min(total, int(cfg.time_budget * 60 / (elapsed / step))))], dd)[0])
             bar.total = total
-        out_of_time = cfg.time_budget is not None and elapsed > cfg.time_budget * 60
-        if step % cfg.eval_every == 0 or step == total or out_of_time:
+        out_of_time = cfg.time_budget is not None and bool(broadcast_flags([float(elapsed > cfg.time_budget * 60)], dd)[0])
+        if dd.main and (step % cfg.eval_every == 0 or step == total or out_of_time):
             vl = evaluate_loss(model, val_ds, pad_id, family, device, base_vocab=n_before)
             rec = {"step": step, "train_loss": sum(run_loss) / len(run_loss), "val_loss": vl, "lr": lr,
                    "seconds": round(time.perf_counter() - t0, 1), "tokens_per_s": round(tokens / (time.perf_counter() - t0), 1)}
@@ -446,6 +468,9 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict:
             stopped = "time budget"
             break
     bar.close()
+    if not dd.main:
+        dist_close(dd)
+        return None
     if best_state is not None:
         model.load_state_dict(best_state[0], strict=False)
         if adapter is not None:
@@ -453,7 +478,7 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict:
     elapsed = time.perf_counter() - t0
     info = {"kind": "decoder", "base_model": cfg.model, "base_path": base_path, "train": to_dict(cfg), "K": K, "V": V,
             "selection": sel, "code_tokens_added": added, "best": best, "history": history, "steps": step,
-            "stopped_by": stopped, "seconds": round(elapsed, 1), "val_loss_before": val0,
+            "stopped_by": stopped, "seconds": round(elapsed, 1), "val_loss_before": val0, "world_size": dd.world,
             "inputs": {p: {"sha256": sha256_path(p)} for p in (cfg.out_dec, cfg.out_dec_val)},
             "rvq_sha256": tmeta.get("rvq_sha256"), "rvq_path": tmeta.get("rvq_path"), "versions": versions(),
             "tokenization_cache": cache_info}
@@ -464,6 +489,7 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict:
     save_decoder(model, tok, cond, cfg.out_dir, info, adapter=adapter, bank=bank,
                  write_extra=lambda tmp: plot_curve(curve, Path(tmp) / "curve.png", f"decoder ({cfg.code_mode})"))
     log.info("06: %d steps in %.0fs, best val loss %.3f (from %.3f) -> %s", step, elapsed, best["val_loss"], val0, cfg.out_dir)
+    dist_close(dd)
     return info
 
 

@@ -64,13 +64,19 @@ class PlannerTrainConfig:
 
 # ---------------------------------------------------------------------- training
 
-def train_planner(cfg: PlannerTrainConfig) -> dict:
-    """Run step 05: train on OUT_LM, validate on OUT_LM_VAL, write OUT_DIR."""
+def train_planner(cfg: PlannerTrainConfig) -> dict | None:
+    """Run step 05: train on OUT_LM, validate on OUT_LM_VAL, write OUT_DIR.
+
+    Under `torchrun --nproc-per-node N` the model is wrapped in DistributedDataParallel (gloo on
+    CPU, NCCL on GPUs): every rank draws the same global batch of BS rows and trains on its
+    shard, the loss is weighted by the global token count, so N processes follow the same
+    trajectory as one (up to floating point; with DROP=0, as dropout masks differ). Rank 0
+    validates, logs and writes the checkpoint, once and atomically; other ranks return None."""
     import torch
     import torch.nn.functional as F
 
     from .planner import Planner, PlannerModelConfig
-    from .training import cosine_lr
+    from .training import cosine_lr, dist_close, dist_init, global_mean, shard
     from .runtime import pick_device, progress, seed_everything
 
     tmeta = check_trainsets(cfg.train_meta, [cfg.out_lm, cfg.out_lm_val], cfg.k, cfg.v)
@@ -79,7 +85,7 @@ def train_planner(cfg: PlannerTrainConfig) -> dict:
     if not train_rows:
         raise NextSpeedError(f"{cfg.out_lm} is empty: rerun step 04 with more data or a smaller VAL_FRAC")
     seed_everything(cfg.seed, cfg.deterministic)
-    device = pick_device(cfg.device)
+    dd, device = dist_init(pick_device(cfg.device))
     x_tr, y_tr, _ = tensorize(train_rows, K, V, cfg.out_lm)
     val = tensorize(val_rows, K, V, cfg.out_lm_val) if val_rows else None
     max_len = max(x_tr.shape[1], val[0].shape[1] if val else 0, tmeta["config"]["context_sents"] + 1)
@@ -100,6 +106,11 @@ def train_planner(cfg: PlannerTrainConfig) -> dict:
     if books is not None:
         model.set_codebooks(books)
     model = model.to(device)
+    core = model  # the module itself (validation, saving); `model` is what trains
+    if dd.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[dd.local_rank] if device.startswith("cuda") else None)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -112,37 +123,43 @@ def train_planner(cfg: PlannerTrainConfig) -> dict:
     best_state = None
     t0 = time.perf_counter()
     seen = 0
-    bar = progress(range(cfg.steps), desc="05 planner", unit="step")
+    bar = progress(range(cfg.steps), desc="05 planner", unit="step", disable=True if not dd.main else None)
     for step in bar:
         model.train()
-        idx = torch.randint(0, n, (min(cfg.bs, n),), generator=gen)
+        idx = torch.randint(0, n, (min(cfg.bs, n),), generator=gen)  # the global batch, the same on every rank
+        idx = shard(idx, dd)
         xb, yb = x_tr[idx].to(device), y_tr[idx].to(device)
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.steps, min(cfg.warmup, cfg.steps // 5), cfg.lr)
         with amp:
             logits = model(xb, yb)  # (B, T, K, V)
-            loss = F.cross_entropy(logits.float().reshape(-1, V), yb.reshape(-1), ignore_index=-100)
+            total = F.cross_entropy(logits.float().reshape(-1, V), yb.reshape(-1), ignore_index=-100, reduction="sum")
+            loss, loss_mean = global_mean(total, (yb != -100).sum(), dd)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        seen += len(idx)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            rec = {"step": step + 1, "train_loss": loss.item(), "lr": opt.param_groups[0]["lr"],
+        seen += len(idx) * dd.world
+        if dd.main and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+            rec = {"step": step + 1, "train_loss": loss_mean.item(), "lr": opt.param_groups[0]["lr"],
                    "seq_per_s": seen / (time.perf_counter() - t0)}
             if val is not None:
-                m = evaluate_model(model, *val, device=device)
+                m = evaluate_model(core, *val, device=device)
                 rec.update(val_loss=m["loss"], val_acc=m["acc"], val_exact=m["exact"])
             history.append(rec)
             score = rec.get("val_loss", rec["train_loss"])
             if score < best["val_loss"]:
                 best = {"val_loss": score, "step": step + 1, **{k: v for k, v in rec.items() if k.startswith("val_")}}
-                best_state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
-            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{rec.get('val_loss', float('nan')):.3f}")
-            log.info("step %d: train %.3f val %s acc0 %s", step + 1, loss.item(), f"{rec.get('val_loss', float('nan')):.3f}",
+                best_state = {k: v.detach().to("cpu").clone() for k, v in core.state_dict().items()}
+            bar.set_postfix(loss=f"{loss_mean.item():.3f}", val=f"{rec.get('val_loss', float('nan')):.3f}")
+            log.info("step %d: train %.3f val %s acc0 %s", step + 1, loss_mean.item(), f"{rec.get('val_loss', float('nan')):.3f}",
                      f"{rec['val_acc'][0]:.3f}" if "val_acc" in rec else "-")
     elapsed = time.perf_counter() - t0
+    model = core
+    if not dd.main:  # rank 0 alone writes the checkpoint
+        dist_close(dd)
+        return None
     assert best_state is not None
     out = Path(cfg.out_dir)
     info = {
@@ -151,7 +168,7 @@ def train_planner(cfg: PlannerTrainConfig) -> dict:
         "inputs": {p: {"sha256": sha256_path(p)} for p in (cfg.out_lm, cfg.out_lm_val)},
         "rvq_sha256": tmeta.get("rvq_sha256"), "rvq_path": tmeta.get("rvq_path"),
         "best": best, "history": history, "seconds": round(elapsed, 1),
-        "train_seq_per_s": round(seen / elapsed, 1), "num_params": model.num_params(),
+        "train_seq_per_s": round(seen / elapsed, 1), "num_params": model.num_params(), "world_size": dd.world,
         "versions": __import__("next_speed.artifacts", fromlist=["versions"]).versions(),
     }
     with atomic_dir(out) as tmp:
@@ -162,6 +179,7 @@ def train_planner(cfg: PlannerTrainConfig) -> dict:
         write_checkpoint_meta(tmp, "planner", to_dict(cfg), {r: p for r, p in inputs.items() if p and Path(p).is_file()},
                               counts={"steps": cfg.steps, "params": model.num_params()}, best=best, history=history)
     log.info("05: best val loss %.3f at step %d; %.0f seq/s -> %s", best["val_loss"], best["step"], seen / elapsed, out)
+    dist_close(dd)
     return info
 
 

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .artifacts import StaleInputError, load_meta, make_meta, sha256_path, write_json, write_jsonl
+from .artifacts import StaleInputError, load_meta, make_meta, sha256_path, write_json
 from .config import SEED_MAX, knob, to_dict
 from .errors import NextSpeedError
-from .rvq import load_codes
-from .sentences import load_sentences
+from .rvq import check_codes
 
 log = logging.getLogger(__name__)
 
@@ -54,38 +53,64 @@ def split_docs(doc_ids: np.ndarray, val_frac: float, seed: int) -> set[int]:
 
 
 def build_training_sets(cfg: TrainSetsConfig) -> dict:
-    """Run step 04: sentences + codes -> four JSONL files + TRAIN_META."""
+    """Run step 04: sentences + codes -> four JSONL files + TRAIN_META.
+
+    Streamed: a first pass over the sentence file lists the documents (for the split), a second
+    writes every row as it reads it, keeping only the current document's last CONTEXT_SENTS
+    sentences and one chunk of codes in memory."""
+    import contextlib
+    import json
+    from collections import deque
+
+    from .artifacts import NpyRows, atomic_path, read_jsonl
+
     load_meta(cfg.sent_meta, "sentences", cfg.sent_path)
-    codes, rvq_meta = load_codes(cfg.codes_path, cfg.rvq_meta, cfg.k, cfg.v)
+    rvq_meta = check_codes(cfg.codes_path, cfg.rvq_meta, cfg.k, cfg.v)
     if rvq_meta.get("sentences_sha256") and rvq_meta["sentences_sha256"] != sha256_path(cfg.sent_path):
         raise StaleInputError(f"{cfg.codes_path} was built from another sentence file than {cfg.sent_path}: rerun steps 02-03")
-    rows = load_sentences(cfg.sent_path)
-    if len(rows) != len(codes):
-        raise StaleInputError(f"{cfg.sent_path} has {len(rows)} sentences but {cfg.codes_path} has {len(codes)} rows: rerun steps 02-03")
-    if not rows:
+    codes = NpyRows(cfg.codes_path)
+    n, docs = 0, []
+    for r in read_jsonl(cfg.sent_path, required=("doc", "pos", "text")):
+        if not docs or r["doc"] != docs[-1]:
+            docs.append(r["doc"])
+        n += 1
+    if n != len(codes):
+        raise StaleInputError(f"{cfg.sent_path} has {n} sentences but {cfg.codes_path} has {len(codes)} rows: rerun steps 02-03")
+    if not n:
         raise NextSpeedError(f"{cfg.sent_path} has no sentences: rerun step 01")
-    doc_ids = np.array([r["doc"] for r in rows])
+    doc_ids = np.asarray(docs)
     val_docs = split_docs(doc_ids, cfg.val_frac, cfg.seed)
 
-    lm = {"train": [], "val": []}
-    dec = {"train": [], "val": []}
     c = cfg.context_sents
-    start = 0
-    for i, r in enumerate(rows):
-        if i > 0 and r["doc"] != rows[i - 1]["doc"]:
-            start = i
-        lo = max(start, i - c)
-        side = "val" if r["doc"] in val_docs else "train"
-        target = codes[i].tolist()
-        lm[side].append({"doc": r["doc"], "pos": i - start, "context": codes[lo:i].tolist(), "target": target})
-        dec[side].append({"doc": r["doc"], "pos": i - start, "sid": i, "context": " ".join(x["text"] for x in rows[lo:i]),
-                          "codes": target, "target": r["text"]})
-    if not lm["train"]:
-        raise NextSpeedError(f"VAL_FRAC={cfg.val_frac} leaves no training documents: lower VAL_FRAC")
-    write_jsonl(cfg.out_lm, lm["train"])
-    write_jsonl(cfg.out_lm_val, lm["val"])
-    write_jsonl(cfg.out_dec, dec["train"])
-    write_jsonl(cfg.out_dec_val, dec["val"])
+    counts = {"train": 0, "val": 0}
+    paths = {("lm", "train"): cfg.out_lm, ("lm", "val"): cfg.out_lm_val, ("dec", "train"): cfg.out_dec, ("dec", "val"): cfg.out_dec_val}
+    with contextlib.ExitStack() as stack:
+        out = {key: stack.enter_context(open(stack.enter_context(atomic_path(path)), "w", encoding="utf-8"))
+               for key, path in paths.items()}
+        texts: deque = deque(maxlen=c or 1)
+        ctx_codes: deque = deque(maxlen=c or 1)
+        chunk, chunk_start, doc, start = None, 0, None, 0
+        for i, r in enumerate(read_jsonl(cfg.sent_path, required=("doc", "pos", "text"))):
+            if chunk is None or i >= chunk_start + len(chunk):
+                chunk_start, chunk = i, codes.read(i, i + 65536)
+            if r["doc"] != doc:
+                doc, start = r["doc"], i
+                texts.clear()
+                ctx_codes.clear()
+            side = "val" if r["doc"] in val_docs else "train"
+            target = chunk[i - chunk_start].tolist()
+            ctx_t = list(texts) if c else []
+            ctx_c = list(ctx_codes) if c else []
+            out["lm", side].write(json.dumps({"doc": r["doc"], "pos": i - start, "context": ctx_c, "target": target},
+                                             ensure_ascii=False) + "\n")
+            out["dec", side].write(json.dumps({"doc": r["doc"], "pos": i - start, "sid": i, "context": " ".join(ctx_t),
+                                              "codes": target, "target": r["text"]}, ensure_ascii=False) + "\n")
+            counts[side] += 1
+            texts.append(r["text"])
+            ctx_codes.append(target)
+        if not counts["train"]:
+            raise NextSpeedError(f"VAL_FRAC={cfg.val_frac} leaves no training documents: lower VAL_FRAC")
+    lm = {"train": range(counts["train"]), "val": range(counts["val"])}
     n_docs = len(np.unique(doc_ids))
     meta = make_meta(
         "trainsets", to_dict(cfg),
