@@ -108,15 +108,31 @@ def test_check_plan_entries():
             check_plan(plan, 3, 8)
 
 
-def test_plan_control_in_the_python_api(sgen):
+@pytest.fixture()
+def distinct(sgen, monkeypatch):
+    """A stand-in decoder whose candidates are distinct sentences of 4 tokens (the loop never stops early)."""
+    def render_jobs(jobs):
+        for j in jobs:
+            j.out = [{"text": f"Sentence {j.seed} number {i} here.", "ended": True, "tokens": 4} for i in range(j.n)]
+
+    monkeypatch.setattr(sgen, "render_jobs", render_jobs)
+    return sgen
+
+
+def test_plan_control_in_the_python_api(distinct):
+    sgen = distinct
     K, V = sgen.rvq.K, sgen.rvq.V
     whole = [V - 1] * K
     res = sgen.run(PROMPT, 3, plan=[whole, None, [1]], seed=5)
+    assert len(res.steps) == 3
     assert res.steps[0].planned == whole and res.steps[0].pinned == K
-    if len(res.steps) > 2:
-        assert res.steps[2].planned[0] == 1 and res.steps[2].pinned == 1
-    if len(res.steps) > 1:
-        assert res.steps[1].pinned == 0
+    assert res.steps[1].pinned == 0
+    assert res.steps[2].planned[0] == 1 and res.steps[2].pinned == 1
+    with pytest.raises(ConfigError, match=r"plan: 3 entries for at most 2 sentences"):
+        sgen.run(PROMPT, 2, plan=[None, None, [1]])
+    for bad, where in (({"codes": "A b."}, r"plan\[0\]\.codes"), ({"codes": None}, r"plan\[0\]\.codes")):
+        with pytest.raises(ConfigError, match=where):
+            sgen.run(PROMPT, 1, plan=[bad])
     # steering by an example: its codes become the plan
     example = "Cats sleep for most of the day."
     res = sgen.run(PROMPT, 1, plan=[example])
@@ -138,16 +154,20 @@ def test_plan_control_in_the_python_api(sgen):
         sgen.run(PROMPT, 1, plan=[[V]])
 
 
-def test_token_budget_and_stop_strings(sgen):
-    res = sgen.run(PROMPT, 4, max_tokens=5, seed=1)
-    assert sum(s.tokens for s in res.steps if s.chosen is not None) <= 5
-    assert res.stop_reason in ("length", "empty", "repeat")
-    free = sgen.run(PROMPT, 2, seed=2)
-    if free.sentences and len(free.sentences[0]) > 2:
-        stop = free.sentences[0][2:4]
-        cut = sgen.run(PROMPT, 2, seed=2, stop=[stop])
-        assert cut.stop_reason == "stop" and stop not in cut.text
-        assert cut.text == free.sentences[0][: free.sentences[0].find(stop)].rstrip()
+def test_token_budget_and_stop_strings(sgen, distinct):
+    res = sgen.run(PROMPT, 4, max_tokens=10, seed=1)  # 4 tokens a sentence: 3 sentences reach the budget
+    assert len(res.sentences) == 3 and res.stop_reason == "length"
+    seen = []
+    real = sgen.render_jobs
+    sgen.render_jobs = lambda jobs: (seen.extend(j.params.max_new_tokens for j in jobs), real(jobs))
+    sgen.run(PROMPT, 4, max_tokens=10, seed=1)
+    assert seen == [8, 6, 2]  # the last sentence may only use what is left (MAX_NEW_TOKENS=8 here)
+    sgen.render_jobs = real
+    free = sgen.run(PROMPT, 3, seed=2)
+    cut = sgen.run(PROMPT, 3, seed=2, stop=["number"])
+    assert cut.stop_reason == "stop" and cut.sentences == [free.sentences[0][: free.sentences[0].find("number")].rstrip()]
+    span = sgen.run(PROMPT, 3, seed=2, stop=["here. Sentence"])  # stop strings match within a sentence
+    assert span.stop_reason == "steps" and span.text == free.text
     with pytest.raises(ConfigError, match="max_tokens"):
         sgen.run(PROMPT, 1, max_tokens=0)
     with pytest.raises(ConfigError, match="stop"):
@@ -251,6 +271,13 @@ def test_bad_requests_get_the_error_envelope_and_the_server_keeps_serving(server
         ("/v1/chat/completions", {"model": "next-speed", "messages": [{"role": "robot", "content": "Hi."}]}, 400, "messages"),
         ("/v1/chat/completions", {"model": "next-speed", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
         ("/v1/codes/encode", {"text": 3}, 400, "text"),
+        ("/v1/completions", {**ok, "plan": [{"codes": "A b."}]}, 400, "plan[0].codes"),
+        ("/v1/completions", {**ok, "plan": [None, None]}, 400, "plan"), ("/v1/completions", {**ok, "temperature": 0.001}, 400, "temperature"),
+        ("/v1/completions", {**ok, "stream": True, "n_cand": "4"}, 400, "n_cand"),
+        ("/v1/completions", {**ok, "stream": True, "plan": [[999]]}, 400, "plan[0][0]"),
+        ("/v1/completions", {**ok, "stream_options": {"nope": 1}}, 400, "stream_options.nope"),
+        ("/v1/chat/completions", {"model": "next-speed", "messages": [{"role": "user", "content": "Hi.", "tool_calls": []}]}, 400,
+         "messages[0].tool_calls"),
     ]
     for path, body, status, param in cases:
         got, err = _post(server, path, body)
@@ -261,6 +288,9 @@ def test_bad_requests_get_the_error_envelope_and_the_server_keeps_serving(server
     assert got == 400 and "invalid JSON" in err["error"]["message"]
     got, err = _post(server, "/v1/completions", {**ok, "prompt": "x" * 5000})  # MAX_BODY_BYTES=4096 in this server
     assert got == 413 and "MAX_BODY_BYTES" in err["error"]["message"]
+    for path in ("/v1/chat/completions", "/v1/codes/encode"):
+        got, err = _post(server, path, {"text": "x" * 5000})
+        assert got == 413 and err["error"]["type"] == "invalid_request_error", (path, err)
     got, err = _post(server, "/generate", {"prompt": "x" * 5000})
     assert got == 413 and "MAX_BODY_BYTES" in err["error"]  # the spec's endpoint keeps its own error shape
     for path, status in (("/v1/codes/0/9999", 404), ("/v1/codes/99/0", 404), ("/v1/codes/x/1", 400), ("/v1/codes/0/1?n=0", 400),
@@ -276,18 +306,29 @@ def test_code_browser_and_metrics(server):
     info = json.loads(text)
     assert status == 200 and info["level"] == 0 and info["index"] == 1 and len(info["neighbours"]) == 2
     assert all(ex["codes"][0] == 1 for ex in info["examples"]) and len(info["examples"]) == min(3, info["count"])
-    _post(server, "/generate", {"prompt": PROMPT, "max_sentences": 1, "plan": [[1]]})
-    status, text = _get(server, "/metrics")
-    assert status == 200
     from prometheus_client.parser import text_string_to_metric_families
 
-    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    def scrape():
+        status, text = _get(server, "/metrics")
+        assert status == 200
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        total = lambda name, **lab: sum(x.value for x in fams[name].samples if x.name == name + "_total"  # noqa: E731
+                                        and all(x.labels.get(k) == v for k, v in lab.items()))
+        return fams, total
+
+    _, before = scrape()
+    status, body = _post(server, "/generate", {"prompt": PROMPT, "max_sentences": 1, "plan": [[1]]})
+    assert status == 200 and len(body["sentences"]) == 1 and body["planned"][0][0] == 1
+    assert _post(server, "/generate", {"prompt": 5})[0] == 422
+    fams, after = scrape()
     assert {"nextspeed_requests", "nextspeed_errors", "nextspeed_sentences", "nextspeed_tokens", "nextspeed_queue_length",
             "nextspeed_stage_seconds"} <= set(fams)
-    total = {s.labels.get("endpoint"): s.value for s in fams["nextspeed_requests"].samples if s.name.endswith("_total")
-             and s.labels.get("endpoint") == "/generate"}
-    assert total.get("/generate", 0) >= 1
-    stages = {s.labels["stage"] for s in fams["nextspeed_stage_seconds"].samples if "stage" in s.labels}
+    assert after("nextspeed_requests", endpoint="/generate", status="200") == before("nextspeed_requests", endpoint="/generate", status="200") + 1
+    assert after("nextspeed_errors", endpoint="/generate", status="422") == before("nextspeed_errors", endpoint="/generate", status="422") + 1
+    assert after("nextspeed_sentences") >= before("nextspeed_sentences") + 1
+    assert after("nextspeed_tokens") > before("nextspeed_tokens")
+    assert [x.value for x in fams["nextspeed_queue_length"].samples] == [0.0]
+    stages = {x.labels["stage"] for x in fams["nextspeed_stage_seconds"].samples if "stage" in x.labels}
     assert {"planner", "decoder", "rerank", "queued", "total"} <= stages
 
 
@@ -339,3 +380,39 @@ def test_web_page_in_headless_chromium(server):
         assert not logs, logs
     finally:
         drv.quit()
+
+
+def test_v1_queue_full_and_a_gone_client_frees_its_work(sgen):
+    """In process: over MAX_QUEUE an immediate 503 in the envelope with Retry-After; a client
+    that disconnects mid-stream cancels its generation."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from next_speed.server import ServerConfig, create_app
+
+    app = create_app(lambda: sgen, ServerConfig(max_queue=1, retry_after=3), background=False)
+    body = {"model": "next-speed", "prompt": PROMPT, "max_sentences": 1}
+    with TestClient(app) as c:
+        sched = app.state.gen_state["sched"]
+        out = {}
+        with sgen._lock:  # the worker cannot render: the first request stays in flight
+            t = threading.Thread(target=lambda: out.setdefault("r", c.post("/v1/completions", json=body)))
+            t.start()
+            deadline = time.time() + 30
+            while sched.load() < 1 and time.time() < deadline:
+                time.sleep(0.05)
+            r = c.post("/v1/completions", json={**body, "stream": True})
+            assert r.status_code == 503 and r.headers["retry-after"] == "3"
+            assert r.json()["error"]["type"] == "server_error" and "MAX_QUEUE" in r.json()["error"]["message"]
+        t.join(timeout=120)
+        assert out["r"].status_code == 200
+        # a streamed request whose client leaves after the first event: its generation is cancelled
+        with c.stream("POST", "/v1/completions", json={**body, "max_sentences": 8, "stream": True}) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    break
+        deadline = time.time() + 60
+        while sched.load() and time.time() < deadline:
+            time.sleep(0.1)
+        assert sched.load() == 0

@@ -32,6 +32,9 @@ class CodeBrowser:
                                  "do not match: rerun steps 02-03")
         self.texts, self.codes, self.emb, self.rvq = texts, np.asarray(codes), emb, rvq
         self.counts = np.stack([np.bincount(self.codes[:, k], minlength=rvq.V) for k in range(rvq.K)])  # (K, V)
+        # rows carrying each code, without scanning the corpus per lookup: rows sorted by code, per level
+        self.by_code = np.stack([np.argsort(self.codes[:, k], kind="stable") for k in range(rvq.K)])  # (K, N)
+        self.starts = np.concatenate([np.zeros((rvq.K, 1), dtype=np.int64), np.cumsum(self.counts, 1)], 1)  # (K, V+1)
 
     @classmethod
     def from_rvq_meta(cls, rvq_meta_path: str, rvq) -> "CodeBrowser":
@@ -56,11 +59,15 @@ class CodeBrowser:
         if not 0 <= index < self.rvq.V:
             raise ConfigError(f"index: {index} is not a code: expected 0 to {self.rvq.V - 1}")
 
+    MAX_RANKED = 2000  # carriers ranked per lookup at most (evenly spaced over the corpus beyond that)
+
     def _typical(self, level: int, index: int, n: int) -> list[dict]:
         """The carriers of (level, index) whose level-`level` residual is nearest the codeword."""
-        rows = np.flatnonzero(self.codes[:, level] == index)
+        rows = self.by_code[level, self.starts[level, index] : self.starts[level, index + 1]]
         if not len(rows):
             return []
+        if len(rows) > self.MAX_RANKED:
+            rows = rows[np.linspace(0, len(rows) - 1, self.MAX_RANKED).astype(np.int64)]
         books = self.rvq.codebooks
         x = np.asarray(self.emb[rows], dtype=np.float32)
         for k in range(level):  # the residual this level quantized

@@ -128,6 +128,8 @@ def check_plan(plan: Any, K: int, V: int, name: str = "plan") -> list | None:
             if "codes" in e:
                 if "levels" in e:
                     raise ConfigError(f"{where}: 'levels' goes with 'example'; pin fewer levels by giving fewer codes")
+                if not isinstance(e["codes"], (list, tuple)):
+                    raise ConfigError(f"{where}.codes: expected a list of 1 to K={K} codes, got {type(e['codes']).__name__}")
                 e = e["codes"]
             else:
                 levels = e.get("levels", K)
@@ -262,6 +264,7 @@ class SentenceGenerator:
         self.cfg = cfg
         self.params = params_from(cfg)
         self._lock = threading.Lock()
+        self._browser_lock = threading.Lock()
         self._load()
 
     # ------------------------------------------------------------------ loading
@@ -415,13 +418,15 @@ class SentenceGenerator:
         return codes[: levels or self.rvq.K]
 
     def browser(self):
-        """The code browser over the training sentences (built on first use; see codebook.py)."""
-        with self._lock:
-            if getattr(self, "_browser", None) is None:
-                from .codebook import CodeBrowser
+        """The code browser over the training sentences (built on first use, under its own lock:
+        generation goes on meanwhile; see codebook.py)."""
+        if getattr(self, "_browser", None) is None:
+            with self._browser_lock:
+                if getattr(self, "_browser", None) is None:
+                    from .codebook import CodeBrowser
 
-                self._browser = CodeBrowser.from_rvq_meta(self.cfg.rvq_meta, self.rvq)
-            return self._browser
+                    self._browser = CodeBrowser.from_rvq_meta(self.cfg.rvq_meta, self.rvq)
+        return self._browser
 
     # ------------------------------------------------------------------ the loop
     def prepare(self, prompt: str, max_sentences: int | None = None, *, plan: Any = None, max_tokens: int | None = None,
@@ -431,8 +436,11 @@ class SentenceGenerator:
         check_prompt(prompt)
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
             raise ConfigError(f"max_tokens: expected a whole number of at least 1, got {max_tokens!r}")
-        return {"prompt": prompt, "p": p, "plan": check_plan(plan, self.rvq.K, self.rvq.V), "max_tokens": max_tokens,
-                "stop": check_stop(stop)}
+        plan = check_plan(plan, self.rvq.K, self.rvq.V)
+        if plan and len(plan) > p.gen_steps:
+            raise ConfigError(f"plan: {len(plan)} entries for at most {p.gen_steps} sentences (max_sentences): "
+                              "drop the extra entries or generate more sentences")
+        return {"prompt": prompt, "p": p, "plan": plan, "max_tokens": max_tokens, "stop": check_stop(stop)}
 
     def run(self, prompt: str, max_sentences: int | None = None, *, plan: Any = None, max_tokens: int | None = None,
             stop: Any = None, **overrides: Any) -> GenerationResult:

@@ -50,7 +50,7 @@ class _Common(BaseModel):
     seed: Optional[StrictInt] = Field(None, description="default: the server's SEED")
     stop: Optional[Union[StrictStr, list[StrictStr]]] = Field(None, description="up to 4 stop strings")
     stream: StrictBool = False
-    stream_options: Optional[dict[str, Any]] = Field(None, description="accepted; usage is always in the final chunk")
+    stream_options: Optional["StreamOptions"] = Field(None, description="include_usage is accepted; usage is always in the final chunk")
     user: Optional[StrictStr] = None
     # sentence-level extras
     max_sentences: Optional[Annotated[StrictInt, Field(ge=1)]] = Field(None, description="sentences at most (default 3; the cap when max_tokens is set)")
@@ -65,14 +65,23 @@ class _Common(BaseModel):
     return_candidates: StrictBool = False
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: Optional[StrictBool] = None
+
+
+_Common.model_rebuild()
+
+
 class CompletionRequest(_Common):
     prompt: Union[StrictStr, list[StrictStr]] = Field(..., description="the text to continue (one prompt)")
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # `name` and other per-message fields are accepted
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[StrictStr, list[dict[str, Any]]]
+    name: Optional[StrictStr] = None
 
 
 class ChatRequest(_Common):
@@ -126,9 +135,13 @@ def generation_kwargs(req: _Common, default_seed: int, max_sentences_cap: int) -
     if req.temperature is not None:
         if req.temperature == 0:
             kw["do_sample"] = False
+        elif req.temperature < 0.01:
+            raise ApiError(400, f"temperature: {req.temperature} is too small: 0 (greedy) or at least 0.01", "temperature")
         else:
-            kw["temp"] = req.temperature
+            kw.update(temp=req.temperature, do_sample=True)
     if req.top_p is not None:
+        if req.top_p < 0.01:
+            raise ApiError(400, f"top_p: {req.top_p} is too small: at least 0.01", "top_p")
         kw["top_p"] = req.top_p
     for name in ("n_cand", "rerank", "plan_temp", "plan_top_k", "repetition_penalty", "no_repeat_ngram", "repeat_cos"):
         if getattr(req, name) is not None:

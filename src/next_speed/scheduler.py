@@ -31,6 +31,10 @@ class ShuttingDown(NextSpeedError):
     """The scheduler stopped (the server is shutting down)."""
 
 
+class WorkerError(RuntimeError):
+    """The scheduler's worker failed (a bug, not the request's fault: the server answers 500)."""
+
+
 def _settle(fut: Future, result: Any = None, exc: BaseException | None = None) -> None:
     """Hand a result or an error to a request's future, unless it is already done (a client that
     went away cancels its future; that must never stop the worker)."""
@@ -148,7 +152,7 @@ class BatchScheduler:
                 with self._cv:
                     lost, self._waiting, self._active = self._waiting + self._active, [], []
                 for r in lost:
-                    _settle(r.future, exc=NextSpeedError(f"internal error ({type(e).__name__}); the server log has the details"))
+                    _settle(r.future, exc=WorkerError(f"internal error ({type(e).__name__}); the server log has the details"))
 
     def _round(self) -> bool:
         """Admit, render one batch, advance; False once stopped."""

@@ -96,6 +96,28 @@ def _error_body(path: str, status: int, msg: str, param: str | None = None) -> d
     return envelope(status, msg, param) if path.startswith("/v1") else {"error": msg}
 
 
+_BODY_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/codes/encode")
+
+
+async def _await_or_disconnect(request, futs: list):
+    """The futures' results; when the client goes away first, the futures are cancelled (the
+    scheduler drops them at its next round) and None is returned. Starlette does not cancel a
+    handler whose client disconnected, so without this a gone client's generation would run on."""
+    waiter = asyncio.ensure_future(asyncio.gather(*[asyncio.wrap_future(f) for f in futs]))
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=0.25)
+            if done:
+                return waiter.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        for f in futs:
+            f.cancel()
+        if not waiter.done():
+            waiter.cancel()
+
+
 class _Guard:
     """Pure ASGI middleware: refuses bodies over `limit` bytes with a 413 before any handler reads
     them (declared or chunked), and counts every answer by route and status for /metrics."""
@@ -132,7 +154,7 @@ class _Guard:
                 await send({"type": "http.response.start", "status": 413,
                             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
                 await send({"type": "http.response.body", "body": payload})
-                self.count(path if path.startswith("/v1") or path == "/generate" else "other", 413)
+                self.count(path if path in _BODY_ROUTES else "other", 413)  # bounded labels: routes, never raw paths
                 return
             replayed = False
 
@@ -250,7 +272,9 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
         loc = [x for x in first.get("loc", ()) if x not in ("body", "path", "query")]
         # a union's members show up in the location (e.g. "list[int]"): keep names and indices only
         loc = [x for x in loc if isinstance(x, int) or ("[" not in str(x) and not str(x)[:1].isupper() and str(x) not in ("str", "int", "float", "bool", "none"))]
-        where = ".".join(str(x) for x in loc)
+        where = ""
+        for x in loc:  # plan[0][1] and messages[2].role, as check_plan names them
+            where += f"[{x}]" if isinstance(x, int) else (f".{x}" if where else str(x))
         msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
         v1 = request.url.path.startswith("/v1")
         if first.get("type") == "json_invalid":
@@ -297,7 +321,7 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
     GenerateRequest = request_models(scfg.max_n_cand, scfg.max_new_tokens_cap, scfg.max_sentences_cap)
 
     @app.post("/generate")
-    async def generate(req: GenerateRequest):
+    async def generate(req: GenerateRequest, request: Request):
         from .generate import check_prompt
 
         if len(req.prompt) > scfg.max_prompt_chars:
@@ -314,11 +338,14 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
 
         try:
             fut = state["sched"].submit(req.prompt, req.max_sentences, plan=req.plan, **params)
-            res = await asyncio.wrap_future(fut)
+            got = await _await_or_disconnect(request, [fut])
         except (QueueFull, ShuttingDown) as e:
             return JSONResponse(status_code=503, content={"error": str(e)}, headers={"Retry-After": str(scfg.retry_after)})
         except NextSpeedError as e:
             return error(422, str(e))
+        if got is None:
+            return error(499, "the client closed the connection")
+        res = got[0]
         metrics.record(res)
         return {"text": res.text, "sentences": res.sentences, "planned": res.planned, "realized": res.realized,
                 "stop_reason": res.stop_reason, "timings": res.timings}
@@ -350,8 +377,14 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
         return model_card(gen)
 
     def config_error(e: NextSpeedError) -> ApiError:
+        """A generation's own error as the API answers it: busy or shutting down is a 503 with
+        Retry-After, anything else about the request a 400 naming the field."""
         import re
 
+        from .scheduler import QueueFull, ShuttingDown
+
+        if isinstance(e, (QueueFull, ShuttingDown)):
+            return ApiError(503, str(e), headers={"Retry-After": str(scfg.retry_after)})
         msg = str(e)
         head = re.match(r"([A-Za-z_][\w.\[\]]*)[=:]", msg)  # "plan[0][1]: ..." or "top_p=0.001 is ..."
         return ApiError(400, msg, head.group(1) if head else None)
@@ -376,7 +409,7 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
             raise config_error(e) from e
         return futs
 
-    async def complete(kind: str, req, prompt: str):
+    async def complete(kind: str, req, prompt: str, request: Request):
         gen = ready()
         if req.model != scfg.model_name:
             raise ApiError(404, f"model {req.model!r} does not exist; this server serves {scfg.model_name!r}", "model", "model_not_found")
@@ -393,12 +426,11 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
         if not req.stream:
             futs = submit_all(kws, prompt)
             try:
-                results = [await asyncio.wrap_future(f) for f in futs]
+                results = await _await_or_disconnect(request, futs)
             except NextSpeedError as e:
                 raise config_error(e) from e
-            finally:
-                for f in futs:
-                    f.cancel()  # a client that went away frees the queue
+            if results is None:
+                return JSONResponse(status_code=499, content=oa.envelope(499, "the client closed the connection"))
             for r in results:
                 metrics.record(r)
             return oa.completion_object(kind, rid, scfg.model_name, results, prompt_tokens, req.return_candidates)
@@ -440,12 +472,13 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
                         continue
                     exc = f.exception()
                     if exc is not None:
-                        status = 400 if isinstance(exc, NextSpeedError) else 500
-                        if status == 500:
+                        if isinstance(exc, NextSpeedError):
+                            err = config_error(exc)
+                        else:
                             log.error("a streamed generation failed", exc_info=exc)
-                        msg = str(exc) if status == 400 else f"internal error ({type(exc).__name__}); the server log has the details"
-                        metrics.count("stream-error", status)
-                        yield sse(oa.envelope(status, msg))
+                            err = ApiError(500, f"internal error ({type(exc).__name__}); the server log has the details")
+                        metrics.errors.labels("stream", str(err.status)).inc()
+                        yield sse(err.body())
                         continue
                     res = f.result()
                     metrics.record(res)
@@ -464,7 +497,7 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/completions")
-    async def completions(req: oa.CompletionRequest):
+    async def completions(req: oa.CompletionRequest, request: Request):
         prompt = req.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
@@ -476,10 +509,10 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
             check_prompt(prompt)
         except NextSpeedError as e:
             raise ApiError(400, str(e), "prompt") from e
-        return await complete("text", req, prompt)
+        return await complete("text", req, prompt, request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: oa.ChatRequest):
+    async def chat_completions(req: oa.ChatRequest, request: Request):
         from .generate import check_prompt
 
         prompt = oa.chat_prompt(req.messages)
@@ -487,7 +520,7 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
             check_prompt(prompt, "messages")
         except NextSpeedError as e:
             raise ApiError(400, str(e), "messages") from e
-        return await complete("chat", req, prompt)
+        return await complete("chat", req, prompt, request)
 
     # ------------------------------------------------------------------ the code browser
     @app.get("/v1/codes/{level}/{index}")
