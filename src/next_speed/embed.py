@@ -152,8 +152,8 @@ def embed_with_ray(cfg: EmbedConfig, n_rows: int, out: np.ndarray, device: str) 
         # Reads take a quarter of a CPU and the actors share the rest: whole-CPU actors on every CPU
         # would leave the read tasks nothing to run on (a deadlock on a small machine).
         per_actor = max((cpus - 0.25) / actors, 0.1)
-        ds = ray.data.read_json(str(Path(cfg.sent_path).resolve()), lines=True,
-                                ray_remote_args={"num_cpus": 0.25})  # (no select_columns: a separate 1-CPU operator)
+        ds = ray.data.read_json(str(Path(cfg.sent_path).resolve()), lines=True, num_cpus=0.25)
+        # (no select_columns: it would be a separate 1-CPU operator, starved the same way)
         ds = ds.map_batches(RayEncoder, fn_constructor_kwargs={"emb_model": cfg.emb_model, "maxlen": cfg.maxlen,
                                                                 "device": "cuda" if gpu else "cpu", "bs": cfg.bs,
                                                                 "threads": max(int(per_actor), 1)},

@@ -134,6 +134,9 @@ class RVQ:
             raise StaleInputError(f"{path} is not a valid RVQ file ({e}): rerun step 03") from None
 
 
+ENCODE_CHUNK = 65536  # vectors encoded per chunk by step 03 (memory: one chunk)
+
+
 @dataclass
 class RVQConfig:
     """Step 03 knobs."""
@@ -235,7 +238,7 @@ def fit_rvq(cfg: RVQConfig) -> dict:
     from .runtime import progress
 
     with progress(total=N, desc="03 encode", unit="vec") as bar:
-        for start, x in rows.chunks(65536):
+        for start, x in rows.chunks(ENCODE_CHUNK):
             c = rvq.encode(x, beam=cfg.beam)
             codes[start : start + len(x)] = c
             acc.add(x, c)

@@ -22,6 +22,9 @@ from .rvq import check_codes
 log = logging.getLogger(__name__)
 
 
+CODES_CHUNK = 65536  # code rows read at a time by step 04
+
+
 @dataclass
 class TrainSetsConfig:
     """Step 04 knobs."""
@@ -92,7 +95,7 @@ def build_training_sets(cfg: TrainSetsConfig) -> dict:
         chunk, chunk_start, doc, start = None, 0, None, 0
         for i, r in enumerate(read_jsonl(cfg.sent_path, required=("doc", "pos", "text"))):
             if chunk is None or i >= chunk_start + len(chunk):
-                chunk_start, chunk = i, codes.read(i, i + 65536)
+                chunk_start, chunk = i, codes.read(i, i + CODES_CHUNK)
             if r["doc"] != doc:
                 doc, start = r["doc"], i
                 texts.clear()
