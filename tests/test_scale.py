@@ -76,7 +76,8 @@ def test_streamed_trainsets_with_small_code_chunks(workdir, docs_file, tiny_enco
 @pytest.mark.integration
 def test_ray_path_equals_local_path(workdir, docs_file, tiny_encoder):
     """BACKEND=ray: Ray Data map_batches on a local Ray instance (2 CPUs), one encoder per actor;
-    the same file, the same metadata keys, the same vectors (up to float rounding: batches differ)."""
+    the same file, the same metadata keys, the same vectors (up to float rounding: batches differ);
+    then step 03's encoding pass on Ray gives the local pass's codes."""
     pytest.importorskip("ray", reason="the optional 'ray' group is not installed (uv sync --extra ray)")
     make_sentences(resolve(SentencesConfig, environ={"DOCS_JSONL": str(docs_file), "NUM_PROC": "1"}))
     local = embed_sentences(resolve(EmbedConfig, environ={"EMB_MODEL": tiny_encoder, "DEVICE": "cpu"}))
@@ -86,6 +87,21 @@ def test_ray_path_equals_local_path(workdir, docs_file, tiny_encoder):
     assert a.shape == b.shape and np.allclose(a, b, atol=1e-5), np.abs(a - b).max()
     assert ray_meta["ray_actors"] >= 1 and set(local) <= set(ray_meta)
     assert ray_meta["counts"] == local["counts"] and ray_meta["inputs"] == local["inputs"]
+    # step 03's encoding pass on Ray (chunks of 7 vectors over the actors): the same codes and stats
+    import next_speed.rvq as rvq_mod
+
+    env = {"K": "3", "V": "4", "NITER": "5"}
+    here = fit_rvq(resolve(RVQConfig, environ=env))
+    codes = np.load("data/codes.npy")
+    rvq_mod.ENCODE_CHUNK = 7
+    try:
+        there = fit_rvq(resolve(RVQConfig, environ={**env, "BACKEND": "ray", "CODES_PATH": "data/codes_ray.npy",
+                                                    "RVQ_META": "out/rvq_ray.json", "RVQ_PATH": "out/rvq_ray.npz"}))
+    finally:
+        rvq_mod.ENCODE_CHUNK = 65536
+    assert np.array_equal(codes, np.load("data/codes_ray.npy")) and there["ray_actors"] >= 1
+    for a_, b_ in zip(here["levels"], there["levels"]):
+        assert a_["used"] == b_["used"] and a_["rel_error"] == pytest.approx(b_["rel_error"], rel=1e-5)
 
 
 def _free_port() -> int:

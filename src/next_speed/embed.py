@@ -126,29 +126,13 @@ def embed_with_ray(cfg: EmbedConfig, n_rows: int, out: np.ndarray, device: str) 
     `map_batches` over a pool of encoder actors, and write each batch into the memmapped output at
     its rows' ids. Returns the number of actors. On a cluster SENT_PATH must be on storage every
     node can read (the driver writes the output)."""
-    import os
+    from .runtime import ray_session
 
-    try:
-        import ray
-    except ImportError:
-        raise NextSpeedError("BACKEND=ray needs Ray: pip install 'next-speed[ray]' (or uv sync --extra ray)") from None
-    import ray.data
-
-    started = False
-    if not ray.is_initialized():
-        kw = {"address": cfg.ray_address} if cfg.ray_address else {"num_cpus": os.cpu_count()}
-        try:
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kw)
-        except Exception as e:  # noqa: BLE001 - a cluster that cannot be reached is the user's to fix
-            raise NextSpeedError(f"RAY_ADDRESS={cfg.ray_address!r}: could not start or join Ray ({str(e).splitlines()[0][:200]})") from None
-        started = True
-    try:
+    with ray_session(cfg.ray_address) as ray:
         gpu = device.startswith("cuda")
         res = ray.cluster_resources()
         cpus = int(res.get("CPU", 1))
         actors = cfg.ray_actors or (int(res.get("GPU", 1)) if gpu else cpus)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
         # Reads take a quarter of a CPU and the actors share the rest: whole-CPU actors on every CPU
         # would leave the read tasks nothing to run on (a deadlock on a small machine).
         per_actor = max((cpus - 0.25) / actors, 0.1)
@@ -174,9 +158,6 @@ def embed_with_ray(cfg: EmbedConfig, n_rows: int, out: np.ndarray, device: str) 
         if seen != n_rows:
             raise NextSpeedError(f"Ray returned {seen} embeddings for {n_rows} sentences of {cfg.sent_path}")
         return actors
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def embed_sentences(cfg: EmbedConfig, model=None) -> dict:

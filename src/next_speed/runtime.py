@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -74,3 +75,33 @@ def quiet_hf() -> None:
         transformers.logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None):
+    """Ray for BACKEND=ray (steps 02 and 03): join the cluster at `address`, or start a local
+    instance on this machine's CPUs; a session started here is shut down on exit. Yields the
+    `ray` module. Errors are one line naming the knob."""
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        from .errors import NextSpeedError
+
+        raise NextSpeedError("BACKEND=ray needs Ray: pip install 'next-speed[ray]' (or uv sync --extra ray)") from None
+    started = False
+    if not ray.is_initialized():
+        kw = {"address": address} if address else {"num_cpus": os.cpu_count()}
+        try:
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kw)
+        except Exception as e:  # noqa: BLE001 - a cluster that cannot be reached is the user's to fix
+            from .errors import NextSpeedError
+
+            raise NextSpeedError(f"RAY_ADDRESS={address!r}: could not start or join Ray ({str(e).splitlines()[0][:200]})") from None
+        started = True
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()

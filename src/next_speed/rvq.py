@@ -151,6 +151,10 @@ class RVQConfig:
     rvq_meta: str = knob("out/rvq_meta.json", env="RVQ_META", help="output metadata JSON")
     codes_path: str = knob("data/codes.npy", env="CODES_PATH", help="output codes (N x K int)")
     seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="k-means seed")
+    backend: str = knob("local", env="BACKEND", choices=("local", "ray"),
+                        help="local: encode here; ray: the encoding pass as Ray Data map_batches over chunks (the fit stays here)")
+    ray_address: str | None = knob(None, env="RAY_ADDRESS", help="Ray cluster to join; unset starts a local Ray instance")
+    ray_actors: int = knob(0, env="RAY_ACTORS", min=0, help="encoding actors (0 = one per CPU of the cluster)")
     fit_sample: int = knob(200_000, env="FIT_SAMPLE", min=0,
                            help="fit the codebooks on a seeded sample of this many vectors (0 = all); every vector is then "
                                 "encoded, in chunks, so memory does not grow with the corpus")
@@ -179,6 +183,14 @@ class LevelStats:
         self.xn += float(xn.sum())
         self.n += len(x)
 
+    def merge(self, err, cos, xn: float, n: int, counts) -> None:
+        """Add another chunk's sums (as a Ray worker computed them)."""
+        self.err += err
+        self.cos += cos
+        self.xn += float(xn)
+        self.n += int(n)
+        self.counts += counts
+
     def result(self) -> list[dict]:
         rows = []
         for k in range(self.rvq.K):
@@ -186,6 +198,64 @@ class LevelStats:
             rows.append({"level": k, "rel_error": float(self.err[k] / self.xn), "cosine": float(self.cos[k] / self.n),
                          "used": int((self.counts[k] > 0).sum()), "perplexity": float(np.exp(-(p * np.log(p)).sum()))})
         return rows
+
+
+class RayChunkEncoder:
+    """A Ray Data actor of step 03's encoding pass: reads its chunks of the embeddings file (which
+    every node must be able to read), encodes them and returns the codes with the chunk's stats."""
+
+    def __init__(self, codebooks: np.ndarray, emb_path: str, beam: int, chunk: int, threads: int):
+        import faiss
+
+        faiss.omp_set_num_threads(max(threads, 1))  # actors share the machine
+        from .artifacts import NpyRows
+
+        self.rvq, self.rows, self.beam, self.chunk = RVQ(codebooks=codebooks), NpyRows(emb_path), beam, chunk
+
+    def __call__(self, batch: dict) -> dict:
+        out: dict = {k: [] for k in ("start", "n", "codes", "err", "cos", "xn", "counts")}
+        for c in batch["id"]:
+            start = int(c) * self.chunk
+            x = self.rows.read(start, start + self.chunk)
+            codes = self.rvq.encode(x, beam=self.beam)
+            acc = LevelStats(self.rvq)
+            acc.add(x, codes)
+            padded = np.zeros((self.chunk, self.rvq.K), dtype=np.int32)
+            padded[: len(codes)] = codes
+            for k, v in (("start", start), ("n", len(codes)), ("codes", padded), ("err", acc.err), ("cos", acc.cos),
+                         ("xn", acc.xn), ("counts", acc.counts)):
+                out[k].append(v)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+
+def encode_with_ray(cfg: "RVQConfig", rvq: RVQ, n: int, codes: np.ndarray, acc: LevelStats) -> int:
+    """Step 03's encoding pass on Ray Data: one task per chunk of ENCODE_CHUNK vectors over a pool
+    of actors; the driver writes each chunk's codes in place and merges its stats. Returns the
+    number of actors."""
+    from .runtime import progress, ray_session
+
+    with ray_session(cfg.ray_address) as ray:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        actors = cfg.ray_actors or cpus
+        per_actor = max((cpus - 0.25) / actors, 0.1)
+        chunks = -(-n // ENCODE_CHUNK)
+        # from_items, not range: range's read tasks would each want a whole CPU the actors hold
+        ds = ray.data.from_items([{"id": i} for i in range(chunks)], override_num_blocks=min(chunks, 4 * actors)).map_batches(
+            RayChunkEncoder, fn_constructor_kwargs={"codebooks": rvq.codebooks, "emb_path": str(Path(cfg.emb_path).resolve()),
+                                                    "beam": cfg.beam, "chunk": ENCODE_CHUNK, "threads": max(int(per_actor), 1)},
+            batch_size=1, batch_format="numpy", concurrency=actors, num_cpus=per_actor)
+        done = 0
+        with progress(total=n, desc="03 encode (ray)", unit="vec") as bar:
+            for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for i in range(len(b["start"])):
+                    start, m = int(b["start"][i]), int(b["n"][i])
+                    codes[start : start + m] = b["codes"][i][:m]
+                    acc.merge(b["err"][i], b["cos"][i], b["xn"][i], m, b["counts"][i])
+                    done += m
+                    bar.update(m)
+        if done != n:
+            raise NextSpeedError(f"Ray encoded {done} of the {n} vectors of {cfg.emb_path}")
+        return actors
 
 
 def level_stats(x: np.ndarray, rvq: RVQ, codes: np.ndarray) -> list[dict]:
@@ -237,12 +307,16 @@ def fit_rvq(cfg: RVQConfig) -> dict:
     acc = LevelStats(rvq)
     from .runtime import progress
 
-    with progress(total=N, desc="03 encode", unit="vec") as bar:
-        for start, x in rows.chunks(ENCODE_CHUNK):
-            c = rvq.encode(x, beam=cfg.beam)
-            codes[start : start + len(x)] = c
-            acc.add(x, c)
-            bar.update(len(x))
+    extra = {}
+    if cfg.backend == "ray":
+        extra["ray_actors"] = encode_with_ray(cfg, rvq, N, codes, acc)
+    else:
+        with progress(total=N, desc="03 encode", unit="vec") as bar:
+            for start, x in rows.chunks(ENCODE_CHUNK):
+                c = rvq.encode(x, beam=cfg.beam)
+                codes[start : start + len(x)] = c
+                acc.add(x, c)
+                bar.update(len(x))
     t_enc = time.perf_counter() - t0 - t_fit
     stats = acc.result()
     rvq.save(cfg.rvq_path)
@@ -253,7 +327,7 @@ def fit_rvq(cfg: RVQConfig) -> dict:
                      outputs={"rvq": cfg.rvq_path, "codes": cfg.codes_path},
                      counts={"rows": int(N), "dim": int(D), "fit_rows": int(fit_rows)}, K=cfg.k, V=cfg.v, dim=int(D),
                      encoder=emb_meta.get("model"), sentences_sha256=_sentences_hash(emb_meta), fit_seconds=round(t_fit, 2), encode_seconds=round(t_enc, 2),
-                     levels=stats, shared_tuple_share=shared_tuple_share(codes))
+                     levels=stats, shared_tuple_share=shared_tuple_share(codes), **extra)
     write_json(cfg.rvq_meta, meta)
     log.info("03: K=%d V=%d fit in %.1fs, final rel. error %.3f -> %s", cfg.k, cfg.v, t_fit, stats[-1]["rel_error"], cfg.rvq_path)
     return meta
