@@ -37,23 +37,58 @@ class RVQ:
 
     # ------------------------------------------------------------------ fit
     @classmethod
-    def fit(cls, x: np.ndarray, *, K: int, V: int, niter: int = 20, seed: int = 0, verbose: bool = False) -> "RVQ":
-        """Fit level by level with faiss k-means on the running residual."""
+    def fit(cls, x: np.ndarray, *, K: int, V: int, niter: int = 20, seed: int = 0, verbose: bool = False,
+            method: str = "spherical", refine: int = 2) -> "RVQ":
+        """Fit level by level on the running residual.
+
+        `kmeans`: faiss k-means on the residuals themselves. Deeper residuals are nearly isotropic
+        noise of similar norms, and L2 k-means then settles with most of its codewords on a few
+        outlying points each and one codeword near zero that most sentences pick (measured on the
+        default corpus: level-4 perplexity 4.3 of 256).
+        `spherical` (default): cluster the residuals' *directions* (faiss spherical k-means on the
+        unit residuals), set each codeword to the mean residual of its cluster (the L2-optimal
+        vector for that assignment), then `refine` ordinary Lloyd steps from there. Every codeword
+        starts with a share of the directions, so no level collapses, and the error is lower too
+        (held-out relative error 0.519 vs 0.563 on the default corpus; README, "RVQ")."""
         import faiss
 
+        if method not in ("spherical", "kmeans"):
+            raise ConfigError(f"RVQ_FIT={method!r}: choose spherical or kmeans")
         x = np.ascontiguousarray(x, dtype=np.float32)
         n, d = x.shape
         if V > n:
             raise ConfigError(f"V={V} is larger than the number of sentences ({n}): lower V or use more data")
         resid = x.copy()
         books = np.zeros((K, V, d), dtype=np.float32)
+
+        def assign(book: np.ndarray, pts: np.ndarray) -> np.ndarray:
+            ix = faiss.IndexFlatL2(d)
+            ix.add(book)
+            return ix.search(pts, 1)[1][:, 0]
+
+        def means(a: np.ndarray, prev: np.ndarray) -> np.ndarray:
+            import torch  # index_add_: a segmented sum ~70x faster than np.add.at
+
+            sums = torch.zeros(V, d).index_add_(0, torch.from_numpy(a.astype(np.int64)), torch.from_numpy(resid)).numpy()
+            cnt = np.bincount(a, minlength=V)[:, None]
+            return np.where(cnt > 0, sums / np.maximum(cnt, 1), prev).astype(np.float32)  # an empty cluster keeps its codeword
+
         for k in range(K):
-            km = faiss.Kmeans(d, V, niter=niter, seed=seed + k, verbose=verbose, max_points_per_centroid=1 << 30,
-                              min_points_per_centroid=1)
-            km.train(resid)
-            books[k] = km.centroids
-            _, idx = km.index.search(resid, 1)
-            resid -= books[k][idx[:, 0]]
+            if method == "kmeans":
+                km = faiss.Kmeans(d, V, niter=niter, seed=seed + k, verbose=verbose, max_points_per_centroid=1 << 30,
+                                  min_points_per_centroid=1)
+                km.train(resid)
+                books[k] = km.centroids
+            else:
+                unit = resid / (np.linalg.norm(resid, axis=1, keepdims=True) + 1e-12)
+                km = faiss.Kmeans(d, V, niter=niter, seed=seed + k, verbose=verbose, spherical=True,
+                                  max_points_per_centroid=1 << 30, min_points_per_centroid=1)
+                km.train(unit)
+                book = means(km.index.search(unit, 1)[1][:, 0], km.centroids)
+                for _ in range(refine):
+                    book = means(assign(book, resid), book)
+                books[k] = book
+            resid -= books[k][assign(books[k], resid)]
         return cls(codebooks=books)
 
     # ------------------------------------------------------------------ encode / decode
@@ -155,6 +190,9 @@ class RVQConfig:
                         help="local: encode here; ray: the encoding pass as Ray Data map_batches over chunks (the fit stays here)")
     ray_address: str | None = knob(None, env="RAY_ADDRESS", help="Ray cluster to join; unset starts a local Ray instance")
     ray_actors: int = knob(0, env="RAY_ACTORS", min=0, help="encoding actors (0 = one per CPU of the cluster)")
+    rvq_fit: str = knob("spherical", env="RVQ_FIT", choices=("spherical", "kmeans"),
+                        help="spherical: cluster residual directions, codewords = cluster means (no level collapses); "
+                             "kmeans: plain k-means on the residuals (before; deep levels collapse)")
     fit_sample: int = knob(200_000, env="FIT_SAMPLE", min=0,
                            help="fit the codebooks on a seeded sample of this many vectors (0 = all); every vector is then "
                                 "encoded, in chunks, so memory does not grow with the corpus")
@@ -299,7 +337,7 @@ def fit_rvq(cfg: RVQConfig) -> dict:
         log.info("03: fitting on a seeded sample of %d of %d vectors (FIT_SAMPLE)", len(sample), N)
     else:
         x_fit = rows.read(0, N)
-    rvq = RVQ.fit(x_fit, K=cfg.k, V=cfg.v, niter=cfg.niter, seed=cfg.seed)
+    rvq = RVQ.fit(x_fit, K=cfg.k, V=cfg.v, niter=cfg.niter, seed=cfg.seed, method=cfg.rvq_fit)
     fit_rows = len(x_fit)
     del x_fit
     t_fit = time.perf_counter() - t0
@@ -329,6 +367,8 @@ def fit_rvq(cfg: RVQConfig) -> dict:
                      encoder=emb_meta.get("model"), sentences_sha256=_sentences_hash(emb_meta), fit_seconds=round(t_fit, 2), encode_seconds=round(t_enc, 2),
                      levels=stats, shared_tuple_share=shared_tuple_share(codes), **extra)
     write_json(cfg.rvq_meta, meta)
+    for r in collapsed_levels(stats, cfg.v):
+        log.warning("03: level %d has collapsed: perplexity %.1f < V/10 = %g", r["level"], r["perplexity"], cfg.v / 10)
     log.info("03: K=%d V=%d fit in %.1fs, final rel. error %.3f -> %s", cfg.k, cfg.v, t_fit, stats[-1]["rel_error"], cfg.rvq_path)
     return meta
 
@@ -390,6 +430,8 @@ def rvq_report(cfg: RVQEvalConfig) -> dict:
     report = {"K": rvq.K, "V": rvq.V, "rows": int(len(x)), "beam": cfg.beam, "levels": level_stats(x, rvq, codes),
               "shared_tuple_share": shared_tuple_share(codes),
               "unique_tuples": int(len(np.unique(codes, axis=0)))}
+    for r in collapsed_levels(report["levels"], rvq.V):
+        log.warning("RVQ level %d has collapsed: perplexity %.1f < V/10 = %g", r["level"], r["perplexity"], rvq.V / 10)
     write_json(cfg.out_json, report)
     return report
 
@@ -407,4 +449,13 @@ def format_report(rep: dict) -> str:
     for r in rep["levels"]:
         lines.append(f"{r['level']:>5} {r['rel_error']:>8.4f} {r['cosine']:>7.4f} {r['used']:>6} {r['perplexity']:>8.1f}")
     lines.append(f"unique tuples: {rep['unique_tuples']}; sentences sharing their full tuple: {100 * rep['shared_tuple_share']:.1f}%")
+    for r in collapsed_levels(rep["levels"], rep["V"]):
+        lines.append(f"warning: level {r['level']} has collapsed: perplexity {r['perplexity']:.1f} is below V/10 = {rep['V'] / 10:g} "
+                     "(most sentences share a few codes there; RVQ_FIT=spherical avoids it)")
     return "\n".join(lines)
+
+
+def collapsed_levels(levels: list[dict], V: int) -> list[dict]:
+    """Levels whose code-use perplexity is below a tenth of V: codes the planner must predict and
+    the decoder must read, for almost nothing."""
+    return [r for r in levels if r["perplexity"] < V / 10]

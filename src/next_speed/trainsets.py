@@ -88,8 +88,10 @@ def build_training_sets(cfg: TrainSetsConfig) -> dict:
     counts = {"train": 0, "val": 0}
     paths = {("lm", "train"): cfg.out_lm, ("lm", "val"): cfg.out_lm_val, ("dec", "train"): cfg.out_dec, ("dec", "val"): cfg.out_dec_val}
     with contextlib.ExitStack() as stack:
+        # entered in reverse: the stack publishes last-in first, so the files appear in the order
+        # of `paths` (planner train, planner val, decoder train, decoder val), as before streaming
         out = {key: stack.enter_context(open(stack.enter_context(atomic_path(path)), "w", encoding="utf-8"))
-               for key, path in paths.items()}
+               for key, path in reversed(list(paths.items()))}
         texts: deque = deque(maxlen=c or 1)
         ctx_codes: deque = deque(maxlen=c or 1)
         chunk, chunk_start, doc, start = None, 0, None, 0
