@@ -82,3 +82,31 @@ def run_script(script: str, *args: str, env: dict | None = None, cwd: Path | Non
     else:
         cmd = [sys.executable, str(ROOT / script), *args] if script.endswith(".py") else [sys.executable, "-m", script, *args]
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(base: str, proc=None, timeout: float = 240) -> int | None:
+    """Poll `base`/health until it answers 200 (or `proc` exits, or `timeout`); the last status."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline, status = time.time() + timeout, None
+    while time.time() < deadline and (proc is None or proc.poll() is None):
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            status = e.code
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.5)
+    return status

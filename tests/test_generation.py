@@ -17,7 +17,7 @@ from next_speed.config import resolve
 from next_speed.errors import ConfigError, StaleInputError
 from next_speed.generate import GenerateConfig, SentenceGenerator, match_score, run_generate
 
-from conftest import ROOT, run_script
+from conftest import ROOT, free_port, run_script, wait_healthy
 
 
 @pytest.fixture()
@@ -299,31 +299,14 @@ def test_server_health_503_while_loading():
         release.set()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_real_server_command(in_run):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "PORT": str(port), "MAX_NEW_TOKENS": "8",
            "PYTHONPATH": f"{ROOT}/src:{ROOT}"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "09_server.py")], cwd=in_run, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 240
-        status = None
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    status = r.status
-                    break
-            except urllib.error.HTTPError as e:
-                status = e.code
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            time.sleep(1)
+        status = wait_healthy(f"http://127.0.0.1:{port}", proc)
         assert status == 200, f"server never became healthy (last status {status})"
         # a client that disconnects mid-request does not take the server down
         body = json.dumps({"prompt": "Paris is the capital of France.", "max_sentences": 2}).encode()

@@ -4,8 +4,6 @@ Ray Data path of step 02 gives the local path's embeddings, and torchrun runs of
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +18,7 @@ from next_speed.rvq import RVQ, RVQConfig, fit_rvq
 from next_speed.sentences import SentencesConfig, make_sentences
 from next_speed.trainsets import TrainSetsConfig, build_training_sets
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 
 def _setup(docs_file, encoder):
@@ -104,15 +102,9 @@ def test_ray_path_equals_local_path(workdir, docs_file, tiny_encoder):
         assert a_["used"] == b_["used"] and a_["rel_error"] == pytest.approx(b_["rel_error"], rel=1e-5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(n: int, script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}/src:{ROOT}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port", str(free_port()),
            str(ROOT / script), *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from next_speed.config import resolve
 from next_speed.errors import ConfigError
 from next_speed.generate import GenerateConfig, SentenceGenerator, check_plan
 
-from conftest import ROOT
+from conftest import ROOT, free_port, wait_healthy
 
 ENV = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "8", "N_CAND": "3", "REPEAT_COS": "1.01"}
 PROMPT = "Paris is the capital of France. It lies on the Seine."
@@ -36,32 +35,16 @@ def sgen(tiny_run):
         os.chdir(old)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_run):
     """A live `09_server.py` on loopback over the tiny run's artifacts; yields its base URL."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, **ENV, "PORT": str(port), "MAX_BODY_BYTES": "4096", "PYTHONPATH": f"{ROOT}/src:{ROOT}"}
     log = open(tiny_run / f"server-{port}.log", "w")
     proc = subprocess.Popen([sys.executable, str(ROOT / "09_server.py")], cwd=tiny_run, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline, status = time.time() + 240, None
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=5) as r:
-                    status = r.status
-                    break
-            except urllib.error.HTTPError as e:
-                status = e.code
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            time.sleep(0.5)
+        status = wait_healthy(base, proc)
         assert status == 200, f"server never became healthy (last status {status}): {(tiny_run / f'server-{port}.log').read_text()[-2000:]}"
         yield base
     finally:
