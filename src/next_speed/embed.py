@@ -178,23 +178,21 @@ def embed_sentences(cfg: EmbedConfig, model=None) -> dict:
     dim = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") else model.get_sentence_embedding_dimension()
     t_load = time.perf_counter() - t0
     extra = {}
+    n_rows = len(texts)
     with atomic_path(cfg.out_emb) as tmp:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(texts), dim))
-        if cfg.backend == "ray":
-            n_texts = len(texts)
-            del texts  # the actors read the sentence file themselves
-            extra["ray_actors"] = embed_with_ray(cfg, n_texts, arr, device)
-            texts = range(n_texts)
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_rows, dim))
+        if cfg.backend == "ray":  # the actors read the sentence file themselves
+            extra["ray_actors"] = embed_with_ray(cfg, n_rows, arr, device)
         else:
             embed_shard(model, texts, arr, bs=cfg.bs)
         arr.flush()
         del arr
     elapsed = time.perf_counter() - t0
     meta = make_meta("embeddings", to_dict(cfg), inputs={"sentences": cfg.sent_path}, outputs={"embeddings": cfg.out_emb},
-                     counts={"rows": len(texts), "dim": int(dim)}, model=cfg.emb_model,
+                     counts={"rows": n_rows, "dim": int(dim)}, model=cfg.emb_model,
                      model_path=resolve_encoder_path(cfg.emb_model), dim=int(dim), normalized=True,
                      seconds=round(elapsed, 2), load_seconds=round(t_load, 2),
-                     sentences_per_s=round(len(texts) / max(elapsed - t_load, 1e-9), 1), **extra)
+                     sentences_per_s=round(n_rows / max(elapsed - t_load, 1e-9), 1), **extra)
     write_json(cfg.out_meta, meta)
     log.info("02: %d x %d embeddings in %.1fs -> %s", len(texts), dim, elapsed, cfg.out_emb)
     return meta
