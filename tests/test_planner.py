@@ -32,24 +32,65 @@ def synthetic_docs(n_docs=60, doc_len=8, V=5, seed=0):
     return docs
 
 
-def write_trainsets(root: Path, docs, K=2, V=5, context=3, val_docs=10):
+def hidden_docs(n_docs=80, doc_len=8, V=5, D=8, seed=0):
+    """A sequence only the embeddings can predict. Each sentence has a hidden h in [0, V) that its
+    embedding shows (one-hot + noise) and its codes do not; the next sentence's level-0 code is
+    (h_t + h_t-1) % V, level 1 is noise. Copy, bigram and retrieval (the follower of the nearest
+    sentence by embedding: it sees h_t, not h_t-1) sit near chance."""
+    rng = np.random.default_rng(seed)
+    docs, embs = [], []
+    for _ in range(n_docs):
+        h = rng.integers(V, size=doc_len)
+        seq = [[int(rng.integers(V)), int(rng.integers(V))]]
+        for t in range(1, doc_len):
+            prev2 = h[t - 2] if t >= 2 else 0
+            seq.append([int((h[t - 1] + prev2) % V), int(rng.integers(V))])
+        e = np.eye(D)[h] + 0.1 * rng.normal(size=(doc_len, D))
+        docs.append(seq)
+        embs.append(e / np.linalg.norm(e, axis=1, keepdims=True))
+    return docs, np.concatenate(embs).astype("float32")
+
+
+def write_sentences(folder: Path, docs, emb, model="tiny-encoder", tag="s"):
+    """A step 01-02 output folder: sentences.jsonl, embeddings.npy, emb_meta.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl(folder / "sentences.jsonl", [{"doc": d, "pos": i, "text": f"{tag} doc {d} sentence {i}"}
+                                             for d, seq in enumerate(docs) for i in range(len(seq))])
+    np.save(folder / "embeddings.npy", emb)
+    write_json(folder / "emb_meta.json", make_meta("embeddings", {}, outputs={"embeddings": folder / "embeddings.npy"},
+                                                   counts={"rows": len(emb)}, model=model, dim=int(emb.shape[1])))
+
+
+def write_trainsets(root: Path, docs, K=2, V=5, context=3, val_docs=10, emb=None, D=8):
+    """Planner rows as step 04 writes them, with the sentence file, embeddings (random unless
+    given) and RVQ codebooks (random) they refer to."""
+    from next_speed.rvq import RVQ
+
+    n = sum(len(seq) for seq in docs)
+    emb = np.random.default_rng(1).normal(size=(n, D)).astype("float32") if emb is None else emb
+    write_sentences(root / "data", docs, emb)
+    RVQ(codebooks=np.random.default_rng(2).normal(size=(K, V, emb.shape[1])).astype("float32")).save(root / "out/rvq.npz")
+    write_json(root / "out/rvq_meta.json", make_meta("rvq", {"beam": 1}, outputs={"rvq": root / "out/rvq.npz"}, K=K, V=V))
     rows = {"train": [], "val": []}
+    sid = 0
     for d, seq in enumerate(docs):
         side = "val" if d < val_docs else "train"
         for i, tgt in enumerate(seq):
-            rows[side].append({"doc": d, "pos": i, "context": seq[max(0, i - context) : i], "target": tgt})
+            rows[side].append({"doc": d, "pos": i, "sid": sid, "context": seq[max(0, i - context) : i], "target": tgt})
+            sid += 1
     paths = {n: root / f"data/sent_lm_{n}.jsonl" for n in ("train", "val")}
     for n, p in paths.items():
         write_jsonl(p, rows[n])
-    meta = make_meta("trainsets", {"context_sents": context}, outputs={"lm_train": paths["train"], "lm_val": paths["val"]},
-                     K=K, V=V, rvq_path="out/rvq.npz")
+    meta = make_meta("trainsets", {"context_sents": context, "sent_path": "data/sentences.jsonl", "rvq_meta": "out/rvq_meta.json"},
+                     outputs={"lm_train": paths["train"], "lm_val": paths["val"]},
+                     K=K, V=V, rvq_path="out/rvq.npz", emb_path="data/embeddings.npy")
     write_json(root / "data/train_meta.json", meta)
     return paths
 
 
 def tiny_env(**kw):
     env = {"D_MODEL": "32", "N_HEADS": "2", "N_LAYERS": "2", "DROP": "0", "STEPS": "300", "LOG_EVERY": "100", "CODEBOOK_FEATURES": "0",
-           "BS": "32", "LR": "3e-3", "WARMUP": "10", "DEVICE": "cpu"}
+           "BS": "32", "LR": "3e-3", "WARMUP": "10", "DEVICE": "cpu", "PLANNER_INPUT": "codes"}
     env.update({k: str(v) for k, v in kw.items()})
     return env
 
@@ -165,3 +206,86 @@ def test_one_learning_rate_schedule():
     from next_speed import train_decoder, train_planner
 
     assert "cosine_lr(" in inspect.getsource(train_decoder) and "cosine_lr(" in inspect.getsource(train_planner)
+
+
+# ---------------------------------------------------------------------- embedding input (PLANNER_INPUT=emb)
+
+def test_embedding_input_is_causal():
+    torch.manual_seed(0)
+    m = Planner(PlannerModelConfig(K=3, V=7, d_model=32, n_heads=4, n_layers=2, dropout=0.0, max_len=8, emb_dim=6,
+                                   copy_gate=True)).eval()
+    x = torch.randint(0, 7, (2, 6, 3))
+    e = torch.randn(2, 6, 6)
+    e2 = e.clone()
+    e2[:, 4:] = torch.randn(2, 2, 6)  # later sentences' embeddings change, their codes do not
+    a, b = m(x, emb=e), m(x, emb=e2)
+    assert torch.allclose(a[:, :4], b[:, :4], atol=1e-6)
+    assert not torch.allclose(a[:, 4:], b[:, 4:])
+    with pytest.raises(ValueError, match="embeddings"):
+        m(x)  # a planner that reads embeddings refuses to run without them
+
+
+def test_embedding_input_beats_every_baseline(workdir):
+    docs, emb = hidden_docs()
+    write_trainsets(workdir, docs, emb=emb)
+    env = tiny_env(PLANNER_INPUT="emb", STEPS=400)
+    info = train_planner(resolve(PlannerTrainConfig, environ=env))
+    assert info["planner_input"] == "emb" and info["model"]["emb_dim"] == 8
+    rep = eval_planner(resolve(PlannerEvalConfig, environ={"DEVICE": "cpu"}))
+    res, sm = rep["results"], rep["summary"]
+    assert set(res) == {"planner", "most frequent", "copy previous", "bigram", "retrieval"}
+    for name in ("most frequent", "copy previous", "bigram", "retrieval"):
+        assert res["planner"]["acc"][0] > res[name]["acc"][0] + 0.3, (name, res[name]["acc"])
+    assert sm["l0_top1"] >= 1.3 * sm["l0_top1_best_baseline"] and sm["l0_top5"] >= sm["l0_top5_best_baseline"]  # V=5: top-5 is every code
+    for key in ("cos_next", "contrastive_acc"):  # every model is scored on every measure
+        assert all(0 <= abs(m[key]) <= 1 for m in res.values()) and f"{key}_best_baseline" in sm
+    # the tuple-only planner, same budget, cannot see h: it stays near chance
+    train_planner(resolve(PlannerTrainConfig, environ=tiny_env(PLANNER_INPUT="codes", STEPS=400, OUT_DIR="out/codes_only")))
+    rep2 = eval_planner(resolve(PlannerEvalConfig, environ={"DEVICE": "cpu", "OUT_DIR": "out/codes_only", "OUT_JSON": "out/e2.json"}))
+    assert rep2["results"]["planner"]["acc"][0] < res["planner"]["acc"][0] - 0.3
+
+
+def test_embedding_planner_save_load_and_runner(workdir):
+    docs, emb = hidden_docs(n_docs=20)
+    write_trainsets(workdir, docs, emb=emb)
+    train_planner(resolve(PlannerTrainConfig, environ=tiny_env(PLANNER_INPUT="emb", STEPS=20, LOG_EVERY=10)))
+    m1, info = load_planner("out/sentence_lm")
+    m2, _ = load_planner("out/sentence_lm")
+    x, e = torch.randint(0, 5, (3, 4, 2)), torch.randn(3, 4, 8)
+    assert torch.equal(m1(x, emb=e), m2(x, emb=e))
+    runner = PlannerRunner(m1, info["context_sents"])
+    ctx, vecs = [[1, 2], [3, 4]], np.random.default_rng(0).normal(size=(2, 8)).astype("float32")
+    assert runner.next_tuple(ctx, greedy=True, embeddings=vecs) == runner.distributions(ctx, embeddings=vecs).argmax(-1).tolist()
+    with pytest.raises(NextSpeedError, match="PLANNER_INPUT=emb"):
+        runner.next_tuple(ctx, greedy=True)
+    # the vectors matter: other embeddings, other distribution
+    assert not torch.allclose(runner.distributions(ctx, embeddings=vecs), runner.distributions(ctx, embeddings=-vecs))
+
+
+def test_extra_data_joins_training_not_validation(workdir):
+    docs, emb = hidden_docs(n_docs=30)
+    write_trainsets(workdir, docs, emb=emb)
+    more, more_emb = hidden_docs(n_docs=40, seed=5)
+    write_sentences(workdir / "other", more, more_emb, tag="o")
+    base = train_planner(resolve(PlannerTrainConfig, environ=tiny_env(PLANNER_INPUT="emb", STEPS=10, LOG_EVERY=10)))
+    info = train_planner(resolve(PlannerTrainConfig, environ=tiny_env(PLANNER_INPUT="emb", STEPS=10, LOG_EVERY=10,
+                                                                      EXTRA_DATA="other", OUT_DIR="out/more")))
+    assert info["extra_rows"] == 40 * 8 and info["train_rows"] == base["train_rows"] + 40 * 8
+    # documents this run already has (a training one, a validation one) are left out, the others join
+    mixed = workdir / "mixed"
+    write_sentences(mixed, more + [docs[0], docs[15]], np.concatenate([more_emb, emb[:8], emb[15 * 8 : 16 * 8]]), tag="o")
+    with open(mixed / "sentences.jsonl") as fh:
+        lines = fh.read().splitlines()
+    lines[-16:] = [json.dumps({"doc": 40 + j // 8, "pos": j % 8, "text": f"s doc {d} sentence {j % 8}"}) for j, d in
+                   zip(range(16), [0] * 8 + [15] * 8)]
+    (mixed / "sentences.jsonl").write_text("\n".join(lines) + "\n")
+    write_json(mixed / "emb_meta.json", make_meta("embeddings", {}, outputs={"embeddings": mixed / "embeddings.npy"},
+                                                  counts={"rows": 40 * 8 + 16}, model="tiny-encoder", dim=8))
+    info = train_planner(resolve(PlannerTrainConfig, environ=tiny_env(PLANNER_INPUT="emb", STEPS=10, LOG_EVERY=10,
+                                                                      EXTRA_DATA="mixed", OUT_DIR="out/mixed")))
+    assert info["extra_rows"] == 40 * 8
+    with pytest.raises(ConfigError, match="EXTRA_DATA: nowhere is not a folder"):
+        train_planner(resolve(PlannerTrainConfig, environ=tiny_env(EXTRA_DATA="nowhere")))
+    write_sentences(workdir / "alien", more, more_emb, model="another-encoder")
+    with pytest.raises(ConfigError, match="embedded with another-encoder, this run with tiny-encoder"):
+        train_planner(resolve(PlannerTrainConfig, environ=tiny_env(EXTRA_DATA="alien")))

@@ -520,7 +520,8 @@ class SentenceGenerator:
                 pin = self.codes_of(pin["example"], pin["levels"])
             pin = pin or []
             planned = self.planner.next_tuple(ctx_codes, greedy=p.plan_temp <= 0, temperature=p.plan_temp,
-                                              top_k=p.plan_top_k, generator=gen, at_doc_start=True, fixed=pin)
+                                              top_k=p.plan_top_k, generator=gen, at_doc_start=True, fixed=pin,
+                                              embeddings=hist_emb)
             t1 = time.perf_counter()
             exemplars = self.exemplars_for(planned, exclude={h for h in history})
             context_text, ctx_start = self.context_for(history, ctx_start, planned, exemplars)

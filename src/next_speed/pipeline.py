@@ -88,7 +88,7 @@ def _stage_table():
     from .rvq import RVQConfig, fit_rvq
     from .sentences import SentencesConfig, make_sentences
     from .train_decoder import DecoderTrainConfig, train_decoder
-    from .train_planner import PlannerTrainConfig, train_planner
+    from .train_planner import PlannerTrainConfig, extra_folders, train_planner
     from .trainsets import TrainSetsConfig, build_training_sets
 
     return {
@@ -98,7 +98,9 @@ def _stage_table():
         "rvq": (RVQConfig, fit_rvq, lambda c: [c.emb_path], lambda c: [c.rvq_path, c.codes_path, c.rvq_meta]),
         "trainsets": (TrainSetsConfig, build_training_sets, lambda c: [c.sent_path, c.codes_path],
                       lambda c: [c.out_lm, c.out_lm_val, c.out_dec, c.out_dec_val, c.train_meta]),
-        "planner": (PlannerTrainConfig, train_planner, lambda c: [c.out_lm, c.out_lm_val], lambda c: [c.out_dir]),
+        "planner": (PlannerTrainConfig, train_planner,
+                    lambda c: [c.out_lm, c.out_lm_val] + [str(Path(f) / "embeddings.npy") for f in extra_folders(c)],
+                    lambda c: [c.out_dir]),
         "decoder": (DecoderTrainConfig, train_decoder, lambda c: [c.out_dec, c.out_dec_val], lambda c: [c.out_dir]),
         "generate": (GenerateConfig, run_generate, lambda c: [c.planner_dir, c.decoder_dir, c.rvq_path], lambda c: []),
     }

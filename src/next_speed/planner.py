@@ -7,6 +7,12 @@ pre-norm GPT (nanoGPT's `model.py`), with `scaled_dot_product_attention(is_causa
 With `head_mode="chained"`, level k's head also sees the embeddings of levels 0..k-1 of the
 tuple being predicted (true codes in training, sampled ones in generation), the way RVQ levels
 refine each other; `"independent"` is the spec's design (K heads on the same hidden state).
+
+With `emb_dim > 0` (step 05's `PLANNER_INPUT=emb`) each input sentence also enters as its
+encoder embedding, projected to the model width: the tuple is a lossy summary of a sentence
+(cosine ~0.8 to the embedding it quantizes), while generation has the real vectors at hand anyway
+(the prompt is embedded, each chosen sentence is re-encoded by the rerank). This is the input of
+the Large Concept Model (Barrault et al. 2024), kept here with discrete targets.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch.nn.functional as F
 import numpy as np
 
 from .artifacts import StaleInputError, read_jsonl
+from .errors import NextSpeedError
 
 FORMAT = "next-speed-planner/1"
 
@@ -39,6 +46,7 @@ class PlannerModelConfig:
     head_mode: str = "independent"  # or "chained"
     codebook_dim: int = 0  # > 0: the RVQ codewords (K, V, codebook_dim) also feed the input and the heads
     copy_gate: bool = False  # a learned, context-dependent bonus for repeating the previous sentence's codes
+    emb_dim: int = 0  # > 0: the input sentences' encoder embeddings (emb_dim wide) also feed the input
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,6 +101,8 @@ class Planner(nn.Module):
             # strong. A gate per level lets the model add a bonus to the previous sentence's code,
             # as pointer-generator networks do (See et al. 2017), instead of rediscovering identity.
             self.copy = nn.Linear(D, K)
+        if cfg.emb_dim:
+            self.emb_proj = nn.Sequential(nn.LayerNorm(cfg.emb_dim), nn.Linear(cfg.emb_dim, D))
         if cfg.head_mode == "chained":
             self.cond_emb = nn.ModuleList(nn.Embedding(V, D) for _ in range(max(K - 1, 0)))
             self.cond_mlp = nn.Sequential(nn.Linear(D, D), nn.GELU())
@@ -105,12 +115,19 @@ class Planner(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def hidden(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, T, K) codes -> (B, T, D) causal hidden states."""
+    def hidden(self, codes: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, K) codes [+ (B, T, E) embeddings of the same sentences, zero at BOS/PAD] ->
+        (B, T, D) causal hidden states."""
         B, T, K = codes.shape
         if T > self.cfg.max_len:
             raise ValueError(f"sequence of {T} sentences is longer than the planner's max_len {self.cfg.max_len}")
         x = sum(self.code_emb[k](codes[:, :, k]) for k in range(K))  # (B, T, D)
+        if self.cfg.emb_dim:
+            if emb is None or emb.shape[:2] != codes.shape[:2] or emb.shape[-1] != self.cfg.emb_dim:
+                raise ValueError(f"this planner reads {self.cfg.emb_dim}-d sentence embeddings beside the codes "
+                                 f"(PLANNER_INPUT=emb); got {None if emb is None else tuple(emb.shape)}")
+            real = (codes < self.cfg.V).all(-1, keepdim=True)  # (B, T, 1)
+            x = x + self.emb_proj(emb.to(x.dtype)) * real
         if self.cfg.codebook_dim:
             real = (codes < self.cfg.V).all(-1, keepdim=True)  # BOS/PAD rows have no codewords: (B, T, 1)
             safe = codes.clamp(max=self.cfg.V - 1)
@@ -163,20 +180,20 @@ class Planner(nn.Module):
         onehot = F.one_hot(prev.clamp(max=V - 1), V).to(logits.dtype)  # (..., K, V)
         return logits + onehot * bonus[..., None]
 
-    def forward(self, codes: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, K) input codes -> (B, T, K, V) logits for the next tuple at every position.
-        In chained mode, `targets` (B, T, K) supply the teacher-forced lower levels."""
-        h = self.hidden(codes)
+    def forward(self, codes: torch.Tensor, targets: torch.Tensor | None = None, emb: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, K) input codes [+ (B, T, E) embeddings] -> (B, T, K, V) logits for the next tuple
+        at every position. In chained mode, `targets` (B, T, K) supply the teacher-forced lower levels."""
+        h = self.hidden(codes, emb)
         if self.cfg.head_mode == "chained" and targets is not None:
             return self.add_copy(self.head_logits(h, targets.clamp(0, self.cfg.V - 1)), h, codes)
         return self.add_copy(self.head_logits(h), h, codes)
 
     @torch.no_grad()
-    def next_logits_levelwise(self, codes: torch.Tensor, choose) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_logits_levelwise(self, codes: torch.Tensor, choose, emb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Predict the next tuple after the last position of `codes` (B, T, K), level by level.
         `choose(level, logits (B, V)) -> (B,)` picks each level's code (greedy or sampled).
         Returns (chosen codes (B, K), logits (B, K, V))."""
-        h = self.hidden(codes)[:, -1]  # (B, D)
+        h = self.hidden(codes, emb)[:, -1]  # (B, D)
         prev = codes[:, -1]  # (B, K)
         K = self.cfg.K
         if self.cfg.head_mode != "chained":
@@ -229,6 +246,77 @@ def tensorize(rows: Sequence[dict], K: int, V: int, path: str = "rows"):
     return inp, tgt, last
 
 
+def input_sids(rows: Sequence[dict], L: int, path: str = "rows"):
+    """The sentence-file row of every input position of `tensorize`'s layout: (N, L) int64, -1 at
+    BOS and padding. Row i's context sentences are rows sid-len(context) .. sid-1 (step 04)."""
+    import torch
+
+    out = torch.full((len(rows), L), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if "sid" not in r:
+            raise StaleInputError(f"{path}: row {i + 1} has no sentence id ('sid'), which PLANNER_INPUT=emb needs: rerun step 04")
+        n = len(r["context"])
+        ids = list(range(r["sid"] - n, r["sid"]))
+        if r["pos"] == n or not ids:  # a BOS tuple comes first
+            ids = [-1] + ids
+        out[i, : len(ids)] = torch.tensor(ids)
+    return out
+
+
+class EmbeddingTable:
+    """The sentence embeddings that some planner input needs, from one or more sources (this
+    run's step-02 file, other runs' for EXTRA_DATA), held once as a compact (U, E) table.
+    `add(emb, sids)` copies the rows `sids` names and returns them renumbered into the table;
+    `lookup(ids)` maps (..., L) table ids (-1 = none: BOS, padding) to (..., L, E) vectors."""
+
+    def __init__(self, dim: int):
+        import torch
+
+        self.dim = dim
+        self.table = torch.zeros(0, dim)
+
+    def add(self, emb, sids, what: str = "embeddings"):
+        import torch
+
+        sids = torch.as_tensor(sids)
+        ids = np.unique(sids[sids >= 0].numpy())
+        if len(ids) and ids[-1] >= len(emb):
+            raise StaleInputError(f"the rows name sentence {int(ids[-1])}, but {what} has {len(emb)} rows: rerun steps 02-04")
+        if emb.shape[1] != self.dim:
+            raise StaleInputError(f"{what} has {emb.shape[1]}-d vectors, expected {self.dim}-d")
+        base = len(self.table)
+        self.table = torch.cat([self.table, torch.from_numpy(np.ascontiguousarray(emb[ids], dtype=np.float32))])
+        pos = torch.from_numpy(np.searchsorted(ids, sids.clamp(min=0).numpy())) + base
+        return torch.where(sids >= 0, pos, torch.full_like(sids, -1))
+
+    def lookup(self, ids):
+        out = self.table[ids.clamp(min=0)] if len(self.table) else self.table.new_zeros(*ids.shape, self.dim)
+        return out * (ids >= 0).unsqueeze(-1).to(out.dtype)
+
+
+def open_sentence_embeddings(emb_path: str, emb_meta: str, knob_name: str, elsewhere: bool = False):
+    """A step-02 embeddings file (memory-mapped: only the rows used are read) and its metadata.
+    `elsewhere`: the files come from another run's folder, whose metadata names its outputs
+    relative to that run; the file is then matched by name and hash."""
+    from .artifacts import load_meta, read_json, sha256_path
+
+    if not Path(emb_meta).is_file():
+        raise StaleInputError(f"{emb_meta} is missing ({knob_name}): the planner's embedding input needs step 02's metadata")
+    if elsewhere:
+        meta = read_json(emb_meta)
+        recs = [r for p, r in meta.get("outputs", {}).items() if Path(p).name == Path(emb_path).name]
+        if meta.get("kind") != "embeddings" or not recs:
+            raise StaleInputError(f"{knob_name}: {emb_meta} does not describe {emb_path} (not step 02's metadata)")
+        if recs[0]["sha256"] != sha256_path(emb_path):
+            raise StaleInputError(f"{knob_name}: {emb_path} does not match its metadata {emb_meta} (changed or half-written)")
+    else:
+        meta = load_meta(emb_meta, "embeddings", emb_path)
+    x = np.load(emb_path, mmap_mode="r")
+    if x.ndim != 2 or x.shape[0] != meta["counts"]["rows"]:
+        raise StaleInputError(f"{emb_path} has shape {x.shape}, its metadata says {meta['counts']['rows']} rows: rerun step 02")
+    return x, meta
+
+
 def load_planner(out_dir: str, device: str = "cpu"):
     """Load a trained planner: (model in eval mode, its config.json)."""
     d = Path(out_dir)
@@ -251,27 +339,50 @@ class PlannerRunner:
         self.K, self.V = model.cfg.K, model.cfg.V
         self.context_sents = context_sents
 
-    def _inputs(self, context: Sequence[Sequence[int]], at_doc_start: bool):
+    @property
+    def reads_embeddings(self) -> bool:
+        return bool(self.model.cfg.emb_dim)
+
+    def _inputs(self, context: Sequence[Sequence[int]], at_doc_start: bool, embeddings=None):
+        """(1, T, K) codes and, for a planner that reads them, (1, T, E) embeddings: `embeddings`
+        (len(context), E) are the context sentences' encoder vectors, in the same order."""
         import torch
 
-        ctx = [list(t) for t in context][-self.context_sents :] if self.context_sents else []
+        device = next(self.model.parameters()).device
+        n = min(len(context), self.context_sents) if self.context_sents else 0
+        ctx = [list(t) for t in context][len(context) - n:] if n else []
         start = at_doc_start and len(context) <= self.context_sents
-        seq = ([[self.V] * self.K] if start or not ctx else []) + ctx
-        seq = seq[-self.model.cfg.max_len :]
-        return torch.tensor([seq], dtype=torch.long, device=next(self.model.parameters()).device)
+        bos = start or not ctx
+        seq = ([[self.V] * self.K] if bos else []) + ctx
+        cut = max(0, len(seq) - self.model.cfg.max_len)
+        codes = torch.tensor([seq[cut:]], dtype=torch.long, device=device)
+        if not self.reads_embeddings:
+            return codes, None
+        if embeddings is None or len(embeddings) != len(context):
+            raise NextSpeedError(f"this planner reads the previous sentences' embeddings (PLANNER_INPUT=emb): pass one "
+                                 f"vector per context sentence ({len(context)}), got "
+                                 f"{'none' if embeddings is None else len(embeddings)}")
+        e = torch.as_tensor(np.asarray(embeddings, dtype=np.float32)[len(context) - n:] if n else
+                            np.zeros((0, self.model.cfg.emb_dim), np.float32))
+        if bos:
+            e = torch.cat([torch.zeros(1, e.shape[-1]), e])
+        return codes, e[cut:][None].to(device)
 
-    def distributions(self, context: Sequence[Sequence[int]], at_doc_start: bool = True):
+    def distributions(self, context: Sequence[Sequence[int]], at_doc_start: bool = True, embeddings=None):
         """Per-level probabilities (K, V) for the next tuple (greedy lower levels in chained mode)."""
         import torch
 
-        _, logits = self.model.next_logits_levelwise(self._inputs(context, at_doc_start), lambda k, lg: lg.argmax(-1))
+        codes, emb = self._inputs(context, at_doc_start, embeddings)
+        _, logits = self.model.next_logits_levelwise(codes, lambda k, lg: lg.argmax(-1), emb)
         return torch.softmax(logits[0].float(), -1)
 
     def next_tuple(self, context: Sequence[Sequence[int]], *, greedy: bool = False, temperature: float = 1.0,
-                   top_k: int = 0, generator=None, at_doc_start: bool = True, fixed: Sequence[int] = ()) -> list[int]:
+                   top_k: int = 0, generator=None, at_doc_start: bool = True, fixed: Sequence[int] = (),
+                   embeddings=None) -> list[int]:
         """Choose the next tuple: greedy, or sampled per level with temperature and top-k. The
         first `len(fixed)` levels are pinned to `fixed` (plan control); a chained planner conditions
-        the levels it still chooses on them."""
+        the levels it still chooses on them. `embeddings`: the context sentences' vectors (one per
+        tuple of `context`), needed by a planner trained with PLANNER_INPUT=emb, ignored otherwise."""
         import torch
 
         fixed = [int(c) for c in fixed]
@@ -290,5 +401,6 @@ class PlannerRunner:
             probs = torch.softmax(lg, -1)
             return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
 
-        chosen, _ = self.model.next_logits_levelwise(self._inputs(context, at_doc_start), choose)
+        codes, emb = self._inputs(context, at_doc_start, embeddings)
+        chosen, _ = self.model.next_logits_levelwise(codes, choose, emb)
         return chosen[0].tolist()

@@ -1,6 +1,12 @@
-"""`sent_lm_eval.py`: the planner against three baselines (most frequent tuple, copy the previous
-sentence's tuple, bigram) on the validation split. Each row's own target is scored (its last
-position), so every validation sentence counts once."""
+"""`sent_lm_eval.py`: the planner against four baselines (most frequent tuple, copy the previous
+sentence's tuple, bigram, and retrieval: the tuple of the sentence that followed the training
+sentence nearest to the current one) on the validation split. Each row's own target is scored
+(its last position), so every validation sentence counts once.
+
+Beside per-level accuracy, the measures of the Large Concept Models paper (Barrault et al. 2024,
+section 2.4): the cosine and L2 distance between the planned tuple's RVQ reconstruction and the
+true next sentence's embedding, and contrastive accuracy, the share of rows whose plan is closer
+to their own next sentence than to every other next sentence of its batch."""
 
 from __future__ import annotations
 
@@ -15,8 +21,11 @@ from .planner import load_planner, load_rows, tensorize
 from .training import check_trainsets
 
 
-def evaluate_model(model, inp, tgt, last, device: str = "cpu", bs: int = 512) -> dict:
-    """Score each row's own target: loss, per-head top-1/top-5, tuple exact match, matched prefix."""
+def evaluate_model(model, inp, tgt, last, device: str = "cpu", bs: int = 512, ids=None, table=None,
+                   return_pred: bool = False) -> dict:
+    """Score each row's own target: loss, per-head top-1/top-5, tuple exact match, matched prefix.
+    A planner that reads embeddings gets them from `table` at the sentence ids `ids` (N, L).
+    With `return_pred`, the greedy tuples (N, K) come back under "pred" (a numpy array)."""
     import torch
     import torch.nn.functional as F
 
@@ -29,7 +38,8 @@ def evaluate_model(model, inp, tgt, last, device: str = "cpu", bs: int = 512) ->
             xb = inp[i : i + bs].to(device)
             lb = last[i : i + bs].to(device)
             gold = tgt[i : i + bs].to(device)[torch.arange(len(xb), device=device), lb]  # (B, K)
-            h = model.hidden(xb)[torch.arange(len(xb), device=device), lb]  # (B, D)
+            eb = table.lookup(ids[i : i + bs]).to(device) if model.cfg.emb_dim else None  # (B, L, E)
+            h = model.hidden(xb, eb)[torch.arange(len(xb), device=device), lb]  # (B, D)
             prev = xb[torch.arange(len(xb), device=device), lb]  # (B, K): the previous sentence's codes
             # Loss with teacher-forced lower levels (chained) is the model's likelihood of the tuple.
             logits_tf = model.add_copy(model.head_logits(h, gold) if model.cfg.head_mode == "chained" else model.head_logits(h), h, prev)
@@ -50,7 +60,10 @@ def evaluate_model(model, inp, tgt, last, device: str = "cpu", bs: int = 512) ->
             golds.append(gold.cpu())
             top5.append((logits.topk(min(5, V), -1).indices == gold[..., None]).any(-1).cpu())
     pred, gold, t5 = torch.cat(preds), torch.cat(golds), torch.cat(top5)
-    return {"loss": tot_loss / max(1, gold.numel()), **tuple_metrics(pred.numpy(), gold.numpy(), t5.numpy())}
+    out = {"loss": tot_loss / max(1, gold.numel()), **tuple_metrics(pred.numpy(), gold.numpy(), t5.numpy())}
+    if return_pred:
+        out["pred"] = pred.numpy()
+    return out
 
 
 def tuple_metrics(pred: np.ndarray, gold: np.ndarray, top5_hit: np.ndarray | None = None) -> dict:
@@ -62,8 +75,10 @@ def tuple_metrics(pred: np.ndarray, gold: np.ndarray, top5_hit: np.ndarray | Non
     return out
 
 
-def baselines(train_rows: list[dict], val_rows: list[dict], K: int, V: int) -> dict[str, dict]:
-    """Most frequent code per level; copy the previous tuple; level-wise bigram (prev code -> next)."""
+def baselines(train_rows: list[dict], val_rows: list[dict], K: int, V: int, emb=None) -> dict[str, dict]:
+    """Most frequent code per level; copy the previous tuple; level-wise bigram (prev code -> next);
+    with `emb` (the sentence embeddings, indexed by the rows' `sid`) also retrieval. Each entry
+    carries its predicted tuples under "pred"."""
     tr_t = np.asarray([r["target"] for r in train_rows])
     va_t = np.asarray([r["target"] for r in val_rows])
     counts = np.stack([np.bincount(tr_t[:, k], minlength=V) for k in range(K)])  # (K, V)
@@ -95,7 +110,70 @@ def baselines(train_rows: list[dict], val_rows: list[dict], K: int, V: int) -> d
         preds.append(row_pred)
         hits.append(row_hit)
     out["bigram"] = tuple_metrics(np.asarray(preds), va_t, np.asarray(hits))
+    out["most frequent"]["pred"] = np.asarray(pred)
+    out["copy previous"]["pred"] = prev
+    out["bigram"]["pred"] = np.asarray(preds)
+    if emb is not None:
+        out["retrieval"] = retrieval_baseline(train_rows, val_rows, emb, freq_top)
     return out
+
+
+def retrieval_baseline(train_rows: list[dict], val_rows: list[dict], emb, freq_top: np.ndarray, depth: int = 50) -> dict:
+    """Nearest neighbour by embedding: find the training sentence most similar (inner product of
+    the encoder's vectors) to the current sentence, and predict the tuple of the sentence that
+    followed it. Top-5 at each level: the distinct codes of the followers of the nearest `depth`
+    neighbours, nearest first. A document's first sentence has no current sentence: it gets the
+    most frequent codes, as for the copy baseline."""
+    import faiss
+
+    keys = [r for r in train_rows if r["context"]]
+    va_t = np.asarray([r["target"] for r in val_rows])
+    K = va_t.shape[1]
+    pred = np.broadcast_to(freq_top[:, 0], va_t.shape).copy()
+    top5 = (freq_top[None] == va_t[..., None]).any(-1)
+    q_rows = [i for i, r in enumerate(val_rows) if r["context"]]
+    if keys and q_rows:
+        kv = np.ascontiguousarray(np.asarray(emb[np.asarray([r["sid"] - 1 for r in keys])], dtype=np.float32))
+        follow = np.asarray([r["target"] for r in keys])  # (M, K)
+        index = faiss.IndexFlatIP(kv.shape[1])
+        index.add(kv)
+        qv = np.ascontiguousarray(np.asarray(emb[np.asarray([val_rows[i]["sid"] - 1 for i in q_rows])], dtype=np.float32))
+        _, nn = index.search(qv, min(depth, len(keys)))  # (Q, depth)
+        for qi, i in enumerate(q_rows):
+            cand = follow[nn[qi]]  # (depth, K)
+            pred[i] = cand[0]
+            for k in range(K):
+                _, first = np.unique(cand[:, k], return_index=True)
+                top = cand[np.sort(first), k][:5]
+                top5[i, k] = va_t[i, k] in top
+    out = tuple_metrics(pred, va_t, top5)
+    out["pred"] = pred
+    return out
+
+
+def lcm_metrics(pred: np.ndarray, nxt: np.ndarray, decode, batch: int = 64, seed: int = 0) -> dict:
+    """The plan against the true next sentence in embedding space: mean cosine and L2 distance
+    between the RVQ reconstruction of `pred` (N, K) and `nxt` (N, D), and contrastive accuracy over
+    seeded batches of `batch` rows (a row counts when its plan is closer, by cosine, to its own
+    next sentence than to each other row's)."""
+    rec = decode(pred)  # (N, D)
+    rn = rec / (np.linalg.norm(rec, axis=1, keepdims=True) + 1e-12)
+    nn_ = nxt / (np.linalg.norm(nxt, axis=1, keepdims=True) + 1e-12)
+    cos = (rn * nn_).sum(1)
+    l2 = np.linalg.norm(rec - nxt, axis=1)
+    order = np.random.default_rng(seed).permutation(len(pred))
+    hits, n = 0, 0
+    for i in range(0, len(order), batch):
+        b = order[i : i + batch]
+        if len(b) < 2:
+            continue
+        sim = rn[b] @ nn_[b].T  # (B, B): plan i vs next sentence j
+        own = np.diag(sim)
+        other = np.where(np.eye(len(b), dtype=bool), -np.inf, sim).max(1)
+        hits += int((own > other).sum())
+        n += len(b)
+    return {"cos_next": float(cos.mean()), "l2_next": float(l2.mean()), "contrastive_acc": hits / max(n, 1),
+            "contrastive_batch": batch}
 
 
 @dataclass
@@ -106,31 +184,72 @@ class PlannerEvalConfig:
     out_lm: str = knob("data/sent_lm_train.jsonl", env="OUT_LM", help="training rows (for the baselines)")
     out_lm_val: str = knob("data/sent_lm_val.jsonl", env="OUT_LM_VAL", help="validation rows")
     train_meta: str = knob("data/train_meta.json", env="TRAIN_META", help="training sets metadata")
+    emb_meta: str = knob("data/emb_meta.json", env="EMB_META", help="embeddings metadata (step 02): the true next sentences' vectors")
+    contrast_batch: int = knob(64, env="CONTRAST_BATCH", min=2, help="rows per batch for contrastive accuracy")
     out_json: str = knob("out/sent_lm_eval.json", env="OUT_JSON", help="where to write the report JSON")
     device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
+    seed: int = knob(0, env="SEED", min=0, help="seed of the contrastive batches")
+
+
+SUMMARY_KEYS = ("l0_top1", "l0_top5", "cos_next", "contrastive_acc")
 
 
 def eval_planner(cfg: PlannerEvalConfig) -> dict:
-    """Planner against the three baselines on the validation split."""
+    """Planner against the four baselines on the validation split, per level and in embedding space."""
+    import torch
+
+    from .planner import EmbeddingTable, input_sids, open_sentence_embeddings
+    from .rvq import load_rvq
     from .runtime import pick_device
 
     model, info = load_planner(cfg.out_dir, device := pick_device(cfg.device))
-    check_trainsets(cfg.train_meta, [cfg.out_lm, cfg.out_lm_val], info["K"], info["V"])
+    tmeta = check_trainsets(cfg.train_meta, [cfg.out_lm, cfg.out_lm_val], info["K"], info["V"])
     val_rows = load_rows(cfg.out_lm_val)
     if not val_rows:
         raise NextSpeedError(f"{cfg.out_lm_val} is empty: rerun step 04 with VAL_FRAC > 0")
+    if any("sid" not in r for r in val_rows):
+        raise NextSpeedError(f"{cfg.out_lm_val} has no sentence ids ('sid'): rerun step 04")
     K, V = info["K"], info["V"]
-    res = {"planner": evaluate_model(model, *tensorize(val_rows, K, V, cfg.out_lm_val), device=device)}
-    res.update(baselines(load_rows(cfg.out_lm), val_rows, K, V))
-    report = {"K": K, "V": V, "val_rows": len(val_rows), "head_mode": info["model"]["head_mode"], "results": res}
+    emb, _ = open_sentence_embeddings(tmeta.get("emb_path") or "data/embeddings.npy", cfg.emb_meta, "EMB_META")
+    rvq, _ = load_rvq(tmeta.get("rvq_path") or "out/rvq.npz", tmeta["config"].get("rvq_meta", "out/rvq_meta.json"))
+    inp, tgt, last = tensorize(val_rows, K, V, cfg.out_lm_val)
+    table, ids = None, None
+    if model.cfg.emb_dim:
+        table = EmbeddingTable(model.cfg.emb_dim)
+        ids = table.add(emb, input_sids(val_rows, inp.shape[1], cfg.out_lm_val), tmeta.get("emb_path", "the embeddings"))
+    with torch.no_grad():
+        res = {"planner": evaluate_model(model, inp, tgt, last, device=device, ids=ids, table=table, return_pred=True)}
+    res.update(baselines(load_rows(cfg.out_lm), val_rows, K, V, emb=emb))
+    nxt = np.asarray(emb[np.asarray([r["sid"] for r in val_rows])], dtype=np.float32)
+    for m in res.values():
+        m.update(lcm_metrics(m.pop("pred"), nxt, rvq.decode, cfg.contrast_batch, cfg.seed))
+    summary = {}
+    for key, get in (("l0_top1", lambda m: m["acc"][0]), ("l0_top5", lambda m: m["top5"][0]),
+                     ("cos_next", lambda m: m["cos_next"]), ("contrastive_acc", lambda m: m["contrastive_acc"])):
+        best_name, best = max(((n, get(m)) for n, m in res.items() if n != "planner"), key=lambda t: t[1])
+        summary[key] = round(get(res["planner"]), 4)
+        summary[f"{key}_best_baseline"] = round(best, 4)
+        summary[f"{key}_best_baseline_name"] = best_name
+        summary[f"{key}_ratio"] = round(get(res["planner"]) / best, 3) if best > 0 else None
+    report = {"K": K, "V": V, "val_rows": len(val_rows), "head_mode": info["model"]["head_mode"],
+              "planner_input": info.get("planner_input", "codes"), "results": res, "summary": summary}
     write_json(cfg.out_json, report)
     return report
 
 
 def format_eval(rep: dict) -> str:
     K = rep["K"]
-    head = f"{'model':<14}" + "".join(f" {'L' + str(k) + '@1':>7}" for k in range(K)) + f" {'L0@5':>6} {'exact':>6} {'prefix':>6}"
-    lines = [f"planner evaluation on {rep['val_rows']} validation sentences (K={K}, V={rep['V']}, {rep['head_mode']} heads)", head]
+    head = (f"{'model':<14}" + "".join(f" {'L' + str(k) + '@1':>7}" for k in range(K)) +
+            f" {'L0@5':>6} {'exact':>6} {'prefix':>6} {'cos':>6} {'L2':>6} {'contr':>6}")
+    lines = [f"planner evaluation on {rep['val_rows']} validation sentences (K={K}, V={rep['V']}, {rep['head_mode']} heads, "
+             f"input: {rep.get('planner_input', 'codes')})", head]
     for name, m in rep["results"].items():
-        lines.append(f"{name:<14}" + "".join(f" {a:>7.3f}" for a in m["acc"]) + f" {m['top5'][0]:>6.3f} {m['exact']:>6.3f} {m['prefix']:>6.2f}")
+        lines.append(f"{name:<14}" + "".join(f" {a:>7.3f}" for a in m["acc"]) + f" {m['top5'][0]:>6.3f} {m['exact']:>6.3f} "
+                     f"{m['prefix']:>6.2f} {m.get('cos_next', float('nan')):>6.3f} {m.get('l2_next', float('nan')):>6.3f} "
+                     f"{m.get('contrastive_acc', float('nan')):>6.3f}")
+    sm = rep.get("summary", {})
+    for key in SUMMARY_KEYS:
+        if key in sm:
+            lines.append(f"{key}: planner {sm[key]:.3f}, best baseline ({sm[key + '_best_baseline_name']}) "
+                         f"{sm[key + '_best_baseline']:.3f}, ratio {sm[key + '_ratio']}")
     return "\n".join(lines)

@@ -40,6 +40,13 @@ class PlannerTrainConfig:
                                    help="feed RVQ codewords into the input and heads (needs RVQ_PATH)")
     rvq_path: str = knob("out/rvq.npz", env="RVQ_PATH", help="RVQ codebooks (step 03), for CODEBOOK_FEATURES")
     copy_gate: bool = knob(True, env="COPY_GATE", help="learned bonus for repeating the previous sentence's codes")
+    planner_input: str = knob("emb", env="PLANNER_INPUT", choices=("codes", "emb"),
+                              help="what the planner reads of each previous sentence: its code tuple (the spec's planner), "
+                                   "or the tuple and its encoder embedding")
+    emb_meta: str = knob("data/emb_meta.json", env="EMB_META", help="embeddings metadata (step 02), for PLANNER_INPUT=emb")
+    extra_data: str = knob("", env="EXTRA_DATA",
+                           help="comma-separated folders holding other step 01-02 outputs (sentences.jsonl, embeddings.npy, "
+                                "emb_meta.json): their sentences, quantized with this RVQ, join the training rows")
     bs: int = knob(64, env="BS", min=1, help="batch size (rows)")
     lr: float = knob(1e-3, env="LR", min=0.0, help="peak learning rate (AdamW)")
     weight_decay: float = knob(0.1, env="WEIGHT_DECAY", min=0.0, help="AdamW weight decay")
@@ -60,6 +67,127 @@ class PlannerTrainConfig:
     def check(self) -> None:
         if self.d_model % self.n_heads:
             raise ConfigError(f"D_MODEL={self.d_model} is not divisible by N_HEADS={self.n_heads}")
+
+
+
+# ---------------------------------------------------------------------- data
+
+def extra_folders(cfg: PlannerTrainConfig) -> list[str]:
+    """The folders named by EXTRA_DATA."""
+    return [f.strip() for f in cfg.extra_data.split(",") if f.strip()]
+
+
+def planner_data(cfg: PlannerTrainConfig, tmeta: dict, train_rows: list[dict], val_rows: list[dict]) -> dict:
+    """Training and validation tensors: (inputs, targets, last index, sentence ids) each, the
+    embedding table they index (None for PLANNER_INPUT=codes), the encoder's name and the count
+    of rows added from EXTRA_DATA."""
+    K, V = tmeta["K"], tmeta["V"]
+    x_tr, y_tr, _ = tensorize(train_rows, K, V, cfg.out_lm)
+    val = list(tensorize(val_rows, K, V, cfg.out_lm_val)) if val_rows else None
+    from .planner import EmbeddingTable, input_sids, open_sentence_embeddings
+
+    table, encoder = None, None
+    ids_tr = _no_ids(x_tr)
+    if val:
+        val.append(_no_ids(val[0]))
+    emb = None
+    if cfg.planner_input == "emb" or extra_folders(cfg):
+        emb, emb_meta = open_sentence_embeddings(tmeta.get("emb_path") or "data/embeddings.npy", cfg.emb_meta, "EMB_META")
+        if tmeta.get("emb_sha256") and emb_meta["outputs"].get(tmeta.get("emb_path"), {}).get("sha256") not in (None, tmeta["emb_sha256"]):
+            raise StaleInputError(f"the training sets were built from other embeddings than {tmeta.get('emb_path')}: rerun steps 03-04")
+        encoder = emb_meta.get("model")
+    if cfg.planner_input == "emb":
+        what = tmeta.get("emb_path", "the embeddings")
+        table = EmbeddingTable(int(emb.shape[1]))
+        ids_tr = table.add(emb, input_sids(train_rows, x_tr.shape[1], cfg.out_lm), what)
+        if val:
+            val[3] = table.add(emb, input_sids(val_rows, val[0].shape[1], cfg.out_lm_val), what)
+    extra = 0
+    for folder in extra_folders(cfg):
+        rows, xemb = extra_rows(folder, tmeta, encoder)
+        if not rows:
+            continue
+        xx, yy, _ = tensorize(rows, K, V, folder)
+        ii = table.add(xemb, input_sids(rows, xx.shape[1], folder), folder) if table is not None else _no_ids(xx)
+        x_tr, y_tr, ids_tr = (_cat_padded(a, b, pad) for a, b, pad in ((x_tr, xx, V + 1), (y_tr, yy, -100), (ids_tr, ii, -1)))
+        extra += len(rows)
+        log.info("05: %d training rows from %s", len(rows), folder)
+    return {"train": (x_tr, y_tr, ids_tr), "val": val, "table": table, "encoder": encoder, "extra_rows": extra}
+
+
+def _no_ids(x):
+    """Sentence ids for inputs `x` (N, L, K) when no embeddings are read: all -1."""
+    import torch
+
+    return torch.full(x.shape[:2], -1, dtype=torch.long)
+
+
+def _cat_padded(a, b, pad):
+    """Concatenate along rows, right-padding the shorter sequence dimension with `pad`."""
+    import torch
+    import torch.nn.functional as F
+
+    if a.dim() == 1:
+        return torch.cat([a, b])
+    L = max(a.shape[1], b.shape[1])
+    grow = lambda t: F.pad(t, (0, 0) * (t.dim() - 2) + (0, L - t.shape[1]), value=pad) if t.shape[1] < L else t
+    return torch.cat([grow(a), grow(b)])
+
+
+def extra_rows(folder: str, tmeta: dict, encoder: str | None):
+    """Planner rows from another step 01-02 output folder (EXTRA_DATA): its embeddings are
+    quantized with this run's RVQ (no re-embedding), and windowed by document as step 04 does.
+    Documents that share a sentence with this run's own sentence file are left out: those of its
+    validation split must stay held out, those of its training split are in already. Returns (rows with `sid` into the folder's embeddings, the
+    memory-mapped embeddings)."""
+    import numpy as np
+
+    from .artifacts import read_jsonl
+    from .planner import open_sentence_embeddings
+    from .rvq import load_rvq
+
+    d = Path(folder)
+    if not d.is_dir():
+        raise ConfigError(f"EXTRA_DATA: {folder} is not a folder (expected one holding sentences.jsonl, embeddings.npy, emb_meta.json)")
+    for name in ("sentences.jsonl", "embeddings.npy", "emb_meta.json"):
+        if not (d / name).is_file():
+            raise ConfigError(f"EXTRA_DATA: {d / name} is missing (run steps 01-02 with that folder as their output)")
+    emb, meta = open_sentence_embeddings(str(d / "embeddings.npy"), str(d / "emb_meta.json"), "EXTRA_DATA", elsewhere=True)
+    if encoder is not None and meta.get("model") != encoder:
+        raise ConfigError(f"EXTRA_DATA: {folder} was embedded with {meta.get('model')}, this run with {encoder}: "
+                          f"its vectors live in another space")
+    rvq_meta_path = tmeta["config"].get("rvq_meta", "out/rvq_meta.json")
+    rvq, rvq_meta = load_rvq(tmeta.get("rvq_path") or "out/rvq.npz", rvq_meta_path)
+    if emb.shape[1] != rvq.D:
+        raise ConfigError(f"EXTRA_DATA: {folder} has {emb.shape[1]}-d vectors, the RVQ quantizes {rvq.D}-d ones")
+    beam = int(rvq_meta.get("config", {}).get("beam", 1) or 1)
+    own = _own_texts(tmeta)
+    sents = list(read_jsonl(d / "sentences.jsonl", required=("doc", "pos", "text")))
+    if len(sents) != len(emb):
+        raise StaleInputError(f"EXTRA_DATA: {d / 'sentences.jsonl'} has {len(sents)} sentences, {d / 'embeddings.npy'} "
+                              f"{len(emb)} rows: rerun step 02 there")
+    bad_docs = {s["doc"] for s in sents if s["text"] in own}
+    codes = np.concatenate([rvq.encode(np.asarray(emb[i:i + 65536]), beam=beam) for i in range(0, len(emb), 65536)]) \
+        if len(emb) else np.zeros((0, rvq.K), np.int64)
+    c = tmeta["config"]["context_sents"]
+    rows, doc, start = [], None, 0
+    for i, s in enumerate(sents):
+        if s["doc"] != doc:
+            doc, start = s["doc"], i
+        if s["doc"] in bad_docs:
+            continue
+        lo = max(start, i - c) if c else i
+        rows.append({"doc": s["doc"], "pos": i - start, "sid": i, "context": codes[lo:i].tolist(), "target": codes[i].tolist()})
+    if bad_docs:
+        log.info("05: %d documents of %s share sentences with this run's: left out", len(bad_docs), folder)
+    return rows, emb
+
+
+def _own_texts(tmeta: dict) -> set[str]:
+    """The text of every sentence of this run's sentence file."""
+    from .artifacts import read_jsonl
+
+    return {r["text"] for r in read_jsonl(tmeta["config"].get("sent_path", "data/sentences.jsonl"), required=("text",))}
 
 
 # ---------------------------------------------------------------------- training
@@ -86,8 +214,10 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
         raise NextSpeedError(f"{cfg.out_lm} is empty: rerun step 04 with more data or a smaller VAL_FRAC")
     seed_everything(cfg.seed, cfg.deterministic)
     dd, device = dist_init(pick_device(cfg.device))
-    x_tr, y_tr, _ = tensorize(train_rows, K, V, cfg.out_lm)
-    val = tensorize(val_rows, K, V, cfg.out_lm_val) if val_rows else None
+    data = planner_data(cfg, tmeta, train_rows, val_rows)
+    x_tr, y_tr, ids_tr = data["train"]
+    val = data["val"]
+    table = data["table"]
     max_len = max(x_tr.shape[1], val[0].shape[1] if val else 0, tmeta["config"]["context_sents"] + 1)
     books = None
     if cfg.codebook_features:
@@ -101,7 +231,8 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
         books = rvq.codebooks
     mcfg = PlannerModelConfig(K=K, V=V, d_model=cfg.d_model, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
                               dropout=cfg.drop, max_len=max_len, head_mode=cfg.head_mode,
-                              codebook_dim=books.shape[-1] if books is not None else 0, copy_gate=cfg.copy_gate)
+                              codebook_dim=books.shape[-1] if books is not None else 0, copy_gate=cfg.copy_gate,
+                              emb_dim=table.dim if table is not None else 0)
     model = Planner(mcfg)
     if books is not None:
         model.set_codebooks(books)
@@ -129,10 +260,11 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
         idx = torch.randint(0, n, (min(cfg.bs, n),), generator=gen)  # the global batch, the same on every rank
         idx = shard(idx, dd)
         xb, yb = x_tr[idx].to(device), y_tr[idx].to(device)
+        eb = table.lookup(ids_tr[idx]).to(device) if table is not None else None  # (B, L, E)
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.steps, min(cfg.warmup, cfg.steps // 5), cfg.lr)
         with amp:
-            logits = model(xb, yb)  # (B, T, K, V)
+            logits = model(xb, yb, eb)  # (B, T, K, V)
             total = F.cross_entropy(logits.float().reshape(-1, V), yb.reshape(-1), ignore_index=-100, reduction="sum")
             loss, loss_mean = global_mean(total, (yb != -100).sum(), dd)
         opt.zero_grad(set_to_none=True)
@@ -145,7 +277,7 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
             rec = {"step": step + 1, "train_loss": loss_mean.item(), "lr": opt.param_groups[0]["lr"],
                    "seq_per_s": seen / (time.perf_counter() - t0)}
             if val is not None:
-                m = evaluate_model(core, *val, device=device)
+                m = evaluate_model(core, *val[:3], device=device, ids=val[3], table=table)
                 rec.update(val_loss=m["loss"], val_acc=m["acc"], val_exact=m["exact"])
             history.append(rec)
             score = rec.get("val_loss", rec["train_loss"])
@@ -164,7 +296,8 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
     out = Path(cfg.out_dir)
     info = {
         "format": FORMAT, "kind": "planner", "model": mcfg.to_dict(), "train": to_dict(cfg), "K": K, "V": V,
-        "context_sents": tmeta["config"]["context_sents"],
+        "context_sents": tmeta["config"]["context_sents"], "planner_input": cfg.planner_input,
+        "encoder": data["encoder"], "train_rows": len(x_tr), "extra_rows": data["extra_rows"],
         "inputs": {p: {"sha256": sha256_path(p)} for p in (cfg.out_lm, cfg.out_lm_val)},
         "rvq_sha256": tmeta.get("rvq_sha256"), "rvq_path": tmeta.get("rvq_path"),
         "best": best, "history": history, "seconds": round(elapsed, 1),
@@ -175,7 +308,8 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
         torch.save(best_state, tmp / "sentence_lm.pt")
         plot_curve(history, tmp / "curve.png", "planner")
         write_json(tmp / "config.json", info)
-        inputs = {"train": cfg.out_lm, "val": cfg.out_lm_val, "rvq": tmeta.get("rvq_path")}
+        inputs = {"train": cfg.out_lm, "val": cfg.out_lm_val, "rvq": tmeta.get("rvq_path"),
+                  **{f"extra_{i}": str(Path(f) / "embeddings.npy") for i, f in enumerate(extra_folders(cfg))}}
         write_checkpoint_meta(tmp, "planner", to_dict(cfg), {r: p for r, p in inputs.items() if p and Path(p).is_file()},
                               counts={"steps": cfg.steps, "params": model.num_params()}, best=best, history=history)
     log.info("05: best val loss %.3f at step %d; %.0f seq/s -> %s", best["val_loss"], best["step"], seen / elapsed, out)

@@ -1,7 +1,8 @@
 """Step 04: training sets for the planner and the decoder, split by document.
 
 No document appears on both sides of the split. Planner rows hold the previous CONTEXT_SENTS code
-tuples (fewer at a document start) and the next tuple; decoder rows hold the previous sentences'
+tuples (fewer at a document start), the next tuple and its row `sid` in the sentence file and
+the embeddings (a planner with PLANNER_INPUT=emb reads the context sentences' vectors); decoder rows hold the previous sentences'
 text, the target's codes and the target sentence, and the sentence's row `sid` in the sentence
 file and the embeddings (so step 06 can find the training sentences' embeddings for its exemplar
 bank).
@@ -106,7 +107,7 @@ def build_training_sets(cfg: TrainSetsConfig) -> dict:
             target = chunk[i - chunk_start].tolist()
             ctx_t = list(texts) if c else []
             ctx_c = list(ctx_codes) if c else []
-            out["lm", side].write(json.dumps({"doc": r["doc"], "pos": i - start, "context": ctx_c, "target": target},
+            out["lm", side].write(json.dumps({"doc": r["doc"], "pos": i - start, "sid": i, "context": ctx_c, "target": target},
                                              ensure_ascii=False) + "\n")
             out["dec", side].write(json.dumps({"doc": r["doc"], "pos": i - start, "sid": i, "context": " ".join(ctx_t),
                                               "codes": target, "target": r["text"]}, ensure_ascii=False) + "\n")
