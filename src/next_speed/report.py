@@ -67,6 +67,21 @@ def make_report(cfg: ReportConfig, environ: dict | None = None) -> dict:
 
     plan = eval_planner(resolve(PlannerEvalConfig, {"device": cfg.device}, environ=env))
     md += ["## Planner against baselines (validation split)", "", "```", format_eval(plan), "```", ""]
+    measures = [("level-0 top-1", lambda m: m["acc"][0]), ("level-0 top-5", lambda m: m["top5"][0]),
+                ("cosine to next", lambda m: m["cos_next"]), ("contrastive acc.", lambda m: m["contrastive_acc"])]
+    models = list(plan["results"])
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    width = 0.8 / len(models)
+    for j, name in enumerate(models):
+        ax.bar([i + j * width for i in range(len(measures))], [get(plan["results"][name]) for _, get in measures],
+               width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(measures))], [n for n, _ in measures])
+    ax.set_title("planner against baselines (LCM measures: the plan's RVQ reconstruction vs the true next sentence)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "planner.png", dpi=100)
+    plt.close(fig)
+    md += ["![planner and baselines on every measure](planner.png)", ""]
     for name, src in (("planner_curve.png", Path(plan.get("out_dir", "out/sentence_lm")) / "curve.png"),
                       ("decoder_curve.png", Path("out/decoder/curve.png"))):
         if src.is_file():
