@@ -95,6 +95,22 @@ def test_stop_rules(gen, monkeypatch):
     assert res.sentences == ["One new sentence.", "Another new sentence."] and res.stop_reason == "repeat"
 
 
+def test_copy_guard(gen, monkeypatch):
+    """A candidate that copies REPEAT_SPAN consecutive words of an earlier sentence (the prompt's
+    included) is a repeat; a shorter shared run is not."""
+    prompt = "The Amazon is the largest rainforest on Earth."
+    copy = "The Amazon is the largest rainforest on Earth and covers a region."
+    fresh = "It covers much of the largest basin in South America."
+    _fake_render(gen, monkeypatch, _rendered([copy, fresh]))
+    res = gen.run(prompt, 1, n_cand=2, rerank=True, repeat_cos=1.01)
+    assert res.sentences == [fresh] and res.steps[0].candidates[0]["copies"] is True
+    assert res.steps[0].candidates[1]["copies"] is False  # "the largest" is a run of 2 words only
+    _fake_render(gen, monkeypatch, _rendered([copy]))
+    assert gen.run(prompt, 1, n_cand=1, repeat_cos=1.01).stop_reason == "repeat"
+    assert gen.run(prompt, 1, n_cand=1, repeat_cos=1.01, repeat_span=0).sentences == [copy]  # 0 turns it off
+    assert gen.run(prompt, 1, n_cand=1, repeat_cos=1.01, repeat_span=12).sentences == [copy]  # 8 words copied < 12
+
+
 def test_rerank_off_renders_one_candidate(gen, monkeypatch):
     """RERANK=0 renders one candidate per sentence (nothing would choose among more) and its stop
     reason says what happened to that one."""

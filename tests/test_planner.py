@@ -287,5 +287,5 @@ def test_extra_data_joins_training_not_validation(workdir):
     with pytest.raises(ConfigError, match="EXTRA_DATA: nowhere is not a folder"):
         train_planner(resolve(PlannerTrainConfig, environ=tiny_env(EXTRA_DATA="nowhere")))
     write_sentences(workdir / "alien", more, more_emb, model="another-encoder")
-    with pytest.raises(ConfigError, match="embedded with another-encoder, this run with tiny-encoder"):
+    with pytest.raises(ConfigError, match="embedded with the encoder another-encoder, this run with tiny-encoder"):
         train_planner(resolve(PlannerTrainConfig, environ=tiny_env(EXTRA_DATA="alien")))

@@ -52,6 +52,9 @@ class GenParams:
                                 help="a sentence never repeats an n-gram of its own of this size (0 = off; the prompt is exempt)")
     repeat_cos: float = knob(0.9, env="REPEAT_COS", min=0.0, max=1.01,
                              help="a candidate this close (cosine) to an earlier sentence counts as a repeat (LCM's stop rule; >1 = off)")
+    repeat_span: int = knob(8, env="REPEAT_SPAN", min=0, max=64,
+                            help="a candidate that copies this many consecutive words of an earlier sentence (the prompt's "
+                                 "included) counts as a repeat (0 = off)")
     seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="random seed: same seed and inputs give the same text")
 
 
@@ -235,6 +238,12 @@ def recorded_settings(rvq_meta: dict) -> dict:
 
 def _norm(s: str) -> str:
     return " ".join(s.lower().split())
+
+
+def word_spans(text: str, n: int) -> set[tuple[str, ...]]:
+    """The text's runs of `n` consecutive words (lowercased, punctuation dropped), for the copy guard."""
+    w = re.findall(r"\w+", text.lower())
+    return {tuple(w[i : i + n]) for i in range(len(w) - n + 1)} if n > 0 else set()
 
 
 def match_score(planned: Sequence[int], realized: Sequence[int], cosine: float) -> tuple[int, float]:
@@ -504,6 +513,7 @@ class SentenceGenerator:
         t_prompt = time.perf_counter() - t0
         history = list(sents)
         seen = {_norm(s) for s in sents}
+        spans = set().union(*(word_spans(s, p.repeat_span) for s in sents))  # copy guard: earlier sentences' word runs
         gen = torch.Generator().manual_seed(p.seed)
         res = GenerationResult(prompt=prompt, sentences=[], planned=[], realized=[], params=asdict(p))
         tot = {"prompt": t_prompt, "planner": 0.0, "decoder": 0.0, "rerank": 0.0}
@@ -541,7 +551,10 @@ class SentenceGenerator:
             for sc, r, cos in zip(scored, rendered, near):
                 sc.update(ended=r["ended"], repeat_cos=round(float(cos), 4))
             t3 = time.perf_counter()
-            ok = [i for i, c in enumerate(cands) if c and _norm(c) not in seen and near[i] < p.repeat_cos]
+            copied = [bool(word_spans(c, p.repeat_span) & spans) for c in cands]
+            for sc, cp in zip(scored, copied):
+                sc["copies"] = cp
+            ok = [i for i, c in enumerate(cands) if c and _norm(c) not in seen and near[i] < p.repeat_cos and not copied[i]]
             if not ok:
                 chosen = None
             elif p.rerank:  # sentences that ended before the token limit first, then the code match
@@ -581,6 +594,7 @@ class SentenceGenerator:
             res.realized.append(realized)
             history.append(sentence)
             seen.add(_norm(sentence))
+            spans |= word_spans(sentence, p.repeat_span)
             hist_emb = np.concatenate([hist_emb, x[chosen : chosen + 1]])
             ctx_codes.append(realized)
         else:

@@ -12,7 +12,7 @@ How the standard fields map to generation (documented in the README, "OpenAI-com
   choice i seeded `seed + i`; `stop` (up to 4 strings) ends the text where one first occurs.
 - Sentence-level extras (pass them with the client's `extra_body`): `max_sentences`, `n_cand`,
   `rerank`, `plan` (plan control, see `generate.check_plan`), `plan_temp`, `plan_top_k`,
-  `repetition_penalty`, `no_repeat_ngram`, `repeat_cos`, and `return_candidates` (every choice's
+  `repetition_penalty`, `no_repeat_ngram`, `repeat_cos`, `repeat_span`, and `return_candidates` (every choice's
   `sentences` then carry the candidates with their codes and scores).
 - Every choice carries `sentences`: per sentence its text, planned and realized codes, the levels
   matched (`agreement`), the levels pinned, its token count; and `stop_reason` (the loop's own).
@@ -62,6 +62,7 @@ class _Common(BaseModel):
     repetition_penalty: Optional[Annotated[Number, Field(allow_inf_nan=False)]] = None
     no_repeat_ngram: Optional[StrictInt] = None
     repeat_cos: Optional[Annotated[Number, Field(allow_inf_nan=False)]] = None
+    repeat_span: Optional[StrictInt] = None
     return_candidates: StrictBool = False
 
 
@@ -143,7 +144,7 @@ def generation_kwargs(req: _Common, default_seed: int, max_sentences_cap: int) -
         if req.top_p < 0.01:
             raise ApiError(400, f"top_p: {req.top_p} is too small: at least 0.01", "top_p")
         kw["top_p"] = req.top_p
-    for name in ("n_cand", "rerank", "plan_temp", "plan_top_k", "repetition_penalty", "no_repeat_ngram", "repeat_cos"):
+    for name in ("n_cand", "rerank", "plan_temp", "plan_top_k", "repetition_penalty", "no_repeat_ngram", "repeat_cos", "repeat_span"):
         if getattr(req, name) is not None:
             kw[name] = getattr(req, name)
     max_tokens = req.max_tokens

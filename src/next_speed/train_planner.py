@@ -95,7 +95,8 @@ def planner_data(cfg: PlannerTrainConfig, tmeta: dict, train_rows: list[dict], v
         emb, emb_meta = open_sentence_embeddings(tmeta.get("emb_path") or "data/embeddings.npy", cfg.emb_meta, "EMB_META")
         if tmeta.get("emb_sha256") and emb_meta["outputs"].get(tmeta.get("emb_path"), {}).get("sha256") not in (None, tmeta["emb_sha256"]):
             raise StaleInputError(f"the training sets were built from other embeddings than {tmeta.get('emb_path')}: rerun steps 03-04")
-        encoder = emb_meta.get("model")
+        encoder = {"model": emb_meta.get("model"), "maxlen": emb_meta.get("config", {}).get("maxlen"),
+                   "normalized": emb_meta.get("normalized")}
     if cfg.planner_input == "emb":
         what = tmeta.get("emb_path", "the embeddings")
         table = EmbeddingTable(int(emb.shape[1]))
@@ -134,7 +135,7 @@ def _cat_padded(a, b, pad):
     return torch.cat([grow(a), grow(b)])
 
 
-def extra_rows(folder: str, tmeta: dict, encoder: str | None):
+def extra_rows(folder: str, tmeta: dict, encoder: dict | None):
     """Planner rows from another step 01-02 output folder (EXTRA_DATA): its embeddings are
     quantized with this run's RVQ (no re-embedding), and windowed by document as step 04 does.
     Documents that share a sentence with this run's own sentence file are left out: those of its
@@ -153,9 +154,13 @@ def extra_rows(folder: str, tmeta: dict, encoder: str | None):
         if not (d / name).is_file():
             raise ConfigError(f"EXTRA_DATA: {d / name} is missing (run steps 01-02 with that folder as their output)")
     emb, meta = open_sentence_embeddings(str(d / "embeddings.npy"), str(d / "emb_meta.json"), "EXTRA_DATA", elsewhere=True)
-    if encoder is not None and meta.get("model") != encoder:
-        raise ConfigError(f"EXTRA_DATA: {folder} was embedded with {meta.get('model')}, this run with {encoder}: "
-                          f"its vectors live in another space")
+    if encoder is not None:
+        for what, theirs, ours in (("the encoder", meta.get("model"), encoder.get("model")),
+                                   ("MAXLEN", meta.get("config", {}).get("maxlen"), encoder.get("maxlen")),
+                                   ("normalization", meta.get("normalized"), encoder.get("normalized"))):
+            if theirs != ours:
+                raise ConfigError(f"EXTRA_DATA: {folder} was embedded with {what} {theirs}, this run with {ours}: "
+                                  f"its vectors live in another space")
     rvq_meta_path = tmeta["config"].get("rvq_meta", "out/rvq_meta.json")
     rvq, rvq_meta = load_rvq(tmeta.get("rvq_path") or "out/rvq.npz", rvq_meta_path)
     if emb.shape[1] != rvq.D:
@@ -242,8 +247,10 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(model, device_ids=[dd.local_rank] if device.startswith("cuda") else None)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
+    # weight decay on matrices of linear layers; none on embedding tables, biases and norms
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in tables]
+    no_decay = [p for p in model.parameters() if not (p.dim() >= 2 and id(p) not in tables)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
@@ -297,7 +304,7 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
     info = {
         "format": FORMAT, "kind": "planner", "model": mcfg.to_dict(), "train": to_dict(cfg), "K": K, "V": V,
         "context_sents": tmeta["config"]["context_sents"], "planner_input": cfg.planner_input,
-        "encoder": data["encoder"], "train_rows": len(x_tr), "extra_rows": data["extra_rows"],
+        "encoder": (data["encoder"] or {}).get("model"), "train_rows": len(x_tr), "extra_rows": data["extra_rows"],
         "inputs": {p: {"sha256": sha256_path(p)} for p in (cfg.out_lm, cfg.out_lm_val)},
         "rvq_sha256": tmeta.get("rvq_sha256"), "rvq_path": tmeta.get("rvq_path"),
         "best": best, "history": history, "seconds": round(elapsed, 1),
