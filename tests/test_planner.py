@@ -289,3 +289,13 @@ def test_extra_data_joins_training_not_validation(workdir):
     write_sentences(workdir / "alien", more, more_emb, model="another-encoder")
     with pytest.raises(ConfigError, match="embedded with the encoder another-encoder, this run with tiny-encoder"):
         train_planner(resolve(PlannerTrainConfig, environ=tiny_env(EXTRA_DATA="alien")))
+
+
+def test_planner_with_unknown_settings_is_refused(workdir):
+    write_trainsets(workdir, synthetic_docs(n_docs=12))
+    train_planner(resolve(PlannerTrainConfig, environ=tiny_env(STEPS=2, LOG_EVERY=1)))
+    cfg = json.loads(Path("out/sentence_lm/config.json").read_text())
+    cfg["model"]["from_the_future"] = 1
+    Path("out/sentence_lm/config.json").write_text(json.dumps(cfg))
+    with pytest.raises(StaleInputError, match=r"does not know \(from_the_future\): rerun step 05"):
+        load_planner("out/sentence_lm")

@@ -326,6 +326,11 @@ def load_planner(out_dir: str, device: str = "cpu"):
     info = json.loads(cfg_path.read_text())
     if info.get("format") != FORMAT:
         raise StaleInputError(f"{cfg_path} is not a next-speed planner ({info.get('format')}): rerun step 05")
+    known = set(PlannerModelConfig.__dataclass_fields__)
+    unknown = sorted(set(info.get("model", {})) - known)
+    if unknown:
+        raise StaleInputError(f"{cfg_path} has model settings this next-speed does not know ({', '.join(unknown)}): "
+                              f"rerun step 05 with this version")
     model = Planner(PlannerModelConfig(**info["model"]))
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.to(device).eval(), info
