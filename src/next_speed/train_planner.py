@@ -104,8 +104,9 @@ def planner_data(cfg: PlannerTrainConfig, tmeta: dict, train_rows: list[dict], v
         if val:
             val[3] = table.add(emb, input_sids(val_rows, val[0].shape[1], cfg.out_lm_val), what)
     extra = 0
+    own = _own_texts(tmeta) if extra_folders(cfg) else set()
     for folder in extra_folders(cfg):
-        rows, xemb = extra_rows(folder, tmeta, encoder)
+        rows, xemb = extra_rows(folder, tmeta, encoder, own)
         if not rows:
             continue
         xx, yy, _ = tensorize(rows, K, V, folder)
@@ -135,12 +136,12 @@ def _cat_padded(a, b, pad):
     return torch.cat([grow(a), grow(b)])
 
 
-def extra_rows(folder: str, tmeta: dict, encoder: dict | None):
+def extra_rows(folder: str, tmeta: dict, encoder: dict | None, own: set[str]):
     """Planner rows from another step 01-02 output folder (EXTRA_DATA): its embeddings are
     quantized with this run's RVQ (no re-embedding), and windowed by document as step 04 does.
-    Documents that share a sentence with this run's own sentence file are left out: those of its
-    validation split must stay held out, those of its training split are in already. Returns (rows with `sid` into the folder's embeddings, the
-    memory-mapped embeddings)."""
+    Documents that share a sentence with `own` (the text of this run's sentence file) are left
+    out: those of its validation split must stay held out, those of its training split are in
+    already. Returns (rows with `sid` into the folder's embeddings, the memory-mapped embeddings)."""
     import numpy as np
 
     from .artifacts import read_jsonl
@@ -166,7 +167,6 @@ def extra_rows(folder: str, tmeta: dict, encoder: dict | None):
     if emb.shape[1] != rvq.D:
         raise ConfigError(f"EXTRA_DATA: {folder} has {emb.shape[1]}-d vectors, the RVQ quantizes {rvq.D}-d ones")
     beam = int(rvq_meta.get("config", {}).get("beam", 1) or 1)
-    own = _own_texts(tmeta)
     sents = list(read_jsonl(d / "sentences.jsonl", required=("doc", "pos", "text")))
     if len(sents) != len(emb):
         raise StaleInputError(f"EXTRA_DATA: {d / 'sentences.jsonl'} has {len(sents)} sentences, {d / 'embeddings.npy'} "
