@@ -1,11 +1,12 @@
 """Benchmark the HTTP server: throughput and latency under concurrent clients, memory over a long run.
 
-  uv run python bench/bench_server.py [--per-client 2] [--n-cand 4] [--long 200] [--out bench/results/bench_server.json]
+  uv run python bench/bench_server.py [--per-client 2] [--c1-requests 6] [--n-cand 4] [--long 200] [--out bench/results/bench_server.json]
 
 Needs trained artifacts (the main job). Starts the real server (`09_server.py`, loopback only, a
 free port) and, in one run, side by side:
 - batched (the default: concurrent requests' sentence steps share decoder batches): 1, 4, 8 and
-  16 concurrent clients, each sending `--per-client` requests one after another; throughput
+  16 concurrent clients, each sending `--per-client` requests one after another (one client sends
+  `--c1-requests`, so the ratios' denominator is not two samples); throughput
   (requests/s) and p50/p95 latency, each as a ratio to 1 client; then `--long` requests at 8
   clients (one sentence each) while the server's resident memory is sampled: peak RSS, and the
   growth from the end of the first tenth of the run to its end (`rss_growth_mb`);
@@ -130,6 +131,7 @@ def load(server: Server, clients: int, per_client: int, params: dict, max_senten
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--per-client", type=int, default=2)
+    ap.add_argument("--c1-requests", type=int, default=6, help="requests of the 1-client runs (the ratios' denominator)")
     ap.add_argument("--n-cand", type=int, default=4)
     ap.add_argument("--sentences", type=int, default=2)
     ap.add_argument("--long", type=int, default=200, help="requests of the memory run (8 clients)")
@@ -138,12 +140,12 @@ def main() -> None:
     from next_speed.artifacts import write_json
 
     params = {"n_cand": args.n_cand}
-    res: dict = {"per_client": args.per_client, "n_cand": args.n_cand, "max_sentences": args.sentences, "batched": {}, "baseline": {}}
+    res: dict = {"per_client": args.per_client, "c1_requests": args.c1_requests, "n_cand": args.n_cand, "max_sentences": args.sentences, "batched": {}, "baseline": {}}
     srv = Server({})
     try:
         load(srv, 1, 1, params, 1)  # warm-up
         for c in (1, 4, 8, 16):
-            res["batched"][f"c{c}"] = load(srv, c, args.per_client, params, args.sentences)
+            res["batched"][f"c{c}"] = load(srv, c, args.c1_requests if c == 1 else args.per_client, params, args.sentences)
         # memory: --long short requests at 8 clients, RSS sampled every half second
         samples: list[tuple[int, float]] = []
         done = [0]
@@ -171,7 +173,7 @@ def main() -> None:
     try:
         load(base, 1, 1, params, 1)
         for c in (1, 8):
-            res["baseline"][f"c{c}"] = load(base, c, args.per_client, params, args.sentences)
+            res["baseline"][f"c{c}"] = load(base, c, args.c1_requests if c == 1 else args.per_client, params, args.sentences)
     finally:
         base.close()
     B, R = res["batched"], res["baseline"]

@@ -289,12 +289,12 @@ def test_server_unexpected_error_is_json_and_it_keeps_serving(gen, monkeypatch):
     from next_speed.server import create_app
 
     app = create_app(lambda: gen, background=False)
-    real = gen.render_jobs
-    monkeypatch.setattr(gen, "render_jobs", lambda jobs: (_ for _ in ()).throw(RuntimeError("boom")))
+    real = gen.engine._prefill  # every decoder path (the open batch, the one-by-one retry) prefills
+    monkeypatch.setattr(gen.engine, "_prefill", lambda job: (_ for _ in ()).throw(RuntimeError("boom")))
     with TestClient(app, raise_server_exceptions=False) as c:
         r = c.post("/generate", json={"prompt": "Hi there."})
         assert r.status_code == 500 and r.json()["error"].startswith("internal error (RuntimeError)")
-        monkeypatch.setattr(gen, "render_jobs", real)
+        monkeypatch.setattr(gen.engine, "_prefill", real)
         assert c.get("/health").status_code == 200
         assert c.post("/generate", json={"prompt": "Hi there.", "max_sentences": 1}).status_code == 200
 
@@ -470,6 +470,39 @@ def test_engine_drops_ended_rows_and_batches_jobs(gen, monkeypatch):
     assert [j.out for j in together] == alone
     assert all(len(j.out) == n for j, (_, n, _) in zip(together, specs))
     assert all(c["tokens"] <= 4 + n and (c["ended"] or c["tokens"] == 4 + n) for j, (_, n, _) in zip(together, specs) for c in j.out)
+
+
+def test_decode_batch_jobs_join_and_leave_between_tokens(gen, monkeypatch):
+    """The server's open batch: a short job leaves as soon as its rows end while a long one goes
+    on, a job that joins mid-sentence is prefilled and merged, a cancelled one is taken out, and
+    every job writes exactly what it writes alone."""
+    _no_eos(gen, monkeypatch)
+    K = gen.rvq.K
+
+    def job(ctx, n, max_new, seed):
+        return gen.make_job(ctx, [seed % 3] * K, replace_params(gen, n_cand=n, max_new_tokens=max_new, temp=1.5), seed=seed)
+
+    specs = {"short": ("Paris is the capital of France.", 2, 2, 1), "long": ("Short.", 1, 9, 2),
+             "late": ("A much longer context sentence that goes on and on for a while.", 3, 4, 3),
+             "gone": ("It rains.", 2, 9, 4)}
+    alone = {}
+    for k, sp in specs.items():
+        j = job(*sp)
+        gen.render_jobs([j])
+        alone[k] = j.out
+    b = gen.engine.batch()
+    jobs = {k: job(*sp) for k, sp in specs.items()}
+    b.add([jobs["short"], jobs["long"], jobs["gone"]])
+    assert b.rows == 5
+    finished = b.step() + b.step()  # two tokens: the short job's limit
+    assert finished == [jobs["short"]] and b.rows == 3 and jobs["long"].out is None
+    b.remove([jobs["gone"]])
+    b.add([jobs["late"]])  # joins while "long" is mid-sentence, with a longer prompt
+    assert b.rows == 4
+    while b.rows:
+        finished += b.step()
+    assert finished == [jobs["short"], jobs["late"], jobs["long"]] and jobs["gone"].out is None
+    assert {k: jobs[k].out for k in ("short", "long", "late")} == {k: alone[k] for k in ("short", "long", "late")}
 
 
 def _post_all(client, payloads):

@@ -152,28 +152,6 @@ class DecodeEngine:
         job.cache = c
         return out.logits[:, -1].float()
 
-    def _stack(self, jobs: Sequence[SentenceJob]):
-        """One cache for all rows: each job's prompt keys/values, left-padded to the longest
-        prompt and repeated for its candidates. Returns (cache, attention mask (R, T))."""
-        from transformers import DynamicCache
-
-        torch = self.torch
-        F = torch.nn.functional
-        T = max(len(j.prompt) for j in jobs)
-        cache = DynamicCache(config=self.model.config)
-        n_layers = len(jobs[0].cache.kv.layers)
-        for li in range(n_layers):
-            ks, vs = [], []
-            for j in jobs:
-                layer = j.cache.kv.layers[li]
-                pad = T - layer.keys.shape[-2]
-                ks.append(F.pad(layer.keys, (0, 0, pad, 0)).expand(j.n, -1, -1, -1))
-                vs.append(F.pad(layer.values, (0, 0, pad, 0)).expand(j.n, -1, -1, -1))
-            cache.update(torch.cat(ks), torch.cat(vs), li)
-        mask = torch.cat([torch.cat([torch.zeros(j.n, T - len(j.prompt), dtype=torch.long),
-                                     torch.ones(j.n, len(j.prompt), dtype=torch.long)], 1) for j in jobs])
-        return cache, mask.to(self.device)
-
     # ------------------------------------------------------------------ sampling
     def _choose(self, job: SentenceJob, logits, generated, gen, procs):
         """Next tokens (a,) for `a` alive rows of one job: sentence-only repetition guards, no
@@ -191,65 +169,17 @@ class DecodeEngine:
             return logits.argmax(-1)
         return nucleus_sample(logits / p.temp, p.top_p, gen).to(logits.device)
 
+    def batch(self) -> "DecodeBatch":
+        """An empty persistent batch that jobs join and leave between tokens (the server's)."""
+        return DecodeBatch(self)
+
     def render(self, jobs: Sequence[SentenceJob]) -> None:
         """Fill every job's `out`: prefill each prompt (reusing its cache), then decode all rows
         of all jobs in one batch until each row ends its sentence or reaches its token limit."""
-        torch = self.torch
-        jobs = list(jobs)
-        if not jobs:
-            return
-        with torch.inference_mode():
-            first = [self._prefill(j) for j in jobs]
-            cache, mask = self._stack(jobs)
-            row_job = [ji for ji, j in enumerate(jobs) for _ in range(j.n)]
-            logits = torch.cat([f.expand(j.n, -1) for f, j in zip(first, jobs)])
-            pos = torch.tensor([len(jobs[ji].prompt) for ji in row_job], device=self.device)
-            gens = [torch.Generator().manual_seed(int(j.seed)) for j in jobs]
-            procs = [sentence_processors(j.params) for j in jobs]
-            tokens: list[list[int]] = [[] for _ in row_job]
-            ended = [False] * len(row_job)
-            alive = list(range(len(row_job)))  # original row index of each batch row
-            inj = self._injector()
-            plan = contextlib.nullcontext()
-            if inj is not None and jobs[0].plan_start is not None:
-                plan = inj.plan([jobs[ji].planned for ji in row_job], [jobs[ji].plan_start for ji in row_job])
-            with plan:
-                while True:
-                    nxt = torch.empty(len(alive), dtype=torch.long, device=self.device)
-                    for ji, j in enumerate(jobs):  # each job's rows with its own settings and generator
-                        rows = [b for b, r in enumerate(alive) if row_job[r] == ji]
-                        if rows:
-                            nxt[rows] = self._choose(j, logits[rows], [tokens[alive[b]] for b in rows], gens[ji], procs[ji])
-                    keep = []
-                    for b, (r, t) in enumerate(zip(alive, nxt.tolist())):  # one device->host copy a step
-                        if t in self._stop_set:
-                            ended[r] = True
-                            if t != self.tok.eos_token_id:
-                                tokens[r].append(t)  # "word.\n": the text before the newline is kept
-                        else:
-                            tokens[r].append(t)
-                            if len(tokens[r]) < jobs[row_job[r]].params.max_new_tokens:
-                                keep.append(b)
-                    if not keep:
-                        break
-                    if len(keep) < len(alive):  # ended rows leave the batch
-                        idx = torch.tensor(keep, device=self.device)
-                        cache.batch_select_indices(idx)
-                        mask, pos, nxt = mask[idx], pos[idx], nxt[idx]
-                        if inj is not None and jobs[0].plan_start is not None:
-                            inj.keep_rows(idx)
-                        alive = [alive[b] for b in keep]
-                    mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=mask.dtype, device=self.device)], 1)
-                    out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None], cache=cache,
-                                     use_cache=True, logits_to_keep=1)
-                    logits = out.logits[:, -1]
-                    pos = pos + 1
-        o = 0
-        for j in jobs:
-            rows = range(o, o + j.n)
-            o += j.n
-            texts = self.tok.batch_decode([tokens[r] for r in rows], skip_special_tokens=True)
-            j.out = [{"text": t.split("\n")[0].strip(), "ended": ended[r], "tokens": len(tokens[r])} for t, r in zip(texts, rows)]
+        b = DecodeBatch(self)
+        b.add(jobs)
+        while b.rows:
+            b.step()
 
     def render_hf(self, jobs: Sequence[SentenceJob]) -> None:
         """The straightforward reference: transformers' `generate` on each whole prompt, the
@@ -292,3 +222,185 @@ class DecodeEngine:
                 text = self.tok.decode(body, skip_special_tokens=True)
                 res.append({"text": text.split("\n")[0].strip(), "ended": cut is not None, "tokens": len(body)})
             j.out = res
+
+
+@dataclass(eq=False)  # compared by identity
+class _Live:
+    """A job inside a DecodeBatch: its sampling state, one entry per candidate row."""
+
+    job: SentenceJob
+    gen: Any  # torch.Generator seeded with the job's seed
+    procs: list
+    tokens: list[list[int]]
+    ended: list[bool]
+    alive: int  # rows still decoding
+
+
+class DecodeBatch:
+    """A persistent decoder batch with iteration-level scheduling (Orca, Yu et al. 2022): jobs
+    join between two tokens, once their prompt is prefilled, and each leaves as soon as all its
+    candidates ended, so a short sentence of one request never waits for a long one of another.
+
+    Rows are left-padded to a common length and keep their own positions, so a row's keys and
+    values never move when others join or leave; columns that hold only padding are trimmed when
+    rows leave. Each job samples with its own generator, so its text does not depend on its
+    batchmates. `DecodeEngine.render` is add + step until empty; the server keeps one open.
+    """
+
+    def __init__(self, engine: DecodeEngine):
+        self.e = engine
+        self.kv = None  # DynamicCache: per layer (R, H, T, D)
+        self.mask = None  # (R, T) 1 for real tokens, 0 for left padding
+        self.pos = None  # (R,) position of each row's next token
+        self.logits = None  # (R, V) each row's next-token logits, not sampled yet
+        self.owner: list[_Live] = []  # per row
+        self.cand: list[int] = []  # per row: the candidate's index within its job
+
+    @property
+    def rows(self) -> int:
+        return len(self.owner)
+
+    @property
+    def jobs(self) -> list[SentenceJob]:
+        return list({id(lv): lv.job for lv in self.owner}.values())
+
+    def add(self, jobs: Sequence[SentenceJob]) -> None:
+        """Prefill the jobs' prompts (each reusing its own prompt cache) and merge their rows in."""
+        from transformers import DynamicCache
+
+        e, torch = self.e, self.e.torch
+        F = torch.nn.functional
+        jobs = list(jobs)
+        if not jobs:
+            return
+        with torch.inference_mode():
+            first = [e._prefill(j) for j in jobs]  # (1, V) each
+            T_old = 0 if self.mask is None else self.mask.shape[1]
+            T = max([T_old] + [len(j.prompt) for j in jobs])
+            kv = DynamicCache(config=e.model.config)
+            for li in range(len(jobs[0].cache.kv.layers)):
+                ks, vs = [], []
+                if self.kv is not None:
+                    old = self.kv.layers[li]
+                    ks.append(F.pad(old.keys, (0, 0, T - T_old, 0)))
+                    vs.append(F.pad(old.values, (0, 0, T - T_old, 0)))
+                for j in jobs:
+                    layer = j.cache.kv.layers[li]
+                    pad = T - layer.keys.shape[-2]
+                    ks.append(F.pad(layer.keys, (0, 0, pad, 0)).expand(j.n, -1, -1, -1))
+                    vs.append(F.pad(layer.values, (0, 0, pad, 0)).expand(j.n, -1, -1, -1))
+                kv.update(torch.cat(ks), torch.cat(vs), li)
+            masks = [] if self.mask is None else [F.pad(self.mask, (T - T_old, 0))]
+            masks += [torch.cat([torch.zeros(j.n, T - len(j.prompt), dtype=torch.long),
+                                 torch.ones(j.n, len(j.prompt), dtype=torch.long)], 1).to(e.device) for j in jobs]
+            pos = [] if self.pos is None else [self.pos]
+            pos += [torch.full((j.n,), len(j.prompt), dtype=torch.long, device=e.device) for j in jobs]
+            logits = [] if self.logits is None else [self.logits]
+            logits += [f.expand(j.n, -1) for f, j in zip(first, jobs)]
+            self.kv, self.mask, self.pos, self.logits = kv, torch.cat(masks), torch.cat(pos), torch.cat(logits)
+        for j in jobs:
+            lv = _Live(j, torch.Generator().manual_seed(int(j.seed)), sentence_processors(j.params),
+                       [[] for _ in range(j.n)], [False] * j.n, j.n)
+            self.owner += [lv] * j.n
+            self.cand += list(range(j.n))
+
+    def remove(self, jobs: Sequence[SentenceJob]) -> None:
+        """Take jobs out unfinished (a request that was cancelled); their `out` stays None."""
+        gone = {id(j) for j in jobs}
+        self._keep([b for b, lv in enumerate(self.owner) if id(lv.job) not in gone])
+
+    def _keep(self, keep: list[int]) -> None:
+        torch = self.e.torch
+        if len(keep) == self.rows:
+            return
+        if not keep:
+            self.kv = self.mask = self.pos = self.logits = None
+            self.owner, self.cand = [], []
+            return
+        idx = torch.tensor(keep, device=self.e.device)
+        self.kv.batch_select_indices(idx)
+        self.mask, self.pos, self.logits = self.mask[idx], self.pos[idx], self.logits[idx]
+        self.owner = [self.owner[b] for b in keep]
+        self.cand = [self.cand[b] for b in keep]
+        lead = int((self.mask.cumsum(1) == 0).sum(1).min())  # columns of padding in every row left
+        if lead:
+            self.mask = self.mask[:, lead:]
+            for layer in self.kv.layers:
+                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+
+    def step(self) -> list[SentenceJob]:
+        """Sample one token for every row; rows that ended their sentence (or reached their
+        token limit) leave. Returns the jobs whose rows have all ended, their `out` filled, then
+        runs one forward for the rows left."""
+        e, torch = self.e, self.e.torch
+        if not self.rows:
+            return []
+        groups: dict[int, tuple[_Live, list[int]]] = {}
+        for b, lv in enumerate(self.owner):  # each job's rows with its own settings and generator
+            groups.setdefault(id(lv), (lv, []))[1].append(b)
+        with torch.inference_mode():
+            nxt = torch.empty(self.rows, dtype=torch.long, device=e.device)
+            for lv, rows in groups.values():
+                nxt[rows] = e._choose(lv.job, self.logits[rows], [lv.tokens[self.cand[b]] for b in rows], lv.gen, lv.procs)
+            keep = []
+            for b, t in enumerate(nxt.tolist()):  # one device->host copy a step
+                lv, i = self.owner[b], self.cand[b]
+                if t in e._stop_set:
+                    lv.ended[i] = True
+                    if t != e.tok.eos_token_id:
+                        lv.tokens[i].append(t)  # "word.\n": the text before the newline is kept
+                else:
+                    lv.tokens[i].append(t)
+                    if len(lv.tokens[i]) < lv.job.params.max_new_tokens:
+                        keep.append(b)
+                        continue
+                lv.alive -= 1
+            done = [lv for lv, _ in groups.values() if lv.alive == 0]
+            for lv in done:
+                texts = e.tok.batch_decode(lv.tokens, skip_special_tokens=True)
+                lv.job.out = [{"text": t.split("\n")[0].strip(), "ended": d, "tokens": len(k)}
+                              for t, d, k in zip(texts, lv.ended, lv.tokens)]
+            self._keep(keep)
+            if self.rows:
+                nxt = nxt[torch.tensor(keep, device=e.device)] if len(keep) < len(nxt) else nxt
+                self.mask = torch.cat([self.mask, torch.ones(self.rows, 1, dtype=self.mask.dtype, device=e.device)], 1)
+                inj = e._injector()
+                plan = contextlib.nullcontext()
+                if inj is not None and any(lv.job.plan_start is not None for lv in self.owner):
+                    plan = inj.plan([lv.job.planned for lv in self.owner],
+                                    [lv.job.plan_start if lv.job.plan_start is not None else 1 << 60 for lv in self.owner])
+                with plan:
+                    out = e.model(input_ids=nxt[:, None], attention_mask=self.mask, position_ids=self.pos[:, None],
+                                  cache=self.kv, use_cache=True, logits_to_keep=1)
+                self.logits = out.logits[:, -1]
+                self.pos = self.pos + 1
+        return [lv.job for lv in done]
+
+
+class WholeBatch:
+    """The DecodeBatch interface over `render_hf` (ENGINE=hf, seq2seq decoders): the jobs added
+    are rendered whole at the next step."""
+
+    def __init__(self, engine: DecodeEngine):
+        self.e = engine
+        self._jobs: list[SentenceJob] = []
+
+    @property
+    def rows(self) -> int:
+        return sum(j.n for j in self._jobs)
+
+    @property
+    def jobs(self) -> list[SentenceJob]:
+        return list(self._jobs)
+
+    def add(self, jobs: Sequence[SentenceJob]) -> None:
+        self._jobs += list(jobs)
+
+    def remove(self, jobs: Sequence[SentenceJob]) -> None:
+        gone = {id(j) for j in jobs}
+        self._jobs = [j for j in self._jobs if id(j) not in gone]
+
+    def step(self) -> list[SentenceJob]:
+        jobs, self._jobs = self._jobs, []
+        self.e.render_hf(jobs)
+        return jobs

@@ -386,6 +386,13 @@ class SentenceGenerator:
         return SentenceJob(prompt=ex["input_ids"], n=p.n_cand, params=p, seed=seed, planned=[int(c) for c in codes],
                            plan_start=ex.get("plan_start"), cache=cache, context=context_text, exemplars=list(exemplars))
 
+    def decode_batch(self):
+        """An empty persistent batch for this generator's engine (the server's scheduler keeps
+        one open: jobs join and leave between tokens; with ENGINE=hf each step renders whole)."""
+        from .engine import WholeBatch
+
+        return self.engine.batch() if self.use_kv else WholeBatch(self.engine)
+
     def render_jobs(self, jobs) -> None:
         """Render sentence steps (of one or several generations) in one decoder batch."""
         if self.use_kv:

@@ -1,12 +1,14 @@
-"""Continuous batching for the server: concurrent generations share each decoder batch.
+"""Continuous batching for the server: concurrent generations share each decoder forward.
 
 Every request is a `SentenceGenerator.steps()` generation, which yields one sentence step at a
-time. One worker thread loops: admit waiting requests, render the pending step of every active
-request in one engine call (`render_jobs`), advance each request to its next step (planner,
-rerank: per request, cheap), hand back finished results. A request joins the batch at its next
-sentence step, not when the current batch ends (Orca's iteration-level scheduling, Yu et al.
-2022, at sentence granularity). The queue is bounded: a request over `max_queue` is refused at
-once (`QueueFull`), never left to wait without end.
+time. One worker thread loops, one decoder token per round: admit waiting requests, let the
+pending sentence steps join the open `DecodeBatch` (their prompts prefilled) as far as
+`max_batch_rows` allows, sample one token for every row and run one forward; a step whose
+candidates have all ended leaves the batch at once and its request advances (rerank, planner:
+per request, cheap) to its next step, which joins at the next round. Iteration-level scheduling
+(Orca, Yu et al. 2022): a request never waits for the longest sentence of another. The queue is
+bounded: a request over `max_queue` is refused at once (`QueueFull`), never left to wait
+without end.
 """
 
 from __future__ import annotations
@@ -73,8 +75,9 @@ class BatchScheduler:
         self._active: list[_Request] = []
         self._cv = threading.Condition()
         self._stop = False
-        self.batches = 0  # engine calls so far
-        self.rows = 0  # candidate rows rendered so far (rows / batches = mean batch size)
+        self.batches = 0  # decoder rounds so far (one token for every row of the open batch)
+        self.rows = 0  # rows over those rounds (rows / batches = mean batch size)
+        self._batch = None  # the open DecodeBatch (worker thread only)
         self._thread = threading.Thread(target=self._loop, name="next-speed-scheduler", daemon=True)
         self._thread.start()
 
@@ -119,28 +122,23 @@ class BatchScheduler:
             _settle(r.future, exc=e)
         return False
 
-    def _render(self, batch: list[_Request]) -> list[_Request]:
-        """Render the batch's steps; returns the requests that failed. When a batch fails, each
-        request is tried alone (its prompt cache reset), so one bad request fails only itself."""
-        try:
-            self.gen.render_jobs([r.job for r in batch])
-            return []
-        except Exception as e:  # noqa: BLE001 - a bug or an out-of-memory: logged, handed to the requests
-            if len(batch) == 1:
-                log.error("rendering a sentence step failed", exc_info=e)
-                _settle(batch[0].future, exc=e)
-                return batch
-        failed = []
-        for r in batch:
+    def _recover(self, reqs: list[_Request], err: BaseException) -> list[_Request]:
+        """A decoder forward failed (a bug or an out-of-memory): the open batch is dropped and
+        each affected request's step is rendered alone from a fresh prompt cache (its seed gives
+        the same text), so one bad request fails only itself. Returns the requests rendered."""
+        log.warning("a batched decoder step failed (%s: %s); rendering its requests one by one", type(err).__name__, err)
+        self._batch = None
+        ok = []
+        for r in reqs:
             if r.job.cache is not None:  # a failed forward may have left it half-extended
                 r.job.cache.kv, r.job.cache.ids, r.job.cache.clean = None, [], 0
             try:
                 self.gen.render_jobs([r.job])
+                ok.append(r)
             except Exception as e:  # noqa: BLE001
                 log.error("rendering a sentence step failed", exc_info=e)
                 _settle(r.future, exc=e)
-                failed.append(r)
-        return failed
+        return ok
 
     def _loop(self) -> None:
         while True:
@@ -155,7 +153,8 @@ class BatchScheduler:
                     _settle(r.future, exc=WorkerError(f"internal error ({type(e).__name__}); the server log has the details"))
 
     def _round(self) -> bool:
-        """Admit, render one batch, advance; False once stopped."""
+        """Admit, let pending steps join the batch, decode one token, advance the requests whose
+        step ended; False once stopped."""
         gen = self.gen
         with self._cv:
             while not self._stop and not self._waiting and not self._active:
@@ -166,11 +165,16 @@ class BatchScheduler:
                 self._waiting, self._active = [], []
                 return False
             new, self._waiting = self._waiting, []
-            # a client that went away cancelled its future: its request leaves
+            # a client that went away cancelled its future: its request leaves (its rows too)
+            gone = [r for r in self._active + new if r.future.cancelled()]
             self._active = [r for r in self._active if not r.future.cancelled()]
             new = [r for r in new if not r.future.cancelled()]
             self._active.extend(new)  # counted as in flight from here on
         with gen._lock:
+            if self._batch is None or not self._batch.rows:
+                self._batch = gen.decode_batch()  # fresh: ENGINE may have changed
+            batch = self._batch
+            batch.remove([r.job for r in gone if r.job is not None])
             failed = []
             for r in new:
                 r.started = time.perf_counter()
@@ -180,19 +184,29 @@ class BatchScheduler:
             with self._cv:
                 self._active = [r for r in self._active if r not in failed]
                 active = list(self._active)
-            batch, rows = [], 0
+            inside = {id(j) for j in batch.jobs}
+            owner = {id(r.job): r for r in active}
+            join, rows = [], batch.rows
             for r in active:  # oldest first, as many rows as allowed (at least one request)
-                if batch and rows + r.job.n > self.max_batch_rows:
+                if id(r.job) in inside:
+                    continue
+                if rows and rows + r.job.n > self.max_batch_rows:
                     break
-                batch.append(r)
+                join.append(r)
                 rows += r.job.n
-            if not batch:
+            if not rows:
                 return True
-            failed = self._render(batch)
-            self.batches += 1
-            self.rows += rows
-            done = failed + [r for r in batch if r not in failed and not self._advance(r)]
+            try:
+                batch.add([r.job for r in join])
+                self.batches += 1
+                self.rows += batch.rows
+                ended = [owner[id(j)] for j in batch.step() if id(j) in owner]
+            except Exception as e:  # noqa: BLE001 - a bug or an out-of-memory: logged, handed to the requests
+                involved = [owner[id(j)] for j in batch.jobs if id(j) in owner]
+                involved += [r for r in join if r not in involved]
+                ended = self._recover(involved, e)
+                failed = [r for r in involved if r not in ended]
+            done = failed + [r for r in ended if not self._advance(r)]
             with self._cv:
-                # finished requests leave; the ones served go behind those that waited
-                self._active = [r for r in self._active if r not in batch] + [r for r in batch if r not in done]
+                self._active = [r for r in self._active if r not in done]
         return True
