@@ -603,3 +603,25 @@ def test_scheduler_survives_cancelled_requests(gen):
         assert sched.submit("Hi there.", 1).result(timeout=300) is not None and sched.load() == 0
     finally:
         sched.close()
+
+
+def test_scheduler_short_step_does_not_wait_for_a_long_one(gen, monkeypatch):
+    """Iteration-level scheduling: a request whose sentence ends after 2 tokens is answered while
+    an earlier request's long sentence is still being written, not when the whole batch ends."""
+    from next_speed.scheduler import BatchScheduler
+
+    _no_eos(gen, monkeypatch)
+    monkeypatch.setattr(gen.engine, "_stop_set", set())  # sentences end at their token limit only
+    events = []
+    sched = BatchScheduler(gen, max_queue=4)
+    try:
+        with gen._lock:  # both wait, so they join the same first batch
+            long = sched.submit("Paris is the capital of France.", 1, seed=1, n_cand=2, max_new_tokens=24,
+                                on_step=lambda st: events.append("long"))
+            short = sched.submit("Paris is the capital of France.", 1, seed=2, n_cand=2, max_new_tokens=2,
+                                 on_step=lambda st: events.append("short"))
+        long.result(timeout=300), short.result(timeout=300)
+    finally:
+        sched.close()
+    assert events == ["short", "long"]
+    assert sched.batches >= 24 and sched.rows / sched.batches < 4  # the short one's rows left early
