@@ -625,3 +625,30 @@ def test_scheduler_short_step_does_not_wait_for_a_long_one(gen, monkeypatch):
         sched.close()
     assert events == ["short", "long"]
     assert sched.batches >= 24 and sched.rows / sched.batches < 4  # the short one's rows left early
+
+
+def test_scheduler_recovers_from_a_failed_decoder_round(gen, monkeypatch):
+    """A decoder round that fails mid-sentence (an out-of-memory, say) drops the open batch; each
+    request's step is rendered again alone from its seed, so every answer is what it is alone."""
+    from next_speed.engine import DecodeBatch
+    from next_speed.scheduler import BatchScheduler
+
+    reqs = [("Paris is the capital of France.", 2, 1, 2), ("The Amazon is the largest rainforest on Earth.", 1, 2, 3)]
+    alone = [gen.run(p, m, seed=s, n_cand=n).sentences for p, m, s, n in reqs]
+    real, calls = DecodeBatch.step, [0]
+
+    def flaky(self):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("out of memory")
+        return real(self)
+
+    monkeypatch.setattr(DecodeBatch, "step", flaky)
+    sched = BatchScheduler(gen, max_queue=4)
+    try:
+        with gen._lock:
+            futs = [sched.submit(p, m, seed=s, n_cand=n) for p, m, s, n in reqs]
+        got = [f.result(timeout=300).sentences for f in futs]
+    finally:
+        sched.close()
+    assert calls[0] > 3 and got == alone

@@ -149,6 +149,7 @@ class BatchScheduler:
                 log.error("the scheduler's worker failed; failing the requests in flight", exc_info=e)
                 with self._cv:
                     lost, self._waiting, self._active = self._waiting + self._active, [], []
+                self._batch = None  # its rows belonged to the requests just failed
                 for r in lost:
                     _settle(r.future, exc=WorkerError(f"internal error ({type(e).__name__}); the server log has the details"))
 
@@ -174,7 +175,6 @@ class BatchScheduler:
             if self._batch is None or not self._batch.rows:
                 self._batch = gen.decode_batch()  # fresh: ENGINE may have changed
             batch = self._batch
-            batch.remove([r.job for r in gone if r.job is not None])
             failed = []
             for r in new:
                 r.started = time.perf_counter()
@@ -197,16 +197,24 @@ class BatchScheduler:
             if not rows:
                 return True
             try:
+                batch.remove([r.job for r in gone if r.job is not None])
                 batch.add([r.job for r in join])
-                self.batches += 1
-                self.rows += batch.rows
+                rows = batch.rows
                 ended = [owner[id(j)] for j in batch.step() if id(j) in owner]
+                self.batches += 1
+                self.rows += rows
             except Exception as e:  # noqa: BLE001 - a bug or an out-of-memory: logged, handed to the requests
                 involved = [owner[id(j)] for j in batch.jobs if id(j) in owner]
                 involved += [r for r in join if r not in involved]
+                # steps that finished in the failed round already left the batch with their text
+                finished = [r for r in active if r not in involved and r.job is not None and r.job.out is not None]
                 ended = self._recover(involved, e)
                 failed = [r for r in involved if r not in ended]
+                ended += finished
             done = failed + [r for r in ended if not self._advance(r)]
             with self._cv:
-                self._active = [r for r in self._active if r not in done]
+                # finished requests leave; the ones that move on go behind the others (round robin
+                # at sentence granularity when the batch is full, as MAX_BATCH_ROWS=1 shows)
+                self._active = [r for r in self._active if r not in ended and r not in done] + \
+                    [r for r in ended if r not in done]
         return True
