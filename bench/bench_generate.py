@@ -7,8 +7,9 @@ Needs trained artifacts (the main job). In one run, side by side:
   the candidates, ended rows dropped) at N_CAND 1, 4 and 8, rerank on;
 - the same loop with ENGINE=hf (transformers' generate on the whole prompt, every sentence: the
   baseline) at N_CAND 1 and 4;
-- plain `model.generate` sampling from the same decoder, given the same prompt text, of as many
-  new tokens as the loop wrote per prompt, without codes or reranking (measured before and after
+- plain `model.generate` sampling from the same decoder, given the same prompt text, with the
+  loop's TEMP and TOP_P, of as many new tokens as the loop wrote per prompt, without codes or
+  reranking (measured before and after
   the loops; their mean is the reference).
 Tokens/s of a loop = tokens of the chosen sentences / wall time of `run()`; a step whose candidates
 the stop rules all refused (a repeat) counts as time and no tokens, so this figure moves with what
@@ -59,7 +60,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 with torch.inference_mode():
                     out = gen.model.generate(**ids, max_new_tokens=tokens_per_prompt, min_new_tokens=tokens_per_prompt,
-                                             do_sample=True, top_p=0.9, temperature=0.8, pad_token_id=gen.tok.pad_token_id)
+                                             do_sample=True, top_p=gen.params.top_p, temperature=gen.params.temp,
+                                             pad_token_id=gen.tok.pad_token_id)
                 wall += time.perf_counter() - t0
                 made += out.shape[1] - ids["input_ids"].shape[1]
         return {"tokens": made, "wall_s": round(wall, 2), "tokens_per_s": round(made / wall, 2)}
