@@ -418,11 +418,6 @@ class PlanInjector:
         finally:
             self._u = self._start = None
 
-    def keep_rows(self, idx) -> None:
-        """Inside `plan`: keep only these batch rows' plans (rows that ended left the batch)."""
-        if self._u is not None and self._u.shape[0] > 1:
-            self._u, self._start = self._u[idx.to(self._u.device)], self._start[idx.to(self._start.device)]
-
     def remove(self) -> None:
         self._handle.remove()
 

@@ -6,10 +6,11 @@ engine
    tokens after the longest common prefix with the previous prompt (automatic prefix caching as
    in vLLM, Kwon et al. 2023, kept per generation);
 2. reads the prompt once and copies its keys/values to the candidates (not once per candidate);
-3. stacks the steps of several generations, left-padded, into one batch (continuous batching at
-   the granularity of a sentence step; Orca, Yu et al. 2022);
+3. stacks the steps of several generations, left-padded, into one persistent batch
+   (`DecodeBatch`) that steps join between two tokens and leave when all their candidates have
+   ended (continuous batching with iteration-level scheduling; Orca, Yu et al. 2022);
 4. drops a row from the batch as soon as it ends its sentence (end of sequence or a newline), so
-   ended candidates stop costing, and the step ends when the last row has ended.
+   ended candidates stop costing.
 
 Each job samples with its own seeded generator and its own settings, so a job's text does not
 depend on what it was batched with. Causal decoders only; `render_hf` is the straightforward
