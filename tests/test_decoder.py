@@ -453,6 +453,27 @@ def test_time_budget_replans_the_schedule(workdir, tiny_llama):
     assert info["history"][-1]["lr"] < 0.7 * 1e-3, info["history"][-1]
 
 
+def test_bf16_mixed_precision_training(workdir, tiny_llama, monkeypatch):
+    """AMP: bf16 autocast trains (fp32 weights kept, loss going down), is recorded with the
+    decoder, resolves by device and CPU support, and is part of the budget a no-codes decoder must share."""
+    from next_speed import runtime
+    from next_speed.train_decoder import _none_mismatch
+
+    write_decoder_sets(workdir)
+    info = train_decoder(resolve(DecoderTrainConfig, environ=env(tiny_llama, AMP="bf16")))
+    assert info["selection"]["amp"] == "bf16" and info["best"]["val_loss"] < info["val_loss_before"]
+    model, _, _, meta = load_decoder("out/decoder")
+    assert meta["selection"]["amp"] == "bf16" and next(model.parameters()).dtype == torch.float32
+    for native, want in ((True, "bf16"), (False, "off")):
+        monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda native=native: native)
+        assert runtime.resolve_amp("auto", "cpu") == want
+    assert runtime.resolve_amp("auto", "cuda:0") == "bf16" and runtime.resolve_amp("off", "cuda") == "off"
+    with pytest.raises(ConfigError, match="AMP=bf16 is for cuda and cpu"):
+        runtime.resolve_amp("bf16", "mps")
+    a, b = {"train": {"amp": "auto"}, "inputs": {}}, {"train": {"amp": "off"}, "inputs": {}}
+    assert _none_mismatch(a, b) == "AMP=off there, auto for the codes decoder"
+
+
 def test_engine_with_injected_plan_equals_generate(tiny_llama):
     """CODE_MODE=inject through the engine (prompt cache kept across sentences, candidates batched,
     rows dropped as they end) writes what transformers' generate writes, and the plan changes it."""

@@ -65,6 +65,8 @@ class DecoderTrainConfig:
                           help="write the N training sentences nearest to the plan's RVQ reconstruction into the prompt (0 = off)")
     code_drop: float = knob(0.0, env="CODE_DROP", min=0.0, max=1.0,
                             help="share of training rows whose plan keeps only its first j levels (j random): tolerance of planner errors")
+    amp: str = knob("auto", env="AMP", choices=("auto", "bf16", "off"),
+                    help="bf16 mixed precision for training: auto = on CUDA and on CPUs with native bf16 (AMX, AVX512-BF16), off elsewhere")
     warmup: int = knob(20, env="WARMUP", min=0, help="warmup steps")
     eval_every: int = knob(50, env="EVAL_EVERY", min=1, help="validate every N steps")
     val_rows: int = knob(200, env="VAL_ROWS", min=1, help="validation rows used for the loss")
@@ -315,7 +317,7 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict | None:
     time budget for all, and writes the decoder once, atomically (other ranks return None)."""
     import torch
 
-    from .runtime import pick_device, progress, seed_everything
+    from .runtime import autocast, pick_device, progress, resolve_amp, seed_everything
     from .training import broadcast_flags, dist_close, dist_init, global_mean, shard
 
     tmeta = check_trainsets(cfg.train_meta, [cfg.out_dec, cfg.out_dec_val], cfg.k, cfg.v)
@@ -389,7 +391,8 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict | None:
         params = params + list(adapter.parameters())
     groups = [g for g in groups if g["params"]]
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    sel["amp"] = resolve_amp(cfg.amp, device)  # recorded: bf16 changes how far a time budget goes
+    amp = autocast(sel["amp"], device)
 
     steps_per_epoch = math.ceil(len(train_ds) / (cfg.train_bs * cfg.grad_accum))
     total = max(1, int(steps_per_epoch * cfg.num_epochs))
@@ -409,8 +412,8 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict | None:
 
     val0 = evaluate_loss(model, val_ds, pad_id, family, device, base_vocab=n_before) if dd.main else float("nan")
     history.append({"step": 0, "train_loss": float("nan"), "val_loss": val0})
-    log.info("06: %s (%s), %d code tokens added, %s of %s parameters trained; val loss before training %.3f",
-             cfg.model, family, added, f"{sel['trainable_params']:,}", f"{sel['total_params']:,}", val0)
+    log.info("06: %s (%s), %d code tokens added, %s of %s parameters trained, AMP %s; val loss before training %.3f",
+             cfg.model, family, added, f"{sel['trainable_params']:,}", f"{sel['total_params']:,}", sel["amp"], val0)
     t0 = time.perf_counter()
     bar = progress(total=total, desc="06 decoder", unit="step", disable=True if not dd.main else None)
     step, run_loss, tokens = 0, [], 0
@@ -513,7 +516,7 @@ class DecoderEvalConfig:
 # Settings that define the budget and the data of a decoder run; a no-codes decoder is comparable
 # to a codes decoder when all of these agree.
 _BUDGET_KEYS = ("model", "max_in", "max_out", "num_epochs", "lr", "train_bs", "grad_accum", "max_rows", "max_steps",
-                "time_budget", "train_layers", "warmup", "eval_every", "val_rows", "out_dec", "out_dec_val", "seed")
+                "time_budget", "train_layers", "amp", "warmup", "eval_every", "val_rows", "out_dec", "out_dec_val", "seed")
 
 
 def none_config_for(meta: dict, none_dir: str) -> dict:
