@@ -132,7 +132,8 @@ def test_torchrun_decoder_matches_one_process(tiny_run, tmp_path):
     from safetensors.torch import load_file
 
     args = ["--model", "cache/tiny/decoder", "--max-steps", "4", "--eval-every", "2", "--train-bs", "4", "--max-in", "64",
-            "--max-out", "24", "--val-rows", "8", "--lr", "0.001", "--warmup", "1", "--device", "cpu"]
+            "--max-out", "24", "--val-rows", "8", "--lr", "0.001", "--warmup", "1", "--device", "cpu",
+            "--amp", "off"]  # fp32: bf16 products of other micro-batch shapes round differently
     for n in (1, 2):
         r = _torchrun(n, "06_train_decoder.py", [*args, "--out-dir", str(tmp_path / f"d{n}")], tiny_run)
         assert r.returncode == 0, r.stderr[-3000:]
