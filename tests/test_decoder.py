@@ -470,8 +470,16 @@ def test_bf16_mixed_precision_training(workdir, tiny_llama, monkeypatch):
     assert runtime.resolve_amp("auto", "cuda:0") == "bf16" and runtime.resolve_amp("off", "cuda") == "off"
     with pytest.raises(ConfigError, match="AMP=bf16 is for cuda and cpu"):
         runtime.resolve_amp("bf16", "mps")
+    x = torch.ones(2, 2)
+    with runtime.autocast("bf16", "cpu"):
+        assert (x @ x).dtype == torch.bfloat16  # the products the training step runs
+    with runtime.autocast("off", "cpu"):
+        assert (x @ x).dtype == torch.float32
     a, b = {"train": {"amp": "auto"}, "inputs": {}}, {"train": {"amp": "off"}, "inputs": {}}
     assert _none_mismatch(a, b) == "AMP=off there, auto for the codes decoder"
+    a2, b2 = ({"train": {"amp": "auto"}, "selection": {"amp": amp}, "inputs": {}} for amp in ("bf16", "off"))
+    assert _none_mismatch(a2, b2) == "it trained with AMP resolved to off, the codes decoder with bf16"
+    assert _none_mismatch(a2, a2) is None
 
 
 def test_engine_with_injected_plan_equals_generate(tiny_llama):

@@ -531,6 +531,9 @@ def _none_mismatch(meta: dict, none_meta: dict) -> str | None:
     for k in _BUDGET_KEYS:
         if meta["train"].get(k) != none_meta["train"].get(k):
             return f"{k.upper()}={none_meta['train'].get(k)} there, {meta['train'].get(k)} for the codes decoder"
+    a, b = meta.get("selection", {}).get("amp"), none_meta.get("selection", {}).get("amp")
+    if a != b:  # AMP=auto resolves by machine: the same knob can mean bf16 on one and fp32 on another
+        return f"it trained with AMP resolved to {b or 'off'}, the codes decoder with {a or 'off'}"
     if meta.get("inputs") != none_meta.get("inputs"):
         return "it was trained on other training rows"
     return None
