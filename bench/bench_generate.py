@@ -1,6 +1,6 @@
 """Benchmark the generation loop against plain token-level sampling from the same decoder.
 
-  uv run python bench/bench_generate.py [--sentences 3] [--repeats 2] [--out bench/results/bench_generate.json]
+  uv run python bench/bench_generate.py [--sentences 3] [--repeats 3] [--dtypes auto,bf16] [--out bench/results/bench_generate.json]
 
 Needs trained artifacts (the main job). In one run, side by side:
 - the loop with the engine (ENGINE=kv: prompt cache kept across sentences, one prefill shared by
@@ -14,9 +14,14 @@ Needs trained artifacts (the main job). In one run, side by side:
 Tokens/s of a loop = tokens of the chosen sentences / wall time of `run()`; a step whose candidates
 the stop rules all refused (a repeat) counts as time and no tokens, so this figure moves with what
 the samples say. `rendered_tokens_per_s` also counts, for such a step, the tokens of its first
-candidate: the engine's speed apart from the stop rules. Writes a JSON with a flat `summary`:
-ratio_n1, ratio_n4, ratio_n8 (loop over plain, chosen sentences), rendered_ratio_n1/n4/n8, and the
-baseline's hf_ratio_n1, hf_ratio_n4.
+candidate: the engine's speed apart from the stop rules. Two figures say what N candidates cost:
+`forward_ms_by_batch`, the model's decode forward alone at 1, 4 and 8 rows, and each loop's
+`longest_over_chosen`, the tokens of a step's longest candidate over the chosen one's (a step
+lasts until its longest candidate ends and is credited the chosen one).
+Everything is measured for each DTYPE of `--dtypes` in turn (the decoder's weights at generation:
+the default, then bf16); the first is the summary's plain keys, the others prefixed (`bf16_ratio_n4`).
+Writes a JSON with a flat `summary`: ratio_n1, ratio_n4, ratio_n8 (loop over plain, chosen
+sentences), rendered_ratio_n1/n4/n8, plain_tokens_per_s, and the baseline's hf_ratio_n1, hf_ratio_n4.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ PROMPTS = ["Paris is the capital of France.", "The Amazon is the largest rainfor
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sentences", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtypes", default="auto,bf16", help="DTYPE values measured one after the other (the first is the summary's)")
     ap.add_argument("--out", default="bench/results/bench_generate.json")
     args = ap.parse_args()
     import torch
@@ -45,9 +51,57 @@ def main() -> None:
     from next_speed.config import resolve
     from next_speed.generate import GenerateConfig, SentenceGenerator
 
-    gen = SentenceGenerator(resolve(GenerateConfig, {"device": os.environ.get("DEVICE", "cpu")}))
-    res: dict = {"load_s": round(gen.load_seconds, 2), "threads": torch.get_num_threads(), "device": gen.device,
-                 "sentences_per_prompt": args.sentences, "repeats": args.repeats, "prompts": PROMPTS, "loop": {}}
+    dtypes = list(dict.fromkeys(d.strip() for d in args.dtypes.split(",") if d.strip()))
+    res: dict = {"threads": torch.get_num_threads(), "sentences_per_prompt": args.sentences, "repeats": args.repeats,
+                 "prompts": PROMPTS, "dtypes": {}}
+    summary: dict = {}
+    done: set[str] = set()
+    for i, dtype in enumerate(dtypes):
+        gen = SentenceGenerator(resolve(GenerateConfig, {"device": os.environ.get("DEVICE", "cpu"), "dtype": dtype}))
+        if gen.dtype in done:  # e.g. auto is bf16 on CUDA
+            continue
+        done.add(gen.dtype)
+        sec, summ = measure(gen, args, full=i == 0)
+        res["device"] = gen.device
+        res["dtypes"][gen.dtype] = sec
+        summary.update(summ if i == 0 else {f"{gen.dtype}_{k}": v for k, v in summ.items()})
+        del gen
+    res["summary"] = summary
+    print(json.dumps(summary, indent=2))
+    write_json(args.out, res)
+
+
+def forward_ms(gen, batch: int, kv_len: int = 150, calls: int = 12) -> float:
+    """Median ms of one decode forward (one new token per row) at `batch` rows over a `kv_len` cache:
+    what a token costs the model alone, without sampling or bookkeeping."""
+    import torch
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 20000, (1, kv_len), generator=g, device=gen.device)
+    times = []
+    with torch.inference_mode():
+        kv = DynamicCache(config=gen.model.config)
+        gen.model(input_ids=ids, cache=kv, use_cache=True, logits_to_keep=1)
+        for layer in kv.layers:
+            layer.keys, layer.values = layer.keys.expand(batch, -1, -1, -1).contiguous(), layer.values.expand(batch, -1, -1, -1).contiguous()
+        nxt = torch.randint(100, 20000, (batch, 1), generator=g, device=gen.device)
+        for i in range(calls):
+            t0 = time.perf_counter()
+            gen.model(input_ids=nxt, cache=kv, use_cache=True, position_ids=torch.full((batch, 1), kv_len + i, device=gen.device),
+                      logits_to_keep=1)
+            if gen.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return round(1000 * sorted(times)[len(times) // 2], 2)
+
+
+def measure(gen, args, full: bool) -> tuple[dict, dict]:
+    """The loops and plain sampling with one loaded generator (one DTYPE); `full` adds the hf
+    baseline loops. Returns the section and its summary."""
+    import torch
+
+    res: dict = {"dtype": gen.dtype, "load_s": round(gen.load_seconds, 2), "loop": {}}
     gen.run(PROMPTS[0], 1, n_cand=1)  # warm-up
 
     def plain(tokens_per_prompt: int) -> dict:
@@ -69,7 +123,7 @@ def main() -> None:
     def loop(engine: str, n: int) -> dict:
         gen.use_kv = engine == "kv"
         lat = {"planner": 0.0, "decoder": 0.0, "rerank": 0.0}
-        n_sent = n_tok = n_steps = reused = prefilled = refused = 0
+        n_sent = n_tok = n_steps = reused = prefilled = refused = longest = chosen_tok = 0
         wall = 0.0
         for r in range(args.repeats):
             for p in PROMPTS:
@@ -82,12 +136,17 @@ def main() -> None:
                         refused += len(gen.tok(st.candidates[0]["text"], add_special_tokens=False)["input_ids"])
                     for k in lat:
                         lat[k] += st.timings[k]
+                    if st.sentence is not None:
+                        lens = [len(gen.tok(c["text"], add_special_tokens=False)["input_ids"]) for c in st.candidates]
+                        longest += max(lens)
+                        chosen_tok += lens[st.chosen]
                 reused += out.timings.get("prompt_tokens_reused", 0)
                 prefilled += out.timings.get("prompt_tokens_prefilled", 0)
                 n_sent += len(out.sentences)
                 n_tok += sum(len(gen.tok(s, add_special_tokens=False)["input_ids"]) for s in out.sentences)
         row = {"engine": engine, "n_cand": n, "sentences": n_sent, "steps": n_steps, "tokens": n_tok, "wall_s": round(wall, 2),
-               "tokens_per_s": round(n_tok / wall, 2), "rendered_tokens_per_s": round((n_tok + refused) / wall, 2), "per_step_ms": {k: round(1000 * v / max(n_steps, 1), 1) for k, v in lat.items()}}
+               "tokens_per_s": round(n_tok / wall, 2), "rendered_tokens_per_s": round((n_tok + refused) / wall, 2), "per_step_ms": {k: round(1000 * v / max(n_steps, 1), 1) for k, v in lat.items()},
+               "longest_over_chosen": round(longest / max(chosen_tok, 1), 3)}
         if engine == "kv":
             row.update(prompt_tokens_reused=reused, prompt_tokens_prefilled=prefilled)
         print(json.dumps(row), flush=True)
@@ -97,19 +156,21 @@ def main() -> None:
     probe = loop("kv", 1)
     per_prompt = max(8, probe["tokens"] // (args.repeats * len(PROMPTS)))
     before = plain(per_prompt)
-    for engine, n in (("kv", 1), ("kv", 4), ("kv", 8), ("hf", 1), ("hf", 4)):
+    for engine, n in (("kv", 1), ("kv", 4), ("kv", 8)) + ((("hf", 1), ("hf", 4)) if full else ()):
         res["loop"][f"{engine}_n{n}"] = loop(engine, n)
     after = plain(per_prompt)
     ref = (before["tokens_per_s"] + after["tokens_per_s"]) / 2
     res["plain_sampling"] = {"tokens_per_prompt": per_prompt, "before": before, "after": after, "tokens_per_s": round(ref, 2)}
     L = res["loop"]
-    res["summary"] = {"ratio_n1": round(L["kv_n1"]["tokens_per_s"] / ref, 3), "ratio_n4": round(L["kv_n4"]["tokens_per_s"] / ref, 3),
-                      "ratio_n8": round(L["kv_n8"]["tokens_per_s"] / ref, 3),
-                      **{f"rendered_ratio_n{n}": round(L[f"kv_n{n}"]["rendered_tokens_per_s"] / ref, 3) for n in (1, 4, 8)},
-                      "hf_ratio_n1": round(L["hf_n1"]["tokens_per_s"] / ref, 3), "hf_ratio_n4": round(L["hf_n4"]["tokens_per_s"] / ref, 3),
-                      "plain_tokens_per_s": round(ref, 2)}
-    print(json.dumps(res["summary"], indent=2))
-    write_json(args.out, res)
+    fwd = {b: forward_ms(gen, b) for b in (1, 4, 8)}
+    res["forward_ms_by_batch"] = fwd
+    summary = {"ratio_n1": round(L["kv_n1"]["tokens_per_s"] / ref, 3), "ratio_n4": round(L["kv_n4"]["tokens_per_s"] / ref, 3),
+               "ratio_n8": round(L["kv_n8"]["tokens_per_s"] / ref, 3),
+               **{f"rendered_ratio_n{n}": round(L[f"kv_n{n}"]["rendered_tokens_per_s"] / ref, 3) for n in (1, 4, 8)},
+               "plain_tokens_per_s": round(ref, 2)}
+    if full:
+        summary.update(hf_ratio_n1=round(L["hf_n1"]["tokens_per_s"] / ref, 3), hf_ratio_n4=round(L["hf_n4"]["tokens_per_s"] / ref, 3))
+    return res, summary
 
 
 if __name__ == "__main__":

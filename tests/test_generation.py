@@ -206,6 +206,28 @@ def test_generate_log_schema(in_run, gen):
     step = run["steps"][0]
     assert {"planned", "candidates", "chosen", "sentence", "realized", "timings"} <= set(step)
     assert {"text", "codes", "prefix", "cosine"} <= set(step["candidates"][0])
+    assert log["device"] == "cpu" and log["dtype"] == "fp32"  # DTYPE=auto is fp32 on a CPU
+
+
+def test_bf16_decoder_at_generation(in_run, gen):
+    """DTYPE=bf16 casts the decoder's weights; generation runs, and the same seed gives the same
+    text; auto is fp32 on a CPU and bf16 on CUDA; a bad DTYPE is a one-line error naming it."""
+    import torch
+
+    from next_speed import runtime
+
+    env = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "8", "N_CAND": "3", "REPEAT_COS": "1.01"}
+    fast = SentenceGenerator(resolve(GenerateConfig, environ={**env, "DTYPE": "bf16"}))
+    assert fast.dtype == "bf16" and next(fast.model.parameters()).dtype == torch.bfloat16
+    assert gen.dtype == "fp32" and next(gen.model.parameters()).dtype == torch.float32
+    prompt = "Paris is the capital of France. It lies on the Seine."
+    a, b = fast.run(prompt, 2, seed=3), fast.run(prompt, 2, seed=3)
+    assert a.steps and [s.candidates for s in a.steps] == [s.candidates for s in b.steps]
+    assert runtime.resolve_dtype("auto", "cpu") == "fp32" and runtime.resolve_dtype("auto", "cuda:0") == "bf16"
+    with pytest.raises(ConfigError, match="DTYPE=bf16 is for cuda and cpu"):
+        runtime.resolve_dtype("bf16", "mps")
+    with pytest.raises(ConfigError, match="DTYPE='fp16' is not valid"):
+        resolve(GenerateConfig, environ={**env, "DTYPE": "fp16"})
 
 
 def test_mismatched_artifacts_are_refused(in_run, tmp_path):

@@ -74,6 +74,9 @@ class GenerateConfig(GenParams):
     emb_model: str | None = knob(None, env="EMB_MODEL", help="encoder for prompts and reranking (default: the one of step 02)")
     device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
     deterministic: bool = knob(True, env="DETERMINISTIC", help="deterministic torch kernels")
+    dtype: str = knob("auto", env="DTYPE", choices=("auto", "fp32", "bf16"),
+                      help="decoder weights at generation: auto = bf16 on CUDA, fp32 elsewhere; bf16 on a CPU with AMX is "
+                           "faster, but a request's text may then depend on what it is batched with")
     engine: str = knob("kv", env="ENGINE", choices=("kv", "hf"),
                        help="kv: prompt cache kept across sentences, one prefill shared by the candidates, ended rows dropped; "
                             "hf: transformers' generate on the whole prompt (the reference; seq2seq decoders always)")
@@ -301,6 +304,11 @@ class SentenceGenerator:
         self.planner = PlannerRunner(planner, pinfo["context_sents"])
         self.context_sents = pinfo["context_sents"]
         self.model, self.tok, self.cond, dmeta = load_decoder(cfg.decoder_dir, self.device)
+        from .runtime import resolve_dtype
+
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        if self.dtype == "bf16":
+            self.model.to(torch.bfloat16)  # the plan adapter (CODE_MODE=inject) stays fp32; its vector is cast
         if cfg.code_mode != "auto" and self.cond.code_mode != cfg.code_mode:
             raise StaleInputError(f"CODE_MODE={cfg.code_mode} but the decoder in {cfg.decoder_dir} was trained with "
                                   f"CODE_MODE={self.cond.code_mode}: set CODE_MODE={self.cond.code_mode} or rerun step 06")
@@ -329,8 +337,8 @@ class SentenceGenerator:
         _init_worker(rec["lang"])  # the prompt splitter of step 01, built once (not per call)
         self.load_seconds = time.perf_counter() - t0
         self.torch = torch
-        log.info("generator loaded in %.1fs on %s (K=%d, V=%d, %s codes)", self.load_seconds, self.device, self.rvq.K,
-                 self.rvq.V, self.cond.code_mode)
+        log.info("generator loaded in %.1fs on %s (K=%d, V=%d, %s codes, %s decoder)", self.load_seconds, self.device,
+                 self.rvq.K, self.rvq.V, self.cond.code_mode, self.dtype)
 
     # ------------------------------------------------------------------ pieces
     def split(self, text: str) -> list[str]:
@@ -625,7 +633,8 @@ def run_generate(cfg: GenerateConfig, generator: SentenceGenerator | None = None
     run_id = cfg.run_id or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_path = cfg.out_path or f"out/generate/{run_id}.json"
     results = [gen.run(pr) for pr in prompts]
-    log_obj = {"run_id": run_id, "settings": to_dict(cfg), "load_seconds": round(gen.load_seconds, 2),
+    log_obj = {"run_id": run_id, "settings": to_dict(cfg), "device": gen.device, "dtype": gen.dtype,
+               "load_seconds": round(gen.load_seconds, 2),
                "runs": [r.to_dict() for r in results]}
     write_json(out_path, log_obj)
     log_obj["out_path"] = out_path

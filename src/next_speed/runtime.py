@@ -74,6 +74,21 @@ def resolve_amp(amp: str, device: str) -> str:
     return amp
 
 
+def resolve_dtype(dtype: str, device: str) -> str:
+    """DTYPE=auto|fp32|bf16 to the decoder's weight type at generation: 'bf16' or 'fp32'. auto: bf16
+    on CUDA (where it is the norm), fp32 elsewhere. bf16 on a CPU is opt-in: with AMX it is faster,
+    above all for batches, but bf16 rounding turns the tiny differences between batch shapes into
+    different tokens, so a server request's text may depend on its batchmates (fp32 keeps them
+    equal; vLLM makes the same trade)."""
+    from .errors import ConfigError
+
+    if dtype == "auto":
+        return "bf16" if device.startswith("cuda") else "fp32"
+    if dtype == "bf16" and device.startswith("mps"):
+        raise ConfigError("DTYPE=bf16 is for cuda and cpu devices: use DTYPE=fp32 or auto on mps")
+    return dtype
+
+
 def autocast(amp: str, device: str):
     """The autocast context for a resolved AMP choice ('bf16' or 'off'). Weights and optimizer
     state stay fp32 (mixed precision); only the matrix products run in bf16."""
