@@ -15,11 +15,13 @@ Tokens/s of a loop = tokens of the chosen sentences / wall time of `run()`; a st
 the stop rules all refused (a repeat) counts as time and no tokens, so this figure moves with what
 the samples say. `rendered_tokens_per_s` also counts, for such a step, the tokens of its first
 candidate: the engine's speed apart from the stop rules. Two figures say what N candidates cost:
-`forward_ms_by_batch`, the model's decode forward alone at 1, 4 and 8 rows, and each loop's
+`forward_ms_by_batch`, the model's decode forward alone at 1, 4, 8 and 32 rows, and each loop's
 `longest_over_chosen`, the tokens of a step's longest candidate over the chosen one's (a step
 lasts until its longest candidate ends and is credited the chosen one).
 Everything is measured for each DTYPE of `--dtypes` in turn (the decoder's weights at generation:
-the default, then bf16); the first is the summary's plain keys, the others prefixed (`bf16_ratio_n4`).
+the default, then bf16; plain sampling writes the same number of tokens for both); the first is the
+summary's plain keys, the others prefixed (`bf16_ratio_n4`). `batch_logit_diff`: how far a row's
+logits move when it is batched with others (why bf16 is not the CPU default).
 Writes a JSON with a flat `summary`: ratio_n1, ratio_n4, ratio_n8 (loop over plain, chosen
 sentences), rendered_ratio_n1/n4/n8, plain_tokens_per_s, and the baseline's hf_ratio_n1, hf_ratio_n4.
 """
@@ -51,24 +53,56 @@ def main() -> None:
     from next_speed.config import resolve
     from next_speed.generate import GenerateConfig, SentenceGenerator
 
-    dtypes = list(dict.fromkeys(d.strip() for d in args.dtypes.split(",") if d.strip()))
-    res: dict = {"threads": torch.get_num_threads(), "sentences_per_prompt": args.sentences, "repeats": args.repeats,
-                 "prompts": PROMPTS, "dtypes": {}}
-    summary: dict = {}
-    done: set[str] = set()
+    from next_speed.runtime import cpu_has_native_bf16, pick_device, resolve_dtype
+
+    device = pick_device(os.environ.get("DEVICE", "cpu"))
+    dtypes = list(dict.fromkeys(resolve_dtype(d.strip(), device) for d in args.dtypes.split(",") if d.strip()))
+    res: dict = {"threads": torch.get_num_threads(), "device": device, "cpu_native_bf16": cpu_has_native_bf16(),
+                 "sentences_per_prompt": args.sentences, "repeats": args.repeats, "prompts": PROMPTS, "dtypes": {}}
+    summary: dict = {"dtype": dtypes[0]}
+    per_prompt = None  # plain sampling writes the same number of tokens for every DTYPE
     for i, dtype in enumerate(dtypes):
-        gen = SentenceGenerator(resolve(GenerateConfig, {"device": os.environ.get("DEVICE", "cpu"), "dtype": dtype}))
-        if gen.dtype in done:  # e.g. auto is bf16 on CUDA
-            continue
-        done.add(gen.dtype)
-        sec, summ = measure(gen, args, full=i == 0)
-        res["device"] = gen.device
-        res["dtypes"][gen.dtype] = sec
-        summary.update(summ if i == 0 else {f"{gen.dtype}_{k}": v for k, v in summ.items()})
-        del gen
+        gen = SentenceGenerator(resolve(GenerateConfig, {"device": device, "dtype": dtype}))
+        sec, summ, per_prompt = measure(gen, args, full=i == 0, per_prompt=per_prompt)
+        res["dtypes"][dtype] = sec
+        summary.update(summ if i == 0 else {f"{dtype}_{k}": v for k, v in summ.items()})
+        del gen, sec
     res["summary"] = summary
     print(json.dumps(summary, indent=2))
     write_json(args.out, res)
+
+
+def batch_logit_diff(gen, prompt_len: int = 120, pad: int = 40) -> dict:
+    """How much a row's next-token logits move with its batch: the same row alone, then in a
+    batch of 4, then in a batch of 4 left-padded by `pad` columns (max absolute difference). In
+    fp32 the differences are rounding noise; in bf16 they are large enough to change tokens."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 20000, (1, prompt_len), generator=g).to(gen.device)
+    nxt = torch.randint(100, 20000, (4, 1), generator=g).to(gen.device)
+    out = {}
+    with torch.inference_mode():
+        kv = DynamicCache(config=gen.model.config)
+        gen.model(input_ids=ids, cache=kv, use_cache=True, logits_to_keep=1)
+        base = [(layer.keys, layer.values) for layer in kv.layers]
+
+        def row0(batch: int, left: int):
+            c = DynamicCache(config=gen.model.config)
+            for li, (k, v) in enumerate(base):
+                c.update(F.pad(k, (0, 0, left, 0)).expand(batch, -1, -1, -1).contiguous(),
+                         F.pad(v, (0, 0, left, 0)).expand(batch, -1, -1, -1).contiguous(), li)
+            mask = torch.cat([torch.zeros(batch, left, dtype=torch.long), torch.ones(batch, prompt_len + 1, dtype=torch.long)], 1)
+            o = gen.model(input_ids=nxt[:batch], cache=c, attention_mask=mask.to(gen.device), use_cache=True,
+                          position_ids=torch.full((batch, 1), prompt_len, device=gen.device), logits_to_keep=1)
+            return o.logits[0, -1].float()
+
+        alone = row0(1, 0)
+        out["batch4"] = round(float((row0(4, 0) - alone).abs().max()), 6)
+        out[f"batch4_pad{pad}"] = round(float((row0(4, pad) - alone).abs().max()), 6)
+    return out
 
 
 def forward_ms(gen, batch: int, kv_len: int = 150, calls: int = 12) -> float:
@@ -96,9 +130,10 @@ def forward_ms(gen, batch: int, kv_len: int = 150, calls: int = 12) -> float:
     return round(1000 * sorted(times)[len(times) // 2], 2)
 
 
-def measure(gen, args, full: bool) -> tuple[dict, dict]:
+def measure(gen, args, full: bool, per_prompt: int | None = None) -> tuple[dict, dict, int]:
     """The loops and plain sampling with one loaded generator (one DTYPE); `full` adds the hf
-    baseline loops. Returns the section and its summary."""
+    baseline loops. Plain sampling writes `per_prompt` tokens a prompt (default: what the first
+    loop of 1 candidate wrote). Returns the section, its summary and `per_prompt`."""
     import torch
 
     res: dict = {"dtype": gen.dtype, "load_s": round(gen.load_seconds, 2), "loop": {}}
@@ -153,8 +188,9 @@ def measure(gen, args, full: bool) -> tuple[dict, dict]:
         return row
 
     # the reference first, with the token count a loop of 1 candidate writes (a quick probe run)
-    probe = loop("kv", 1)
-    per_prompt = max(8, probe["tokens"] // (args.repeats * len(PROMPTS)))
+    if per_prompt is None:
+        probe = loop("kv", 1)
+        per_prompt = max(8, probe["tokens"] // (args.repeats * len(PROMPTS)))
     before = plain(per_prompt)
     for engine, n in (("kv", 1), ("kv", 4), ("kv", 8)) + ((("hf", 1), ("hf", 4)) if full else ()):
         res["loop"][f"{engine}_n{n}"] = loop(engine, n)
@@ -162,15 +198,15 @@ def measure(gen, args, full: bool) -> tuple[dict, dict]:
     ref = (before["tokens_per_s"] + after["tokens_per_s"]) / 2
     res["plain_sampling"] = {"tokens_per_prompt": per_prompt, "before": before, "after": after, "tokens_per_s": round(ref, 2)}
     L = res["loop"]
-    fwd = {b: forward_ms(gen, b) for b in (1, 4, 8)}
-    res["forward_ms_by_batch"] = fwd
+    res["forward_ms_by_batch"] = {b: forward_ms(gen, b) for b in (1, 4, 8, 32)}
+    res["batch_logit_diff"] = batch_logit_diff(gen)
     summary = {"ratio_n1": round(L["kv_n1"]["tokens_per_s"] / ref, 3), "ratio_n4": round(L["kv_n4"]["tokens_per_s"] / ref, 3),
                "ratio_n8": round(L["kv_n8"]["tokens_per_s"] / ref, 3),
                **{f"rendered_ratio_n{n}": round(L[f"kv_n{n}"]["rendered_tokens_per_s"] / ref, 3) for n in (1, 4, 8)},
                "plain_tokens_per_s": round(ref, 2)}
     if full:
         summary.update(hf_ratio_n1=round(L["hf_n1"]["tokens_per_s"] / ref, 3), hf_ratio_n4=round(L["hf_n4"]["tokens_per_s"] / ref, 3))
-    return res, summary
+    return res, summary, per_prompt
 
 
 if __name__ == "__main__":

@@ -219,6 +219,8 @@ def test_bf16_decoder_at_generation(in_run, gen):
     env = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "8", "N_CAND": "3", "REPEAT_COS": "1.01"}
     fast = SentenceGenerator(resolve(GenerateConfig, environ={**env, "DTYPE": "bf16"}))
     assert fast.dtype == "bf16" and next(fast.model.parameters()).dtype == torch.bfloat16
+    rope = [b for n, b in fast.model.named_buffers() if n.endswith("inv_freq")]
+    assert rope and all(b.dtype == torch.float32 for b in rope)  # RoPE frequencies are not rounded to bf16
     assert gen.dtype == "fp32" and next(gen.model.parameters()).dtype == torch.float32
     prompt = "Paris is the capital of France. It lies on the Seine."
     a, b = fast.run(prompt, 2, seed=3), fast.run(prompt, 2, seed=3)

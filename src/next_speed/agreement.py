@@ -127,7 +127,8 @@ def code_agreement(cfg: AgreementConfig, generator: SentenceGenerator | None = N
                "cos_plan_vs_next": round(float(np.mean(plan_vs_next)), 4),
                "cos_recon_vs_next": round(float(np.mean(recon_vs_next)), 4)}
     report = {"K": gen.rvq.K, "V": gen.rvq.V, "docs": len({id(r) for r, _ in positions}), "positions": len(positions),
-              "code_mode": gen.cond.code_mode, "decoder": gen.cfg.decoder_dir, "results": rows_out, "summary": summary}
+              "code_mode": gen.cond.code_mode, "decoder": gen.cfg.decoder_dir, "dtype": gen.dtype, "results": rows_out,
+              "summary": summary}
     write_json(cfg.out_json, report)
     return report
 

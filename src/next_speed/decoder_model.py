@@ -586,6 +586,18 @@ def save_decoder(model, tok, cond: Conditioning, out_dir: str | Path, info: dict
                               conditioning=cond.__dict__, best=info.get("best"), history=info.get("history"))
 
 
+def cast_decoder(model, dtype) -> None:
+    """Cast a loaded decoder's weights to `dtype` (bf16 at generation), keeping the rotary
+    frequencies (buffers `*inv_freq`) in fp32: `Module.to` rounds every floating buffer, and bf16
+    inverse frequencies put RoPE angles off by tenths of a radian within a few hundred positions
+    (`from_pretrained(dtype=...)` keeps them fp32; transformers issue #30709)."""
+    keep = {n: b.detach().clone() for n, b in model.named_buffers() if n.endswith("inv_freq")}
+    model.to(dtype)
+    for name, buf in keep.items():
+        mod, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(mod), attr, buf)  # Module.__setattr__ replaces the registered buffer
+
+
 def load_decoder(out_dir: str | Path, device: str = "cpu"):
     """(model, tokenizer, Conditioning, metadata) from a trained decoder folder. A CODE_MODE=inject
     decoder comes with its plan adapter attached (`plan_injector(model)`), one trained with

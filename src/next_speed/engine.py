@@ -12,8 +12,9 @@ engine
 4. drops a row from the batch as soon as it ends its sentence (end of sequence or a newline), so
    ended candidates stop costing.
 
-Each job samples with its own seeded generator and its own settings, so a job's text does not
-depend on what it was batched with. Causal decoders only; `render_hf` is the straightforward
+Each job samples with its own seeded generator and its own settings, so with fp32 weights a job's
+text does not depend on what it was batched with (in bf16, the rounding of other batch shapes can
+change a token: see `runtime.resolve_dtype`). Causal decoders only; `render_hf` is the straightforward
 reference (transformers' `generate` on the whole prompt) and serves seq2seq decoders.
 """
 
@@ -373,7 +374,7 @@ class DecodeBatch:
                 with plan:
                     out = e.model(input_ids=nxt[:, None], attention_mask=self.mask, position_ids=self.pos[:, None],
                                   cache=self.kv, use_cache=True, logits_to_keep=1)
-                self.logits = out.logits[:, -1]
+                self.logits = out.logits[:, -1].float()  # as the prefill's (a bf16 decoder gives bf16)
                 self.pos = self.pos + 1
         return [lv.job for lv in done]
 

@@ -308,7 +308,9 @@ class SentenceGenerator:
 
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         if self.dtype == "bf16":
-            self.model.to(torch.bfloat16)  # the plan adapter (CODE_MODE=inject) stays fp32; its vector is cast
+            from .decoder_model import cast_decoder
+
+            cast_decoder(self.model, torch.bfloat16)  # the plan adapter (CODE_MODE=inject) stays fp32; its vector is cast
         if cfg.code_mode != "auto" and self.cond.code_mode != cfg.code_mode:
             raise StaleInputError(f"CODE_MODE={cfg.code_mode} but the decoder in {cfg.decoder_dir} was trained with "
                                   f"CODE_MODE={self.cond.code_mode}: set CODE_MODE={self.cond.code_mode} or rerun step 06")
