@@ -50,7 +50,6 @@ class PlannerTrainConfig:
     bs: int = knob(64, env="BS", min=1, help="batch size (rows)")
     lr: float = knob(1e-3, env="LR", min=0.0, help="peak learning rate (AdamW)")
     weight_decay: float = knob(0.1, env="WEIGHT_DECAY", min=0.0, help="AdamW weight decay")
-    label_smooth: float = knob(0.0, env="LABEL_SMOOTH", min=0.0, max=0.9, help="label smoothing of the code targets (Szegedy et al. 2016)")
     warmup: int = knob(100, env="WARMUP", min=0, help="warmup steps")
     steps: int = knob(3000, env="STEPS", min=1, help="optimizer steps")
     log_every: int = knob(250, env="LOG_EVERY", min=1, help="validate and log every N steps")
@@ -273,8 +272,7 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
             g["lr"] = cosine_lr(step, cfg.steps, min(cfg.warmup, cfg.steps // 5), cfg.lr)
         with amp:
             logits = model(xb, yb, eb)  # (B, T, K, V)
-            total = F.cross_entropy(logits.float().reshape(-1, V), yb.reshape(-1), ignore_index=-100, reduction="sum",
-                                    label_smoothing=cfg.label_smooth)
+            total = F.cross_entropy(logits.float().reshape(-1, V), yb.reshape(-1), ignore_index=-100, reduction="sum")
             loss, loss_mean = global_mean(total, (yb != -100).sum(), dd)
         opt.zero_grad(set_to_none=True)
         loss.backward()
