@@ -292,6 +292,9 @@ class SentenceGenerator:
         cfg = self.cfg
         seed_everything(cfg.seed, cfg.deterministic)  # per-call sampling is seeded again by `seed`
         self.device = pick_device(cfg.device)
+        from .runtime import resolve_dtype
+
+        self.dtype = resolve_dtype(cfg.dtype, self.device)  # before loading anything: a bad choice fails at once
         t0 = time.perf_counter()
         self.rvq, rvq_meta = load_rvq(cfg.rvq_path, cfg.rvq_meta)
         rvq_hash = sha256_path(cfg.rvq_path)
@@ -304,9 +307,6 @@ class SentenceGenerator:
         self.planner = PlannerRunner(planner, pinfo["context_sents"])
         self.context_sents = pinfo["context_sents"]
         self.model, self.tok, self.cond, dmeta = load_decoder(cfg.decoder_dir, self.device)
-        from .runtime import resolve_dtype
-
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
         if self.dtype == "bf16":
             from .decoder_model import cast_decoder
 
