@@ -272,7 +272,8 @@ def test_server_in_process(gen):
 
     app = create_app(lambda: gen, ServerConfig(max_prompt_chars=200, max_sentences_cap=3), background=False)
     with TestClient(app) as c:
-        assert c.get("/health").status_code == 200
+        h = c.get("/health")
+        assert h.status_code == 200 and h.json() == {"status": "ok", "device": "cpu", "dtype": "fp32"}
         r = c.post("/generate", json={"prompt": "Paris is the capital of France.", "max_sentences": 2, "params": {"rerank": True}})
         assert r.status_code == 200, r.text
         body = r.json()

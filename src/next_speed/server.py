@@ -301,7 +301,8 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
     @app.get("/health")
     async def health():  # async: answered on the event loop, never queued behind generations
         if state["gen"] is not None:
-            return {"status": "ok"}
+            g = state["gen"]
+            return {"status": "ok", "device": getattr(g, "device", None), "dtype": getattr(g, "dtype", None)}
         if state["error"]:
             return error(503, f"models failed to load: {state['error']}")
         return error(503, "loading models")
