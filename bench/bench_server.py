@@ -173,25 +173,21 @@ def main() -> None:
         print(json.dumps(res["memory"]), flush=True)
     finally:
         srv.close()
-    base = Server({"MAX_BATCH_ROWS": "1", "DTYPE": "auto"})
-    try:
-        load(base, 1, 1, params, 1)
-        for c in (1, 8):
-            res["baseline"][f"c{c}"] = load(base, c, args.c1_requests if c == 1 else args.per_client, params, args.sentences)
-    finally:
-        base.close()
+    def one_and_eight(env: dict[str, str]) -> dict:
+        """A fresh server with `env`: a warm-up request, then 1 and 8 clients."""
+        srv = Server(env)
+        try:
+            load(srv, 1, 1, params, 1)
+            return {f"c{c}": load(srv, c, args.c1_requests if c == 1 else args.per_client, params, args.sentences) for c in (1, 8)}
+        finally:
+            srv.close()
+
+    res["baseline"] = one_and_eight({"MAX_BATCH_ROWS": "1", "DTYPE": "auto"})
     from next_speed.runtime import pick_device, resolve_dtype
 
     if args.bf16 and resolve_dtype("auto", pick_device(os.environ.get("DEVICE", "auto"))) != "bf16":
         # the same server with the decoder in bf16 (on CUDA the default already is)
-        res["bf16"] = {}
-        fast = Server({"DTYPE": "bf16"})
-        try:
-            load(fast, 1, 1, params, 1)
-            for c in (1, 8):
-                res["bf16"][f"c{c}"] = load(fast, c, args.c1_requests if c == 1 else args.per_client, params, args.sentences)
-        finally:
-            fast.close()
+        res["bf16"] = one_and_eight({"DTYPE": "bf16"})
     B, R = res["batched"], res["baseline"]
     one = B["c1"]["requests_per_s"]
     res["summary"] = {

@@ -209,7 +209,7 @@ def test_generate_log_schema(in_run, gen):
     assert log["device"] == "cpu" and log["dtype"] == "fp32"  # DTYPE=auto is fp32 on a CPU
 
 
-def test_bf16_decoder_at_generation(in_run, gen):
+def test_bf16_decoder_at_generation(in_run, gen, monkeypatch):
     """DTYPE=bf16 casts the decoder's weights; generation runs, and the same seed gives the same
     text; auto is fp32 on a CPU and bf16 on CUDA; a bad DTYPE is a one-line error naming it."""
     import torch
@@ -225,7 +225,10 @@ def test_bf16_decoder_at_generation(in_run, gen):
     prompt = "Paris is the capital of France. It lies on the Seine."
     a, b = fast.run(prompt, 2, seed=3), fast.run(prompt, 2, seed=3)
     assert a.steps and [s.candidates for s in a.steps] == [s.candidates for s in b.steps]
-    assert runtime.resolve_dtype("auto", "cpu") == "fp32" and runtime.resolve_dtype("auto", "cuda:0") == "bf16"
+    assert runtime.resolve_dtype("auto", "cpu") == "fp32"
+    for supported, want in ((True, "bf16"), (False, "fp32")):  # GPUs before Ampere only emulate bf16
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
+        assert runtime.resolve_dtype("auto", "cuda:0") == want
     with pytest.raises(ConfigError, match="DTYPE=bf16 is for cuda and cpu"):
         runtime.resolve_dtype("bf16", "mps")
     with pytest.raises(ConfigError, match="DTYPE='fp16' is not valid"):

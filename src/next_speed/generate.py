@@ -75,7 +75,7 @@ class GenerateConfig(GenParams):
     device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
     deterministic: bool = knob(True, env="DETERMINISTIC", help="deterministic torch kernels")
     dtype: str = knob("auto", env="DTYPE", choices=("auto", "fp32", "bf16"),
-                      help="decoder weights at generation: auto = bf16 on CUDA, fp32 elsewhere; bf16 on a CPU with AMX is "
+                      help="decoder weights at generation: auto = bf16 on CUDA GPUs that support it, fp32 elsewhere; bf16 on a CPU with AMX is "
                            "faster, but a request's text may then depend on what it is batched with")
     engine: str = knob("kv", env="ENGINE", choices=("kv", "hf"),
                        help="kv: prompt cache kept across sentences, one prefill shared by the candidates, ended rows dropped; "

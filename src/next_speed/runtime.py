@@ -83,7 +83,11 @@ def resolve_dtype(dtype: str, device: str) -> str:
     from .errors import ConfigError
 
     if dtype == "auto":
-        return "bf16" if device.startswith("cuda") else "fp32"
+        if device.startswith("cuda"):
+            import torch
+
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"  # pre-Ampere GPUs emulate it
+        return "fp32"
     if dtype == "bf16" and device.startswith("mps"):
         raise ConfigError("DTYPE=bf16 is for cuda and cpu devices: use DTYPE=fp32 or auto on mps")
     return dtype
