@@ -427,6 +427,10 @@ def test_exemplar_bank_lookup_and_exclusions():
     assert bank.lookup([[0, 1]], 2, exclude_docs=[2]) == [["e", "a0"]]
     assert bank.lookup([[0, 1]], 2, exclude_texts=[{"e"}]) == [["a0 too", "a0"]]
     assert bank.lookup([[1, 0], [0, 0]], 1) == [["b"], ["a0"]]
+    # by a vector (the oracle bound of decoder_eval): cosine alone, same exclusions
+    assert bank.nearest(np.eye(4, dtype="float32")[[2]], 2) == [["e", "a0 too"]]
+    assert bank.nearest(np.eye(4, dtype="float32")[[0, 2]], 1, exclude_docs=[1, 4]) == [["a0 too"], ["a0 too"]]
+    assert bank.nearest(np.eye(4, dtype="float32")[[0]], 1, exclude_texts=[{"a0"}]) == [["a0 too"]]
 
 
 def test_exemplars_enter_the_prompt_whole(tiny_llama):

@@ -17,7 +17,7 @@ def test_gpu_check_script_runs_with_the_tiny_preset(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("GPU_CHECK "))
     fig = json.loads(line[len("GPU_CHECK "):])
-    for k in ("decoder_loss_true", "decoder_loss_shuffled", "decoder_loss_none", "decoder_ratio_none",
+    for k in ("decoder_loss_true", "decoder_loss_shuffled", "decoder_loss_none", "decoder_ratio_none", "decoder_loss_oracle_exemplars",
               "agreement_positions", "agreement_l0_norerank", "agreement_l0_rerank_n4", "agreement_cos_plan_rerank_n4"):
         assert fig[k] is not None, k
     assert fig["agreement_positions"] == 6 and fig["device"] == "cpu"

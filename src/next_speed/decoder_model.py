@@ -508,17 +508,34 @@ class ExemplarBank:
         if k <= 0:
             return [[] for _ in range(len(codes))]
         plans = np.atleast_2d(np.asarray(codes, dtype=np.int64))
-        vec = self.plan_vectors(plans)
-        sims, ids = self._search_index().search(vec, min(len(self.texts), 8 * k + 48))
-        out = []
+        sims, ids = self._search_index().search(self.plan_vectors(plans), min(len(self.texts), 8 * k + 48))
+        order = []
         for b, row in enumerate(ids):
-            doc = exclude_docs[b] if exclude_docs else None
-            skip = exclude_texts[b] if exclude_texts else None
             row = row[row >= 0]
             prefix = np.cumprod(self.codes[row] == plans[b][None, :], axis=1).sum(1)  # levels matched from level 0
+            order.append(row[np.lexsort((-sims[b][: len(row)], -prefix))])
+        return self._pick(order, k, exclude_docs, exclude_texts)
+
+    def nearest(self, vectors, k: int, exclude_docs: Sequence[int | None] | None = None,
+                exclude_texts: Sequence[set[str] | None] | None = None) -> list[list[str]]:
+        """For each unit vector (B, D), its k bank sentences of highest cosine. With the true next
+        sentence's own embedding this is what a perfect plan would retrieve: the exemplar
+        channel's bound (`decoder_eval.py`, `loss_oracle_exemplars`)."""
+        import numpy as np
+
+        vec = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
+        _, ids = self._search_index().search(vec, min(len(self.texts), 8 * k + 48))
+        return self._pick([row[row >= 0] for row in ids], k, exclude_docs, exclude_texts)
+
+    def _pick(self, order, k: int, exclude_docs, exclude_texts) -> list[list[str]]:
+        """The first k texts of each ranking, skipping the row's own document, excluded texts and duplicates."""
+        out = []
+        for b, row in enumerate(order):
+            doc = exclude_docs[b] if exclude_docs else None
+            skip = exclude_texts[b] if exclude_texts else None
             got: list[str] = []
-            for i in row[np.lexsort((-sims[b][: len(row)], -prefix))]:
-                if i < 0 or (doc is not None and self.docs[i] == doc) or (skip and self.texts[i] in skip) or self.texts[i] in got:
+            for i in row:
+                if (doc is not None and self.docs[i] == doc) or (skip and self.texts[i] in skip) or self.texts[i] in got:
                     continue
                 got.append(self.texts[i])
                 if len(got) == k:

@@ -91,14 +91,15 @@ def make_report(cfg: ReportConfig, environ: dict | None = None) -> dict:
     try:
         dec = eval_decoder(resolve(DecoderEvalConfig, {"val_rows": cfg.decoder_rows, "device": cfg.device}, environ=env))
         md += ["## What codes buy the decoder", "", "```", format_decoder_eval(dec), "```", ""]
-        names = [("true codes", "loss_true"), ("shuffled codes", "loss_shuffled"), ("no-codes decoder", "loss_none")]
-        vals = [(n, dec["summary"][k]) for n, k in names if dec["summary"].get(k) is not None]
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.bar([n for n, _ in vals], [v for _, v in vals], color=["tab:green", "tab:orange", "tab:gray"][: len(vals)])
-        for i, (_, v) in enumerate(vals):
+        names = [("true codes", "loss_true", "tab:green"), ("shuffled codes", "loss_shuffled", "tab:orange"),
+                 ("no-codes decoder", "loss_none", "tab:gray"), ("oracle exemplars", "loss_oracle_exemplars", "tab:blue")]
+        vals = [(n, dec["summary"][k], c) for n, k, c in names if dec["summary"].get(k) is not None]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.bar([n for n, _, _ in vals], [v for _, v, _ in vals], color=[c for _, _, c in vals])
+        for i, (_, v, _) in enumerate(vals):
             ax.text(i, v, f"{v:.3f}", ha="center", va="bottom")
         ax.set_ylabel("validation loss per token (nats)")
-        ax.set_ylim(min(v for _, v in vals) * 0.8, max(v for _, v in vals) * 1.05)
+        ax.set_ylim(min(v for _, v, _ in vals) * 0.8, max(v for _, v, _ in vals) * 1.05)
         ax.set_title(f"decoder ({dec['code_mode']}), {dec['rows']} rows")
         fig.tight_layout()
         fig.savefig(out / "decoder.png", dpi=100)

@@ -558,18 +558,23 @@ def eval_decoder(cfg: DecoderEvalConfig) -> dict:
     shuffled = [r["codes"] for r in rows]
     random.Random(cfg.seed + 1).shuffle(shuffled)
 
-    def loss(m, t, c, codes_list):
+    def loss(m, t, c, codes_list, exemplars=None):
         from .decoder_model import exemplar_bank
 
         bank = exemplar_bank(m)
-        exs = add_exemplars(bank, rows, c.exemplars, codes_list) if bank is not None else [{} for _ in rows]
-        data = [encode_example(t, c, r["context"], codes, r["target"], e.get("exemplars"))
-                for r, codes, e in zip(rows, codes_list, exs)]
+        if exemplars is None:
+            exemplars = [e.get("exemplars") for e in add_exemplars(bank, rows, c.exemplars, codes_list)] \
+                if bank is not None else [None] * len(rows)
+        data = [encode_example(t, c, r["context"], codes, r["target"], e) for r, codes, e in zip(rows, codes_list, exemplars)]
         return evaluate_loss(m, data, t.pad_token_id, c.family, device, base_vocab=c.base_vocab)
 
     res = {"rows": len(rows), "code_mode": cond.code_mode, "exemplars": cond.exemplars, "decoder": cfg.out_dir,
            "true_codes": loss(model, tok, cond, [r["codes"] for r in rows]),
            "shuffled_codes": loss(model, tok, cond, shuffled)}
+    oracle, why_not = _oracle_exemplars(model, cond, meta, rows)
+    res["oracle_exemplars"] = loss(model, tok, cond, [r["codes"] for r in rows], oracle) if oracle is not None else None
+    if why_not:
+        res["oracle_note"] = why_not
     del model
     why = "missing"
     if (Path(cfg.none_dir) / "config.json").is_file():
@@ -588,24 +593,60 @@ def eval_decoder(cfg: DecoderEvalConfig) -> dict:
         res["no_codes_decoder"] = None
         res["note"] = (f"no comparable CODE_MODE=none decoder in {cfg.none_dir} ({why}): rerun with TRAIN_NONE=1 or "
                        f"train one with `CODE_MODE=none uv run python 06_train_decoder.py` and the same settings")
-    lt, ls, ln = res["true_codes"], res["shuffled_codes"], res["no_codes_decoder"]
+    lt, ls, ln, lo = res["true_codes"], res["shuffled_codes"], res["no_codes_decoder"], res["oracle_exemplars"]
     res["summary"] = {"loss_true": round(lt, 4), "loss_shuffled": round(ls, 4), "loss_none": None if ln is None else round(ln, 4),
                       "rows": len(rows), "ratio_shuffled": round(lt / ls, 4),
-                      "ratio_none": None if ln is None else round(lt / ln, 4)}
+                      "ratio_none": None if ln is None else round(lt / ln, 4),
+                      "loss_oracle_exemplars": None if lo is None else round(lo, 4),
+                      "ratio_oracle_none": None if lo is None or ln is None else round(lo / ln, 4)}
     write_json(cfg.out_json, res)
     return res
+
+
+def _oracle_exemplars(model, cond: Conditioning, meta: dict, rows: list[dict]) -> tuple[list | None, str | None]:
+    """The exemplar channel's bound: for each row, the bank sentences nearest to the true next
+    sentence's own embedding (what a perfect plan would retrieve; same exclusions as the plan's
+    lookup). (None, why) when the decoder has no bank or step 02's embeddings are not at hand."""
+    import numpy as np
+
+    from .decoder_model import exemplar_bank
+
+    bank = exemplar_bank(model)
+    if bank is None or not cond.exemplars:
+        return None, None
+    tm = Path(meta.get("train", {}).get("train_meta") or "data/train_meta.json")
+    try:
+        tmeta = json.loads(tm.read_text())
+    except (OSError, ValueError):
+        return None, f"no oracle-exemplar bound: {tm} is not readable"
+    emb_path = tmeta.get("emb_path")
+    if not emb_path or not Path(emb_path).is_file() or any("sid" not in r for r in rows):
+        return None, f"no oracle-exemplar bound: the embeddings named by {tm} ({emb_path}) are missing"
+    if tmeta.get("emb_sha256") and sha256_path(emb_path) != tmeta["emb_sha256"]:
+        return None, f"no oracle-exemplar bound: {emb_path} is not the file the training sets were built from"
+    emb = np.load(emb_path, mmap_mode="r", allow_pickle=False)
+    vec = np.asarray(emb[np.asarray([r["sid"] for r in rows], dtype=np.int64)], dtype=np.float32)
+    vec /= np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
+    return bank.nearest(vec, cond.exemplars, exclude_docs=[r.get("doc") for r in rows],
+                        exclude_texts=[{r["target"]} for r in rows]), None
 
 
 def format_decoder_eval(res: dict) -> str:
     import math as _m
 
     lines = [f"decoder per-token validation loss on {res['rows']} rows (perplexity in brackets)"]
-    for name, key in (("true codes", "true_codes"), ("shuffled codes", "shuffled_codes"), ("no-codes decoder", "no_codes_decoder")):
+    for name, key in (("true codes", "true_codes"), ("shuffled codes", "shuffled_codes"), ("no-codes decoder", "no_codes_decoder"),
+                      ("oracle exemplars", "oracle_exemplars")):
+        if key == "oracle_exemplars" and res.get(key) is None:
+            continue  # a decoder without exemplars
         v = res.get(key)
         lines.append(f"  {name:<18} " + (f"{v:.4f} ({_m.exp(v):.1f})" if v is not None else "n/a"))
     sm = res.get("summary", {})
     if sm.get("ratio_none") is not None:
         lines.append(f"  true / no-codes {sm['ratio_none']:.3f}, true / shuffled {sm['ratio_shuffled']:.3f}")
+    if sm.get("ratio_oracle_none") is not None:
+        lines.append(f"  oracle exemplars (retrieved by the true next sentence's embedding) / no-codes {sm['ratio_oracle_none']:.3f}: "
+                     f"the bound of the exemplar channel")
     if res.get("note"):
         lines.append("  " + res["note"])
     return "\n".join(lines)
