@@ -9,13 +9,13 @@ Needs trained artifacts (the main job). In one run, side by side:
   baseline) at N_CAND 1 and 4;
 - plain `model.generate` sampling from the same decoder, given the same prompt text, with the
   loop's TEMP and TOP_P, of as many new tokens as the loop wrote per prompt, without codes or
-  reranking (measured before and after
-  the loops; their mean is the reference).
+  reranking (measured before every loop and after the last; their mean is the reference).
 Tokens/s of a loop = tokens of the chosen sentences / wall time of `run()`; a step whose candidates
 the stop rules all refused (a repeat) counts as time and no tokens, so this figure moves with what
 the samples say. `rendered_tokens_per_s` also counts, for such a step, the tokens of its first
 candidate: the engine's speed apart from the stop rules. Two figures say what N candidates cost:
-`forward_ms_by_batch`, the model's decode forward alone at 1, 4, 8 and 32 rows, and each loop's
+`forward_ms_by_batch`, the model's decode forward alone at 1, 4, 8 and 32 rows (with the engine's
+batch cache; `forward_ms_by_batch_dynamic_cache` with transformers' DynamicCache), and each loop's
 `longest_over_chosen`, the tokens of a step's longest candidate over the chosen one's (a step
 lasts until its longest candidate ends and is credited the chosen one).
 Everything is measured for each DTYPE of `--dtypes` in turn (the decoder's weights at generation:
@@ -105,11 +105,15 @@ def batch_logit_diff(gen, prompt_len: int = 120, pad: int = 40) -> dict:
     return out
 
 
-def forward_ms(gen, batch: int, kv_len: int = 150, calls: int = 12) -> float:
-    """Median ms of one decode forward (one new token per row) at `batch` rows over a `kv_len` cache:
-    what a token costs the model alone, without sampling or bookkeeping."""
+def forward_ms(gen, batch: int, kv_len: int = 150, calls: int = 12, roomy: bool = True) -> float:
+    """Median ms of one decode forward (one new token per row, the engine's attention mask) at
+    `batch` rows over a `kv_len` cache: what a token costs the model alone, without sampling or
+    bookkeeping. `roomy`: the engine's batch cache (tokens written in place); else transformers'
+    DynamicCache (the cache copied by `torch.cat` at every token)."""
     import torch
     from transformers import DynamicCache
+
+    from next_speed.engine import roomy_layer
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 20000, (1, kv_len), generator=g, device=gen.device)
@@ -117,13 +121,20 @@ def forward_ms(gen, batch: int, kv_len: int = 150, calls: int = 12) -> float:
     with torch.inference_mode():
         kv = DynamicCache(config=gen.model.config)
         gen.model(input_ids=ids, cache=kv, use_cache=True, logits_to_keep=1)
-        for layer in kv.layers:
-            layer.keys, layer.values = layer.keys.expand(batch, -1, -1, -1).contiguous(), layer.values.expand(batch, -1, -1, -1).contiguous()
+        rows = [(layer.keys.expand(batch, -1, -1, -1).contiguous(), layer.values.expand(batch, -1, -1, -1).contiguous())
+                for layer in kv.layers]
+        if roomy:
+            kv.layers = [roomy_layer(k, v, calls + 1) for k, v in rows]
+        else:
+            for layer, (k, v) in zip(kv.layers, rows):
+                layer.keys, layer.values = k, v
+        mask = torch.ones(batch, kv_len, dtype=torch.long, device=gen.device)
         nxt = torch.randint(100, 20000, (batch, 1), generator=g, device=gen.device)
         for i in range(calls):
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long, device=gen.device)], 1)
             t0 = time.perf_counter()
-            gen.model(input_ids=nxt, cache=kv, use_cache=True, position_ids=torch.full((batch, 1), kv_len + i, device=gen.device),
-                      logits_to_keep=1)
+            gen.model(input_ids=nxt, attention_mask=mask, cache=kv, use_cache=True,
+                      position_ids=torch.full((batch, 1), kv_len + i, device=gen.device), logits_to_keep=1)
             if gen.device.startswith("cuda"):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
@@ -191,14 +202,20 @@ def measure(gen, args, full: bool, per_prompt: int | None = None) -> tuple[dict,
     if per_prompt is None:
         probe = loop("kv", 1)
         per_prompt = max(8, probe["tokens"] // (args.repeats * len(PROMPTS)))
-    before = plain(per_prompt)
+    # plain sampling runs before every loop and once after the last: this machine's speed drifts
+    # by tenths within minutes, and the mean of runs spread over the whole bench follows it
+    plains = []
     for engine, n in (("kv", 1), ("kv", 4), ("kv", 8)) + ((("hf", 1), ("hf", 4)) if full else ()):
+        plains.append(plain(per_prompt))
         res["loop"][f"{engine}_n{n}"] = loop(engine, n)
-    after = plain(per_prompt)
-    ref = (before["tokens_per_s"] + after["tokens_per_s"]) / 2
-    res["plain_sampling"] = {"tokens_per_prompt": per_prompt, "before": before, "after": after, "tokens_per_s": round(ref, 2)}
+    plains.append(plain(per_prompt))
+    ref = sum(p["tokens_per_s"] for p in plains) / len(plains)
+    res["plain_sampling"] = {"tokens_per_prompt": per_prompt, "runs": plains, "tokens_per_s": round(ref, 2)}
     L = res["loop"]
-    res["forward_ms_by_batch"] = {b: forward_ms(gen, b) for b in (1, 4, 8, 32)}
+    # interleaved and repeated (median of 3), so that drifts of the machine's speed hit both caches alike
+    reps = {b: [(forward_ms(gen, b), forward_ms(gen, b, roomy=False)) for _ in range(3)] for b in (1, 4, 8, 32)}
+    res["forward_ms_by_batch"] = {b: sorted(r for r, _ in v)[1] for b, v in reps.items()}
+    res["forward_ms_by_batch_dynamic_cache"] = {b: sorted(d for _, d in v)[1] for b, v in reps.items()}
     res["batch_logit_diff"] = batch_logit_diff(gen)
     summary = {"ratio_n1": round(L["kv_n1"]["tokens_per_s"] / ref, 3), "ratio_n4": round(L["kv_n4"]["tokens_per_s"] / ref, 3),
                "ratio_n8": round(L["kv_n8"]["tokens_per_s"] / ref, 3),

@@ -681,3 +681,38 @@ def test_scheduler_recovers_from_a_failed_decoder_round(gen, monkeypatch):
     finally:
         sched.close()
     assert calls[0] > 3 and got == alone
+
+
+def test_roomy_cache_layer_matches_concatenation():
+    """The batch cache writes new tokens into spare room (no copy of the cache), grows when full,
+    and selects rows, crops and trims exactly as transformers' concatenating DynamicLayer would."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from next_speed.engine import roomy_layer
+
+    g = torch.Generator().manual_seed(0)
+    k0, v0 = torch.randn(3, 2, 5, 4, generator=g), torch.randn(3, 2, 5, 4, generator=g)
+    ref = DynamicLayer()
+    ref.update(k0, v0)
+    lay = roomy_layer(k0, v0, room=2)
+    buf = lay.keys.data_ptr()
+    for step, m in enumerate((1, 1, 3, 1)):  # the third update outgrows the room
+        k, v = torch.randn(3, 2, m, 4, generator=g), torch.randn(3, 2, m, 4, generator=g)
+        ref.update(k, v)
+        keys, values = lay.update(k, v)
+        assert torch.equal(keys, ref.keys) and torch.equal(values, ref.values)
+        if step < 2:
+            assert lay.keys.data_ptr() == buf  # written in place
+    assert lay.get_seq_length() == ref.get_seq_length() == 11
+    idx = torch.tensor([2, 0])
+    ref.batch_select_indices(idx)
+    lay.batch_select_indices(idx)
+    ref.crop(-2)
+    lay.crop(-2)
+    assert torch.equal(lay.keys, ref.keys) and torch.equal(lay.values, ref.values)
+    lay.trim_front(3)
+    assert torch.equal(lay.keys, ref.keys[:, :, 3:]) and lay.get_seq_length() == 6
+    k, v = torch.randn(2, 2, 1, 4, generator=g), torch.randn(2, 2, 1, 4, generator=g)
+    keys, _ = lay.update(k, v)
+    assert torch.equal(keys, torch.cat([ref.keys[:, :, 3:], k], 2))
