@@ -712,7 +712,12 @@ def test_roomy_cache_layer_matches_concatenation():
     lay.crop(-2)
     assert torch.equal(lay.keys, ref.keys) and torch.equal(lay.values, ref.values)
     lay.trim_front(3)
-    assert torch.equal(lay.keys, ref.keys[:, :, 3:]) and lay.get_seq_length() == 6
+    assert torch.equal(lay.keys, ref.keys[:, :, 3:]) and torch.equal(lay.values, ref.values[:, :, 3:])
+    assert lay.get_seq_length() == 6
     k, v = torch.randn(2, 2, 1, 4, generator=g), torch.randn(2, 2, 1, 4, generator=g)
-    keys, _ = lay.update(k, v)
-    assert torch.equal(keys, torch.cat([ref.keys[:, :, 3:], k], 2))
+    keys, values = lay.update(k, v)
+    assert torch.equal(keys, torch.cat([ref.keys[:, :, 3:], k], 2)) and torch.equal(values, torch.cat([ref.values[:, :, 3:], v], 2))
+    # an empty layer initializes itself on its first update, as DynamicLayer does
+    fresh = type(lay)()
+    keys, values = fresh.update(k0, v0)
+    assert torch.equal(keys, k0) and torch.equal(values, v0) and fresh.get_seq_length() == 5

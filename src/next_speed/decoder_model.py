@@ -519,10 +519,12 @@ class ExemplarBank:
     def nearest(self, vectors, k: int, exclude_docs: Sequence[int | None] | None = None,
                 exclude_texts: Sequence[set[str] | None] | None = None) -> list[list[str]]:
         """For each unit vector (B, D), its k bank sentences of highest cosine. With the true next
-        sentence's own embedding this is what a perfect plan would retrieve: the exemplar
-        channel's bound (`decoder_eval.py`, `loss_oracle_exemplars`)."""
+        sentence's own embedding this is retrieval without the RVQ's loss: the exemplar channel's
+        bound (`decoder_eval.py`, `loss_oracle_exemplars`)."""
         import numpy as np
 
+        if k <= 0:
+            return [[] for _ in range(len(np.atleast_2d(vectors)))]
         vec = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
         _, ids = self._search_index().search(vec, min(len(self.texts), 8 * k + 48))
         return self._pick([row[row >= 0] for row in ids], k, exclude_docs, exclude_texts)

@@ -605,7 +605,7 @@ def eval_decoder(cfg: DecoderEvalConfig) -> dict:
 
 def _oracle_exemplars(model, cond: Conditioning, meta: dict, rows: list[dict]) -> tuple[list | None, str | None]:
     """The exemplar channel's bound: for each row, the bank sentences nearest to the true next
-    sentence's own embedding (what a perfect plan would retrieve; same exclusions as the plan's
+    sentence's own embedding (retrieval keyed without the RVQ's loss; same exclusions as the plan's
     lookup). (None, why) when the decoder has no bank or step 02's embeddings are not at hand."""
     import numpy as np
 
@@ -618,14 +618,21 @@ def _oracle_exemplars(model, cond: Conditioning, meta: dict, rows: list[dict]) -
     try:
         tmeta = json.loads(tm.read_text())
     except (OSError, ValueError):
-        return None, f"no oracle-exemplar bound: {tm} is not readable"
+        tmeta = None
+    if not isinstance(tmeta, dict):
+        return None, f"no oracle-exemplar bound: {tm} is not a readable training-sets metadata file"
     emb_path = tmeta.get("emb_path")
-    if not emb_path or not Path(emb_path).is_file() or any("sid" not in r for r in rows):
+    if any("sid" not in r for r in rows):
+        return None, "no oracle-exemplar bound: the validation rows do not name their embedding rows (rerun step 04)"
+    if not emb_path or not Path(emb_path).is_file():
         return None, f"no oracle-exemplar bound: the embeddings named by {tm} ({emb_path}) are missing"
     if tmeta.get("emb_sha256") and sha256_path(emb_path) != tmeta["emb_sha256"]:
         return None, f"no oracle-exemplar bound: {emb_path} is not the file the training sets were built from"
     emb = np.load(emb_path, mmap_mode="r", allow_pickle=False)
-    vec = np.asarray(emb[np.asarray([r["sid"] for r in rows], dtype=np.int64)], dtype=np.float32)
+    sids = np.asarray([r["sid"] for r in rows], dtype=np.int64)
+    if len(sids) and (sids.min() < 0 or sids.max() >= len(emb)):
+        return None, f"no oracle-exemplar bound: the validation rows name embedding rows beyond {emb_path} ({len(emb)} rows)"
+    vec = np.asarray(emb[sids], dtype=np.float32)
     vec /= np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
     return bank.nearest(vec, cond.exemplars, exclude_docs=[r.get("doc") for r in rows],
                         exclude_texts=[{r["target"]} for r in rows]), None
@@ -644,6 +651,8 @@ def format_decoder_eval(res: dict) -> str:
     sm = res.get("summary", {})
     if sm.get("ratio_none") is not None:
         lines.append(f"  true / no-codes {sm['ratio_none']:.3f}, true / shuffled {sm['ratio_shuffled']:.3f}")
+    if res.get("oracle_note"):
+        lines.append("  " + res["oracle_note"])
     if sm.get("ratio_oracle_none") is not None:
         lines.append(f"  oracle exemplars (retrieved by the true next sentence's embedding) / no-codes {sm['ratio_oracle_none']:.3f}: "
                      f"the bound of the exemplar channel")
