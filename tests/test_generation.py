@@ -721,3 +721,56 @@ def test_roomy_cache_layer_matches_concatenation():
     fresh = type(lay)()
     keys, values = fresh.update(k0, v0)
     assert torch.equal(keys, k0) and torch.equal(values, v0) and fresh.get_seq_length() == 5
+
+
+def test_vetoed_candidate_stops_early_in_both_engines(gen, monkeypatch):
+    """A job's veto (the loop's copy guard) stops a candidate as soon as its complete words show
+    the copy: fewer tokens, its text the start of what it would have written; the straightforward
+    reference (`render_hf`) cuts greedy candidates at the same token."""
+    _no_eos(gen, monkeypatch)
+    K = gen.rvq.K
+
+    def job(p, veto=None):
+        j = gen.make_job("Paris is the capital of France.", [1] * K, p, seed=7)
+        j.veto = veto
+        return j
+
+    def veto_after(first_word, seen):
+        def veto(text):  # stop a candidate that starts with `first_word` once it has three complete words
+            seen.append(text)
+            return len(text.split()) >= 3 and text.split()[0] == first_word
+        return veto
+
+    p = replace_params(gen, n_cand=3, max_new_tokens=14, temp=1.5)
+    free, seen = job(p), []
+    gen.engine.render([free])
+    cut = job(p, veto_after(free.out[0]["text"].split()[0], seen))
+    gen.engine.render([cut])
+    assert seen and all(not t.endswith((" ", "\n")) for t in seen)  # complete words only
+    assert cut.out[0].get("vetoed") and cut.out[0]["tokens"] < free.out[0]["tokens"] and not cut.out[0]["ended"]
+    assert free.out[0]["text"].startswith(cut.out[0]["text"])
+    # (the job's other candidates share its random stream, so after the cut their samples may differ)
+    import torch
+
+    _rare_stops(gen)  # and only tokens that start a word: greedy text with words to veto
+    vocab = gen.tok.convert_ids_to_tokens(list(range(len(gen.tok))))
+    glued = torch.tensor([i for i, t in enumerate(vocab) if not t.startswith("Ġ") and i not in gen.engine._stop_set])
+    monkeypatch.setattr(gen.engine, "bad", torch.cat([gen.engine.bad, glued]).unique())
+    g = replace_params(gen, n_cand=1, max_new_tokens=14, do_sample=False)
+    free = job(g)
+    gen.engine.render([free])
+    cut, ref = job(g, veto_after(free.out[0]["text"].split()[0], [])), job(g, veto_after(free.out[0]["text"].split()[0], []))
+    gen.engine.render([cut])
+    gen.engine.render_hf([ref])
+    assert cut.out[0].get("vetoed") and cut.out[0]["tokens"] < free.out[0]["tokens"] and ref.out == cut.out
+
+
+def test_copy_guard_stops_a_copying_candidate_early(gen, monkeypatch):
+    """The loop hands its copy guard to the engine: a candidate is stopped once it shows
+    REPEAT_SPAN words of an earlier sentence, and the step refuses it as before."""
+    from next_speed.generate import word_spans
+
+    job = gen.make_job("ctx", [0] * gen.rvq.K, replace_params(gen, repeat_span=3), seed=1,
+                       copy_spans=word_spans("The Amazon is the largest rainforest.", 3))
+    assert job.veto("So the largest") is False and job.veto("the Amazon is") is True
+    assert gen.make_job("ctx", [0] * gen.rvq.K, replace_params(gen, repeat_span=0), seed=1, copy_spans={("a", "b")}).veto is None

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,10 @@ class SentenceJob:
     cache: PromptCache | None = None
     context: str = ""
     exemplars: list[str] = field(default_factory=list)
+    # Called with a candidate's text up to its last whitespace (complete words only) whenever that
+    # grows; True stops the candidate there (`out[i]["vetoed"]`). The generation loop passes its
+    # copy guard, so a candidate that its stop rules would refuse stops costing when the copy shows.
+    veto: Callable[[str], bool] | None = None
     out: list[dict] | None = None
 
 
@@ -311,8 +315,17 @@ class DecodeEngine:
                 row = row[1:] if seq2seq else row  # the decoder start token
                 cut = next((i for i, t in enumerate(row) if t in self._stop_set), None)
                 body = row if cut is None else row[:cut] + ([row[cut]] if row[cut] != self.tok.eos_token_id else [])
+                vetoed = False
+                if j.veto is not None:  # where the engine would have stopped the candidate (a stop token is never checked)
+                    seen = -1
+                    for n in range(1, (len(row) if cut is None else cut) + 1):
+                        vetoed, seen = veto_cut(self.tok, row[:n], j.veto, seen)
+                        if vetoed:
+                            body, cut = row[:n], None
+                            break
                 text = self.tok.decode(body, skip_special_tokens=True)
-                res.append({"text": text.split("\n")[0].strip(), "ended": cut is not None, "tokens": len(body)})
+                res.append({"text": text.split("\n")[0].strip(), "ended": cut is not None, "tokens": len(body),
+                            **({"vetoed": True} if vetoed else {})})
             j.out = res
 
 
@@ -326,6 +339,19 @@ class _Live:
     tokens: list[list[int]]
     ended: list[bool]
     alive: int  # rows still decoding
+    vetoed: list[bool] = field(default_factory=list)
+    checked: list[int] = field(default_factory=list)  # per row: length of the text the veto last saw
+
+
+def veto_cut(tok, tokens: list[int], veto, seen: int = -1) -> tuple[bool, int]:
+    """(vetoed, length seen) for a candidate's tokens so far: the veto sees the decoded text up to
+    its last whitespace (later tokens only append to it, so a word there is complete), and only
+    when that text grew past `seen`."""
+    text = tok.decode(tokens, skip_special_tokens=True)
+    cut = max(text.rfind(" "), text.rfind("\n"), text.rfind("\t"))
+    if cut <= seen:
+        return False, seen
+    return bool(veto(text[:cut])), cut
 
 
 class DecodeBatch:
@@ -395,7 +421,7 @@ class DecodeBatch:
             self.kv, self.mask, self.pos, self.logits = kv, torch.cat(masks), torch.cat(pos), torch.cat(logits)
         for j in jobs:
             lv = _Live(j, torch.Generator().manual_seed(int(j.seed)), sentence_processors(j.params),
-                       [[] for _ in range(j.n)], [False] * j.n, j.n)
+                       [[] for _ in range(j.n)], [False] * j.n, j.n, [False] * j.n, [-1] * j.n)
             self.owner += [lv] * j.n
             self.cand += list(range(j.n))
 
@@ -446,15 +472,17 @@ class DecodeBatch:
                         lv.tokens[i].append(t)  # "word.\n": the text before the newline is kept
                 else:
                     lv.tokens[i].append(t)
-                    if len(lv.tokens[i]) < lv.job.params.max_new_tokens:
+                    if lv.job.veto is not None:
+                        lv.vetoed[i], lv.checked[i] = veto_cut(e.tok, lv.tokens[i], lv.job.veto, lv.checked[i])
+                    if len(lv.tokens[i]) < lv.job.params.max_new_tokens and not lv.vetoed[i]:
                         keep.append(b)
                         continue
                 lv.alive -= 1
             done = [lv for lv, _ in groups.values() if lv.alive == 0]
             for lv in done:
                 texts = e.tok.batch_decode(lv.tokens, skip_special_tokens=True)
-                lv.job.out = [{"text": t.split("\n")[0].strip(), "ended": d, "tokens": len(k)}
-                              for t, d, k in zip(texts, lv.ended, lv.tokens)]
+                lv.job.out = [{"text": t.split("\n")[0].strip(), "ended": d, "tokens": len(k), **({"vetoed": True} if v else {})}
+                              for t, d, k, v in zip(texts, lv.ended, lv.tokens, lv.vetoed)]
             self._keep(keep)
             if self.rows:
                 nxt = nxt[torch.tensor(keep, device=e.device)] if len(keep) < len(nxt) else nxt

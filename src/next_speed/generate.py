@@ -384,17 +384,24 @@ class SentenceGenerator:
         return " ".join(history[start:]), start
 
     def make_job(self, context_text: str, codes: Sequence[int], p: GenParams, seed: int,
-                 exemplars: Sequence[str] | None = None, cache=None):
+                 exemplars: Sequence[str] | None = None, cache=None, copy_spans: set | None = None):
         """One sentence step for the engine: the prompt of `codes` after `context_text`, with the
-        plan's exemplars (looked up when not given), `p.n_cand` candidates."""
+        plan's exemplars (looked up when not given), `p.n_cand` candidates. With `copy_spans` (the
+        earlier sentences' runs of REPEAT_SPAN words) a candidate stops as soon as it copies one:
+        the copy guard would refuse it anyway, so only the tokens it would still have cost change."""
         from .decoder_model import encode_example
         from .engine import SentenceJob
 
         if exemplars is None:
             exemplars = self.exemplars_for(codes)
         ex = encode_example(self.tok, self.cond, context_text, codes, None, exemplars)
+        veto = None
+        if copy_spans and p.repeat_span > 0:
+            spans, n = frozenset(copy_spans), p.repeat_span
+            veto = lambda text: not spans.isdisjoint(word_spans(text, n))  # noqa: E731
         return SentenceJob(prompt=ex["input_ids"], n=p.n_cand, params=p, seed=seed, planned=[int(c) for c in codes],
-                           plan_start=ex.get("plan_start"), cache=cache, context=context_text, exemplars=list(exemplars))
+                           plan_start=ex.get("plan_start"), cache=cache, context=context_text, exemplars=list(exemplars),
+                           veto=veto)
 
     def decode_batch(self):
         """An empty persistent batch for this generator's engine (the server's scheduler keeps
@@ -556,7 +563,8 @@ class SentenceGenerator:
             ps = p if p.rerank else replace(p, n_cand=1)
             if budget is not None and budget < ps.max_new_tokens:
                 ps = replace(ps, max_new_tokens=budget)
-            job = self.make_job(context_text, planned, ps, seed=p.seed * 1000 + step, exemplars=exemplars, cache=cache)
+            job = self.make_job(context_text, planned, ps, seed=p.seed * 1000 + step, exemplars=exemplars, cache=cache,
+                                copy_spans=spans)
             yield [job]
             rendered = job.out
             cache = job.cache
@@ -568,7 +576,7 @@ class SentenceGenerator:
             for sc, r, cos in zip(scored, rendered, near):
                 sc.update(ended=r["ended"], repeat_cos=round(float(cos), 4))
             t3 = time.perf_counter()
-            copied = [bool(word_spans(c, p.repeat_span) & spans) for c in cands]
+            copied = [bool(word_spans(c, p.repeat_span) & spans) or bool(r.get("vetoed")) for c, r in zip(cands, rendered)]
             for sc, cp in zip(scored, copied):
                 sc["copies"] = cp
             ok = [i for i, c in enumerate(cands) if c and _norm(c) not in seen and near[i] < p.repeat_cos and not copied[i]]
