@@ -746,7 +746,7 @@ def test_vetoed_candidate_stops_early_in_both_engines(gen, monkeypatch):
     gen.engine.render([free])
     cut = job(p, veto_after(free.out[0]["text"].split()[0], seen))
     gen.engine.render([cut])
-    assert seen and all(not t.endswith((" ", "\n")) for t in seen)  # complete words only
+    assert seen  # (what the veto sees: test_veto_sees_complete_words_only)
     assert cut.out[0].get("vetoed") and cut.out[0]["tokens"] < free.out[0]["tokens"] and not cut.out[0]["ended"]
     assert free.out[0]["text"].startswith(cut.out[0]["text"])
     # (the job's other candidates share its random stream, so after the cut their samples may differ)
@@ -774,3 +774,52 @@ def test_copy_guard_stops_a_copying_candidate_early(gen, monkeypatch):
                        copy_spans=word_spans("The Amazon is the largest rainforest.", 3))
     assert job.veto("So the largest") is False and job.veto("the Amazon is") is True
     assert gen.make_job("ctx", [0] * gen.rvq.K, replace_params(gen, repeat_span=0), seed=1, copy_spans={("a", "b")}).veto is None
+
+
+def test_veto_sees_complete_words_only():
+    """The veto is shown the text up to its last whitespace (a word there can no longer grow),
+    only when that grew, and one word less when decoding cleans up spaces (" n't" glues on)."""
+    from next_speed.engine import veto_cut
+
+    class Tok:
+        vocab = ["Ġthe", "Ġama", "zon", "Ġis", "Ġn't"]
+
+        def __init__(self, clean):
+            self.clean_up_tokenization_spaces = clean
+
+        def decode(self, ids, skip_special_tokens=True):
+            text = "".join(self.vocab[i] for i in ids).replace("Ġ", " ")
+            return text.replace(" n't", "n't") if self.clean_up_tokenization_spaces else text
+
+    seen = []
+
+    def veto(text):
+        seen.append(text)
+        return "amazon is" in text
+
+    tok = Tok(False)
+    assert veto_cut(tok, [0, 1], veto) == (False, 4) and seen == [" the"]  # " ama" may grow: not shown
+    assert veto_cut(tok, [0, 1, 2], veto, 4) == (False, 4) and seen == [" the"]  # nothing new: not asked
+    assert veto_cut(tok, [0, 1, 2, 3], veto, 4)[0] is False and seen[-1] == " the amazon"
+    assert veto_cut(tok, [0, 1, 2, 3, 4], veto, 11)[0] is True and seen[-1] == " the amazon is"
+    seen.clear()  # with clean-up, " is" may still become "isn't": one word held back
+    assert veto_cut(Tok(True), [0, 1, 2, 3, 4], veto)[0] is False and seen == [" the"]
+
+
+def test_loop_refuses_a_vetoed_candidate(gen, monkeypatch):
+    """The loop hands its copy guard to the engine and refuses what the engine stopped."""
+    prompt = "The Amazon is the largest rainforest on Earth."
+    vetoes = []
+
+    def render_jobs(jobs):
+        for j in jobs:
+            vetoes.append(j.veto)
+            text = "The Amazon is the largest rainforest on"
+            j.out = [{"text": text, "ended": False, "tokens": 7, "vetoed": True}] if j.veto and j.veto(text) else \
+                [{"text": text + " Earth, again.", "ended": True, "tokens": 9}]
+
+    monkeypatch.setattr(gen, "render_jobs", render_jobs)
+    res = gen.run(prompt, 1, n_cand=1, repeat_cos=1.01, repeat_span=3)
+    assert vetoes[0] is not None and res.stop_reason == "repeat" and res.steps[0].candidates[0]["copies"] is True
+    res = gen.run(prompt, 1, n_cand=1, repeat_cos=1.01, repeat_span=0)  # the guard off: no veto, kept
+    assert vetoes[-1] is None and res.sentences == ["The Amazon is the largest rainforest on Earth, again."]

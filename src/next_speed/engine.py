@@ -348,7 +348,13 @@ def veto_cut(tok, tokens: list[int], veto, seen: int = -1) -> tuple[bool, int]:
     its last whitespace (later tokens only append to it, so a word there is complete), and only
     when that text grew past `seen`."""
     text = tok.decode(tokens, skip_special_tokens=True)
-    cut = max(text.rfind(" "), text.rfind("\n"), text.rfind("\t"))
+
+    def last_space(end: int) -> int:
+        return max(text.rfind(" ", 0, end), text.rfind("\n", 0, end), text.rfind("\t", 0, end))
+
+    cut = last_space(len(text))
+    if getattr(tok, "clean_up_tokenization_spaces", False) and cut > 0:
+        cut = last_space(cut)  # decoding may still glue a later " n't" or " ." to the last word
     if cut <= seen:
         return False, seen
     return bool(veto(text[:cut])), cut
