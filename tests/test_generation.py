@@ -390,7 +390,8 @@ def test_code_agreement_and_report(in_run):
     assert by[("on", 4)]["prefix"] >= by[("off", 4)]["prefix"]
     out = make_report(ReportConfig(out_dir="out/report_test", eval_positions=6, decoder_rows=8, device="cpu"), environ=env)
     md = Path(out["report"]).read_text()
-    for needle in ("## RVQ", "## Planner against baselines", "## Code agreement", "rvq.png", "agreement.png", "retrieval"):
+    for needle in ("## RVQ", "## Planner against baselines", "## Code agreement", "rvq.png", "agreement.png", "retrieval",
+                   "oracle exemplars"):
         assert needle in md
     for png in ("rvq.png", "agreement.png", "planner.png", "planner_curve.png", "decoder.png"):
         assert (Path("out/report_test") / png).stat().st_size > 1000
