@@ -433,6 +433,38 @@ def test_exemplar_bank_lookup_and_exclusions():
     assert bank.nearest(np.eye(4, dtype="float32")[[0]], 1, exclude_texts=[{"a0"}]) == [["a0 too"]]
 
 
+def test_oracle_exemplars_say_why_they_are_skipped(tmp_path):
+    """The oracle-exemplar bound of decoder_eval is skipped with a reason that names the file,
+    and computed from the embeddings the training sets name."""
+    import numpy as np
+
+    from next_speed.decoder_model import ExemplarBank, attach_bank
+    from next_speed.train_decoder import _oracle_exemplars
+
+    emb = np.eye(3, dtype="float32")
+    bank = ExemplarBank(texts=["x", "y", "z"], docs=[1, 2, 3], emb=emb, codebooks=np.zeros((1, 2, 3), "float32"), codes=[[0]] * 3)
+
+    class Model:
+        pass
+
+    m = Model()
+    attach_bank(m, bank)
+    cond = Conditioning(K=1, V=2, exemplars=1)
+    rows = [{"sid": 1, "doc": 9, "target": "t"}]
+    tm = tmp_path / "train_meta.json"
+    meta = {"train": {"train_meta": str(tm)}}
+    assert _oracle_exemplars(m, cond, meta, rows, "val.jsonl") == (None, f"no oracle-exemplar bound: {tm} is not a readable "
+                                                                         "training-sets metadata file")
+    tm.write_text(json.dumps({"emb_path": str(tmp_path / "emb.npy")}))
+    got, why = _oracle_exemplars(m, cond, meta, rows, "val.jsonl")
+    assert got is None and "emb.npy" in why and "missing" in why
+    np.save(tmp_path / "emb.npy", np.eye(3, dtype="float32")[[2, 1, 0]])
+    assert _oracle_exemplars(m, cond, meta, rows, "val.jsonl") == ([["y"]], None)
+    got, why = _oracle_exemplars(m, cond, meta, [{"sid": 7, "doc": 9, "target": "t"}], "val.jsonl")
+    assert got is None and "val.jsonl names sentence rows beyond" in why
+    assert _oracle_exemplars(m, Conditioning(K=1, V=2), meta, rows, "val.jsonl") == (None, None)  # no exemplars: no bound
+
+
 def test_exemplars_enter_the_prompt_whole(tiny_llama):
     from transformers import AutoTokenizer
 

@@ -225,27 +225,39 @@ def evaluate_loss(model, data, pad_id: int, family: str, device: str, bs: int = 
     return tot / max(n, 1)
 
 
-def build_bank(cfg: DecoderTrainConfig, tmeta: dict, rows: list[dict]) -> ExemplarBank:
-    """The exemplar bank of step 06: every training sentence with its step-02 embedding (found by
-    the rows' `sid` in the embeddings that step 03 quantized) and the RVQ codebooks."""
+def sentence_vectors(tmeta: dict, rows: list[dict], rows_path: str):
+    """Unit step-02 embeddings (N, D) of the rows' sentences (their `sid`), from the embeddings file
+    the training sets were built from (checked against its recorded hash). NextSpeedError naming
+    the file and the step to rerun otherwise."""
     import numpy as np
 
-    from .rvq import RVQ
-
-    emb_path, rvq_path = tmeta.get("emb_path"), tmeta.get("rvq_path")
-    if not emb_path or any("sid" not in r for r in rows[:1]):
-        raise NextSpeedError("EXEMPLARS needs training sets that name each sentence's embedding row: rerun step 04")
-    for path, want, step in ((emb_path, tmeta.get("emb_sha256"), "02-04"), (rvq_path, tmeta.get("rvq_sha256"), "03-04")):
-        if not Path(path).is_file():
-            raise NextSpeedError(f"EXEMPLARS reads {path}, which is missing: rerun steps {step}")
-        if want and sha256_path(path) != want:
-            raise NextSpeedError(f"{path} is not the file the training sets were built from: rerun steps {step}")
+    emb_path = tmeta.get("emb_path")
+    if not emb_path or any("sid" not in r for r in rows):
+        raise NextSpeedError(f"{rows_path} does not name each sentence's embedding row: rerun step 04")
+    if not Path(emb_path).is_file():
+        raise NextSpeedError(f"{emb_path} (the embeddings of the training sets) is missing: rerun steps 02-04")
+    if tmeta.get("emb_sha256") and sha256_path(emb_path) != tmeta["emb_sha256"]:
+        raise NextSpeedError(f"{emb_path} is not the file the training sets were built from: rerun steps 02-04")
     emb = np.load(emb_path, mmap_mode="r", allow_pickle=False)
     sids = np.asarray([r["sid"] for r in rows], dtype=np.int64)
     if len(sids) and (sids.min() < 0 or sids.max() >= len(emb)):
-        raise NextSpeedError(f"{cfg.out_dec} names sentence rows beyond {emb_path} ({len(emb)} rows): rerun step 04")
+        raise NextSpeedError(f"{rows_path} names sentence rows beyond {emb_path} ({len(emb)} rows): rerun step 04")
     vec = np.asarray(emb[sids], dtype=np.float32)
     vec /= np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
+    return vec
+
+
+def build_bank(cfg: DecoderTrainConfig, tmeta: dict, rows: list[dict]) -> ExemplarBank:
+    """The exemplar bank of step 06: every training sentence with its step-02 embedding (found by
+    the rows' `sid` in the embeddings that step 03 quantized) and the RVQ codebooks."""
+    from .rvq import RVQ
+
+    rvq_path = tmeta.get("rvq_path")
+    if not rvq_path or not Path(rvq_path).is_file():
+        raise NextSpeedError(f"EXEMPLARS reads {rvq_path}, which is missing: rerun steps 03-04")
+    if tmeta.get("rvq_sha256") and sha256_path(rvq_path) != tmeta["rvq_sha256"]:
+        raise NextSpeedError(f"{rvq_path} is not the file the training sets were built from: rerun steps 03-04")
+    vec = sentence_vectors(tmeta, rows, cfg.out_dec)
     bank = ExemplarBank(texts=[r["target"] for r in rows], docs=[r["doc"] for r in rows], emb=vec,
                         codebooks=RVQ.load(rvq_path).codebooks, codes=[r["codes"] for r in rows])
     log.info("06: exemplar bank of %d training sentences", len(rows))
@@ -571,7 +583,7 @@ def eval_decoder(cfg: DecoderEvalConfig) -> dict:
     res = {"rows": len(rows), "code_mode": cond.code_mode, "exemplars": cond.exemplars, "decoder": cfg.out_dir,
            "true_codes": loss(model, tok, cond, [r["codes"] for r in rows]),
            "shuffled_codes": loss(model, tok, cond, shuffled)}
-    oracle, why_not = _oracle_exemplars(model, cond, meta, rows)
+    oracle, why_not = _oracle_exemplars(model, cond, meta, rows, cfg.out_dec_val)
     res["oracle_exemplars"] = loss(model, tok, cond, [r["codes"] for r in rows], oracle) if oracle is not None else None
     if why_not:
         res["oracle_note"] = why_not
@@ -603,12 +615,10 @@ def eval_decoder(cfg: DecoderEvalConfig) -> dict:
     return res
 
 
-def _oracle_exemplars(model, cond: Conditioning, meta: dict, rows: list[dict]) -> tuple[list | None, str | None]:
+def _oracle_exemplars(model, cond: Conditioning, meta: dict, rows: list[dict], rows_path: str) -> tuple[list | None, str | None]:
     """The exemplar channel's bound: for each row, the bank sentences nearest to the true next
     sentence's own embedding (retrieval keyed without the RVQ's loss; same exclusions as the plan's
     lookup). (None, why) when the decoder has no bank or step 02's embeddings are not at hand."""
-    import numpy as np
-
     from .decoder_model import exemplar_bank
 
     bank = exemplar_bank(model)
@@ -621,19 +631,10 @@ def _oracle_exemplars(model, cond: Conditioning, meta: dict, rows: list[dict]) -
         tmeta = None
     if not isinstance(tmeta, dict):
         return None, f"no oracle-exemplar bound: {tm} is not a readable training-sets metadata file"
-    emb_path = tmeta.get("emb_path")
-    if any("sid" not in r for r in rows):
-        return None, "no oracle-exemplar bound: the validation rows do not name their embedding rows (rerun step 04)"
-    if not emb_path or not Path(emb_path).is_file():
-        return None, f"no oracle-exemplar bound: the embeddings named by {tm} ({emb_path}) are missing"
-    if tmeta.get("emb_sha256") and sha256_path(emb_path) != tmeta["emb_sha256"]:
-        return None, f"no oracle-exemplar bound: {emb_path} is not the file the training sets were built from"
-    emb = np.load(emb_path, mmap_mode="r", allow_pickle=False)
-    sids = np.asarray([r["sid"] for r in rows], dtype=np.int64)
-    if len(sids) and (sids.min() < 0 or sids.max() >= len(emb)):
-        return None, f"no oracle-exemplar bound: the validation rows name embedding rows beyond {emb_path} ({len(emb)} rows)"
-    vec = np.asarray(emb[sids], dtype=np.float32)
-    vec /= np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
+    try:
+        vec = sentence_vectors(tmeta, rows, rows_path)
+    except NextSpeedError as e:
+        return None, f"no oracle-exemplar bound: {e}"
     return bank.nearest(vec, cond.exemplars, exclude_docs=[r.get("doc") for r in rows],
                         exclude_texts=[{r["target"]} for r in rows]), None
 
