@@ -42,7 +42,7 @@ class GenParams:
     rerank: bool = knob(True, env="RERANK", help="re-encode candidates and keep the best code match")
     do_sample: bool = knob(True, env="DO_SAMPLE", help="sample the decoder (else greedy/beam-free decoding)")
     top_p: float = knob(0.9, env="TOP_P", min=0.01, max=1.0, help="decoder nucleus sampling mass")
-    temp: float = knob(0.6, env="TEMP", min=0.01, max=5.0, help="decoder sampling temperature")
+    temp: float = knob(0.5, env="TEMP", min=0.01, max=5.0, help="decoder sampling temperature")
     max_new_tokens: int = knob(48, env="MAX_NEW_TOKENS", min=1, max=512, help="token limit per sentence")
     plan_temp: float = knob(0.7, env="PLAN_TEMP", min=0.0, max=5.0, help="planner sampling temperature (0 = greedy)")
     plan_top_k: int = knob(20, env="PLAN_TOP_K", min=0, max=4096, help="planner top-k per level (0 = all)")
