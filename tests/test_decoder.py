@@ -427,6 +427,13 @@ def test_exemplar_bank_lookup_and_exclusions():
     assert bank.lookup([[0, 1]], 2, exclude_docs=[2]) == [["e", "a0"]]
     assert bank.lookup([[0, 1]], 2, exclude_texts=[{"e"}]) == [["a0 too", "a0"]]
     assert bank.lookup([[1, 0], [0, 0]], 1) == [["b"], ["a0"]]
+    # generation's guard: exemplars within REPEAT_COS of text already written ("a0" 1.0 and
+    # "a0 too" 0.96 from axis 0) come last, used only when nothing else is left; None avoids nothing
+    axis0 = np.eye(4, dtype="float32")[[0]]
+    assert bank.lookup([[0, 0]], 2, avoid=[axis0], avoid_cos=0.9) == [["e", "b"]]
+    assert bank.lookup([[0, 0]], 2, avoid=[axis0], avoid_cos=0.99) == [["a0 too", "e"]]
+    assert bank.lookup([[0, 0], [0, 0]], 1, avoid=[None, axis0], avoid_cos=0.9) == [["a0"], ["e"]]
+    assert bank.lookup([[0, 0]], 4, avoid=[axis0], avoid_cos=0.9) == [["e", "b", "a0", "a0 too"]]
     # by a vector (the oracle bound of decoder_eval): cosine alone, same exclusions
     assert bank.nearest(np.eye(4, dtype="float32")[[2]], 2) == [["e", "a0 too"]]
     assert bank.nearest(np.eye(4, dtype="float32")[[0, 2]], 1, exclude_docs=[1, 4]) == [["a0 too"], ["a0 too"]]

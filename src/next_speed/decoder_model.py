@@ -501,8 +501,13 @@ class ExemplarBank:
         return rec / np.maximum(np.linalg.norm(rec, axis=1, keepdims=True), 1e-12)
 
     def lookup(self, codes, k: int, exclude_docs: Sequence[int | None] | None = None,
-               exclude_texts: Sequence[set[str] | None] | None = None) -> list[list[str]]:
-        """For each plan (B, K), its k nearest bank sentences, best first."""
+               exclude_texts: Sequence[set[str] | None] | None = None, avoid=None,
+               avoid_cos: float = 1.01) -> list[list[str]]:
+        """For each plan (B, K), its k nearest bank sentences, best first. `avoid`: per plan, unit
+        vectors (M, D) of text already written, or None; a bank sentence whose cosine to one of them
+        reaches `avoid_cos` comes only after every other candidate of the search (generation passes its stop rule's REPEAT_COS: an exemplar
+        that paraphrases the context invites the decoder to write a repeat the rule would refuse;
+        in training the target's own document, whence its context, is excluded anyway)."""
         import numpy as np
 
         if k <= 0:
@@ -514,6 +519,12 @@ class ExemplarBank:
             row = row[row >= 0]
             prefix = np.cumprod(self.codes[row] == plans[b][None, :], axis=1).sum(1)  # levels matched from level 0
             order.append(row[np.lexsort((-sims[b][: len(row)], -prefix))])
+        if avoid is not None:  # those last, not out: the decoder was trained on k exemplars a prompt
+            for b, a in enumerate(avoid):
+                if a is not None and len(a):
+                    row = order[b]
+                    near = (self.emb[row] @ np.asarray(a, dtype=np.float32).T).max(1) >= avoid_cos
+                    order[b] = np.concatenate([row[~near], row[near]])
         return self._pick(order, k, exclude_docs, exclude_texts)
 
     def nearest(self, vectors, k: int, exclude_docs: Sequence[int | None] | None = None,

@@ -352,14 +352,17 @@ class SentenceGenerator:
         return np.asarray(self.encoder.encode(list(sentences), normalize_embeddings=True, convert_to_numpy=True,
                                               show_progress_bar=False), dtype=np.float32)
 
-    def exemplars_for(self, codes: Sequence[int], exclude: set[str] | None = None) -> list[str]:
-        """The decoder's exemplars for a plan (empty for a decoder trained without EXEMPLARS)."""
+    def exemplars_for(self, codes: Sequence[int], exclude: set[str] | None = None, avoid=None,
+                      avoid_cos: float = 1.01) -> list[str]:
+        """The decoder's exemplars for a plan (empty for a decoder trained without EXEMPLARS):
+        never a text of `exclude`, nor one within `avoid_cos` cosine of a vector of `avoid`."""
         from .decoder_model import exemplar_bank
 
         bank = exemplar_bank(self.model)
         if bank is None or not self.cond.exemplars:
             return []
-        return bank.lookup([list(codes)], self.cond.exemplars, exclude_texts=[exclude or set()])[0]
+        return bank.lookup([list(codes)], self.cond.exemplars, exclude_texts=[exclude or set()],
+                           avoid=None if avoid is None else [avoid], avoid_cos=avoid_cos)[0]
 
     def context_for(self, history: Sequence[str], start: int, codes: Sequence[int], exemplars: Sequence[str]) -> tuple[str, int]:
         """The context sentences, `history[start:]`, and the new `start`. The start moves forward
@@ -557,7 +560,7 @@ class SentenceGenerator:
                                               top_k=p.plan_top_k, generator=gen, at_doc_start=True, fixed=pin,
                                               embeddings=hist_emb)
             t1 = time.perf_counter()
-            exemplars = self.exemplars_for(planned, exclude={h for h in history})
+            exemplars = self.exemplars_for(planned, exclude={h for h in history}, avoid=hist_emb, avoid_cos=p.repeat_cos)
             context_text, ctx_start = self.context_for(history, ctx_start, planned, exemplars)
             # Without rerank nothing would choose among candidates: render one (the spec's ablation).
             ps = p if p.rerank else replace(p, n_cand=1)
