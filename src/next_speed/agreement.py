@@ -92,12 +92,16 @@ def code_agreement(cfg: AgreementConfig, generator: SentenceGenerator | None = N
     for j, (rows, i) in enumerate(progress(positions, desc="code agreement", unit="position")):
         ctx_codes = [r["codes"] for r in rows[:i]]
         ctx_text = rows[i]["context"]  # the true previous sentences, as in training
+        prev = [r["target"] for r in rows[:i]]
+        prev_emb = gen.embed(prev)
         # a planner that reads embeddings gets the previous sentences' vectors, as generation does (i >= 1)
-        ctx_emb = gen.embed([r["target"] for r in rows[:i]]) if gen.planner.reads_embeddings else None
+        ctx_emb = prev_emb if gen.planner.reads_embeddings else None
         planned = gen.planner.next_tuple(ctx_codes, greedy=p.plan_temp <= 0, temperature=p.plan_temp,
                                          top_k=p.plan_top_k, generator=g, at_doc_start=rows[0]["pos"] == 0,
                                          embeddings=ctx_emb)
-        cands = gen.render(ctx_text, planned, p, seed=cfg.seed * 100_000 + j)
+        # the exemplars generation would pick after these sentences (same exclusions and guard)
+        exemplars = gen.exemplars_for(planned, exclude=set(prev), avoid=prev_emb if prev else None, avoid_cos=p.repeat_cos)
+        cands = gen.render(ctx_text, planned, p, seed=cfg.seed * 100_000 + j, exemplars=exemplars)
         scored, x = gen.score(planned, [c or " " for c in cands], return_embeddings=True)
         nxt = gen.embed([rows[i]["target"]])[0]
         plan_vec = gen.rvq.decode(np.asarray([planned]))[0]

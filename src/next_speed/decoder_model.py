@@ -504,10 +504,11 @@ class ExemplarBank:
                exclude_texts: Sequence[set[str] | None] | None = None, avoid=None,
                avoid_cos: float = 1.01) -> list[list[str]]:
         """For each plan (B, K), its k nearest bank sentences, best first. `avoid`: per plan, unit
-        vectors (M, D) of text already written, or None; a bank sentence whose cosine to one of them
-        reaches `avoid_cos` comes only after every other candidate of the search (generation passes its stop rule's REPEAT_COS: an exemplar
-        that paraphrases the context invites the decoder to write a repeat the rule would refuse;
-        in training the target's own document, whence its context, is excluded anyway)."""
+        vectors (M, D) of text already written, or None; a bank sentence whose cosine to one of
+        them reaches `avoid_cos` comes only after every other candidate of the search. Generation
+        passes its stop rule's REPEAT_COS: an exemplar that paraphrases the context invites the
+        decoder to write a repeat the rule would refuse (in training the target's own document,
+        whence its context, is excluded anyway)."""
         import numpy as np
 
         if k <= 0:

@@ -355,7 +355,8 @@ class SentenceGenerator:
     def exemplars_for(self, codes: Sequence[int], exclude: set[str] | None = None, avoid=None,
                       avoid_cos: float = 1.01) -> list[str]:
         """The decoder's exemplars for a plan (empty for a decoder trained without EXEMPLARS):
-        never a text of `exclude`, nor one within `avoid_cos` cosine of a vector of `avoid`."""
+        never a text of `exclude`; one within `avoid_cos` cosine of a vector of `avoid` (M, D) only
+        when the search found nothing else."""
         from .decoder_model import exemplar_bank
 
         bank = exemplar_bank(self.model)
