@@ -824,3 +824,49 @@ def test_loop_refuses_a_vetoed_candidate(gen, monkeypatch):
     assert vetoes[0] is not None and res.stop_reason == "repeat" and res.steps[0].candidates[0]["copies"] is True
     res = gen.run(prompt, 1, n_cand=1, repeat_cos=1.01, repeat_span=0)  # the guard off: no veto, kept
     assert vetoes[-1] is None and res.sentences == ["The Amazon is the largest rainforest on Earth, again."]
+
+
+def test_no_copy_ngram_steers_off_earlier_sentences(gen, monkeypatch):
+    """NO_COPY_NGRAM: no candidate writes a run of that many tokens found in the earlier
+    sentences (HF's encoder-no-repeat-n-gram ban over their tokens), in the engine and in the
+    straightforward reference alike; the loop hands every step the tokens of the prompt's
+    sentences and of those it wrote."""
+    from next_speed.generate import copy_ids
+
+    _no_eos(gen, monkeypatch)
+    _rare_stops(gen)
+    K = gen.rvq.K
+    rows: list = []
+    orig = gen.engine._choose
+
+    def choose(job, logits, generated, g, procs):
+        nxt = orig(job, logits, generated, g, procs)
+        rows.append(list(generated[0]) + [int(nxt[0])])
+        return nxt
+
+    monkeypatch.setattr(gen.engine, "_choose", choose)
+    g = replace_params(gen, n_cand=1, max_new_tokens=12, do_sample=False, no_repeat_ngram=0, repetition_penalty=1.0,
+                       no_copy_ngram=3)
+
+    def run(earlier, hf=False):
+        rows.clear()
+        j = gen.make_job("Paris is the capital of France.", [1] * K, g, seed=7, earlier_ids=earlier)
+        (gen.engine.render_hf if hf else gen.engine.render)([j])
+        return j, rows[-1] if rows else None
+
+    free, free_ids = run(None)
+    earlier = free_ids + [gen.tok.eos_token_id]  # the free sentence as an earlier one: every run of it is banned
+    banned, banned_ids = run(earlier)
+    grams = {tuple(earlier[i : i + 3]) for i in range(len(earlier) - 2)}
+    assert len(banned_ids) >= 3 and not any(tuple(banned_ids[i : i + 3]) in grams for i in range(len(banned_ids) - 2))
+    assert banned.out[0]["text"] != free.out[0]["text"]
+    ref, _ = run(earlier, hf=True)
+    assert ref.out == banned.out
+    assert gen.make_job("ctx", [0] * K, replace_params(gen, no_copy_ngram=0), seed=1, earlier_ids=earlier).earlier_ids is None
+    # the loop: the first step gets the prompt's sentences (as sentence starts and after a space)
+    jobs = []
+    steps = gen.steps(**gen.prepare("Paris is the capital of France.", 1, no_copy_ngram=3))
+    jobs += next(steps)
+    assert jobs[0].earlier_ids == copy_ids(gen.tok, ["Paris is the capital of France."])
+    ids = gen.tok("Paris is the capital of France.", add_special_tokens=False)["input_ids"]
+    assert jobs[0].earlier_ids[: len(ids)] == ids

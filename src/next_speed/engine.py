@@ -148,20 +148,30 @@ class SentenceJob:
     # grows; True stops the candidate there (`out[i]["vetoed"]`). The generation loop passes its
     # copy guard, so a candidate that its stop rules would refuse stops costing when the copy shows.
     veto: Callable[[str], bool] | None = None
+    # Token ids of the earlier sentences (generate.copy_ids): no candidate writes a run of
+    # `params.no_copy_ngram` tokens found there.
+    earlier_ids: list[int] | None = None
     out: list[dict] | None = None
 
 
-def sentence_processors(p: Any) -> list:
+def sentence_processors(p: Any, earlier_ids: Sequence[int] | None = None) -> list:
     """HF's repetition penalty and no-repeat-n-gram processors, applied to the sentence being
     written only (the processors get the sentence's own tokens): the prompt (context, exemplars)
-    is meant to be echoed, a loop within the sentence is not ("Canada, Canada, Canada, ...")."""
-    from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+    is meant to be echoed, a loop within the sentence is not ("Canada, Canada, Canada, ...").
+    With `earlier_ids`, HF's encoder-no-repeat-n-gram processor (made to keep a summary from
+    copying its source) over the earlier sentences' tokens: a candidate that starts copying the
+    sentence before it is steered off the copy at its NO_COPY_NGRAM-th token, where the copy
+    guard would otherwise refuse the whole candidate a few words later."""
+    import torch
+    from transformers import EncoderNoRepeatNGramLogitsProcessor, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
     procs = []
     if p.repetition_penalty > 1.0:
         procs.append(RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
     if p.no_repeat_ngram > 0:
         procs.append(NoRepeatNGramLogitsProcessor(p.no_repeat_ngram))
+    if getattr(p, "no_copy_ngram", 0) > 0 and earlier_ids:
+        procs.append(EncoderNoRepeatNGramLogitsProcessor(p.no_copy_ngram, torch.tensor([list(earlier_ids)], dtype=torch.long)))
     return procs
 
 
@@ -297,7 +307,7 @@ class DecodeEngine:
 
             p = j.params
             kw = dict(max_new_tokens=p.max_new_tokens, do_sample=p.do_sample,
-                      logits_processor=LogitsProcessorList([SentenceOnly(x) for x in sentence_processors(p)]),
+                      logits_processor=LogitsProcessorList([SentenceOnly(x) for x in sentence_processors(p, j.earlier_ids)]),
                       pad_token_id=self.tok.pad_token_id, eos_token_id=self.stop_ids)
             if p.do_sample:
                 kw.update(top_p=p.top_p, temperature=p.temp)
@@ -426,7 +436,7 @@ class DecodeBatch:
             logits += [f.expand(j.n, -1) for f, j in zip(first, jobs)]
             self.kv, self.mask, self.pos, self.logits = kv, torch.cat(masks), torch.cat(pos), torch.cat(logits)
         for j in jobs:
-            lv = _Live(j, torch.Generator().manual_seed(int(j.seed)), sentence_processors(j.params),
+            lv = _Live(j, torch.Generator().manual_seed(int(j.seed)), sentence_processors(j.params, j.earlier_ids),
                        [[] for _ in range(j.n)], [False] * j.n, j.n, [False] * j.n, [-1] * j.n)
             self.owner += [lv] * j.n
             self.cand += list(range(j.n))

@@ -55,6 +55,9 @@ class GenParams:
     repeat_span: int = knob(8, env="REPEAT_SPAN", min=0, max=64,
                             help="a candidate that copies this many consecutive words of an earlier sentence (the prompt's "
                                  "included) counts as a repeat (0 = off)")
+    no_copy_ngram: int = knob(7, env="NO_COPY_NGRAM", min=0, max=64,
+                              help="a sentence never writes a run of this many tokens that an earlier sentence (the prompt's "
+                                   "included) holds: the decoder is steered off a copy instead of being refused for it (0 = off)")
     seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="random seed: same seed and inputs give the same text")
 
 
@@ -249,6 +252,19 @@ def word_spans(text: str, n: int) -> set[tuple[str, ...]]:
     return {tuple(w[i : i + n]) for i in range(len(w) - n + 1)} if n > 0 else set()
 
 
+def copy_ids(tok, sentences: Sequence[str]) -> list[int]:
+    """The earlier sentences' token ids for NO_COPY_NGRAM, one after the other with an
+    end-of-sequence id between them (a candidate never holds one, so no run crosses two
+    sentences). Each sentence twice: as a sentence's first tokens ("The") and as text after a
+    space (" The"), the two ways a candidate can spell the same words."""
+    sep = [tok.eos_token_id if tok.eos_token_id is not None else 0]
+    out: list[int] = []
+    for s in sentences:
+        for text in (s, " " + s):
+            out += tok(text, add_special_tokens=False)["input_ids"] + sep
+    return out
+
+
 def match_score(planned: Sequence[int], realized: Sequence[int], cosine: float) -> tuple[int, float]:
     """Rerank key: (levels matched from level 0, cosine to the plan's reconstruction)."""
     prefix = 0
@@ -388,11 +404,14 @@ class SentenceGenerator:
         return " ".join(history[start:]), start
 
     def make_job(self, context_text: str, codes: Sequence[int], p: GenParams, seed: int,
-                 exemplars: Sequence[str] | None = None, cache=None, copy_spans: set | None = None):
+                 exemplars: Sequence[str] | None = None, cache=None, copy_spans: set | None = None,
+                 earlier_ids: Sequence[int] | None = None):
         """One sentence step for the engine: the prompt of `codes` after `context_text`, with the
         plan's exemplars (looked up when not given), `p.n_cand` candidates. With `copy_spans` (the
         earlier sentences' runs of REPEAT_SPAN words) a candidate stops as soon as it copies one:
-        the copy guard would refuse it anyway, so only the tokens it would still have cost change."""
+        the copy guard would refuse it anyway, so only the tokens it would still have cost change.
+        With `earlier_ids` (`copy_ids` of the earlier sentences) no candidate writes a run of
+        NO_COPY_NGRAM tokens found there."""
         from .decoder_model import encode_example
         from .engine import SentenceJob
 
@@ -405,7 +424,7 @@ class SentenceGenerator:
             veto = lambda text: not spans.isdisjoint(word_spans(text, n))  # noqa: E731
         return SentenceJob(prompt=ex["input_ids"], n=p.n_cand, params=p, seed=seed, planned=[int(c) for c in codes],
                            plan_start=ex.get("plan_start"), cache=cache, context=context_text, exemplars=list(exemplars),
-                           veto=veto)
+                           veto=veto, earlier_ids=list(earlier_ids) if earlier_ids and p.no_copy_ngram > 0 else None)
 
     def decode_batch(self):
         """An empty persistent batch for this generator's engine (the server's scheduler keeps
@@ -542,6 +561,7 @@ class SentenceGenerator:
         history = list(sents)
         seen = {_norm(s) for s in sents}
         spans = set().union(*(word_spans(s, p.repeat_span) for s in sents))  # copy guard: earlier sentences' word runs
+        earlier = copy_ids(self.tok, sents) if p.no_copy_ngram > 0 else []  # and their tokens, for NO_COPY_NGRAM
         gen = torch.Generator().manual_seed(p.seed)
         res = GenerationResult(prompt=prompt, sentences=[], planned=[], realized=[], params=asdict(p))
         tot = {"prompt": t_prompt, "planner": 0.0, "decoder": 0.0, "rerank": 0.0}
@@ -568,7 +588,7 @@ class SentenceGenerator:
             if budget is not None and budget < ps.max_new_tokens:
                 ps = replace(ps, max_new_tokens=budget)
             job = self.make_job(context_text, planned, ps, seed=p.seed * 1000 + step, exemplars=exemplars, cache=cache,
-                                copy_spans=spans)
+                                copy_spans=spans, earlier_ids=earlier)
             yield [job]
             rendered = job.out
             cache = job.cache
@@ -624,6 +644,8 @@ class SentenceGenerator:
             history.append(sentence)
             seen.add(_norm(sentence))
             spans |= word_spans(sentence, p.repeat_span)
+            if p.no_copy_ngram > 0:
+                earlier += copy_ids(self.tok, [sentence])
             hist_emb = np.concatenate([hist_emb, x[chosen : chosen + 1]])
             ctx_codes.append(realized)
         else:
