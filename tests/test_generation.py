@@ -535,6 +535,37 @@ def test_decode_batch_jobs_join_and_leave_between_tokens(gen, monkeypatch):
     assert {k: jobs[k].out for k in ("short", "long", "late")} == {k: alone[k] for k in ("short", "long", "late")}
 
 
+def test_decode_batch_rows_join_and_leave_in_place(gen, monkeypatch):
+    """A job whose prompt fits the batch's columns joins by writing its rows into the batch's
+    buffers (the rows already there are not copied), rows that end are replaced by the last live
+    rows, and every job still writes exactly what it writes alone."""
+    _no_eos(gen, monkeypatch)
+    K = gen.rvq.K
+
+    def job(ctx, n, max_new, seed):
+        return gen.make_job(ctx, [seed % 3] * K, replace_params(gen, n_cand=n, max_new_tokens=max_new, temp=1.5), seed=seed)
+
+    specs = {"first": ("A much longer context sentence that goes on and on for a while.", 2, 3, 5),
+             "second": ("Another long context sentence, which also goes on for some time.", 3, 8, 6),
+             "short": ("Hi.", 2, 5, 7)}
+    alone = {}
+    for k, sp in specs.items():
+        j = job(*sp)
+        gen.render_jobs([j])
+        alone[k] = j.out
+    jobs = {k: job(*sp) for k, sp in specs.items()}
+    b = gen.engine.batch()
+    b.add([jobs["first"], jobs["second"]])
+    finished = b.step()
+    buf = b.kv.layers[0]._kb
+    b.add([jobs["short"]])  # a shorter prompt: written in place
+    assert b.rows == 7 and b.kv.layers[0]._kb is buf
+    while b.rows:
+        finished += b.step()  # "first" ends before the others: its rows are refilled from the end
+    assert finished[0] is jobs["first"] and {id(j) for j in finished} == {id(j) for j in jobs.values()}
+    assert {k: j.out for k, j in jobs.items()} == alone
+
+
 def _post_all(client, payloads):
     import threading
 
