@@ -547,7 +547,7 @@ def test_decode_batch_rows_join_and_leave_in_place(gen, monkeypatch):
 
     specs = {"first": ("A much longer context sentence that goes on and on for a while.", 2, 3, 5),
              "second": ("Another long context sentence, which also goes on for some time.", 3, 8, 6),
-             "short": ("Hi.", 2, 5, 7)}
+             "short": ("Hi.", 2, 5, 7), "more": ("Yes.", 3, 4, 8)}
     alone = {}
     for k, sp in specs.items():
         j = job(*sp)
@@ -560,6 +560,9 @@ def test_decode_batch_rows_join_and_leave_in_place(gen, monkeypatch):
     buf = b.kv.layers[0]._kb
     b.add([jobs["short"]])  # a shorter prompt: written in place
     assert b.rows == 7 and b.kv.layers[0]._kb is buf
+    finished += b.step()
+    b.add([jobs["more"]])  # past the spare rows: the buffers grow, the rows already there are kept
+    assert b.rows == 10 and b.kv.layers[0]._kb.shape[0] >= 10
     while b.rows:
         finished += b.step()  # "first" ends before the others: its rows are refilled from the end
     assert finished[0] is jobs["first"] and {id(j) for j in finished} == {id(j) for j in jobs.values()}

@@ -113,9 +113,9 @@ def _roomy_layer_class():
             """Copy rows `src` into rows `dst` (index tensors), then keep the first `rows` rows:
             rows leave by moving the last live rows into their places, a copy of the moved rows
             only (`batch_select_indices` would copy every row)."""
-            if len(dst):
-                self._kb[dst] = self._kb[src]  # the right side is gathered first: no overlap issue
-                self._vb[dst] = self._vb[src]
+            if len(dst):  # the used positions only; the right side is gathered first: no overlap issue
+                self._kb[dst, :, : self._n] = self._kb[src, :, : self._n]
+                self._vb[dst, :, : self._n] = self._vb[src, :, : self._n]
             self._r = rows
             self._view(self._n)
 
