@@ -860,6 +860,28 @@ def test_loop_refuses_a_vetoed_candidate(gen, monkeypatch):
     assert vetoes[-1] is None and res.sentences == ["The Amazon is the largest rainforest on Earth, again."]
 
 
+def test_no_copy_ngram_never_bans_ending_the_sentence(gen):
+    """The copy ban bans the token that would continue an earlier sentence, but never the end of
+    sequence that separates the earlier sentences in `copy_ids`: a candidate whose last words end
+    an earlier sentence too may still end (banning it made the decoder append a stray token)."""
+    import torch
+    from next_speed.engine import sentence_processors
+    from next_speed.generate import copy_ids
+
+    tok, n = gen.tok, 3
+    earlier = copy_ids(tok, ["Paris is the capital of France."])
+    ids = tok("Paris is the capital of France.", add_special_tokens=False)["input_ids"]
+    (ban,) = sentence_processors(replace_params(gen, no_copy_ngram=n, no_repeat_ngram=0, repetition_penalty=1.0),
+                                 earlier, tok.eos_token_id)
+    V = gen.model.get_output_embeddings().weight.shape[0]
+    start = ban(torch.tensor([ids[: n - 1]]), torch.zeros(1, V))  # the sentence's start: its next token is banned
+    assert start[0, ids[n - 1]] == float("-inf")
+    end = ban(torch.tensor([ids[-(n - 1):]]), torch.zeros(1, V))  # the sentence's end: ending stays allowed
+    assert end[0, tok.eos_token_id] == 0
+    bare = sentence_processors(replace_params(gen, no_copy_ngram=n, no_repeat_ngram=0, repetition_penalty=1.0), earlier)[0]
+    assert bare(torch.tensor([ids[-(n - 1):]]), torch.zeros(1, V))[0, tok.eos_token_id] == float("-inf")  # what it guards against
+
+
 def test_no_copy_ngram_steers_off_earlier_sentences(gen, monkeypatch):
     """NO_COPY_NGRAM: no candidate writes a run of that many tokens found in the earlier
     sentences (HF's encoder-no-repeat-n-gram ban over their tokens), in the engine and in the

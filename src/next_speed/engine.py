@@ -188,16 +188,28 @@ class SentenceJob:
     out: list[dict] | None = None
 
 
-def sentence_processors(p: Any, earlier_ids: Sequence[int] | None = None) -> list:
+def sentence_processors(p: Any, earlier_ids: Sequence[int] | None = None, end_id: int | None = None) -> list:
     """HF's repetition penalty and no-repeat-n-gram processors, applied to the sentence being
     written only (the processors get the sentence's own tokens): the prompt (context, exemplars)
     is meant to be echoed, a loop within the sentence is not ("Canada, Canada, Canada, ...").
     With `earlier_ids`, HF's encoder-no-repeat-n-gram processor (made to keep a summary from
     copying its source) over the earlier sentences' tokens: a candidate that starts copying the
     sentence before it is steered off the copy at its NO_COPY_NGRAM-th token, where the copy
-    guard would otherwise refuse the whole candidate a few words later."""
+    guard would otherwise refuse the whole candidate a few words later. That ban never bans
+    `end_id` (end of sequence, the separator of `generate.copy_ids`): ending a sentence whose last
+    words an earlier one also ends with is no copy, and banning the end made the decoder append
+    a stray token to a finished sentence ("... region.LEGATO")."""
     import torch
     from transformers import EncoderNoRepeatNGramLogitsProcessor, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    class CopyBan(EncoderNoRepeatNGramLogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if end_id is None:
+                return super().__call__(input_ids, scores)
+            end = scores[:, end_id].clone()
+            scores = super().__call__(input_ids, scores)
+            scores[:, end_id] = end
+            return scores
 
     procs = []
     if p.repetition_penalty > 1.0:
@@ -205,7 +217,7 @@ def sentence_processors(p: Any, earlier_ids: Sequence[int] | None = None) -> lis
     if p.no_repeat_ngram > 0:
         procs.append(NoRepeatNGramLogitsProcessor(p.no_repeat_ngram))
     if getattr(p, "no_copy_ngram", 0) > 0 and earlier_ids:
-        procs.append(EncoderNoRepeatNGramLogitsProcessor(p.no_copy_ngram, torch.tensor([list(earlier_ids)], dtype=torch.long)))
+        procs.append(CopyBan(p.no_copy_ngram, torch.tensor([list(earlier_ids)], dtype=torch.long)))
     return procs
 
 
@@ -341,7 +353,7 @@ class DecodeEngine:
 
             p = j.params
             kw = dict(max_new_tokens=p.max_new_tokens, do_sample=p.do_sample,
-                      logits_processor=LogitsProcessorList([SentenceOnly(x) for x in sentence_processors(p, j.earlier_ids)]),
+                      logits_processor=LogitsProcessorList([SentenceOnly(x) for x in sentence_processors(p, j.earlier_ids, self.tok.eos_token_id)]),
                       pad_token_id=self.tok.pad_token_id, eos_token_id=self.stop_ids)
             if p.do_sample:
                 kw.update(top_p=p.top_p, temperature=p.temp)
@@ -479,7 +491,7 @@ class DecodeBatch:
             logits += [f.expand(j.n, -1) for f, j in zip(first, jobs)]
             self.mask, self.pos, self.logits = torch.cat(masks), torch.cat(pos), torch.cat(logits)
         for j in jobs:
-            lv = _Live(j, torch.Generator().manual_seed(int(j.seed)), sentence_processors(j.params, j.earlier_ids),
+            lv = _Live(j, torch.Generator().manual_seed(int(j.seed)), sentence_processors(j.params, j.earlier_ids, e.tok.eos_token_id),
                        [[] for _ in range(j.n)], [False] * j.n, j.n, [False] * j.n, [-1] * j.n)
             self.owner += [lv] * j.n
             self.cand += list(range(j.n))
