@@ -188,6 +188,19 @@ class SentenceJob:
     out: list[dict] | None = None
 
 
+class _KeepColumn:
+    """A logits processor that runs `inner` but leaves token `keep`'s score as it was."""
+
+    def __init__(self, inner: Callable, keep: int):
+        self.inner, self.keep = inner, keep
+
+    def __call__(self, input_ids, scores):
+        kept = scores[:, self.keep].clone()
+        scores = self.inner(input_ids, scores)
+        scores[:, self.keep] = kept
+        return scores
+
+
 def sentence_processors(p: Any, earlier_ids: Sequence[int] | None = None, end_id: int | None = None) -> list:
     """HF's repetition penalty and no-repeat-n-gram processors, applied to the sentence being
     written only (the processors get the sentence's own tokens): the prompt (context, exemplars)
@@ -202,22 +215,14 @@ def sentence_processors(p: Any, earlier_ids: Sequence[int] | None = None, end_id
     import torch
     from transformers import EncoderNoRepeatNGramLogitsProcessor, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
-    class CopyBan(EncoderNoRepeatNGramLogitsProcessor):
-        def __call__(self, input_ids, scores):
-            if end_id is None:
-                return super().__call__(input_ids, scores)
-            end = scores[:, end_id].clone()
-            scores = super().__call__(input_ids, scores)
-            scores[:, end_id] = end
-            return scores
-
     procs = []
     if p.repetition_penalty > 1.0:
         procs.append(RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
     if p.no_repeat_ngram > 0:
         procs.append(NoRepeatNGramLogitsProcessor(p.no_repeat_ngram))
     if getattr(p, "no_copy_ngram", 0) > 0 and earlier_ids:
-        procs.append(CopyBan(p.no_copy_ngram, torch.tensor([list(earlier_ids)], dtype=torch.long)))
+        ban = EncoderNoRepeatNGramLogitsProcessor(p.no_copy_ngram, torch.tensor([list(earlier_ids)], dtype=torch.long))
+        procs.append(ban if end_id is None else _KeepColumn(ban, end_id))
     return procs
 
 

@@ -255,8 +255,9 @@ def word_spans(text: str, n: int) -> set[tuple[str, ...]]:
 def copy_ids(tok, sentences: Sequence[str]) -> list[int]:
     """The earlier sentences' token ids for NO_COPY_NGRAM, one after the other with an
     end-of-sequence id between them (a candidate never holds one, so no run crosses two
-    sentences, and the ban never bans it: see `engine.sentence_processors`). Each sentence twice: as a sentence's first tokens ("The") and as text after a
-    space (" The"), the two ways a candidate can spell the same words."""
+    sentences, and the ban never bans it: see `engine.sentence_processors`). Each sentence
+    twice: as a sentence's first tokens ("The") and as text after a space (" The"), the two ways
+    a candidate can spell the same words."""
     sep = [tok.eos_token_id if tok.eos_token_id is not None else 0]
     out: list[int] = []
     for s in sentences:
