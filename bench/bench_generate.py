@@ -72,6 +72,12 @@ def main() -> None:
     write_json(args.out, res)
 
 
+def _id_range(gen) -> tuple[int, int]:
+    """Ordinary token ids to feed the model at random: 100..20000 of a real vocabulary, all of a tiny one."""
+    v = int(gen.model.config.vocab_size)
+    return (100, 20000) if v > 20000 else (0, v)
+
+
 def batch_logit_diff(gen, prompt_len: int = 120, pad: int = 40) -> dict:
     """How much a row's next-token logits move with its batch: the same row alone, then in a
     batch of 4, then in a batch of 4 left-padded by `pad` columns (max absolute difference). In
@@ -81,8 +87,8 @@ def batch_logit_diff(gen, prompt_len: int = 120, pad: int = 40) -> dict:
     from transformers import DynamicCache
 
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, 20000, (1, prompt_len), generator=g).to(gen.device)
-    nxt = torch.randint(100, 20000, (4, 1), generator=g).to(gen.device)
+    ids = torch.randint(*_id_range(gen), (1, prompt_len), generator=g).to(gen.device)
+    nxt = torch.randint(*_id_range(gen), (4, 1), generator=g).to(gen.device)
     out = {}
     with torch.inference_mode():
         kv = DynamicCache(config=gen.model.config)
@@ -116,7 +122,7 @@ def forward_ms(gen, batch: int, kv_len: int = 150, calls: int = 12, roomy: bool 
     from next_speed.engine import roomy_layer
 
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, 20000, (1, kv_len), generator=g, device=gen.device)
+    ids = torch.randint(*_id_range(gen), (1, kv_len), generator=g, device=gen.device)
     times = []
     with torch.inference_mode():
         kv = DynamicCache(config=gen.model.config)
@@ -129,7 +135,7 @@ def forward_ms(gen, batch: int, kv_len: int = 150, calls: int = 12, roomy: bool 
             for layer, (k, v) in zip(kv.layers, rows):
                 layer.keys, layer.values = k, v
         mask = torch.ones(batch, kv_len, dtype=torch.long, device=gen.device)
-        nxt = torch.randint(100, 20000, (batch, 1), generator=g, device=gen.device)
+        nxt = torch.randint(*_id_range(gen), (batch, 1), generator=g, device=gen.device)
         for i in range(calls):
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long, device=gen.device)], 1)
             t0 = time.perf_counter()

@@ -23,3 +23,21 @@ def test_gpu_check_script_runs_with_the_tiny_preset(tmp_path):
     assert fig["agreement_positions"] == 6 and fig["device"] == "cpu"
     r = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh"), "--fast"], env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "unknown option --fast" in r.stderr
+
+
+def test_gpu_check_engine_script_runs_with_the_tiny_preset(tmp_path):
+    """--engine: issue 11's check (bench_generate and bench_server on the main job's artifacts)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LANG", "OUT_DIR", "DEVICE")}
+    env.update({"NEXT_SPEED_PYTHON": sys.executable, "GPU_CHECK_DIR": str(tmp_path / "gpu_check"),
+                "PYTHONPATH": str(ROOT / "src")})
+    r = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh"), "--tiny", "--engine"], env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("GPU_CHECK_ENGINE "))
+    fig = json.loads(line[len("GPU_CHECK_ENGINE "):])
+    assert fig["device"] == "cpu"
+    for k in ("generate_ratio_n1", "generate_ratio_n4", "generate_ratio_n8", "server_throughput_ratio_8",
+              "server_throughput_ratio_16"):
+        assert isinstance(fig[k], (int, float)) and fig[k] > 0, k
+    assert isinstance(fig["server_rss_growth_mb"], (int, float))  # may be 0 or below: memory flat
+    assert fig["server_errors"] == 0
