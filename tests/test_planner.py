@@ -11,7 +11,7 @@ from next_speed.artifacts import make_meta, write_json, write_jsonl
 from next_speed.config import resolve
 from next_speed.errors import ConfigError, NextSpeedError, StaleInputError
 from next_speed.planner import Planner, PlannerModelConfig
-from next_speed.planner import PlannerRunner, load_planner
+from next_speed.planner import PlannerRunner, load_planner, mean_detail
 from next_speed.planner_eval import PlannerEvalConfig, eval_planner
 from next_speed.train_planner import PlannerTrainConfig, train_planner
 
@@ -233,7 +233,9 @@ def test_embedding_input_beats_every_baseline(workdir):
     assert info["planner_input"] == "emb" and info["model"]["emb_dim"] == 8
     rep = eval_planner(resolve(PlannerEvalConfig, environ={"DEVICE": "cpu"}))
     res, sm = rep["results"], rep["summary"]
-    assert set(res) == {"planner", "most frequent", "copy previous", "bigram", "retrieval"}
+    assert set(res) == {"planner", "planner (PLAN_DEEP=levels)", "most frequent", "copy previous", "bigram", "retrieval"}
+    assert rep["plan_deep"] == "mean" and res["planner"]["acc"][0] == res["planner (PLAN_DEEP=levels)"]["acc"][0]
+    assert not any(sm[f"{k}_best_baseline_name"].startswith("planner") for k in ("l0_top1", "cos_next"))
     for name in ("most frequent", "copy previous", "bigram", "retrieval"):
         assert res["planner"]["acc"][0] > res[name]["acc"][0] + 0.3, (name, res[name]["acc"])
     assert sm["l0_top1"] >= 1.3 * sm["l0_top1_best_baseline"] and sm["l0_top5"] >= sm["l0_top5_best_baseline"]  # V=5: top-5 is every code
@@ -299,3 +301,42 @@ def test_planner_with_unknown_settings_is_refused(workdir):
     Path("out/sentence_lm/config.json").write_text(json.dumps(cfg))
     with pytest.raises(StaleInputError, match=r"does not know \(from_the_future\): rerun step 05"):
         load_planner("out/sentence_lm")
+
+
+def test_mean_detail_renders_the_expected_sentence():
+    """PLAN_DEEP=mean: level 0 (and pinned levels) kept, deeper levels = greedy RVQ of the unit mean."""
+    K, V = 3, 4
+    books = torch.zeros(K, V, K * V)
+    for k in range(K):
+        books[k, :, k * V:(k + 1) * V] = torch.eye(V) / 3 ** 0.5  # disjoint subspaces: a tuple's vector has unit norm
+    t = torch.tensor([[2, 1, 3]])
+    sure = torch.nn.functional.one_hot(t, V).float()  # a planner certain of t renders t
+    assert mean_detail(sure, torch.tensor([[2, 0, 0]]), books).tolist() == [[2, 1, 3]]
+    # unsure of level 2 between codes 0 and 3 (0.6 / 0.4): the mean's nearest codeword there is 0
+    p = sure.clone()
+    p[0, 2] = torch.tensor([0.6, 0.0, 0.0, 0.4])
+    assert mean_detail(p, torch.tensor([[2, 0, 0]]), books).tolist() == [[2, 1, 0]]
+    # level 0 is kept as chosen even where the planner put little mass; pinned levels too
+    assert mean_detail(sure, torch.tensor([[0, 0, 0]]), books)[0, 0] == 0
+    assert mean_detail(sure, torch.tensor([[2, 2, 0]]), books, pinned=2)[0, :2].tolist() == [2, 2]
+    assert mean_detail(sure, torch.tensor([[2, 2, 0]]), books, pinned=2)[0, 2] == 3
+
+
+def test_runner_plan_deep(workdir):
+    write_trainsets(workdir, synthetic_docs(n_docs=20))
+    train_planner(resolve(PlannerTrainConfig, environ=tiny_env(STEPS=20, LOG_EVERY=10)))
+    model, info = load_planner("out/sentence_lm")
+    K, V = model.cfg.K, model.cfg.V
+    books = torch.randn(K, V, 6)
+    runner = PlannerRunner(model, info["context_sents"], codebooks=books)
+    ctx = [[1, 2], [3, 4]]
+    greedy = runner.next_tuple(ctx, greedy=True, deep="levels")
+    mean = runner.next_tuple(ctx, greedy=True, deep="mean")
+    assert mean[0] == greedy[0]
+    assert mean == mean_detail(runner.distributions(ctx)[None], torch.tensor([greedy]), books)[0].tolist()
+    assert runner.next_tuple(ctx, greedy=True, deep="mean", fixed=[4, 0])[:2] == [4, 0]
+    with pytest.raises(ConfigError, match="PLAN_DEEP"):
+        runner.next_tuple(ctx, greedy=True, deep="median")
+    if not model.cfg.codebook_dim:
+        with pytest.raises(NextSpeedError, match="PLAN_DEEP=levels"):
+            PlannerRunner(model, info["context_sents"]).next_tuple(ctx, greedy=True, deep="mean")

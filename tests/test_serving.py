@@ -215,6 +215,10 @@ def test_openai_client_completions(server):
         client.completions.create(model="gpt-4", prompt=PROMPT)
     with pytest.raises(openai.BadRequestError, match=r"plan\[0\]\[0\]"):
         client.completions.create(model="next-speed", prompt=PROMPT, extra_body={"plan": [[V]]})
+    with pytest.raises(openai.BadRequestError, match="plan_deep"):
+        client.completions.create(model="next-speed", prompt=PROMPT, extra_body={"plan_deep": "median"})
+    levels = client.completions.create(model="next-speed", prompt=PROMPT, seed=4, max_tokens=12, extra_body={"plan_deep": "levels"})
+    assert levels.choices[0].text
     with pytest.raises(openai.BadRequestError, match="logprobs"):
         client.completions.create(model="next-speed", prompt=PROMPT, logprobs=2)
 

@@ -98,7 +98,7 @@ def code_agreement(cfg: AgreementConfig, generator: SentenceGenerator | None = N
         ctx_emb = prev_emb if gen.planner.reads_embeddings else None
         planned = gen.planner.next_tuple(ctx_codes, greedy=p.plan_temp <= 0, temperature=p.plan_temp,
                                          top_k=p.plan_top_k, generator=g, at_doc_start=rows[0]["pos"] == 0,
-                                         embeddings=ctx_emb)
+                                         embeddings=ctx_emb, deep=p.plan_deep)
         # the exemplars generation would pick after these sentences (same exclusions and guard)
         exemplars = gen.exemplars_for(planned, exclude=set(prev), avoid=prev_emb if prev else None, avoid_cos=p.repeat_cos)
         cands = gen.render(ctx_text, planned, p, seed=cfg.seed * 100_000 + j, exemplars=exemplars)

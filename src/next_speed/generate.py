@@ -46,6 +46,9 @@ class GenParams:
     max_new_tokens: int = knob(48, env="MAX_NEW_TOKENS", min=1, max=512, help="token limit per sentence")
     plan_temp: float = knob(0.7, env="PLAN_TEMP", min=0.0, max=5.0, help="planner sampling temperature (0 = greedy)")
     plan_top_k: int = knob(20, env="PLAN_TOP_K", min=0, max=4096, help="planner top-k per level (0 = all)")
+    plan_deep: str = knob("mean", env="PLAN_DEEP", choices=("mean", "levels"),
+                          help="levels 1..K-1 of the plan: mean = the codes that best render the planner's expected next "
+                               "sentence after its level-0 choice (MBR under cosine); levels = each level's own argmax or sample")
     repetition_penalty: float = knob(1.1, env="REPETITION_PENALTY", min=1.0, max=3.0,
                                      help="penalty on tokens the sentence already used (1 = off; the prompt is exempt)")
     no_repeat_ngram: int = knob(3, env="NO_REPEAT_NGRAM", min=0, max=16,
@@ -321,7 +324,7 @@ class SentenceGenerator:
                                   f"K={self.rvq.K} V={self.rvq.V}: rerun steps 04-05")
         if pinfo.get("rvq_sha256") and pinfo["rvq_sha256"] != rvq_hash:
             raise StaleInputError(f"the planner in {cfg.planner_dir} was trained on codes of another {cfg.rvq_path}: rerun steps 04-05")
-        self.planner = PlannerRunner(planner, pinfo["context_sents"])
+        self.planner = PlannerRunner(planner, pinfo["context_sents"], codebooks=self.rvq.codebooks)
         self.context_sents = pinfo["context_sents"]
         self.model, self.tok, self.cond, dmeta = load_decoder(cfg.decoder_dir, self.device)
         if self.dtype == "bf16":
@@ -580,7 +583,7 @@ class SentenceGenerator:
             pin = pin or []
             planned = self.planner.next_tuple(ctx_codes, greedy=p.plan_temp <= 0, temperature=p.plan_temp,
                                               top_k=p.plan_top_k, generator=gen, at_doc_start=True, fixed=pin,
-                                              embeddings=hist_emb)
+                                              embeddings=hist_emb, deep=p.plan_deep)
             t1 = time.perf_counter()
             exemplars = self.exemplars_for(planned, exclude={h for h in history}, avoid=hist_emb, avoid_cos=p.repeat_cos)
             context_text, ctx_start = self.context_for(history, ctx_start, planned, exemplars)

@@ -11,7 +11,7 @@ How the standard fields map to generation (documented in the README, "OpenAI-com
   (default: the server's SEED, so the same request gives the same text); `n` independent choices,
   choice i seeded `seed + i`; `stop` (up to 4 strings) ends the text where one first occurs.
 - Sentence-level extras (pass them with the client's `extra_body`): `max_sentences`, `n_cand`,
-  `rerank`, `plan` (plan control, see `generate.check_plan`), `plan_temp`, `plan_top_k`,
+  `rerank`, `plan` (plan control, see `generate.check_plan`), `plan_temp`, `plan_top_k`, `plan_deep`,
   `repetition_penalty`, `no_repeat_ngram`, `repeat_cos`, `repeat_span`, and `return_candidates` (every choice's
   `sentences` then carry the candidates with their codes and scores).
 - Every choice carries `sentences`: per sentence its text, planned and realized codes, the levels
@@ -59,6 +59,7 @@ class _Common(BaseModel):
     plan: Optional[list[PlanEntry]] = Field(None, description="plan control: per sentence null, codes, an example sentence or an object")
     plan_temp: Optional[Annotated[Number, Field(allow_inf_nan=False)]] = None
     plan_top_k: Optional[StrictInt] = None
+    plan_deep: Optional[StrictStr] = Field(None, description="mean or levels: how the plan's levels 1..K-1 are chosen")
     repetition_penalty: Optional[Annotated[Number, Field(allow_inf_nan=False)]] = None
     no_repeat_ngram: Optional[StrictInt] = None
     repeat_cos: Optional[Annotated[Number, Field(allow_inf_nan=False)]] = None
@@ -144,7 +145,7 @@ def generation_kwargs(req: _Common, default_seed: int, max_sentences_cap: int) -
         if req.top_p < 0.01:
             raise ApiError(400, f"top_p: {req.top_p} is too small: at least 0.01", "top_p")
         kw["top_p"] = req.top_p
-    for name in ("n_cand", "rerank", "plan_temp", "plan_top_k", "repetition_penalty", "no_repeat_ngram", "repeat_cos", "repeat_span"):
+    for name in ("n_cand", "rerank", "plan_temp", "plan_top_k", "plan_deep", "repetition_penalty", "no_repeat_ngram", "repeat_cos", "repeat_span"):
         if getattr(req, name) is not None:
             kw[name] = getattr(req, name)
     max_tokens = req.max_tokens

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import numpy as np
 
 from .artifacts import StaleInputError, read_jsonl
-from .errors import NextSpeedError
+from .errors import ConfigError, NextSpeedError
 
 FORMAT = "next-speed-planner/1"
 
@@ -339,10 +339,15 @@ def load_planner(out_dir: str, device: str = "cpu"):
 class PlannerRunner:
     """Next-tuple distributions and choices for generation, deterministic under an explicit Generator."""
 
-    def __init__(self, model, context_sents: int):
+    def __init__(self, model, context_sents: int, codebooks=None):
+        """`codebooks` (K, V, D): the RVQ codewords, for `deep="mean"` (default: the planner's own copy)."""
         self.model = model
         self.K, self.V = model.cfg.K, model.cfg.V
         self.context_sents = context_sents
+        if codebooks is None and model.cfg.codebook_dim:
+            codebooks = model.codebooks
+        self.codebooks = None if codebooks is None else torch.as_tensor(np.asarray(codebooks, dtype=np.float32)
+                                                                        if not torch.is_tensor(codebooks) else codebooks).float().cpu()
 
     @property
     def reads_embeddings(self) -> bool:
@@ -383,13 +388,16 @@ class PlannerRunner:
 
     def next_tuple(self, context: Sequence[Sequence[int]], *, greedy: bool = False, temperature: float = 1.0,
                    top_k: int = 0, generator=None, at_doc_start: bool = True, fixed: Sequence[int] = (),
-                   embeddings=None) -> list[int]:
+                   embeddings=None, deep: str = "levels") -> list[int]:
         """Choose the next tuple: greedy, or sampled per level with temperature and top-k. The
         first `len(fixed)` levels are pinned to `fixed` (plan control); a chained planner conditions
         the levels it still chooses on them. `embeddings`: the context sentences' vectors (one per
-        tuple of `context`), needed by a planner trained with PLANNER_INPUT=emb, ignored otherwise."""
+        tuple of `context`), needed by a planner trained with PLANNER_INPUT=emb, ignored otherwise.
+        `deep="mean"`: level 0 is chosen so, the deeper levels are `mean_detail`'s."""
         import torch
 
+        if deep not in ("levels", "mean"):
+            raise ConfigError(f"PLAN_DEEP={deep!r}: choose mean or levels")
         fixed = [int(c) for c in fixed]
         if len(fixed) >= self.model.cfg.K:
             return fixed[: self.model.cfg.K]
@@ -407,5 +415,43 @@ class PlannerRunner:
             return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
 
         codes, emb = self._inputs(context, at_doc_start, embeddings)
-        chosen, _ = self.model.next_logits_levelwise(codes, choose, emb)
+        chosen, logits = self.model.next_logits_levelwise(codes, choose, emb)
+        if deep == "mean":
+            return mean_detail(torch.softmax(logits.float().cpu(), -1), chosen.cpu(), self._books(), pinned=len(fixed))[0].tolist()
         return chosen[0].tolist()
+
+    def _books(self):
+        if self.codebooks is None:
+            raise NextSpeedError("PLAN_DEEP=mean needs the RVQ codebooks: this planner was trained without them "
+                                 "(use PLAN_DEEP=levels)")
+        return self.codebooks
+
+
+def mean_detail(probs: torch.Tensor, chosen: torch.Tensor, codebooks, pinned: int = 0) -> torch.Tensor:
+    """Keep level 0 and the `pinned` first levels of `chosen`; fill the deeper levels with the codes
+    that best render the planner's expected next sentence: minimum Bayes risk decoding (Kumar &
+    Byrne 2004) under the cosine of the Large Concept Models paper's evaluation. For a unit-norm
+    target y, E[cos(rec(t), y)] is about cos(rec(t), E[y]); the planner's expected reconstruction
+    mu = sum_k sum_v p_k(v) C_k[v] stands in for E[y], and RVQ's greedy encoding of mu / |mu|, after
+    the kept levels' codewords, picks the deeper codes. Why not each level's own argmax: deeper
+    levels are predicted barely above chance, so their argmax codewords add near-random directions;
+    the mean keeps what the planner knows. A chosen (argmax or sampled) level 0 still counts with its
+    probabilities in mu (measured: that hedge beats a mu built on the chosen codeword); pinned levels
+    (plan control) are known, not guessed, and count with their own codeword.
+
+    probs (N, K, V) per-level probabilities, chosen (N, K) the codes chosen so far, codebooks
+    (K, V, D) -> (N, K) codes."""
+    chosen = chosen.long().clone()
+    books = torch.as_tensor(codebooks).float().to(probs.device)  # (K, V, D)
+    K, keep = books.shape[0], max(1, pinned)
+    p = probs.float().clone()  # (N, K, V)
+    if pinned:
+        p[:, :pinned] = F.one_hot(chosen[:, :pinned], p.shape[-1]).float()
+    mu = torch.einsum("nkv,kvd->nd", p, books)  # (N, D) expected reconstruction
+    kept = sum(books[k][chosen[:, k]] for k in range(keep))  # (N, D)
+    r = mu / mu.norm(dim=-1, keepdim=True).clamp_min(1e-12) - kept  # (N, D): what is left to render
+    for k in range(keep, K):
+        c = torch.cdist(r, books[k]).argmin(-1)  # (N,)
+        chosen[:, k] = c
+        r = r - books[k][c]
+    return chosen

@@ -17,7 +17,7 @@ import numpy as np
 from .artifacts import write_json
 from .config import knob
 from .errors import NextSpeedError
-from .planner import load_planner, load_rows, tensorize
+from .planner import load_planner, load_rows, mean_detail, tensorize
 from .training import check_trainsets
 
 
@@ -25,14 +25,15 @@ def evaluate_model(model, inp, tgt, last, device: str = "cpu", bs: int = 512, id
                    return_pred: bool = False) -> dict:
     """Score each row's own target: loss, per-head top-1/top-5, tuple exact match, matched prefix.
     A planner that reads embeddings gets them from `table` at the sentence ids `ids` (N, L).
-    With `return_pred`, the greedy tuples (N, K) come back under "pred" (a numpy array)."""
+    With `return_pred`, the greedy tuples (N, K) come back under "pred" (a numpy array) and the
+    per-level probabilities (N, K, V) under "probs" (a tensor), with "gold" and "top5_hit" (N, K)."""
     import torch
     import torch.nn.functional as F
 
     model.eval()
     K, V = model.cfg.K, model.cfg.V
     tot_loss, top5 = 0.0, []
-    preds, golds = [], []
+    preds, golds, probs = [], [], []
     with torch.no_grad():
         for i in range(0, len(inp), bs):
             xb = inp[i : i + bs].to(device)
@@ -57,12 +58,14 @@ def evaluate_model(model, inp, tgt, last, device: str = "cpu", bs: int = 512, id
                 logits = logits_tf
             pred = logits.argmax(-1)
             preds.append(pred.cpu())
+            if return_pred:
+                probs.append(torch.softmax(logits.float(), -1).cpu())
             golds.append(gold.cpu())
             top5.append((logits.topk(min(5, V), -1).indices == gold[..., None]).any(-1).cpu())
     pred, gold, t5 = torch.cat(preds), torch.cat(golds), torch.cat(top5)
     out = {"loss": tot_loss / max(1, gold.numel()), **tuple_metrics(pred.numpy(), gold.numpy(), t5.numpy())}
     if return_pred:
-        out["pred"] = pred.numpy()
+        out.update(pred=pred.numpy(), probs=torch.cat(probs), gold=gold.numpy(), top5_hit=t5.numpy())
     return out
 
 
@@ -189,6 +192,9 @@ class PlannerEvalConfig:
     out_json: str = knob("out/sent_lm_eval.json", env="OUT_JSON", help="where to write the report JSON")
     device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
     seed: int = knob(0, env="SEED", min=0, help="seed of the contrastive batches")
+    plan_deep: str = knob("mean", env="PLAN_DEEP", choices=("mean", "levels"),
+                          help="the planner's levels 1..K-1, as generation chooses them (greedy level 0): mean = MBR "
+                               "under cosine, levels = each level's argmax; both are reported, the summary uses this one")
 
 
 SUMMARY_KEYS = ("l0_top1", "l0_top5", "cos_next", "contrastive_acc")
@@ -218,7 +224,15 @@ def eval_planner(cfg: PlannerEvalConfig) -> dict:
         table = EmbeddingTable(model.cfg.emb_dim)
         ids = table.add(emb, input_sids(val_rows, inp.shape[1], cfg.out_lm_val), tmeta.get("emb_path", "the embeddings"))
     with torch.no_grad():
-        res = {"planner": evaluate_model(model, inp, tgt, last, device=device, ids=ids, table=table, return_pred=True)}
+        pm = evaluate_model(model, inp, tgt, last, device=device, ids=ids, table=table, return_pred=True)
+    # The tuple generation would plan greedily: level 0 the argmax, the deeper levels by PLAN_DEEP.
+    # Both choices are reported; per-level accuracy is the tuple's own.
+    gold, t5 = pm.pop("gold"), pm.pop("top5_hit")
+    mean = mean_detail(pm.pop("probs"), torch.as_tensor(pm["pred"]), rvq.codebooks).numpy()
+    pm_mean = {"loss": pm["loss"], **tuple_metrics(mean, gold, t5), "pred": mean}
+    other = "levels" if cfg.plan_deep == "mean" else "mean"
+    res = {"planner": pm_mean if cfg.plan_deep == "mean" else pm,
+           f"planner (PLAN_DEEP={other})": pm if cfg.plan_deep == "mean" else pm_mean}
     res.update(baselines(load_rows(cfg.out_lm), val_rows, K, V, emb=emb))
     nxt = np.asarray(emb[np.asarray([r["sid"] for r in val_rows])], dtype=np.float32)
     for m in res.values():
@@ -226,25 +240,27 @@ def eval_planner(cfg: PlannerEvalConfig) -> dict:
     summary = {}
     for key, get in (("l0_top1", lambda m: m["acc"][0]), ("l0_top5", lambda m: m["top5"][0]),
                      ("cos_next", lambda m: m["cos_next"]), ("contrastive_acc", lambda m: m["contrastive_acc"])):
-        best_name, best = max(((n, get(m)) for n, m in res.items() if n != "planner"), key=lambda t: t[1])
+        best_name, best = max(((n, get(m)) for n, m in res.items() if not n.startswith("planner")), key=lambda t: t[1])
         summary[key] = round(get(res["planner"]), 4)
         summary[f"{key}_best_baseline"] = round(best, 4)
         summary[f"{key}_best_baseline_name"] = best_name
         summary[f"{key}_ratio"] = round(get(res["planner"]) / best, 3) if best > 0 else None
     report = {"K": K, "V": V, "val_rows": len(val_rows), "head_mode": info["model"]["head_mode"],
-              "planner_input": info.get("planner_input", "codes"), "results": res, "summary": summary}
+              "planner_input": info.get("planner_input", "codes"), "plan_deep": cfg.plan_deep, "results": res,
+              "summary": summary}
     write_json(cfg.out_json, report)
     return report
 
 
 def format_eval(rep: dict) -> str:
     K = rep["K"]
-    head = (f"{'model':<14}" + "".join(f" {'L' + str(k) + '@1':>7}" for k in range(K)) +
+    w = max(14, *(len(n) for n in rep["results"]))
+    head = (f"{'model':<{w}}" + "".join(f" {'L' + str(k) + '@1':>7}" for k in range(K)) +
             f" {'L0@5':>6} {'exact':>6} {'prefix':>6} {'cos':>6} {'L2':>6} {'contr':>6}")
     lines = [f"planner evaluation on {rep['val_rows']} validation sentences (K={K}, V={rep['V']}, {rep['head_mode']} heads, "
-             f"input: {rep.get('planner_input', 'codes')})", head]
+             f"input: {rep.get('planner_input', 'codes')}, levels 1..K-1: PLAN_DEEP={rep.get('plan_deep', 'levels')})", head]
     for name, m in rep["results"].items():
-        lines.append(f"{name:<14}" + "".join(f" {a:>7.3f}" for a in m["acc"]) + f" {m['top5'][0]:>6.3f} {m['exact']:>6.3f} "
+        lines.append(f"{name:<{w}}" + "".join(f" {a:>7.3f}" for a in m["acc"]) + f" {m['top5'][0]:>6.3f} {m['exact']:>6.3f} "
                      f"{m['prefix']:>6.2f} {m.get('cos_next', float('nan')):>6.3f} {m.get('l2_next', float('nan')):>6.3f} "
                      f"{m.get('contrastive_acc', float('nan')):>6.3f}")
     sm = rep.get("summary", {})
