@@ -245,6 +245,11 @@ def test_embedding_input_beats_every_baseline(workdir):
     train_planner(resolve(PlannerTrainConfig, environ=tiny_env(PLANNER_INPUT="codes", STEPS=400, OUT_DIR="out/codes_only")))
     rep2 = eval_planner(resolve(PlannerEvalConfig, environ={"DEVICE": "cpu", "OUT_DIR": "out/codes_only", "OUT_JSON": "out/e2.json"}))
     assert rep2["results"]["planner"]["acc"][0] < res["planner"]["acc"][0] - 0.3
+    # PLAN_DEEP=levels: the rows swap, the summary follows the named tuple
+    rep3 = eval_planner(resolve(PlannerEvalConfig, environ={"DEVICE": "cpu", "PLAN_DEEP": "levels", "OUT_JSON": "out/e3.json"}))
+    assert rep3["results"]["planner"] == res["planner (PLAN_DEEP=levels)"]
+    assert rep3["results"]["planner (PLAN_DEEP=mean)"] == res["planner"]
+    assert rep3["summary"]["cos_next"] == round(res["planner (PLAN_DEEP=levels)"]["cos_next"], 4)
 
 
 def test_embedding_planner_save_load_and_runner(workdir):
@@ -316,6 +321,12 @@ def test_mean_detail_renders_the_expected_sentence():
     p = sure.clone()
     p[0, 2] = torch.tensor([0.6, 0.0, 0.0, 0.4])
     assert mean_detail(p, torch.tensor([[2, 0, 0]]), books).tolist() == [[2, 1, 0]]
+    # a greedy level 0 enters the mean with its probabilities, a pinned one with its codeword
+    g = torch.Generator().manual_seed(0)
+    rb, rp = torch.randn(K, V, 6, generator=g), torch.softmax(3 * torch.randn(50, K, V, generator=g), -1)
+    c0 = torch.zeros(50, K, dtype=torch.long)
+    assert not torch.equal(mean_detail(rp, c0, rb), mean_detail(rp, c0, rb, pinned=1))
+    assert (mean_detail(rp, c0, rb)[:, 0] == 0).all()
     # level 0 is kept as chosen even where the planner put little mass; pinned levels too
     assert mean_detail(sure, torch.tensor([[0, 0, 0]]), books)[0, 0] == 0
     assert mean_detail(sure, torch.tensor([[2, 2, 0]]), books, pinned=2)[0, :2].tolist() == [2, 2]
@@ -334,7 +345,13 @@ def test_runner_plan_deep(workdir):
     mean = runner.next_tuple(ctx, greedy=True, deep="mean")
     assert mean[0] == greedy[0]
     assert mean == mean_detail(runner.distributions(ctx)[None], torch.tensor([greedy]), books)[0].tolist()
-    assert runner.next_tuple(ctx, greedy=True, deep="mean", fixed=[4, 0])[:2] == [4, 0]
+    probs = runner.distributions(ctx)[None]
+    pinned = runner.next_tuple(ctx, greedy=True, deep="mean", fixed=[4])  # K=2: level 0 pinned, level 1 from the mean
+    assert pinned[0] == 4 and pinned == mean_detail(probs, torch.tensor([[4, 0]]), books, pinned=1)[0].tolist()
+    # a sampled level 0 is a decision: the mean is built on its codeword, as a pinned one
+    for seed in range(5):
+        drawn = runner.next_tuple(ctx, temperature=2.0, deep="mean", generator=torch.Generator().manual_seed(seed))
+        assert drawn == mean_detail(probs, torch.tensor([[drawn[0], 0]]), books, pinned=1)[0].tolist()
     with pytest.raises(ConfigError, match="PLAN_DEEP"):
         runner.next_tuple(ctx, greedy=True, deep="median")
     if not model.cfg.codebook_dim:

@@ -393,7 +393,8 @@ class PlannerRunner:
         first `len(fixed)` levels are pinned to `fixed` (plan control); a chained planner conditions
         the levels it still chooses on them. `embeddings`: the context sentences' vectors (one per
         tuple of `context`), needed by a planner trained with PLANNER_INPUT=emb, ignored otherwise.
-        `deep="mean"`: level 0 is chosen so, the deeper levels are `mean_detail`'s."""
+        `deep="mean"`: level 0 is chosen so, the deeper levels are `mean_detail`'s (the generation
+        knob PLAN_DEEP defaults to it; this method's default stays the per-level choice)."""
         import torch
 
         if deep not in ("levels", "mean"):
@@ -417,7 +418,10 @@ class PlannerRunner:
         codes, emb = self._inputs(context, at_doc_start, embeddings)
         chosen, logits = self.model.next_logits_levelwise(codes, choose, emb)
         if deep == "mean":
-            return mean_detail(torch.softmax(logits.float().cpu(), -1), chosen.cpu(), self._books(), pinned=len(fixed))[0].tolist()
+            # a sampled level 0 is a decision (the sample's diversity stays), a greedy one the planner's guess
+            sampled = not (greedy or temperature <= 0)
+            return mean_detail(torch.softmax(logits.float().cpu(), -1), chosen.cpu(), self._books(),
+                               pinned=max(len(fixed), int(sampled)))[0].tolist()
         return chosen[0].tolist()
 
     def _books(self):
@@ -435,9 +439,10 @@ def mean_detail(probs: torch.Tensor, chosen: torch.Tensor, codebooks, pinned: in
     mu = sum_k sum_v p_k(v) C_k[v] stands in for E[y], and RVQ's greedy encoding of mu / |mu|, after
     the kept levels' codewords, picks the deeper codes. Why not each level's own argmax: deeper
     levels are predicted barely above chance, so their argmax codewords add near-random directions;
-    the mean keeps what the planner knows. A chosen (argmax or sampled) level 0 still counts with its
-    probabilities in mu (measured: that hedge beats a mu built on the chosen codeword); pinned levels
-    (plan control) are known, not guessed, and count with their own codeword.
+    the mean keeps what the planner knows. A greedy level 0 still counts with its probabilities in
+    mu (measured: that hedge beats a mu built on the argmax codeword); pinned levels (plan control,
+    or a sampled level 0, which generation passes as pinned) are decided, and count with their own
+    codeword. With chained heads, `probs` are those of the path chosen so far.
 
     probs (N, K, V) per-level probabilities, chosen (N, K) the codes chosen so far, codebooks
     (K, V, D) -> (N, K) codes."""

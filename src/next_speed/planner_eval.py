@@ -22,18 +22,18 @@ from .training import check_trainsets
 
 
 def evaluate_model(model, inp, tgt, last, device: str = "cpu", bs: int = 512, ids=None, table=None,
-                   return_pred: bool = False) -> dict:
+                   return_pred: bool = False, codebooks=None) -> dict:
     """Score each row's own target: loss, per-head top-1/top-5, tuple exact match, matched prefix.
     A planner that reads embeddings gets them from `table` at the sentence ids `ids` (N, L).
-    With `return_pred`, the greedy tuples (N, K) come back under "pred" (a numpy array) and the
-    per-level probabilities (N, K, V) under "probs" (a tensor), with "gold" and "top5_hit" (N, K)."""
+    With `return_pred`, the greedy tuples (N, K) come back under "pred" (a numpy array), with "gold"
+    and "top5_hit" (N, K); with `codebooks` (K, V, D) too, the `PLAN_DEEP=mean` tuples under "pred_mean"."""
     import torch
     import torch.nn.functional as F
 
     model.eval()
     K, V = model.cfg.K, model.cfg.V
     tot_loss, top5 = 0.0, []
-    preds, golds, probs = [], [], []
+    preds, golds, means = [], [], []
     with torch.no_grad():
         for i in range(0, len(inp), bs):
             xb = inp[i : i + bs].to(device)
@@ -58,14 +58,16 @@ def evaluate_model(model, inp, tgt, last, device: str = "cpu", bs: int = 512, id
                 logits = logits_tf
             pred = logits.argmax(-1)
             preds.append(pred.cpu())
-            if return_pred:
-                probs.append(torch.softmax(logits.float(), -1).cpu())
+            if codebooks is not None:
+                means.append(mean_detail(torch.softmax(logits.float(), -1).cpu(), pred.cpu(), codebooks))
             golds.append(gold.cpu())
             top5.append((logits.topk(min(5, V), -1).indices == gold[..., None]).any(-1).cpu())
     pred, gold, t5 = torch.cat(preds), torch.cat(golds), torch.cat(top5)
     out = {"loss": tot_loss / max(1, gold.numel()), **tuple_metrics(pred.numpy(), gold.numpy(), t5.numpy())}
     if return_pred:
-        out.update(pred=pred.numpy(), probs=torch.cat(probs), gold=gold.numpy(), top5_hit=t5.numpy())
+        out.update(pred=pred.numpy(), gold=gold.numpy(), top5_hit=t5.numpy())
+        if means:
+            out["pred_mean"] = torch.cat(means).numpy()
     return out
 
 
@@ -224,11 +226,12 @@ def eval_planner(cfg: PlannerEvalConfig) -> dict:
         table = EmbeddingTable(model.cfg.emb_dim)
         ids = table.add(emb, input_sids(val_rows, inp.shape[1], cfg.out_lm_val), tmeta.get("emb_path", "the embeddings"))
     with torch.no_grad():
-        pm = evaluate_model(model, inp, tgt, last, device=device, ids=ids, table=table, return_pred=True)
+        pm = evaluate_model(model, inp, tgt, last, device=device, ids=ids, table=table, return_pred=True,
+                            codebooks=rvq.codebooks)
     # The tuple generation would plan greedily: level 0 the argmax, the deeper levels by PLAN_DEEP.
     # Both choices are reported; per-level accuracy is the tuple's own.
     gold, t5 = pm.pop("gold"), pm.pop("top5_hit")
-    mean = mean_detail(pm.pop("probs"), torch.as_tensor(pm["pred"]), rvq.codebooks).numpy()
+    mean = pm.pop("pred_mean")
     pm_mean = {"loss": pm["loss"], **tuple_metrics(mean, gold, t5), "pred": mean}
     other = "levels" if cfg.plan_deep == "mean" else "mean"
     res = {"planner": pm_mean if cfg.plan_deep == "mean" else pm,
