@@ -354,6 +354,8 @@ def test_runner_plan_deep(workdir):
         assert drawn == mean_detail(probs, torch.tensor([[drawn[0], 0]]), books, pinned=1)[0].tolist()
     with pytest.raises(ConfigError, match="PLAN_DEEP"):
         runner.next_tuple(ctx, greedy=True, deep="median")
-    if not model.cfg.codebook_dim:
-        with pytest.raises(NextSpeedError, match="PLAN_DEEP=levels"):
-            PlannerRunner(model, info["context_sents"]).next_tuple(ctx, greedy=True, deep="mean")
+    assert not model.cfg.codebook_dim  # tiny_env: CODEBOOK_FEATURES=0, so the planner holds no codebooks of its own
+    with pytest.raises(NextSpeedError, match="PLAN_DEEP=levels"):
+        PlannerRunner(model, info["context_sents"]).next_tuple(ctx, greedy=True, deep="mean")
+    # numpy codebooks are accepted as well as tensors
+    assert PlannerRunner(model, info["context_sents"], codebooks=books.numpy()).next_tuple(ctx, greedy=True, deep="mean") == mean

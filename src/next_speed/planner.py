@@ -346,8 +346,7 @@ class PlannerRunner:
         self.context_sents = context_sents
         if codebooks is None and model.cfg.codebook_dim:
             codebooks = model.codebooks
-        self.codebooks = None if codebooks is None else torch.as_tensor(np.asarray(codebooks, dtype=np.float32)
-                                                                        if not torch.is_tensor(codebooks) else codebooks).float().cpu()
+        self.codebooks = None if codebooks is None else torch.as_tensor(codebooks, dtype=torch.float32).cpu()
 
     @property
     def reads_embeddings(self) -> bool:

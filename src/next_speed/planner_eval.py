@@ -32,6 +32,8 @@ def evaluate_model(model, inp, tgt, last, device: str = "cpu", bs: int = 512, id
 
     model.eval()
     K, V = model.cfg.K, model.cfg.V
+    if codebooks is not None:
+        codebooks = torch.as_tensor(codebooks, dtype=torch.float32)  # once, not per batch
     tot_loss, top5 = 0.0, []
     preds, golds, means = [], [], []
     with torch.no_grad():
