@@ -1,6 +1,6 @@
 """Benchmark the generation loop against plain token-level sampling from the same decoder.
 
-  uv run python bench/bench_generate.py [--sentences 3] [--repeats 3] [--dtypes auto,bf16] [--out bench/results/bench_generate.json]
+  uv run python bench/bench_generate.py [--sentences 3] [--repeats 3] [--dtypes auto,unpacked,bf16] [--out bench/results/bench_generate.json]
 
 Needs trained artifacts (the main job). In one run, side by side:
 - the loop with the engine (ENGINE=kv: prompt cache kept across sentences, one prefill shared by
@@ -19,8 +19,10 @@ batch cache; `forward_ms_by_batch_dynamic_cache` with transformers' DynamicCache
 `longest_over_chosen`, the tokens of a step's longest candidate over the chosen one's (a step
 lasts until its longest candidate ends and is credited the chosen one).
 Everything is measured for each DTYPE of `--dtypes` in turn (the decoder's weights at generation:
-the default, then bf16; plain sampling writes the same number of tokens for both); the first is the
-summary's plain keys, the others prefixed (`bf16_ratio_n4`). `batch_logit_diff`: how far a row's
+the default, then fp32 with `PACK_WEIGHTS=0` (`unpacked`: the matrices not reordered for oneDNN,
+the baseline of that knob), then bf16; plain sampling writes the same number of tokens for all, from
+the same decoder as the loop, packed or not); the first is the summary's plain keys, the others
+prefixed (`unpacked_ratio_n4`, `bf16_ratio_n4`). `batch_logit_diff`: how far a row's
 logits move when it is batched with others (why bf16 is not the CPU default).
 Writes a JSON with a flat `summary`: ratio_n1, ratio_n4, ratio_n8 (loop over plain, chosen
 sentences), rendered_ratio_n1/n4/n8, plain_tokens_per_s, and the baseline's hf_ratio_n1, hf_ratio_n4.
@@ -44,7 +46,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sentences", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dtypes", default="auto,bf16", help="DTYPE values measured one after the other (the first is the summary's)")
+    ap.add_argument("--dtypes", default="auto,unpacked,bf16",
+                    help="DTYPE values measured one after the other (the first is the summary's); unpacked = fp32 with PACK_WEIGHTS=0")
     ap.add_argument("--out", default="bench/results/bench_generate.json")
     args = ap.parse_args()
     import torch
@@ -56,16 +59,26 @@ def main() -> None:
     from next_speed.runtime import cpu_has_native_bf16, pick_device, resolve_dtype
 
     device = pick_device(os.environ.get("DEVICE", "cpu"))
-    dtypes = list(dict.fromkeys(resolve_dtype(d.strip(), device) for d in args.dtypes.split(",") if d.strip()))
+    # (name, DTYPE, PACK_WEIGHTS): "unpacked" is fp32 without the oneDNN-packed matrices (the baseline
+    # of PACK_WEIGHTS); packing applies to fp32 on a CPU only
+    variants = []
+    for d in (d.strip() for d in args.dtypes.split(",") if d.strip()):
+        dtype = resolve_dtype("fp32" if d == "unpacked" else d, device)
+        pack = d != "unpacked"
+        name = dtype if pack or device != "cpu" else "fp32-unpacked"
+        if name not in [v[0] for v in variants]:
+            variants.append((name, dtype, pack))
     res: dict = {"threads": torch.get_num_threads(), "device": device, "cpu_native_bf16": cpu_has_native_bf16(),
                  "sentences_per_prompt": args.sentences, "repeats": args.repeats, "prompts": PROMPTS, "dtypes": {}}
-    summary: dict = {"dtype": dtypes[0]}
+    summary: dict = {"dtype": variants[0][0]}
     per_prompt = None  # plain sampling writes the same number of tokens for every DTYPE
-    for i, dtype in enumerate(dtypes):
-        gen = SentenceGenerator(resolve(GenerateConfig, {"device": device, "dtype": dtype}))
+    for i, (name, dtype, pack) in enumerate(variants):
+        gen = SentenceGenerator(resolve(GenerateConfig, {"device": device, "dtype": dtype, "pack_weights": pack}))
         sec, summ, per_prompt = measure(gen, args, full=i == 0, per_prompt=per_prompt)
-        res["dtypes"][dtype] = sec
-        summary.update(summ if i == 0 else {f"{dtype}_{k}": v for k, v in summ.items()})
+        sec["packed_linears"] = gen.packed_linears
+        res["dtypes"][name] = sec
+        prefix = "unpacked" if name == "fp32-unpacked" else name
+        summary.update(summ if i == 0 else {f"{prefix}_{k}": v for k, v in summ.items()})
         del gen, sec
     res["summary"] = summary
     print(json.dumps(summary, indent=2))

@@ -13,11 +13,14 @@ free port) and, in one run, side by side:
 - the baseline: the same server with MAX_BATCH_ROWS=1 (one request per decoder batch, as before
   batching) at 1 and 8 clients;
 - the same server with DTYPE=bf16 (`--bf16 1`, the default; skipped where the default already is
-  bf16, on CUDA) at 1 and 8 clients.
+  bf16, on CUDA) at 1 and 8 clients;
+- on a CPU, the same server with PACK_WEIGHTS=0 (`--unpacked 1`, the default: the decoder's matrices
+  not reordered for oneDNN) at 1 and 8 clients.
 1 and 8 clients run twice each, interleaved, and each pair is pooled (requests over summed wall
 time), since this machine's speed drifts within minutes. Errors are non-200 answers or failed connections. Writes a JSON with a flat `summary`:
 throughput_ratio_8, throughput_ratio_16 (requests/s), sentences_ratio_8, errors, rss_growth_mb (and
-the baseline's ratio, and bf16_throughput_ratio_8, bf16_sentences_ratio_8, bf16_over_fp32_c8).
+the baseline's ratio, and bf16_throughput_ratio_8, bf16_sentences_ratio_8, bf16_over_fp32_c8,
+unpacked_throughput_ratio_8, packed_over_unpacked_c1, packed_over_unpacked_c8).
 Reads RSS from /proc (Linux).
 """
 
@@ -155,13 +158,14 @@ def main() -> None:
     ap.add_argument("--sentences", type=int, default=2)
     ap.add_argument("--long", type=int, default=200, help="requests of the memory run (8 clients)")
     ap.add_argument("--bf16", type=int, default=1, help="also run 1 and 8 clients with DTYPE=bf16 (0: skip)")
+    ap.add_argument("--unpacked", type=int, default=1, help="also run 1 and 8 clients with PACK_WEIGHTS=0 on a CPU (0: skip)")
     ap.add_argument("--out", default="bench/results/bench_server.json")
     args = ap.parse_args()
     from next_speed.artifacts import write_json
 
     params = {"n_cand": args.n_cand}
     res: dict = {"per_client": args.per_client, "c1_requests": args.c1_requests, "n_cand": args.n_cand, "max_sentences": args.sentences, "batched": {}, "baseline": {}}
-    srv = Server({"DTYPE": "auto"})  # the default, whatever the caller's environment says
+    srv = Server({"DTYPE": "auto", "PACK_WEIGHTS": "1"})  # the default, whatever the caller's environment says
     try:
         load(srv, 1, 1, params, 1)  # warm-up
         runs: dict[int, list[dict]] = {}
@@ -203,12 +207,16 @@ def main() -> None:
         finally:
             srv.close()
 
-    res["baseline"] = one_and_eight({"MAX_BATCH_ROWS": "1", "DTYPE": "auto"})
+    res["baseline"] = one_and_eight({"MAX_BATCH_ROWS": "1", "DTYPE": "auto", "PACK_WEIGHTS": "1"})
     from next_speed.runtime import pick_device, resolve_dtype
 
-    if args.bf16 and resolve_dtype("auto", pick_device(os.environ.get("DEVICE", "auto"))) != "bf16":
+    device = pick_device(os.environ.get("DEVICE", "auto"))
+    if args.unpacked and device == "cpu" and resolve_dtype("auto", device) == "fp32":
+        # the same server without the oneDNN-packed matrices (PACK_WEIGHTS's baseline)
+        res["unpacked"] = one_and_eight({"DTYPE": "auto", "PACK_WEIGHTS": "0"})
+    if args.bf16 and resolve_dtype("auto", device) != "bf16":
         # the same server with the decoder in bf16 (on CUDA the default already is)
-        res["bf16"] = one_and_eight({"DTYPE": "bf16"})
+        res["bf16"] = one_and_eight({"DTYPE": "bf16", "PACK_WEIGHTS": "1"})
     B, R = res["batched"], res["baseline"]
     one = B["c1"]["requests_per_s"]
     res["summary"] = {
@@ -220,7 +228,8 @@ def main() -> None:
         "p50_ratio_8": round(B["c8"]["p50_s"] / B["c1"]["p50_s"], 2), "p95_ratio_8": round(B["c8"]["p95_s"] / B["c1"]["p95_s"], 2),
         "p50_ratio_16": round(B["c16"]["p50_s"] / B["c1"]["p50_s"], 2), "p95_ratio_16": round(B["c16"]["p95_s"] / B["c1"]["p95_s"], 2),
         "baseline_throughput_ratio_8": round(R["c8"]["requests_per_s"] / R["c1"]["requests_per_s"], 2),
-        "errors": sum(r["errors"] for r in (*B.values(), *R.values(), *res.get("bf16", {}).values(), res["memory"])),
+        "errors": sum(r["errors"] for r in (*B.values(), *R.values(), *res.get("bf16", {}).values(), *res.get("unpacked", {}).values(),
+                                            res["memory"])),
         "rss_growth_mb": res["memory"]["rss_growth_mb"], "peak_rss_mb": res["memory"]["peak_rss_mb"],
     }
     if "bf16" in res:
@@ -228,6 +237,11 @@ def main() -> None:
         res["summary"].update(bf16_throughput_ratio_8=round(F["c8"]["requests_per_s"] / F["c1"]["requests_per_s"], 2),
                               bf16_sentences_ratio_8=round(F["c8"]["sentences_per_s"] / F["c1"]["sentences_per_s"], 2),
                               bf16_over_fp32_c8=round(F["c8"]["requests_per_s"] / B["c8"]["requests_per_s"], 2))
+    if "unpacked" in res:
+        U = res["unpacked"]
+        res["summary"].update(unpacked_throughput_ratio_8=round(U["c8"]["requests_per_s"] / U["c1"]["requests_per_s"], 2),
+                              packed_over_unpacked_c1=round(B["c1"]["requests_per_s"] / U["c1"]["requests_per_s"], 2),
+                              packed_over_unpacked_c8=round(B["c8"]["requests_per_s"] / U["c8"]["requests_per_s"], 2))
     print(json.dumps(res["summary"], indent=2))
     write_json(args.out, res)
 

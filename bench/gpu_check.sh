@@ -44,11 +44,11 @@ if [ "$TINY" = 1 ]; then
   PRESET=tiny "${PY[@]}" -m next_speed.cli run
   EXTRA=(EMB_MODEL=cache/tiny/encoder DEVICE=cpu MAX_NEW_TOKENS=8 EVAL_POSITIONS=${EVAL_POSITIONS:-6} VAL_ROWS=${VAL_ROWS:-8})
   BENCH=(--sentences 2 --repeats 1 --dtypes auto)
-  SERVER=(--c1-requests 2 --per-client 1 --sentences 1 --long ${LONG_REQUESTS:-8} --bf16 0)
+  SERVER=(--c1-requests 2 --per-client 1 --sentences 1 --long ${LONG_REQUESTS:-8} --bf16 0 --unpacked 0)
 elif [ "$ENGINE" = 1 ]; then
   PRESET=full TIME_BUDGET=${DECODER_MINUTES:-1} STEPS=${PLANNER_STEPS:-500} "${PY[@]}" -m next_speed.cli run
   EXTRA=(DEVICE=${DEVICE:-auto})  # bench_generate measures on the CPU unless told
-  BENCH=(--repeats 2)
+  BENCH=(--repeats 2 --dtypes auto)
   SERVER=(--long ${LONG_REQUESTS:-100})
 else
   PRESET=full TIME_BUDGET=${DECODER_MINUTES:-2} STEPS=${PLANNER_STEPS:-4000} "${PY[@]}" -m next_speed.cli run

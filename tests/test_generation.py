@@ -458,8 +458,12 @@ def _rare_stops(gen):
     greedy sentences of the random-init tiny decoder then have words. The fixture's own model copy."""
     import torch
 
+    from next_speed.runtime import pack_linears
+
     with torch.no_grad():
         gen.model.get_output_embeddings().weight[gen.engine.stop_ids] = 0.0
+    if gen.packed_linears:  # PACK_WEIGHTS (the CPU default): the packed copies are made anew from the edited weights
+        pack_linears(gen.model)
 
 
 def test_engine_equals_straightforward_loop(gen, monkeypatch):
@@ -926,3 +930,50 @@ def test_no_copy_ngram_steers_off_earlier_sentences(gen, monkeypatch):
     assert jobs[0].earlier_ids == copy_ids(gen.tok, ["Paris is the capital of France."])
     ids = gen.tok("Paris is the capital of France.", add_special_tokens=False)["input_ids"]
     assert jobs[0].earlier_ids[: len(ids)] == ids
+
+
+def test_pack_linears_matches_linear():
+    """oneDNN-packed linears (PACK_WEIGHTS) give nn.Linear's values, keep its parameters and state
+    dict, and fall back to the plain product where the packed copy cannot serve (autograd through the
+    weight, another dtype); packing again after a weight edit follows the edit."""
+    import torch
+
+    from next_speed.runtime import onednn_linear_available, pack_linears
+
+    if not onednn_linear_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.Linear(40, 8, bias=False))
+    x = torch.randn(3, 5, 24)
+    with torch.no_grad():
+        want = model(x)
+    keys = list(model.state_dict())
+    assert pack_linears(model) == 2
+    assert list(model.state_dict()) == keys and all(isinstance(m, torch.nn.Linear) for m in (model[0], model[2]))
+    with torch.inference_mode():
+        assert torch.allclose(model(x), want, atol=1e-5)
+        assert model(x[:1, :1]).shape == (1, 1, 8)  # a decoding step's one row
+    out = model(x)  # grad enabled, weights require grad: the plain product, so gradients flow
+    out.sum().backward()
+    assert model[0].weight.grad is not None and torch.allclose(out.detach(), want, atol=1e-5)
+    with torch.no_grad():
+        model[2].weight.mul_(2.0)
+        assert not torch.allclose(model(x), 2 * want, atol=1e-4)  # stale until packed again
+        pack_linears(model)
+        assert torch.allclose(model(x), 2 * want, atol=1e-4)
+        model.to(torch.bfloat16)  # cast after packing: the fp32 copies no longer serve, the plain product does
+        assert torch.allclose(model(x.bfloat16()).float(), 2 * want, atol=0.1)
+
+
+def test_generator_packs_its_decoder_on_cpu(in_run, gen):
+    """PACK_WEIGHTS=1 (the default) packs the fp32 CPU decoder's linears and changes its logits by
+    float rounding only; PACK_WEIGHTS=0 leaves it as loaded."""
+    import torch
+
+    assert gen.packed_linears > 0
+    plain = SentenceGenerator(resolve(GenerateConfig, environ={"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "PACK_WEIGHTS": "0"}))
+    assert plain.packed_linears == 0
+    ids = torch.tensor([gen.tok("Paris is the capital of France.")["input_ids"]])
+    with torch.inference_mode():
+        a, b = gen.model(input_ids=ids).logits, plain.model(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-4)

@@ -86,6 +86,9 @@ class GenerateConfig(GenParams):
     engine: str = knob("kv", env="ENGINE", choices=("kv", "hf"),
                        help="kv: prompt cache kept across sentences, one prefill shared by the candidates, ended rows dropped; "
                             "hf: transformers' generate on the whole prompt (the reference; seq2seq decoders always)")
+    pack_weights: bool = knob(True, env="PACK_WEIGHTS",
+                              help="on a CPU with fp32 weights, reorder the decoder's matrices once into oneDNN's layout: a decoding "
+                                   "step of 1 to 8 rows 1.5-2.3x faster, the decoder's weights held twice in memory")
 
     def check(self) -> None:
         if self.prompt is not None:
@@ -331,6 +334,15 @@ class SentenceGenerator:
             from .decoder_model import cast_decoder
 
             cast_decoder(self.model, torch.bfloat16)  # the plan adapter (CODE_MODE=inject) stays fp32; its vector is cast
+        self.packed_linears = 0
+        if cfg.pack_weights and self.device == "cpu" and self.dtype == "fp32":
+            from .runtime import onednn_linear_available, pack_linears
+
+            if onednn_linear_available():
+                self.packed_linears = pack_linears(self.model)
+            else:
+                log.warning("PACK_WEIGHTS: this torch build has no oneDNN linear; the decoder runs unpacked (set PACK_WEIGHTS=0 "
+                            "to silence this)")
         if cfg.code_mode != "auto" and self.cond.code_mode != cfg.code_mode:
             raise StaleInputError(f"CODE_MODE={cfg.code_mode} but the decoder in {cfg.decoder_dir} was trained with "
                                   f"CODE_MODE={self.cond.code_mode}: set CODE_MODE={self.cond.code_mode} or rerun step 06")
@@ -359,8 +371,9 @@ class SentenceGenerator:
         _init_worker(rec["lang"])  # the prompt splitter of step 01, built once (not per call)
         self.load_seconds = time.perf_counter() - t0
         self.torch = torch
-        log.info("generator loaded in %.1fs on %s (K=%d, V=%d, %s codes, %s decoder)", self.load_seconds, self.device,
-                 self.rvq.K, self.rvq.V, self.cond.code_mode, self.dtype)
+        log.info("generator loaded in %.1fs on %s (K=%d, V=%d, %s codes, %s decoder%s)", self.load_seconds, self.device,
+                 self.rvq.K, self.rvq.V, self.cond.code_mode, self.dtype,
+                 f", {self.packed_linears} matrices packed for oneDNN" if self.packed_linears else "")
 
     # ------------------------------------------------------------------ pieces
     def split(self, text: str) -> list[str]:
