@@ -458,12 +458,8 @@ def _rare_stops(gen):
     greedy sentences of the random-init tiny decoder then have words. The fixture's own model copy."""
     import torch
 
-    from next_speed.runtime import pack_linears
-
-    with torch.no_grad():
+    with torch.no_grad():  # with PACK_WEIGHTS (the CPU default) the LM head's packed copy follows the edit
         gen.model.get_output_embeddings().weight[gen.engine.stop_ids] = 0.0
-    if gen.packed_linears:  # PACK_WEIGHTS (the CPU default): the packed copies are made anew from the edited weights
-        pack_linears(gen.model)
 
 
 def test_engine_equals_straightforward_loop(gen, monkeypatch):
@@ -932,10 +928,10 @@ def test_no_copy_ngram_steers_off_earlier_sentences(gen, monkeypatch):
     assert jobs[0].earlier_ids[: len(ids)] == ids
 
 
-def test_pack_linears_matches_linear():
+def test_pack_linears_matches_linear(monkeypatch, caplog):
     """oneDNN-packed linears (PACK_WEIGHTS) give nn.Linear's values, keep its parameters and state
-    dict, and fall back to the plain product where the packed copy cannot serve (autograd through the
-    weight, another dtype); packing again after a weight edit follows the edit."""
+    dict, follow an in-place edit of the weight, and leave autograd and other dtypes to the plain
+    product; a oneDNN op that fails the check packs nothing, with a warning."""
     import torch
 
     from next_speed.runtime import onednn_linear_available, pack_linears
@@ -957,23 +953,40 @@ def test_pack_linears_matches_linear():
     out.sum().backward()
     assert model[0].weight.grad is not None and torch.allclose(out.detach(), want, atol=1e-5)
     with torch.no_grad():
+        before = model[2].packed
         model[2].weight.mul_(2.0)
-        assert not torch.allclose(model(x), 2 * want, atol=1e-4)  # stale until packed again
-        pack_linears(model)
-        assert torch.allclose(model(x), 2 * want, atol=1e-4)
-        model.to(torch.bfloat16)  # cast after packing: the fp32 copies no longer serve, the plain product does
+        assert torch.allclose(model(x), 2 * want, atol=1e-4)  # the edit reached the packed product...
+        assert model[2].packed is not before  # ...because the copy was made anew (the packed path ran)
+        model.to(torch.bfloat16)  # another dtype: the plain product
         assert torch.allclose(model(x.bfloat16()).float(), 2 * want, atol=0.1)
 
+    fresh = torch.nn.Linear(24, 8)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda x, w, b, *a: torch.zeros(x.shape[0], 8))
+    with caplog.at_level("WARNING"):
+        assert pack_linears(fresh) == 0
+    assert type(fresh) is torch.nn.Linear and "PACK_WEIGHTS" in caplog.text
 
-def test_generator_packs_its_decoder_on_cpu(in_run, gen):
+
+def test_generator_packs_its_decoder_on_cpu(in_run, gen, monkeypatch, caplog):
     """PACK_WEIGHTS=1 (the default) packs the fp32 CPU decoder's linears and changes its logits by
-    float rounding only; PACK_WEIGHTS=0 leaves it as loaded."""
+    float rounding only, and a seeded generation's text not at all; PACK_WEIGHTS=0 leaves it as
+    loaded; without oneDNN the generator says so and runs unpacked."""
     import torch
 
+    import next_speed.runtime as runtime
+
+    env = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "10", "N_CAND": "3", "REPEAT_COS": "1.01"}
     assert gen.packed_linears > 0
-    plain = SentenceGenerator(resolve(GenerateConfig, environ={"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "PACK_WEIGHTS": "0"}))
+    plain = SentenceGenerator(resolve(GenerateConfig, environ={**env, "PACK_WEIGHTS": "0"}))
     assert plain.packed_linears == 0
     ids = torch.tensor([gen.tok("Paris is the capital of France.")["input_ids"]])
     with torch.inference_mode():
         a, b = gen.model(input_ids=ids).logits, plain.model(input_ids=ids).logits
     assert torch.allclose(a, b, atol=1e-4)
+    for seed in (1, 2):
+        got, ref = (g.run("Paris is the capital of France.", 2, seed=seed) for g in (gen, plain))
+        assert [st.candidates for st in got.steps] == [st.candidates for st in ref.steps]
+    monkeypatch.setattr(runtime, "onednn_linear_available", lambda: False)
+    with caplog.at_level("WARNING"):
+        assert SentenceGenerator(resolve(GenerateConfig, environ=env)).packed_linears == 0
+    assert "PACK_WEIGHTS" in caplog.text

@@ -333,9 +333,12 @@ def test_mean_detail_renders_the_expected_sentence():
     assert mean_detail(sure, torch.tensor([[2, 2, 0]]), books, pinned=2)[0, 2] == 3
 
 
-def test_runner_plan_deep(workdir):
+@pytest.mark.parametrize("head_mode", ["independent", "chained"])
+def test_runner_plan_deep(workdir, head_mode):
+    """PLAN_DEEP=mean through the runner, with independent heads and with chained ones (whose mean
+    is built from the probabilities along the path chosen so far: the greedy path here)."""
     write_trainsets(workdir, synthetic_docs(n_docs=20))
-    train_planner(resolve(PlannerTrainConfig, environ=tiny_env(STEPS=20, LOG_EVERY=10)))
+    train_planner(resolve(PlannerTrainConfig, environ=tiny_env(STEPS=20, LOG_EVERY=10, HEAD_MODE=head_mode)))
     model, info = load_planner("out/sentence_lm")
     K, V = model.cfg.K, model.cfg.V
     books = torch.randn(K, V, 6)
@@ -345,13 +348,19 @@ def test_runner_plan_deep(workdir):
     mean = runner.next_tuple(ctx, greedy=True, deep="mean")
     assert mean[0] == greedy[0]
     assert mean == mean_detail(runner.distributions(ctx)[None], torch.tensor([greedy]), books)[0].tolist()
-    probs = runner.distributions(ctx)[None]
+
+    def path_probs(c0: int):
+        """(1, K, V): the planner's probabilities with level 0 set to c0 (chained heads condition on it)."""
+        codes, emb = runner._inputs(ctx, True, None)
+        _, lg = model.next_logits_levelwise(codes, lambda k, l: torch.full(l.shape[:1], c0) if k == 0 else l.argmax(-1), emb)
+        return torch.softmax(lg.float(), -1)
+
     pinned = runner.next_tuple(ctx, greedy=True, deep="mean", fixed=[4])  # K=2: level 0 pinned, level 1 from the mean
-    assert pinned[0] == 4 and pinned == mean_detail(probs, torch.tensor([[4, 0]]), books, pinned=1)[0].tolist()
+    assert pinned[0] == 4 and pinned == mean_detail(path_probs(4), torch.tensor([[4, 0]]), books, pinned=1)[0].tolist()
     # a sampled level 0 is a decision: the mean is built on its codeword, as a pinned one
     for seed in range(5):
         drawn = runner.next_tuple(ctx, temperature=2.0, deep="mean", generator=torch.Generator().manual_seed(seed))
-        assert drawn == mean_detail(probs, torch.tensor([[drawn[0], 0]]), books, pinned=1)[0].tolist()
+        assert drawn == mean_detail(path_probs(drawn[0]), torch.tensor([[drawn[0], 0]]), books, pinned=1)[0].tolist()
     with pytest.raises(ConfigError, match="PLAN_DEEP"):
         runner.next_tuple(ctx, greedy=True, deep="median")
     assert not model.cfg.codebook_dim  # tiny_env: CODEBOOK_FEATURES=0, so the planner holds no codebooks of its own

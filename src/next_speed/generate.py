@@ -88,7 +88,7 @@ class GenerateConfig(GenParams):
                             "hf: transformers' generate on the whole prompt (the reference; seq2seq decoders always)")
     pack_weights: bool = knob(True, env="PACK_WEIGHTS",
                               help="on a CPU with fp32 weights, reorder the decoder's matrices once into oneDNN's layout: a decoding "
-                                   "step of 1 to 8 rows 1.5-2.3x faster, the decoder's weights held twice in memory")
+                                   "step of 1 to 8 rows 1.4-2.2x faster, the decoder's weights held twice in memory")
 
     def check(self) -> None:
         if self.prompt is not None:
