@@ -336,13 +336,9 @@ class SentenceGenerator:
             cast_decoder(self.model, torch.bfloat16)  # the plan adapter (CODE_MODE=inject) stays fp32; its vector is cast
         self.packed_linears = 0
         if cfg.pack_weights and self.device == "cpu" and self.dtype == "fp32":
-            from .runtime import onednn_linear_available, pack_linears
+            from .runtime import pack_linears
 
-            if onednn_linear_available():
-                self.packed_linears = pack_linears(self.model)
-            else:
-                log.warning("PACK_WEIGHTS: this torch build has no oneDNN linear; the decoder runs unpacked (set PACK_WEIGHTS=0 "
-                            "to silence this)")
+            self.packed_linears = pack_linears(self.model)  # 0, with a warning, where this torch cannot
         if cfg.code_mode != "auto" and self.cond.code_mode != cfg.code_mode:
             raise StaleInputError(f"CODE_MODE={cfg.code_mode} but the decoder in {cfg.decoder_dir} was trained with "
                                   f"CODE_MODE={self.cond.code_mode}: set CODE_MODE={self.cond.code_mode} or rerun step 06")

@@ -148,8 +148,8 @@ def _packed_linear_class():
 
 def pack_linears(model, rows: int = 4) -> int:
     """Reorder every fp32 nn.Linear weight of `model` (CPU) into oneDNN's blocked layout once, for
-    inference; returns how many were packed (0, with a warning, where this torch's oneDNN op fails
-    its check). Why: for the few rows of a decoding step, the default CPU matrix product (MKL's
+    inference; returns how many were packed (0, with a warning, where this torch has no oneDNN or its
+    op fails the check). Why: for the few rows of a decoding step, the default CPU matrix product (MKL's
     sgemm) spends its time re-packing each weight at every call; prepacked, a decode forward of
     SmolLM2-135M on 2 cores took 47.6 ms for 1 row and 45.7 ms for 4, unpacked 68.1 and 100.3 ms
     (`bench/bench_generate.py`, `forward_ms_by_batch`). `rows` is oneDNN's batch-size hint (4
@@ -163,6 +163,10 @@ def pack_linears(model, rows: int = 4) -> int:
     mods = [m for m in model.modules()
             if type(m) in (torch.nn.Linear, cls) and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
     if not mods:
+        return 0
+    if not onednn_linear_available():
+        log.warning("PACK_WEIGHTS: this torch build has no oneDNN linear; the decoder runs unpacked (PACK_WEIGHTS=0 "
+                    "silences this)")
         return 0
     try:
         with torch.no_grad():
