@@ -95,19 +95,69 @@ def tiny_env(**kw):
     return env
 
 
-@pytest.mark.parametrize("extras", [{}, {"codebook_dim": 5, "copy_gate": True}])
+@pytest.mark.parametrize("extras", [{}, {"codebook_dim": 5, "copy_gate": True}, {"pointer": True},
+                                    {"codebook_dim": 5, "copy_gate": True, "pointer": True, "head_mode": "chained"}])
 def test_planner_is_causal(extras):
     torch.manual_seed(0)
     m = Planner(PlannerModelConfig(K=3, V=7, d_model=32, n_heads=4, n_layers=2, dropout=0.0, max_len=8, **extras)).eval()
-    if extras:
+    if extras.get("codebook_dim"):
         m.set_codebooks(torch.randn(3, 7, 5))
     x = torch.randint(0, 7, (2, 6, 3))
+    x[1, 0] = 7  # a document start (BOS): nothing to point at there
     y = x.clone()
     y[:, 4:] = torch.randint(0, 7, (2, 2, 3))
     a, b = m(x), m(y)
     assert a.shape == (2, 6, 3, 7)
     assert torch.allclose(a[:, :4], b[:, :4], atol=1e-6)
     assert not torch.allclose(a[:, 4:], b[:, 4:])
+    assert torch.isfinite(a).all()
+    if extras.get("pointer"):  # a mixture of distributions: normalized log-probabilities
+        assert torch.allclose(a.logsumexp(-1), torch.zeros(()), atol=1e-5)
+        # one position per row, as evaluation (each row's last index) and generation ask, equals the sequence's
+        at, rows = torch.tensor([2, 5]), torch.arange(2)
+        chained = extras.get("head_mode") == "chained"
+        nxt = x.roll(-1, 1).clamp(max=6)  # teacher-forced lower levels for the chained heads
+        full = m(x, nxt) if chained else a
+        assert torch.allclose(m.outputs_at(m.hidden(x), x, at, nxt[rows, at] if chained else None), full[rows, at], atol=1e-5)
+        # nothing to point at (row 1 starts with BOS): the generated distribution alone
+        m.cfg.pointer = False
+        plain = torch.log_softmax(m(x).float(), -1)
+        m.cfg.pointer = True
+        assert torch.allclose(a[1, 0], plain[1, 0], atol=1e-5)
+        assert not torch.allclose(a[1, 1], plain[1, 1], atol=1e-3)
+        # a gate wide open: row 1's position 1 can point only at its first sentence, never at BOS
+        with torch.no_grad():
+            m.ptr_gate.bias.fill_(30.0)
+        b1 = m(x)[1, 1].exp()  # (K, V)
+        assert torch.allclose(b1[torch.arange(3), x[1, 1]], torch.ones(3), atol=1e-4)
+
+
+def test_pointer_points_at_earlier_sentences(workdir):
+    """Documents alternate two random tuples (A B A B ...): the next tuple is the one two sentences
+    back. Copy, bigram and frequency cannot know it (the tuples are new in every document); a
+    pointer over the context's codes learns where to look."""
+    rng = np.random.default_rng(0)
+    docs = []
+    for _ in range(120):
+        a, b = rng.integers(20, size=2).tolist(), rng.integers(20, size=2).tolist()
+        docs.append([a, b] * 4)
+    write_trainsets(workdir, docs, V=20, val_docs=20)
+    info = train_planner(resolve(PlannerTrainConfig, environ=tiny_env(POINTER=1, STEPS=200)))
+    assert info["model"]["pointer"] is True
+    # the same budget without the pointer: the transformer alone does not find the pattern
+    train_planner(resolve(PlannerTrainConfig, environ=tiny_env(POINTER=0, STEPS=200, OUT_DIR="out/no_pointer")))
+    no_ptr = eval_planner(resolve(PlannerEvalConfig, environ={"DEVICE": "cpu", "OUT_DIR": "out/no_pointer",
+                                                               "OUT_JSON": "out/e0.json"}))["results"]["planner"]["acc"][0]
+    rep = eval_planner(resolve(PlannerEvalConfig, environ={"DEVICE": "cpu"}))
+    res, where = rep["results"], rep["level0_in_context"]
+    best = max(res[b]["acc"][0] for b in ("most frequent", "copy previous", "bigram"))
+    # the first two sentences of a document cannot be known: at most 6 of 8 rows per document
+    assert res["planner"]["acc"][0] > 0.9 * 6 / 8 and best < 0.25, (res["planner"]["acc"], best)
+    assert no_ptr < res["planner"]["acc"][0] - 0.15, no_ptr
+    # the eval says where the next code was: in the context from the third sentence on (or by chance)
+    assert 0.75 <= where["share"] < 0.85 and where["planner_acc_in"] > 0.9, where
+    assert abs(where["share"] * where["planner_acc_in"] + (1 - where["share"]) * where["planner_acc_out"]
+               - res["planner"]["acc"][0]) < 1e-9
 
 
 def test_chained_heads_see_lower_levels_only():
@@ -138,9 +188,10 @@ def test_training_learns_pattern_beyond_baselines(workdir, head_mode):
     assert json.loads(Path("out/sent_lm_eval.json").read_text())["results"]["planner"]["n"] == 80
 
 
-def test_save_load_identical_and_seeded(workdir):
+@pytest.mark.parametrize("pointer", [0, 1])
+def test_save_load_identical_and_seeded(workdir, pointer):
     write_trainsets(workdir, synthetic_docs(n_docs=20))
-    train_planner(resolve(PlannerTrainConfig, environ=tiny_env(STEPS=20, LOG_EVERY=10)))
+    train_planner(resolve(PlannerTrainConfig, environ=tiny_env(STEPS=20, LOG_EVERY=10, POINTER=pointer)))
     m1, info = load_planner("out/sentence_lm")
     m2, _ = load_planner("out/sentence_lm")
     x = torch.randint(0, 5, (3, 4, 2))
@@ -155,7 +206,7 @@ def test_save_load_identical_and_seeded(workdir):
     assert probs.shape == (2, 5) and torch.allclose(probs.sum(-1), torch.ones(2))
     assert runner.next_tuple(ctx, greedy=True) == probs.argmax(-1).tolist()
     # same seed, same training -> same weights
-    info2 = train_planner(resolve(PlannerTrainConfig, environ=tiny_env(STEPS=20, LOG_EVERY=10, OUT_DIR="out/again")))
+    info2 = train_planner(resolve(PlannerTrainConfig, environ=tiny_env(STEPS=20, LOG_EVERY=10, OUT_DIR="out/again", POINTER=pointer)))
     sd2 = torch.load("out/again/sentence_lm.pt", weights_only=True)
     assert all(torch.equal(sd[k], sd2[k]) for k in sd)
     assert info2["best"] == info["best"]

@@ -13,6 +13,10 @@ encoder embedding, projected to the model width: the tuple is a lossy summary of
 (cosine ~0.8 to the embedding it quantizes), while generation has the real vectors at hand anyway
 (the prompt is embedded, each chosen sentence is re-encoded by the rerank). This is the input of
 the Large Concept Model (Barrault et al. 2024), kept here with discrete targets.
+
+With `pointer=True` (step 05's `POINTER`, default) each level's distribution is a pointer-generator
+mixture (See et al. 2017): attention over the context sentences' codes, mixed with the heads' by
+a learned gate, since the next sentence's code is often one an earlier sentence had.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class PlannerModelConfig:
     codebook_dim: int = 0  # > 0: the RVQ codewords (K, V, codebook_dim) also feed the input and the heads
     copy_gate: bool = False  # a learned, context-dependent bonus for repeating the previous sentence's codes
     emb_dim: int = 0  # > 0: the input sentences' encoder embeddings (emb_dim wide) also feed the input
+    pointer: bool = False  # mix in a copy distribution over every context sentence's codes (pointer-generator)
+    ptr_dim: int = 32  # the pointer's query/key width per level
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,7 +81,8 @@ class Block(nn.Module):
 
 
 class Planner(nn.Module):
-    """Input codes (B, T, K) with BOS = V and PAD = V + 1 in every level -> logits (B, T, K, V)."""
+    """Input codes (B, T, K) with BOS = V and PAD = V + 1 in every level -> logits (B, T, K, V)
+    (log-probabilities when `cfg.pointer`: the pointer mixes distributions, not scores)."""
 
     def __init__(self, cfg: PlannerModelConfig):
         super().__init__()
@@ -101,6 +108,13 @@ class Planner(nn.Module):
             # strong. A gate per level lets the model add a bonus to the previous sentence's code,
             # as pointer-generator networks do (See et al. 2017), instead of rediscovering identity.
             self.copy = nn.Linear(D, K)
+        if cfg.pointer:
+            # Pointer-generator (See et al. 2017; pointer networks, Vinyals et al. 2015): the next
+            # code is often one that an earlier context sentence had (not only the previous one), so
+            # each level mixes its generated distribution with attention over the context's codes.
+            self.ptr_q = nn.Linear(D, K * cfg.ptr_dim)
+            self.ptr_k = nn.Linear(D, K * cfg.ptr_dim)
+            self.ptr_gate = nn.Linear(D, K)
         if cfg.emb_dim:
             self.emb_proj = nn.Sequential(nn.LayerNorm(cfg.emb_dim), nn.Linear(cfg.emb_dim, D))
         if cfg.head_mode == "chained":
@@ -180,30 +194,76 @@ class Planner(nn.Module):
         onehot = F.one_hot(prev.clamp(max=V - 1), V).to(logits.dtype)  # (..., K, V)
         return logits + onehot * bonus[..., None]
 
+    def add_pointer(self, logits: torch.Tensor, hs: torch.Tensor, codes: torch.Tensor,
+                    at: torch.Tensor | None = None) -> torch.Tensor:
+        """Mix each level's distribution with a pointer over the context's codes. hs (B, T, D) and
+        codes (B, T, K) are the whole input sequence; the outputs are asked at every position
+        (`at` None: logits (B, T, K, V)) or at one position per row (`at` (B,): logits (B, K, V)).
+        Returns float32 log-probabilities of the same shape. Position t points at the inputs
+        s <= t (the sentences read so far, the previous one included); BOS/PAD inputs are never
+        pointed at, and a position with nothing to point at keeps the generated distribution."""
+        if not self.cfg.pointer:
+            return logits
+        B, T, K = codes.shape
+        V, P = self.cfg.V, self.cfg.ptr_dim
+        rows = torch.arange(B, device=codes.device)
+        t = torch.arange(T, device=codes.device)[None].expand(B, T) if at is None else at[:, None]  # (B, Q)
+        hq = hs[rows[:, None], t]  # (B, Q, D): the asking positions
+        Q = t.shape[1]
+        q = self.ptr_q(hq).view(B, Q, K, P).transpose(1, 2)  # (B, K, Q, P)
+        k = self.ptr_k(hs).view(B, T, K, P).transpose(1, 2)  # (B, K, S=T, P)
+        real = (codes < V).all(-1)  # (B, S): a sentence, not BOS/PAD
+        allowed = (torch.arange(T, device=codes.device)[None, None] <= t[..., None]) & real[:, None]  # (B, Q, S)
+        scores = ((q @ k.transpose(-1, -2)) / P ** 0.5).float()  # (B, K, Q, S)
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        some = allowed.any(-1)  # (B, Q): anything to point at
+        # a softmax over a row of -inf only is NaN: such rows get zeros here and mixture weight 0 below
+        attn = torch.softmax(scores.masked_fill(~some[:, None, :, None], 0.0), -1)  # (B, K, Q, S)
+        # attention summed per code; a one-hot product rather than scatter_add_, which is not
+        # deterministic on CUDA
+        onehot = F.one_hot(codes.clamp(max=V - 1), V).float()  # (B, S, K, V)
+        p_ptr = torch.einsum("bkqs,bskv->bqkv", attn, onehot)  # (B, Q, K, V)
+        z = self.ptr_gate(hq).float()  # (B, Q, K): the gate's logit
+        log_g = F.logsigmoid(z).masked_fill(~some[..., None], float("-inf"))  # (B, Q, K)
+        log_not_g = F.logsigmoid(-z).masked_fill(~some[..., None], 0.0)  # (B, Q, K)
+        gen = F.log_softmax(logits.float().view(B, Q, K, V), -1)  # (B, Q, K, V); float32 even under bf16 autocast
+        # clamp: a code no context sentence has gets log(1e-12) (then weighted by g), never log(0),
+        # whose backward would be 0 * inf = NaN
+        out = torch.logaddexp(gen + log_not_g[..., None], p_ptr.clamp_min(1e-12).log() + log_g[..., None])
+        return out if at is None else out[:, 0]
+
+    def outputs_at(self, hs: torch.Tensor, codes: torch.Tensor, at: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, K, V) for the tuple after position `at` (B,) of each sequence: heads (with
+        `prefix` (B, K) for chained levels), copy gate and pointer. hs (B, T, D), codes (B, T, K)."""
+        rows = torch.arange(len(at), device=at.device)
+        h = hs[rows, at]  # (B, D)
+        logits = self.add_copy(self.head_logits(h, prefix), h, codes[rows, at])  # (B, K, V)
+        return self.add_pointer(logits, hs, codes, at)
+
     def forward(self, codes: torch.Tensor, targets: torch.Tensor | None = None, emb: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, K) input codes [+ (B, T, E) embeddings] -> (B, T, K, V) logits for the next tuple
         at every position. In chained mode, `targets` (B, T, K) supply the teacher-forced lower levels."""
         h = self.hidden(codes, emb)
         if self.cfg.head_mode == "chained" and targets is not None:
-            return self.add_copy(self.head_logits(h, targets.clamp(0, self.cfg.V - 1)), h, codes)
-        return self.add_copy(self.head_logits(h), h, codes)
+            return self.add_pointer(self.add_copy(self.head_logits(h, targets.clamp(0, self.cfg.V - 1)), h, codes), h, codes)
+        return self.add_pointer(self.add_copy(self.head_logits(h), h, codes), h, codes)
 
     @torch.no_grad()
     def next_logits_levelwise(self, codes: torch.Tensor, choose, emb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Predict the next tuple after the last position of `codes` (B, T, K), level by level.
         `choose(level, logits (B, V)) -> (B,)` picks each level's code (greedy or sampled).
         Returns (chosen codes (B, K), logits (B, K, V))."""
-        h = self.hidden(codes, emb)[:, -1]  # (B, D)
-        prev = codes[:, -1]  # (B, K)
+        hs = self.hidden(codes, emb)  # (B, T, D)
+        at = torch.full((codes.shape[0],), codes.shape[1] - 1, dtype=torch.long, device=codes.device)
         K = self.cfg.K
         if self.cfg.head_mode != "chained":
-            logits = self.add_copy(self.head_logits(h), h, prev)  # (B, K, V)
+            logits = self.outputs_at(hs, codes, at)  # (B, K, V)
             chosen = torch.stack([choose(k, logits[:, k]) for k in range(K)], dim=1)
             return chosen, logits
-        prefix = torch.zeros(h.shape[0], K, dtype=torch.long, device=h.device)
+        prefix = torch.zeros(codes.shape[0], K, dtype=torch.long, device=codes.device)
         all_logits = []
         for k in range(K):
-            logits = self.add_copy(self.head_logits(h, prefix), h, prev)[:, k]  # (B, V): level k sees prefix[:, :k]
+            logits = self.outputs_at(hs, codes, at, prefix)[:, k]  # (B, V): level k sees prefix[:, :k]
             prefix[:, k] = choose(k, logits)
             all_logits.append(logits)
         return prefix, torch.stack(all_logits, dim=1)

@@ -42,17 +42,16 @@ def evaluate_model(model, inp, tgt, last, device: str = "cpu", bs: int = 512, id
             lb = last[i : i + bs].to(device)
             gold = tgt[i : i + bs].to(device)[torch.arange(len(xb), device=device), lb]  # (B, K)
             eb = table.lookup(ids[i : i + bs]).to(device) if model.cfg.emb_dim else None  # (B, L, E)
-            h = model.hidden(xb, eb)[torch.arange(len(xb), device=device), lb]  # (B, D)
-            prev = xb[torch.arange(len(xb), device=device), lb]  # (B, K): the previous sentence's codes
+            hs = model.hidden(xb, eb)  # (B, L, D)
             # Loss with teacher-forced lower levels (chained) is the model's likelihood of the tuple.
-            logits_tf = model.add_copy(model.head_logits(h, gold) if model.cfg.head_mode == "chained" else model.head_logits(h), h, prev)
+            logits_tf = model.outputs_at(hs, xb, lb, gold if model.cfg.head_mode == "chained" else None)
             tot_loss += F.cross_entropy(logits_tf.float().reshape(-1, V), gold.reshape(-1), reduction="sum").item()
             # Accuracies use the model's own greedy choices for the lower levels (what generation sees).
             if model.cfg.head_mode == "chained":
                 prefix = torch.zeros_like(gold)
                 cols = []
                 for k in range(K):
-                    lk = model.add_copy(model.head_logits(h, prefix), h, prev)[:, k]
+                    lk = model.outputs_at(hs, xb, lb, prefix)[:, k]
                     prefix[:, k] = lk.argmax(-1)
                     cols.append(lk)
                 logits = torch.stack(cols, 1)
@@ -158,6 +157,17 @@ def retrieval_baseline(train_rows: list[dict], val_rows: list[dict], emb, freq_t
     return out
 
 
+def in_context(pred0: np.ndarray, val_rows: list[dict]) -> dict:
+    """Where the next level-0 code is: the share of rows whose target's level-0 code is among the
+    context's level-0 codes (the part a planner can find by pointing), and the planner's level-0
+    accuracy `pred0` (N,) on those rows and on the others (codes the context never showed)."""
+    gold = np.asarray([r["target"][0] for r in val_rows])
+    seen = np.asarray([g in {c[0] for c in r["context"]} for g, r in zip(gold, val_rows)], dtype=bool)
+    hit = pred0 == gold
+    return {"share": float(seen.mean()), "planner_acc_in": float(hit[seen].mean()) if seen.any() else None,
+            "planner_acc_out": float(hit[~seen].mean()) if (~seen).any() else None}
+
+
 def lcm_metrics(pred: np.ndarray, nxt: np.ndarray, decode, batch: int = 64, seed: int = 0) -> dict:
     """The plan against the true next sentence in embedding space: mean cosine and L2 distance
     between the RVQ reconstruction of `pred` (N, K) and `nxt` (N, D), and contrastive accuracy over
@@ -238,6 +248,7 @@ def eval_planner(cfg: PlannerEvalConfig) -> dict:
     other = "levels" if cfg.plan_deep == "mean" else "mean"
     res = {"planner": pm_mean if cfg.plan_deep == "mean" else pm,
            f"planner (PLAN_DEEP={other})": pm if cfg.plan_deep == "mean" else pm_mean}
+    where = in_context(pm["pred"][:, 0], val_rows)
     res.update(baselines(load_rows(cfg.out_lm), val_rows, K, V, emb=emb))
     nxt = np.asarray(emb[np.asarray([r["sid"] for r in val_rows])], dtype=np.float32)
     for m in res.values():
@@ -252,7 +263,7 @@ def eval_planner(cfg: PlannerEvalConfig) -> dict:
         summary[f"{key}_ratio"] = round(get(res["planner"]) / best, 3) if best > 0 else None
     report = {"K": K, "V": V, "val_rows": len(val_rows), "head_mode": info["model"]["head_mode"],
               "planner_input": info.get("planner_input", "codes"), "plan_deep": cfg.plan_deep, "results": res,
-              "summary": summary}
+              "level0_in_context": where, "summary": summary}
     write_json(cfg.out_json, report)
     return report
 
@@ -268,6 +279,10 @@ def format_eval(rep: dict) -> str:
         lines.append(f"{name:<{w}}" + "".join(f" {a:>7.3f}" for a in m["acc"]) + f" {m['top5'][0]:>6.3f} {m['exact']:>6.3f} "
                      f"{m['prefix']:>6.2f} {m.get('cos_next', float('nan')):>6.3f} {m.get('l2_next', float('nan')):>6.3f} "
                      f"{m.get('contrastive_acc', float('nan')):>6.3f}")
+    where = rep.get("level0_in_context")
+    if where and where["planner_acc_in"] is not None and where["planner_acc_out"] is not None:
+        lines.append(f"next level-0 code among the context's: {where['share']:.1%} of rows; planner level-0 accuracy "
+                     f"{where['planner_acc_in']:.3f} there, {where['planner_acc_out']:.3f} elsewhere")
     sm = rep.get("summary", {})
     for key in SUMMARY_KEYS:
         if key in sm:

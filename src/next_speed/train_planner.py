@@ -40,6 +40,9 @@ class PlannerTrainConfig:
                                    help="feed RVQ codewords into the input and heads (needs RVQ_PATH)")
     rvq_path: str = knob("out/rvq.npz", env="RVQ_PATH", help="RVQ codebooks (step 03), for CODEBOOK_FEATURES")
     copy_gate: bool = knob(True, env="COPY_GATE", help="learned bonus for repeating the previous sentence's codes")
+    pointer: bool = knob(True, env="POINTER",
+                         help="pointer-generator output: each level's distribution is mixed with attention over the codes "
+                              "of every context sentence (0: the generated distribution and the copy gate only)")
     planner_input: str = knob("emb", env="PLANNER_INPUT", choices=("codes", "emb"),
                               help="what the planner reads of each previous sentence: its code tuple (the spec's planner), "
                                    "or the tuple and its encoder embedding")
@@ -236,7 +239,7 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
         books = rvq.codebooks
     mcfg = PlannerModelConfig(K=K, V=V, d_model=cfg.d_model, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
                               dropout=cfg.drop, max_len=max_len, head_mode=cfg.head_mode,
-                              codebook_dim=books.shape[-1] if books is not None else 0, copy_gate=cfg.copy_gate,
+                              codebook_dim=books.shape[-1] if books is not None else 0, copy_gate=cfg.copy_gate, pointer=cfg.pointer,
                               emb_dim=table.dim if table is not None else 0)
     model = Planner(mcfg)
     if books is not None:
