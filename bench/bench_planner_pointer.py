@@ -39,7 +39,8 @@ def stage(script: str, cwd: Path, env: dict) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / script)], cwd=cwd, env={**os.environ, **env},
                           capture_output=True, text=True)
     if proc.returncode:
-        sys.exit(f"{script} failed in {cwd}: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+        last = ((proc.stderr or proc.stdout).strip().splitlines() or ["no output"])[-1]
+        sys.exit(f"{script} failed in {cwd}: {last}")
 
 
 def main() -> None:
@@ -52,6 +53,10 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--eval-only", action="store_true", help="re-evaluate the planners of a previous run")
     args = ap.parse_args()
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")]
+    except ValueError:
+        ap.error(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2")
     work = Path(args.dir).resolve()
     if args.prepare and not (work / "data/sent_lm_val.jsonl").is_file():
         work.mkdir(parents=True, exist_ok=True)
@@ -61,7 +66,7 @@ def main() -> None:
     if not (work / "data/sent_lm_val.jsonl").is_file():
         sys.exit(f"{work}/data/sent_lm_val.jsonl is missing: run the main job (bash run.sh) or pass --prepare")
     runs = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    for seed in seeds:
         for pointer in (0, 1):
             out = f"out/bench_pointer/p{pointer}_s{seed}"
             if not args.eval_only:
