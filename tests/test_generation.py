@@ -28,9 +28,11 @@ def in_run(tiny_run, monkeypatch):
 
 @pytest.fixture()
 def gen(in_run):
-    # REPEAT_COS off: the random-init stand-in encoder puts every sentence near every other
+    # REPEAT_COS off: the random-init stand-in encoder puts every sentence near every other; one
+    # plan per step (the tests of several plans ask for them)
     return SentenceGenerator(resolve(GenerateConfig, environ={"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu",
-                                                             "MAX_NEW_TOKENS": "10", "N_CAND": "3", "REPEAT_COS": "1.01"}))
+                                                             "MAX_NEW_TOKENS": "10", "N_CAND": "3", "REPEAT_COS": "1.01",
+                                                             "PLANS": "1", "UNPLANNED": "0"}))
 
 
 def test_loop_shapes_and_determinism(gen):
@@ -46,6 +48,12 @@ def test_loop_shapes_and_determinism(gen):
     assert again.sentences == res.sentences and again.planned == res.planned
     other = gen.run("Paris is the capital of France. It lies on the Seine.", 2, seed=4)
     assert other.planned != res.planned or other.sentences != res.sentences
+
+
+def no_logprob(out):
+    """An engine's candidates without the decoder's log-probabilities, which the reference
+    engine (`render_hf`) does not compute."""
+    return [{k: v for k, v in o.items() if k != "logprob"} for o in out]
 
 
 def _fake_render(gen, monkeypatch, fn):
@@ -71,14 +79,15 @@ def test_rerank_picks_best_match(gen, monkeypatch):
                  "prefix": prefixes[c.split()[0]], "cosine": 0.5} for c in candidates]
 
     monkeypatch.setattr(gen, "score", fake_score)
-    res = gen.run("A prompt sentence is here.", 1, rerank=True)
+    legacy = {"rerank_context": 0.0, "rerank_repeat": 0.0, "rerank_fluency": 0.0}  # the code match alone
+    res = gen.run("A prompt sentence is here.", 1, rerank=True, **legacy)
     assert res.sentences == ["second candidate sentence."] and res.steps[0].chosen == 1
     assert res.realized[0] == res.planned[0]
     assert match_score([1, 2, 3], [1, 2, 0], 0.1) > match_score([1, 2, 3], [1, 0, 3], 0.9)
     # a candidate cut by MAX_NEW_TOKENS loses to one that ended, whatever its codes
     _fake_render(gen, monkeypatch, lambda ctx, codes, p, seed, exemplars=None: [
         {"text": cands[0], "ended": True, "tokens": 3}, {"text": cands[1], "ended": False, "tokens": 3}, {"text": cands[2], "ended": True, "tokens": 3}])
-    res = gen.run("A prompt sentence is here.", 1, rerank=True)
+    res = gen.run("A prompt sentence is here.", 1, rerank=True, **legacy)
     assert res.sentences == ["third candidate sentence."] and res.steps[0].candidates[1]["ended"] is False
 
 
@@ -91,8 +100,83 @@ def test_stop_rules(gen, monkeypatch):
     assert res.sentences == [] and res.stop_reason == "repeat"
     seq = iter(["One new sentence.", "Another new sentence.", "One new sentence."])
     _fake_render(gen, monkeypatch, lambda ctx, codes, p, seed, exemplars=None: [{"text": next(seq), "ended": True, "tokens": 3}])
-    res = gen.run("A prompt sentence is here.", 5, n_cand=1, rerank=False)
+    res = gen.run("A prompt sentence is here.", 5, n_cand=1, rerank=False, retries=0)
     assert res.sentences == ["One new sentence.", "Another new sentence."] and res.stop_reason == "repeat"
+
+
+def test_refused_step_is_planned_again(gen, monkeypatch):
+    """A step whose candidates the stop rules all refuse is planned and rendered again (new seeds)
+    instead of ending the text; after RETRIES refused attempts the text ends there."""
+    prompt = "A prompt sentence is here."
+    calls = []
+
+    def render(ctx, codes, p, seed, exemplars=None):
+        calls.append(seed)
+        first_try = len([c for c in calls]) % 2 == 1  # every step's first attempt repeats the prompt
+        text = prompt if first_try else f"Fresh sentence number {len(calls)}."
+        return [{"text": text, "ended": True, "tokens": 4}] * p.n_cand
+
+    _fake_render(gen, monkeypatch, render)
+    res = gen.run(prompt, 3, n_cand=2)
+    assert len(res.sentences) == 3 and res.stop_reason == "steps" and len(calls) == 6
+    refused = [st for st in res.steps if st.chosen is None]
+    assert len(refused) == 3 and all(c["refused"] == "repeat" for st in refused for c in st.candidates)
+    assert len(set(calls)) == 6  # every attempt samples with its own seed
+    calls.clear()
+    _fake_render(gen, monkeypatch, _rendered(["", prompt]))  # refused whatever the plan
+    res = gen.run(prompt, 3, n_cand=2, retries=2)
+    assert res.sentences == [] and res.stop_reason == "repeat" and len(res.steps) == 3
+    assert len(gen.run(prompt, 3, n_cand=2, retries=0).steps) == 1
+
+
+def test_select_candidate_is_the_one_rule():
+    """The selection rule that generation and code_agreement_eval share: refused candidates never,
+    ended before truncated, then the code match; the weighed score when a weight is set."""
+    from next_speed.generate import GenParams, select_candidate
+
+    def c(prefix, cos, ended=True, refused=None, ctx=0.0, overlap=0.0):
+        return {"prefix": prefix, "cosine": cos, "ended": ended, "refused": refused, "context_cos": ctx,
+                "pair_overlap": overlap, "logprob": -4.0, "tokens": 3}
+
+    p = GenParams(rerank_context=0.0, rerank_repeat=0.0)  # no weight: the code match alone
+    assert select_candidate([c(6, 1.0, refused="repeat"), c(1, 0.2)], p) == 1
+    assert select_candidate([c(6, 1.0, ended=False), c(1, 0.2)], p) == 1
+    assert select_candidate([c(1, 0.9), c(2, 0.1), c(2, 0.3)], p) == 2
+    assert select_candidate([c(1, 0.9, refused="empty")], p) is None
+    assert select_candidate([c(1, 0.2), c(3, 0.9)], GenParams(rerank=False)) == 0
+    assert select_candidate([c(1, 0.2), c(3, 0.9, ctx=0.5)], GenParams()) == 1  # the defaults weigh the text so far
+    # a step that can still be retried refuses a sentence cut off by the token limit
+    assert select_candidate([c(6, 1.0, ended=False)], p, truncated_ok=False) is None
+    assert select_candidate([c(6, 1.0, ended=False)], p) == 0
+    # weighed: the text so far counts, repeated word pairs cost
+    assert select_candidate([c(3, 0.5, ctx=0.1), c(0, 0.45, ctx=0.6)], GenParams(rerank_context=1.0, rerank_repeat=0.0)) == 1
+    assert select_candidate([c(0, 0.5, overlap=0.5), c(0, 0.45)], GenParams(rerank_context=0.0, rerank_repeat=1.0)) == 1
+
+
+def test_several_plans_share_one_step(gen, monkeypatch):
+    """PLANS=2: each step renders two distinct plans side by side (one engine batch), the rerank
+    chooses among all their candidates, and the chosen candidate's plan is the step's plan."""
+    seen_steps = []
+    real = gen.render_jobs
+
+    def render_jobs(jobs):
+        seen_steps.append([(list(j.planned), j.n, j.seed) for j in jobs])
+        real(jobs)
+
+    monkeypatch.setattr(gen, "render_jobs", render_jobs)
+    res = gen.run("Paris is the capital of France. It lies on the Seine.", 2, seed=5, plans=2, n_cand=2, plan_temp=1.0)
+    assert any(len(s) == 2 for s in seen_steps)
+    for s in seen_steps:
+        assert len({tuple(pl) for pl, _, _ in s}) == len(s) and all(n == 2 for _, n, _ in s)
+    for st in res.steps:
+        if st.chosen is not None:
+            k = st.candidates[st.chosen].get("plan", 0)
+            assert st.planned == seen_steps[res.steps.index(st)][k][0]
+            assert len(st.candidates) == 2 * len(seen_steps[res.steps.index(st)])
+    # PLANS=1 keeps the one-plan text and seeds
+    one = gen.run("Paris is the capital of France. It lies on the Seine.", 2, seed=5, n_cand=2)
+    seen_steps.clear()
+    assert gen.run("Paris is the capital of France. It lies on the Seine.", 2, seed=5, n_cand=2, plans=1).sentences == one.sentences
 
 
 def test_copy_guard(gen, monkeypatch):
@@ -121,7 +205,7 @@ def test_rerank_off_renders_one_candidate(gen, monkeypatch):
         return [{"text": "", "ended": True, "tokens": 0}] * p.n_cand
 
     _fake_render(gen, monkeypatch, render)
-    res = gen.run("A prompt sentence is here.", 2, n_cand=4, rerank=False)
+    res = gen.run("A prompt sentence is here.", 2, n_cand=4, rerank=False, retries=0)
     assert asked == [1] and res.stop_reason == "empty" and len(res.steps[0].candidates) == 1
     _fake_render(gen, monkeypatch, _rendered(["A fresh sentence.", "Another one."]))
     res = gen.run("A prompt sentence is here.", 1, n_cand=2, rerank=False)
@@ -216,7 +300,7 @@ def test_bf16_decoder_at_generation(in_run, gen, monkeypatch):
 
     from next_speed import runtime
 
-    env = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "8", "N_CAND": "3", "REPEAT_COS": "1.01"}
+    env = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "8", "N_CAND": "3", "REPEAT_COS": "1.01", "PLANS": "1", "UNPLANNED": "0"}
     fast = SentenceGenerator(resolve(GenerateConfig, environ={**env, "DTYPE": "bf16"}))
     assert fast.dtype == "bf16" and next(fast.model.parameters()).dtype == torch.bfloat16
     rope = [b for n, b in fast.model.named_buffers() if n.endswith("inv_freq")]
@@ -244,8 +328,9 @@ def test_mismatched_artifacts_are_refused(in_run, tmp_path):
 
 
 def test_api_one_liner_and_chat_oneshot(in_run):
-    # REPEAT_COS off: the random-init stand-in encoder puts every sentence near every other
-    env = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "8", "REPEAT_COS": "1.01"}
+    # REPEAT_COS off: the random-init stand-in encoder puts every sentence near every other; one
+    # plan per step (the tests of several plans ask for them)
+    env = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "8", "REPEAT_COS": "1.01", "PLANS": "1", "UNPLANNED": "0"}
     code = ("import json; from infer import SentenceGenerator; g=SentenceGenerator(); "
             "print(json.dumps(g.generate('Paris is the capital of France.', 2)))")
     r = subprocess.run([sys.executable, "-c", code], cwd=in_run, capture_output=True, text=True, timeout=300,
@@ -397,6 +482,10 @@ def test_code_agreement_and_report(in_run):
         assert (Path("out/report_test") / png).stat().st_size > 1000
     with pytest.raises(ConfigError, match="N_CANDS='1,x'"):
         resolve(AgreementConfig, {"n_cands": "1,x"}, environ=env)
+    # generation's own stop rules and selection: with every candidate a "repeat" (REPEAT_COS 0),
+    # every position is counted as refused
+    rep = code_agreement(resolve(AgreementConfig, {"eval_docs": 2, "n_cands": "2"}, environ={**env, "REPEAT_COS": "0"}))
+    assert all(r["all_refused"] == r["n"] > 0 for r in rep["results"])
 
 
 def test_candidates_never_contain_code_tokens(in_run, tmp_path):
@@ -591,6 +680,10 @@ def test_server_batches_concurrent_requests(gen):
 
     payloads = [{"prompt": "Paris is the capital of France.", "max_sentences": 2, "params": {"seed": s, "n_cand": n}}
                 for s, n in [(1, 2), (2, 3), (3, 1), (4, 2)]]
+    # a request whose steps render two plans and an unplanned candidate: the decoder's jobs of a step join
+    # the batch, the base model's is rendered apart, the step ends with the last
+    payloads.append({"prompt": "Paris is the capital of France.", "max_sentences": 2,
+                     "params": {"seed": 5, "n_cand": 2, "plans": 2, "plan_temp": 1.0, "unplanned": 1}})
     alone = [gen.run(p["prompt"], p["max_sentences"], **p["params"]) for p in payloads]
     app = create_app(lambda: gen, ServerConfig(max_queue=8), background=False)
     with TestClient(app) as c:
@@ -680,9 +773,10 @@ def test_scheduler_short_step_does_not_wait_for_a_long_one(gen, monkeypatch):
     sched = BatchScheduler(gen, max_queue=4)
     try:
         with gen._lock:  # both wait, so they join the same first batch
-            long = sched.submit("Paris is the capital of France.", 1, seed=1, n_cand=2, max_new_tokens=24,
+            # retries=0: sentences cut off by the token limit are kept at once (no re-planned step)
+            long = sched.submit("Paris is the capital of France.", 1, seed=1, n_cand=2, max_new_tokens=24, retries=0,
                                 on_step=lambda st: events.append("long"))
-            short = sched.submit("Paris is the capital of France.", 1, seed=2, n_cand=2, max_new_tokens=2,
+            short = sched.submit("Paris is the capital of France.", 1, seed=2, n_cand=2, max_new_tokens=2, retries=0,
                                  on_step=lambda st: events.append("short"))
         long.result(timeout=300), short.result(timeout=300)
     finally:
@@ -797,7 +891,7 @@ def test_vetoed_candidate_stops_early_in_both_engines(gen, monkeypatch):
     cut, ref = job(g, veto_after(free.out[0]["text"].split()[0], [])), job(g, veto_after(free.out[0]["text"].split()[0], []))
     gen.engine.render([cut])
     gen.engine.render_hf([ref])
-    assert cut.out[0].get("vetoed") and cut.out[0]["tokens"] < free.out[0]["tokens"] and ref.out == cut.out
+    assert cut.out[0].get("vetoed") and cut.out[0]["tokens"] < free.out[0]["tokens"] and ref.out == no_logprob(cut.out)
 
 
 def test_copy_guard_stops_a_copying_candidate_early(gen, monkeypatch):
@@ -917,7 +1011,7 @@ def test_no_copy_ngram_steers_off_earlier_sentences(gen, monkeypatch):
     assert len(banned_ids) >= 3 and not any(tuple(banned_ids[i : i + 3]) in grams for i in range(len(banned_ids) - 2))
     assert banned.out[0]["text"] != free.out[0]["text"]
     ref, _ = run(earlier, hf=True)
-    assert ref.out == banned.out
+    assert ref.out == no_logprob(banned.out)
     assert gen.make_job("ctx", [0] * K, replace_params(gen, no_copy_ngram=0), seed=1, earlier_ids=earlier).earlier_ids is None
     # the loop: the first step gets the prompt's sentences (as sentence starts and after a space)
     jobs = []
@@ -975,7 +1069,7 @@ def test_generator_packs_its_decoder_on_cpu(in_run, gen, monkeypatch, caplog):
 
     import next_speed.runtime as runtime
 
-    env = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "10", "N_CAND": "3", "REPEAT_COS": "1.01"}
+    env = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "10", "N_CAND": "3", "REPEAT_COS": "1.01", "PLANS": "1", "UNPLANNED": "0"}
     assert gen.packed_linears > 0
     plain = SentenceGenerator(resolve(GenerateConfig, environ={**env, "PACK_WEIGHTS": "0"}))
     assert plain.packed_linears == 0
@@ -990,3 +1084,22 @@ def test_generator_packs_its_decoder_on_cpu(in_run, gen, monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         assert SentenceGenerator(resolve(GenerateConfig, environ=env)).packed_linears == 0
     assert "PACK_WEIGHTS" in caplog.text
+
+
+def test_unplanned_candidates_continue_the_text(gen):
+    """UNPLANNED=2: each step also gets two candidates from the base model the decoder was
+    fine-tuned from, continuing the text by one sentence; the rerank weighs them with the plan's."""
+    from next_speed.engine import _starts_sentence
+
+    res = gen.run("Paris is the capital of France. It lies on the Seine.", 2, seed=2, unplanned=2, n_cand=2)
+    for st in res.steps:
+        assert len(st.candidates) == 4 and [bool(c.get("unplanned")) for c in st.candidates] == [False, False, True, True]
+    again = gen.run("Paris is the capital of France. It lies on the Seine.", 2, seed=2, unplanned=2, n_cand=2)
+    assert again.sentences == res.sentences
+    base = gen.base_engine()
+    assert base.model is not gen.model and base.tok("x")["input_ids"]
+    tok = base.tok
+    ids = tok("It rains.", add_special_tokens=False)["input_ids"]
+    then = tok(" Then", add_special_tokens=False)["input_ids"][0]
+    assert _starts_sentence(tok, ids, then)
+    assert not _starts_sentence(tok, tok("It rains", add_special_tokens=False)["input_ids"], then)

@@ -21,7 +21,7 @@ from next_speed.generate import GenerateConfig, SentenceGenerator, check_plan
 
 from conftest import ROOT, free_port, wait_healthy
 
-ENV = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "8", "N_CAND": "3", "REPEAT_COS": "1.01"}
+ENV = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "8", "N_CAND": "3", "REPEAT_COS": "1.01", "PLANS": "1", "UNPLANNED": "0"}
 PROMPT = "Paris is the capital of France. It lies on the Seine."
 
 

@@ -2,9 +2,11 @@
 
 At validation positions (a sentence with at least one sentence before it in its document), the
 planner plans the next tuple from the true previous sentences' codes and the decoder renders
-max(N_CANDS) candidates for it. Rerank on with N candidates keeps the best match among the first
-N (i.i.d. samples, so the first N of the batch are a fair draw of N); rerank off keeps the first
-candidate, whatever N. Reported per setting: agreement per level, exact tuple match, mean matched
+max(N_CANDS) candidates for it, with generation's copy ban. Each setting picks with generation's
+own selection rule (`generate.select_candidate`, after its stop rules) among the first N
+candidates (i.i.d. samples, so the first N of the batch are a fair draw of N): rerank on, the
+best match; rerank off, the first candidate the stop rules accept. `all_refused` counts the
+positions where they refused all N (generation would plan again; the first candidate is scored). Reported per setting: agreement per level, exact tuple match, mean matched
 prefix, and the round-trip measure of the Large Concept Models paper (LCM team 2024, sec. 2.4):
 the cosine between the chosen sentence's embedding and (a) the plan's RVQ reconstruction, (b) the
 embedding of the true next sentence.
@@ -14,14 +16,14 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .artifacts import read_jsonl, write_json
 from .config import knob
 from .errors import ConfigError, NextSpeedError
-from .generate import GenerateConfig, SentenceGenerator, params_from
+from .generate import GenerateConfig, SentenceGenerator, normalize_text, copy_ids, params_from, select_candidate, word_spans
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,8 @@ def code_agreement(cfg: AgreementConfig, generator: SentenceGenerator | None = N
     positions = _positions(cfg)
     settings = [("off", n) for n in ns] + [("on", n) for n in ns]
     picks: dict[tuple[str, int], list[tuple[list[int], list[int], float, float]]] = {s: [] for s in settings}
+    refused = {s: 0 for s in settings}
+    p_off = replace(p, rerank=False)
     g = torch.Generator().manual_seed(cfg.seed)
     plan_vs_next, recon_vs_next = [], []
     for j, (rows, i) in enumerate(progress(positions, desc="code agreement", unit="position")):
@@ -101,8 +105,13 @@ def code_agreement(cfg: AgreementConfig, generator: SentenceGenerator | None = N
                                          embeddings=ctx_emb, deep=p.plan_deep)
         # the exemplars generation would pick after these sentences (same exclusions and guard)
         exemplars = gen.exemplars_for(planned, exclude=set(prev), avoid=prev_emb if prev else None, avoid_cos=p.repeat_cos)
-        cands = gen.render(ctx_text, planned, p, seed=cfg.seed * 100_000 + j, exemplars=exemplars)
-        scored, x = gen.score(planned, [c or " " for c in cands], return_embeddings=True)
+        # rendered and judged as generation does: the same copy ban, stop rules and selection rule
+        spans = set().union(*(word_spans(s, p.repeat_span) for s in prev))
+        job = gen.make_job(ctx_text, planned, p, seed=cfg.seed * 100_000 + j, exemplars=exemplars, copy_spans=spans,
+                           earlier_ids=copy_ids(gen.tok, prev) if p.no_copy_ngram > 0 else None)
+        with gen._lock:
+            gen.render_jobs([job])
+        scored, x = gen.judge(planned, job.out, prev_emb, {normalize_text(s) for s in prev}, spans, p)
         nxt = gen.embed([rows[i]["target"]])[0]
         plan_vec = gen.rvq.decode(np.asarray([planned]))[0]
         plan_vs_next.append(float(plan_vec @ nxt / (np.linalg.norm(plan_vec) + 1e-12)))
@@ -110,9 +119,13 @@ def code_agreement(cfg: AgreementConfig, generator: SentenceGenerator | None = N
         recon_vs_next.append(float(rec @ nxt / (np.linalg.norm(rec) + 1e-12)))
         cos_next = x @ nxt  # (n_cand,)
         for n in ns:
-            picks[("off", n)].append((planned, scored[0]["codes"], scored[0]["cosine"], float(cos_next[0])))
-            best = max(range(n), key=lambda b: (scored[b]["prefix"], scored[b]["cosine"], -b))
-            picks[("on", n)].append((planned, scored[best]["codes"], scored[best]["cosine"], float(cos_next[best])))
+            for mode, q in (("off", p_off), ("on", p)):
+                # generation's own rule over the first n candidates; when the stop rules refuse all
+                # of them (generation would plan again), the first candidate is scored and counted
+                pick = select_candidate(scored[:n], q)
+                refused[(mode, n)] += pick is None
+                b = 0 if pick is None else pick
+                picks[(mode, n)].append((planned, scored[b]["codes"], scored[b]["cosine"], float(cos_next[b])))
     rows_out = []
     for (mode, n), items in picks.items():
         pl = np.asarray([a for a, *_ in items])
@@ -121,7 +134,8 @@ def code_agreement(cfg: AgreementConfig, generator: SentenceGenerator | None = N
         rows_out.append({"rerank": mode, "n_cand": n, "per_level": hit.mean(0).round(4).tolist(),
                          "exact": float(hit.all(1).mean()), "prefix": float(np.cumprod(hit, 1).sum(1).mean()),
                          "cos_plan": round(float(np.mean([c for *_, c, _ in items])), 4),
-                         "cos_next": round(float(np.mean([c for *_, c in items])), 4), "n": len(items)})
+                         "cos_next": round(float(np.mean([c for *_, c in items])), 4), "n": len(items),
+                         "all_refused": refused[(mode, n)]})
     by = {(r["rerank"], r["n_cand"]): r for r in rows_out}
     n4 = 4 if 4 in ns else max(ns)
     summary = {"positions": len(positions), "l0_norerank": by[("off", ns[0])]["per_level"][0],

@@ -28,6 +28,7 @@ reference (transformers' `generate` on the whole prompt) and serves seq2seq deco
 from __future__ import annotations
 
 import contextlib
+import re
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -185,6 +186,13 @@ class SentenceJob:
     # Token ids of the earlier sentences (generate.copy_ids): no candidate writes a run of
     # `params.no_copy_ngram` tokens found there.
     earlier_ids: list[int] | None = None
+    # Token ids of the sentences this generation wrote (generate.copy_ids): no candidate repeats a
+    # run of `params.no_repeat_written` tokens of theirs.
+    written_ids: list[int] | None = None
+    # Continuing running text (a plain LM, not the decoder, which writes one sentence per line):
+    # a candidate ends where its first sentence ends, i.e. when the next token starts another.
+    one_sentence: bool = False
+    engine: str = "decoder"  # which of the generator's engines renders the job: "decoder" or "base"
     out: list[dict] | None = None
 
 
@@ -201,7 +209,8 @@ class _KeepColumn:
         return scores
 
 
-def sentence_processors(p: Any, earlier_ids: Sequence[int] | None = None, end_id: int | None = None) -> list:
+def sentence_processors(p: Any, earlier_ids: Sequence[int] | None = None, end_id: int | None = None,
+                        written_ids: Sequence[int] | None = None) -> list:
     """HF's repetition penalty and no-repeat-n-gram processors, applied to the sentence being
     written only (the processors get the sentence's own tokens): the prompt (context, exemplars)
     is meant to be echoed, a loop within the sentence is not ("Canada, Canada, Canada, ...").
@@ -222,6 +231,11 @@ def sentence_processors(p: Any, earlier_ids: Sequence[int] | None = None, end_id
         procs.append(NoRepeatNGramLogitsProcessor(p.no_repeat_ngram))
     if getattr(p, "no_copy_ngram", 0) > 0 and earlier_ids:
         ban = EncoderNoRepeatNGramLogitsProcessor(p.no_copy_ngram, torch.tensor([list(earlier_ids)], dtype=torch.long))
+        procs.append(ban if end_id is None else _KeepColumn(ban, end_id))
+    if getattr(p, "no_repeat_written", 0) > 0 and written_ids:
+        # the same ban with a shorter run over the generated sentences alone (the prompt exempt):
+        # a text that restates its own sentence openings ("He was a German ... He was a German")
+        ban = EncoderNoRepeatNGramLogitsProcessor(p.no_repeat_written, torch.tensor([list(written_ids)], dtype=torch.long))
         procs.append(ban if end_id is None else _KeepColumn(ban, end_id))
     return procs
 
@@ -358,7 +372,7 @@ class DecodeEngine:
 
             p = j.params
             kw = dict(max_new_tokens=p.max_new_tokens, do_sample=p.do_sample,
-                      logits_processor=LogitsProcessorList([SentenceOnly(x) for x in sentence_processors(p, j.earlier_ids, self.tok.eos_token_id)]),
+                      logits_processor=LogitsProcessorList([SentenceOnly(x) for x in sentence_processors(p, j.earlier_ids, self.tok.eos_token_id, j.written_ids)]),
                       pad_token_id=self.tok.pad_token_id, eos_token_id=self.stop_ids)
             if p.do_sample:
                 kw.update(top_p=p.top_p, temperature=p.temp)
@@ -402,6 +416,7 @@ class _Live:
     alive: int  # rows still decoding
     vetoed: list[bool] = field(default_factory=list)
     checked: list[int] = field(default_factory=list)  # per row: length of the text the veto last saw
+    logprob: list[float] = field(default_factory=list)  # per row: the decoder's log-probability of its tokens so far
 
 
 def veto_cut(tok, tokens: list[int], veto, seen: int = -1) -> tuple[bool, int]:
@@ -419,6 +434,16 @@ def veto_cut(tok, tokens: list[int], veto, seen: int = -1) -> tuple[bool, int]:
     if cut <= seen:
         return False, seen
     return bool(veto(text[:cut])), cut
+
+
+_SENTENCE_END = re.compile(r"[.!?\u2026][\"'\u201d\u2019)\]]*$")
+
+
+def _starts_sentence(tok, tokens: list[int], nxt: int) -> bool:
+    """Whether token `nxt`, after a candidate's `tokens`, begins a new sentence: the text so far
+    ends with terminal punctuation (closing quotes allowed) and `nxt` starts with a space."""
+    text = tok.decode(tokens[-4:], skip_special_tokens=True)
+    return bool(_SENTENCE_END.search(text)) and tok.decode([nxt]).startswith((" ", "\n"))
 
 
 class DecodeBatch:
@@ -496,8 +521,8 @@ class DecodeBatch:
             logits += [f.expand(j.n, -1) for f, j in zip(first, jobs)]
             self.mask, self.pos, self.logits = torch.cat(masks), torch.cat(pos), torch.cat(logits)
         for j in jobs:
-            lv = _Live(j, torch.Generator().manual_seed(int(j.seed)), sentence_processors(j.params, j.earlier_ids, e.tok.eos_token_id),
-                       [[] for _ in range(j.n)], [False] * j.n, j.n, [False] * j.n, [-1] * j.n)
+            lv = _Live(j, torch.Generator().manual_seed(int(j.seed)), sentence_processors(j.params, j.earlier_ids, e.tok.eos_token_id, j.written_ids),
+                       [[] for _ in range(j.n)], [False] * j.n, j.n, [False] * j.n, [-1] * j.n, [0.0] * j.n)
             self.owner += [lv] * j.n
             self.cand += list(range(j.n))
 
@@ -556,13 +581,19 @@ class DecodeBatch:
             nxt = torch.empty(self.rows, dtype=torch.long, device=e.device)
             for lv, rows in groups.values():
                 nxt[rows] = e._choose(lv.job, self.logits[rows], [lv.tokens[self.cand[b]] for b in rows], lv.gen, lv.procs)
+            # the model's own log-probability of each sampled token (before temperature and the
+            # repetition guards): the candidate's fluency, which the rerank may weigh
+            lp = torch.log_softmax(self.logits.float(), -1).gather(1, nxt[:, None])[:, 0].tolist()
             keep = []
             for b, t in enumerate(nxt.tolist()):  # one device->host copy a step
                 lv, i = self.owner[b], self.cand[b]
+                lv.logprob[i] += lp[b]
                 if t in e._stop_set:
                     lv.ended[i] = True
                     if t != e.tok.eos_token_id:
                         lv.tokens[i].append(t)  # "word.\n": the text before the newline is kept
+                elif lv.job.one_sentence and lv.tokens[i] and _starts_sentence(e.tok, lv.tokens[i], t):
+                    lv.ended[i] = True  # the token that would begin the next sentence is not kept
                 else:
                     lv.tokens[i].append(t)
                     if lv.job.veto is not None:
@@ -574,8 +605,9 @@ class DecodeBatch:
             done = [lv for lv, _ in groups.values() if lv.alive == 0]
             for lv in done:
                 texts = e.tok.batch_decode(lv.tokens, skip_special_tokens=True)
-                lv.job.out = [{"text": t.split("\n")[0].strip(), "ended": d, "tokens": len(k), **({"vetoed": True} if v else {})}
-                              for t, d, k, v in zip(texts, lv.ended, lv.tokens, lv.vetoed)]
+                lv.job.out = [{"text": t.split("\n")[0].strip(), "ended": d, "tokens": len(k), "logprob": round(lp_, 4),
+                               **({"vetoed": True} if v else {})}
+                              for t, d, k, v, lp_ in zip(texts, lv.ended, lv.tokens, lv.vetoed, lv.logprob)]
             order = self._keep(keep)
             if self.rows:
                 nxt = nxt[torch.tensor(order, device=e.device)] if len(order) < len(nxt) else nxt

@@ -39,7 +39,7 @@ class GenParams:
 
     gen_steps: int = knob(3, env="GEN_STEPS", min=1, max=64, help="sentences to generate")
     n_cand: int = knob(4, env="N_CAND", min=1, max=32, help="decoder candidates per sentence")
-    rerank: bool = knob(True, env="RERANK", help="re-encode candidates and keep the best code match")
+    rerank: bool = knob(True, env="RERANK", help="re-encode candidates and keep the best (code match, fit with the text so far, no repetition)")
     do_sample: bool = knob(True, env="DO_SAMPLE", help="sample the decoder (else greedy/beam-free decoding)")
     top_p: float = knob(0.9, env="TOP_P", min=0.01, max=1.0, help="decoder nucleus sampling mass")
     temp: float = knob(0.5, env="TEMP", min=0.01, max=5.0, help="decoder sampling temperature")
@@ -61,6 +61,31 @@ class GenParams:
     no_copy_ngram: int = knob(7, env="NO_COPY_NGRAM", min=0, max=64,
                               help="a sentence never writes a run of this many tokens that an earlier sentence (the prompt's "
                                    "included) holds: the decoder is steered off a copy instead of being refused for it (0 = off)")
+    rerank_plan: float = knob(0.5, env="RERANK_PLAN", min=0.0, max=10.0,
+                              help="with the weighed rerank (a RERANK_CONTEXT, _FLUENCY or _REPEAT weight set): the weight of "
+                                   "a candidate's cosine to its plan's reconstruction")
+    rerank_context: float = knob(2.0, env="RERANK_CONTEXT", min=0.0, max=10.0,
+                                 help="rerank weight of a candidate's cosine to the text so far (the mean of its last sentences' "
+                                      "embeddings); RERANK_CONTEXT, _FLUENCY and _REPEAT all 0 = the code match alone (levels "
+                                      "matched from level 0, then cosine)")
+    rerank_fluency: float = knob(0.0, env="RERANK_FLUENCY", min=0.0, max=10.0,
+                                 help="rerank weight of a candidate's mean token log-probability under the decoder")
+    rerank_repeat: float = knob(4.0, env="RERANK_REPEAT", min=0.0, max=10.0,
+                                help="rerank penalty on the share of a candidate's word pairs that the last sentences this call "
+                                     "wrote hold (repetition across sentences)")
+    plans: int = knob(2, env="PLANS", min=1, max=8,
+                      help="plans drawn per sentence, each rendered with N_CAND candidates in the same batch; the rerank "
+                           "chooses among all of them (1 = one plan, its renderings compared)")
+    unplanned: int = knob(4, env="UNPLANNED", min=0, max=32,
+                          help="candidates per sentence written without a plan by the packaged base model the decoder was "
+                               "fine-tuned from, continuing the text; the rerank weighs them like the plan's (a text the "
+                               "plan does not fit, e.g. another genre, keeps its own voice)")
+    retries: int = knob(2, env="RETRIES", min=0, max=8,
+                        help="a step whose candidates the stop rules all refuse is planned and rendered again (new plan draw, "
+                             "new seeds) up to this many times before the text ends there")
+    no_repeat_written: int = knob(3, env="NO_REPEAT_WRITTEN", min=0, max=64,
+                                  help="a sentence never repeats a run of this many tokens of the last 4 sentences this call "
+                                       "wrote (the prompt exempt: NO_COPY_NGRAM covers it); 0 = off")
     seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="random seed: same seed and inputs give the same text")
 
 
@@ -248,7 +273,7 @@ def recorded_settings(rvq_meta: dict) -> dict:
     return out
 
 
-def _norm(s: str) -> str:
+def normalize_text(s: str) -> str:
     return " ".join(s.lower().split())
 
 
@@ -280,6 +305,55 @@ def match_score(planned: Sequence[int], realized: Sequence[int], cosine: float) 
             break
         prefix += 1
     return prefix, cosine
+
+
+# A retried step samples its plan at least this hot (a greedy planner would repeat the refused plan)
+# and seeds its decoder rows this far from the first attempt's (steps of one call are < 64 apart).
+RETRY_PLAN_TEMP = 1.0
+RETRY_SEED_STRIDE = 64
+# The repetition controls across sentences (RERANK_REPEAT, NO_REPEAT_WRITTEN) look back this many
+# written sentences: a long text may come back to a phrase, three sentences in a row should not.
+RECENT_WRITTEN = 4
+# With PLANS > 1, plan k's candidates are seeded this far from plan 0's (whose seeds are those of PLANS=1).
+PLAN_SEED_STRIDE = 1 << 40
+
+
+def refusal(c: dict, seen: set[str], p: GenParams) -> str | None:
+    """Why the stop rules refuse a judged candidate ("empty" or "repeat"), None when they accept it:
+    empty text; the same text as an earlier sentence; a paraphrase of one (cosine >= REPEAT_COS,
+    LCM's stop rule); a copy of REPEAT_SPAN words of one."""
+    if not c["text"]:
+        return "empty"
+    if normalize_text(c["text"]) in seen or c["repeat_cos"] >= p.repeat_cos or c["copies"]:
+        return "repeat"
+    return None
+
+
+def select_candidate(scored: Sequence[dict], p: GenParams, truncated_ok: bool = True) -> int | None:
+    """The one candidate selection rule, used by generation and by code_agreement_eval: among
+    the candidates the stop rules accept (`refused` None), with RERANK the one that ended its
+    sentence before the token limit, then matches the most plan levels from level 0, then is
+    closest to the plan's reconstruction (or, with RERANK_CONTEXT or RERANK_FLUENCY, the best
+    `candidate_score`); without RERANK the first accepted. `truncated_ok=False` (a step that may
+    still be retried) refuses candidates that hit the token limit too. None: all refused."""
+    ok = [i for i, c in enumerate(scored) if not c.get("refused") and (truncated_ok or c["ended"])]
+    if not ok:
+        return None
+    if not p.rerank:
+        return ok[0]
+    if p.rerank_context or p.rerank_fluency or p.rerank_repeat:
+        return max(ok, key=lambda i: (scored[i]["ended"], candidate_score(scored[i], p), -i))
+    return max(ok, key=lambda i: (scored[i]["ended"], scored[i]["prefix"], scored[i]["cosine"], -i))
+
+
+def candidate_score(c: dict, p: GenParams) -> float:
+    """The weighed rerank score: RERANK_PLAN times the cosine to the plan's reconstruction, plus RERANK_CONTEXT times the
+    cosine to the text so far, plus RERANK_FLUENCY times the mean token log-probability (the end
+    of the sentence counted as a token), minus RERANK_REPEAT times the share of its word pairs
+    that the sentences written before it in this call hold."""
+    fluency = c.get("logprob", 0.0) / (c.get("tokens", 0) + 1)
+    return (p.rerank_plan * c["cosine"] + p.rerank_context * c.get("context_cos", 0.0) + p.rerank_fluency * fluency
+            - p.rerank_repeat * c.get("pair_overlap", 0.0))
 
 
 class SentenceGenerator:
@@ -330,6 +404,8 @@ class SentenceGenerator:
         self.planner = PlannerRunner(planner, pinfo["context_sents"], codebooks=self.rvq.codebooks)
         self.context_sents = pinfo["context_sents"]
         self.model, self.tok, self.cond, dmeta = load_decoder(cfg.decoder_dir, self.device)
+        self.decoder_meta = dmeta
+        self._base_engine = None  # UNPLANNED: the packaged base model, loaded on first use
         if self.dtype == "bf16":
             from .decoder_model import cast_decoder
 
@@ -418,13 +494,14 @@ class SentenceGenerator:
 
     def make_job(self, context_text: str, codes: Sequence[int], p: GenParams, seed: int,
                  exemplars: Sequence[str] | None = None, cache=None, copy_spans: set | None = None,
-                 earlier_ids: Sequence[int] | None = None):
+                 earlier_ids: Sequence[int] | None = None, written_ids: Sequence[int] | None = None):
         """One sentence step for the engine: the prompt of `codes` after `context_text`, with the
         plan's exemplars (looked up when not given), `p.n_cand` candidates. With `copy_spans` (the
         earlier sentences' runs of REPEAT_SPAN words) a candidate stops as soon as it copies one:
         the copy guard would refuse it anyway, so only the tokens it would still have cost change.
         With `earlier_ids` (`copy_ids` of the earlier sentences) no candidate writes a run of
-        NO_COPY_NGRAM tokens found there."""
+        NO_COPY_NGRAM tokens found there; with `written_ids` (those of the sentences this call
+        wrote last) no run of NO_REPEAT_WRITTEN tokens of theirs."""
         from .decoder_model import encode_example
         from .engine import SentenceJob
 
@@ -437,7 +514,8 @@ class SentenceGenerator:
             veto = lambda text: not spans.isdisjoint(word_spans(text, n))  # noqa: E731
         return SentenceJob(prompt=ex["input_ids"], n=p.n_cand, params=p, seed=seed, planned=[int(c) for c in codes],
                            plan_start=ex.get("plan_start"), cache=cache, context=context_text, exemplars=list(exemplars),
-                           veto=veto, earlier_ids=list(earlier_ids) if earlier_ids and p.no_copy_ngram > 0 else None)
+                           veto=veto, earlier_ids=list(earlier_ids) if earlier_ids and p.no_copy_ngram > 0 else None,
+                           written_ids=list(written_ids) if written_ids and p.no_repeat_written > 0 else None)
 
     def decode_batch(self):
         """An empty persistent batch for this generator's engine (the server's scheduler keeps
@@ -447,11 +525,56 @@ class SentenceGenerator:
         return self.engine.batch() if self.use_kv else WholeBatch(self.engine)
 
     def render_jobs(self, jobs) -> None:
-        """Render sentence steps (of one or several generations) in one decoder batch."""
+        """Render sentence steps (of one or several generations) in one decoder batch (and the
+        base model's unplanned candidates in one batch of its own)."""
+        base = [j for j in jobs if j.engine == "base"]
+        jobs = [j for j in jobs if j.engine != "base"]
+        if base:
+            self.base_engine().render(base)
         if self.use_kv:
             self.engine.render(jobs)
         else:
             self.engine.render_hf(jobs)
+
+    def base_engine(self):
+        """The engine of the packaged base model the decoder was fine-tuned from (UNPLANNED),
+        loaded once on first use, its weights packed like the decoder's."""
+        if self._base_engine is None:
+            from .decoder_model import load_base_model, load_base_tokenizer
+            from .engine import DecodeEngine
+
+            name = self.decoder_meta.get("train", {}).get("model")
+            if not name:
+                raise NextSpeedError(f"UNPLANNED: the decoder in {self.cfg.decoder_dir} does not record its base model")
+            tok, family, _ = load_base_tokenizer(name)
+            if family != "causal":
+                raise ConfigError(f"UNPLANNED: the base model {name} is not a causal LM; set UNPLANNED=0")
+            model = load_base_model(name, family).to(self.device).eval()
+            if self.dtype == "bf16":
+                model = model.to(self.torch.bfloat16)
+            elif self.packed_linears:
+                from .runtime import pack_linears
+
+                pack_linears(model)
+            self._base_engine = DecodeEngine(model, tok, [], self.device)
+        return self._base_engine
+
+    def unplanned_job(self, history: Sequence[str], p: GenParams, seed: int, cache, spans: set, earlier_ids, written_ids):
+        """A step's UNPLANNED candidates: the base model continues the text so far (its last
+        sentences, at most MAX_IN tokens) by one sentence."""
+        from .engine import SentenceJob
+
+        tok = self.base_engine().tok
+        text = " ".join(history[-(self.context_sents or len(history)):])
+        ids = tok(text, add_special_tokens=False)["input_ids"][-self.cond.max_in:]
+        veto = None
+        if spans and p.repeat_span > 0:
+            spans_, n = frozenset(spans), p.repeat_span
+            veto = lambda t: not spans_.isdisjoint(word_spans(t, n))  # noqa: E731
+        return SentenceJob(prompt=ids, n=p.unplanned, params=p, seed=seed, cache=cache, context=text, veto=veto,
+                           earlier_ids=list(earlier_ids) if earlier_ids and p.no_copy_ngram > 0 else None,
+                           written_ids=list(written_ids) if written_ids and p.no_repeat_written > 0 else None,
+                           one_sentence=True, engine="base")
 
     def render(self, context_text: str, codes: Sequence[int], p: GenParams, seed: int,
                exemplars: Sequence[str] | None = None) -> list[str]:
@@ -480,6 +603,44 @@ class SentenceGenerator:
             prefix, cos = match_score(planned, t.tolist(), float(e @ target))
             out.append({"text": c, "codes": t.tolist(), "prefix": prefix, "cosine": round(cos, 4)})
         return (out, x) if return_embeddings else out
+
+    def sample_plans(self, ctx_codes: list, hist_emb: np.ndarray, pin: Sequence[int], p: GenParams, temp: float,
+                     gen) -> list[list[int]]:
+        """PLANS distinct plans for the next sentence (pinned levels kept): the first drawn at
+        `temp`, the others sampled (at temperature 1 when `temp` is greedy); a draw equal to an
+        earlier one is dropped (it would render the same prompt again)."""
+        plans: list[list[int]] = []
+        for k in range(p.plans):
+            t = temp if k == 0 or temp > 0 else RETRY_PLAN_TEMP
+            pl = self.planner.next_tuple(ctx_codes, greedy=t <= 0, temperature=t, top_k=p.plan_top_k, generator=gen,
+                                         at_doc_start=True, fixed=pin, embeddings=hist_emb, deep=p.plan_deep)
+            if pl not in plans:
+                plans.append(pl)
+        return plans
+
+    def judge(self, planned: Sequence[int], rendered: Sequence[dict], hist_emb: np.ndarray, seen: set[str],
+              spans: set, p: GenParams, pairs: set | None = None) -> tuple[list[dict], np.ndarray]:
+        """One step's candidates (`SentenceJob.out`) judged against the plan and the text so far:
+        `score`'s codes, prefix and cosine, plus `ended`, `tokens`, `logprob`, `repeat_cos` (nearest
+        earlier sentence, `hist_emb` (M, D) unit rows), `context_cos` (cosine to the mean of the last
+        CONTEXT_SENTS of them), `pair_overlap` (share of its word pairs in `pairs`, those of the
+        sentences written so far), `copies` (a run of REPEAT_SPAN words of `spans`, or vetoed
+        while written) and `refused` (`refusal`'s reason, given the earlier sentences' normalized
+        texts `seen`). Returns them and the candidates' unit embeddings (N, D)."""
+        cands = [c["text"] for c in rendered]
+        x = self.embed(cands)
+        scored = self.score(planned, cands, embeddings=x)
+        near = (x @ hist_emb.T).max(1) if len(hist_emb) else np.full(len(cands), -1.0)
+        ctx = hist_emb[-(self.context_sents or len(hist_emb)):].mean(0) if len(hist_emb) else np.zeros(x.shape[1])
+        ctx_cos = x @ ctx / max(float(np.linalg.norm(ctx)), 1e-12)
+        for sc, r, cos, cc in zip(scored, rendered, near, ctx_cos):
+            sc.update(ended=r["ended"], repeat_cos=round(float(cos), 4), context_cos=round(float(cc), 4),
+                      tokens=r.get("tokens", 0), logprob=r.get("logprob", 0.0),
+                      copies=bool(word_spans(sc["text"], p.repeat_span) & spans) or bool(r.get("vetoed")))
+            own = word_spans(sc["text"], 2)
+            sc["pair_overlap"] = round(len(own & pairs) / len(own), 4) if pairs and own else 0.0
+            sc["refused"] = refusal(sc, seen, p)
+        return scored, x
 
     def codes_of(self, text: str, levels: int | None = None) -> list[int]:
         """The code tuple of a sentence (embedded and quantized as in step 03), or its first `levels`."""
@@ -556,7 +717,7 @@ class SentenceGenerator:
     def steps(self, prompt: str, p: GenParams, plan: list | None = None, max_tokens: int | None = None,
               stop: Sequence[str] = (), on_step=None):
         """The generation loop as a Python generator: it yields each sentence step (a list of
-        one SentenceJob) for someone to render (`drive`, or the server's scheduler, which renders
+        SentenceJobs: one per plan, and the base model's unplanned candidates) for someone to render (`drive`, or the server's scheduler, which renders
         the steps of concurrent requests in one batch) and returns the GenerationResult.
         The prompt's KV cache travels from one step to the next. `plan`, `max_tokens` and `stop`
         are as checked by `prepare`; `on_step(step)` is called with each Step once decided."""
@@ -572,66 +733,83 @@ class SentenceGenerator:
         ctx_codes = self.rvq.encode(hist_emb, beam=self.beam).tolist()
         t_prompt = time.perf_counter() - t0
         history = list(sents)
-        seen = {_norm(s) for s in sents}
+        seen = {normalize_text(s) for s in sents}
+        recent: list[str] = []  # the last RECENT_WRITTEN sentences this call wrote,
+        pairs: set = set()  # their word pairs (RERANK_REPEAT)
+        written: list[int] = []  # and their tokens (NO_REPEAT_WRITTEN)
         spans = set().union(*(word_spans(s, p.repeat_span) for s in sents))  # copy guard: earlier sentences' word runs
         earlier = copy_ids(self.tok, sents) if p.no_copy_ngram > 0 else []  # and their tokens, for NO_COPY_NGRAM
         gen = torch.Generator().manual_seed(p.seed)
         res = GenerationResult(prompt=prompt, sentences=[], planned=[], realized=[], params=asdict(p))
         tot = {"prompt": t_prompt, "planner": 0.0, "decoder": 0.0, "rerank": 0.0}
-        cache = PromptCache() if self.use_kv else None
+        caches = [PromptCache() if self.use_kv else None for _ in range(p.plans)]  # one per plan slot, kept across steps
+        base_cache = PromptCache()  # the base model's (UNPLANNED)
         ctx_start = 0
         budget = max_tokens
         for step in range(p.gen_steps):
             if budget is not None and budget <= 0:
                 res.stop_reason = "length"
                 break
-            t0 = time.perf_counter()
             pin = plan[step] if plan and step < len(plan) else None
             if isinstance(pin, dict):  # steer by example: its codes (first levels) are the plan
                 pin = self.codes_of(pin["example"], pin["levels"])
             pin = pin or []
-            planned = self.planner.next_tuple(ctx_codes, greedy=p.plan_temp <= 0, temperature=p.plan_temp,
-                                              top_k=p.plan_top_k, generator=gen, at_doc_start=True, fixed=pin,
-                                              embeddings=hist_emb, deep=p.plan_deep)
-            t1 = time.perf_counter()
-            exemplars = self.exemplars_for(planned, exclude={h for h in history}, avoid=hist_emb, avoid_cos=p.repeat_cos)
-            context_text, ctx_start = self.context_for(history, ctx_start, planned, exemplars)
-            # Without rerank nothing would choose among candidates: render one (the spec's ablation).
-            ps = p if p.rerank else replace(p, n_cand=1)
-            if budget is not None and budget < ps.max_new_tokens:
-                ps = replace(ps, max_new_tokens=budget)
-            job = self.make_job(context_text, planned, ps, seed=p.seed * 1000 + step, exemplars=exemplars, cache=cache,
-                                copy_spans=spans, earlier_ids=earlier)
-            yield [job]
-            rendered = job.out
-            cache = job.cache
-            cands = [c["text"] for c in rendered]
-            t2 = time.perf_counter()
-            x = self.embed(cands)
-            scored = self.score(planned, cands, embeddings=x)
-            near = (x @ hist_emb.T).max(1)  # LCM's stop rule: a paraphrase of an earlier sentence is a repeat
-            for sc, r, cos in zip(scored, rendered, near):
-                sc.update(ended=r["ended"], repeat_cos=round(float(cos), 4))
-            t3 = time.perf_counter()
-            copied = [bool(word_spans(c, p.repeat_span) & spans) or bool(r.get("vetoed")) for c, r in zip(cands, rendered)]
-            for sc, cp in zip(scored, copied):
-                sc["copies"] = cp
-            ok = [i for i, c in enumerate(cands) if c and _norm(c) not in seen and near[i] < p.repeat_cos and not copied[i]]
-            if not ok:
-                chosen = None
-            elif p.rerank:  # sentences that ended before the token limit first, then the code match
-                chosen = max(ok, key=lambda i: (scored[i]["ended"], scored[i]["prefix"], scored[i]["cosine"], -i))
-            else:
-                chosen = ok[0]
-            timings = {"planner": t1 - t0, "decoder": t2 - t1, "rerank": t3 - t2}
-            for k in timings:
-                tot[k] += timings[k]
-            if chosen is None:
-                reason = "empty" if all(not c for c in cands) else "repeat"  # every non-empty one repeats
-                res.steps.append(Step(planned, scored, None, None, None, timings, exemplars, len(pin)))
-                res.stop_reason = reason
+            # Without rerank nothing chooses among candidates: one plan, one candidate (the spec's ablation).
+            pc = p if p.rerank else replace(p, plans=1, unplanned=0)
+            # A step whose candidates the stop rules all refuse is planned and rendered again (a new
+            # plan draw and new decoder seeds), up to RETRIES times, before the text ends there.
+            for attempt in range(p.retries + 1):
+                t0 = time.perf_counter()
+                temp = p.plan_temp if attempt == 0 else max(p.plan_temp, RETRY_PLAN_TEMP)
+                plans = self.sample_plans(ctx_codes, hist_emb, pin, pc, temp, gen)
+                t1 = time.perf_counter()
+                exemplars = [self.exemplars_for(pl, exclude=set(history), avoid=hist_emb, avoid_cos=p.repeat_cos) for pl in plans]
+                context_text, ctx_start = self.context_for(history, ctx_start, plans[0], exemplars[0])
+                ps = p if p.rerank else replace(p, n_cand=1)
+                if budget is not None and budget < ps.max_new_tokens:
+                    ps = replace(ps, max_new_tokens=budget)
+                jobs = [self.make_job(context_text, pl, ps, seed=p.seed * 1000 + step + RETRY_SEED_STRIDE * attempt + PLAN_SEED_STRIDE * k,
+                                      exemplars=ex, cache=caches[k], copy_spans=spans, earlier_ids=earlier,
+                                      written_ids=written)
+                        for k, (pl, ex) in enumerate(zip(plans, exemplars))]
+                if pc.unplanned:
+                    jobs.append(self.unplanned_job(history, ps, p.seed * 1000 + step + RETRY_SEED_STRIDE * attempt
+                                                   + PLAN_SEED_STRIDE * 8, base_cache, spans, earlier, written))
+                yield jobs
+                for k, job in enumerate(jobs[: len(plans)]):
+                    caches[k] = job.cache
+                if pc.unplanned:
+                    base_cache = jobs[-1].cache
+                t2 = time.perf_counter()
+                scored, x, cands, owner = [], [], [], []
+                for k, job in enumerate(jobs):
+                    sc, xk = self.judge(plans[min(k, len(plans) - 1)], job.out, hist_emb, seen, spans, p, pairs)
+                    if job.engine == "base":  # compared with the first plan; marked as written without one
+                        sc = [dict(c, unplanned=True) for c in sc]
+                    scored += [dict(c, plan=k) for c in sc] if len(jobs) > 1 else sc
+                    x.append(xk)
+                    cands += [c["text"] for c in job.out]
+                    owner += [(k, i) for i in range(len(job.out))]
+                x = np.concatenate(x)
+                # a cut-off sentence is kept only when no retry is left (or the token budget cut it)
+                last = attempt == p.retries or (budget is not None and budget < p.max_new_tokens)
+                chosen = select_candidate(scored, p, truncated_ok=last)
+                k_chosen = min(owner[chosen][0], len(plans) - 1) if chosen is not None else 0
+                planned, ex_chosen = plans[k_chosen], exemplars[k_chosen]
+                if chosen is not None and scored[chosen].get("unplanned"):
+                    ex_chosen = []
+                rendered = [r for job in jobs for r in job.out]
+                t3 = time.perf_counter()
+                timings = {"planner": t1 - t0, "decoder": t2 - t1, "rerank": t3 - t2}
+                for k in timings:
+                    tot[k] += timings[k]
+                if chosen is not None:
+                    break
+                res.steps.append(Step(planned, scored, None, None, None, timings, ex_chosen, len(pin)))
                 if on_step is not None:
                     on_step(res.steps[-1])
+            if chosen is None:
+                res.stop_reason = "empty" if all(not c for c in cands) else "repeat"  # every non-empty one repeats
                 break
             sentence = cands[chosen]
             realized = scored[chosen]["codes"]
@@ -640,7 +818,7 @@ class SentenceGenerator:
                 sentence = sentence[:cut].rstrip()
             if budget is not None:
                 budget -= rendered[chosen]["tokens"]
-            res.steps.append(Step(planned, scored, chosen, sentence, realized, timings, exemplars, len(pin),
+            res.steps.append(Step(planned, scored, chosen, sentence, realized, timings, ex_chosen, len(pin),
                                   rendered[chosen]["tokens"]))
             if on_step is not None:
                 on_step(res.steps[-1])
@@ -655,10 +833,14 @@ class SentenceGenerator:
             res.planned.append(planned)
             res.realized.append(realized)
             history.append(sentence)
-            seen.add(_norm(sentence))
+            seen.add(normalize_text(sentence))
+            recent = (recent + [sentence])[-RECENT_WRITTEN:]
+            pairs = set().union(*(word_spans(t, 2) for t in recent))
             spans |= word_spans(sentence, p.repeat_span)
             if p.no_copy_ngram > 0:
                 earlier += copy_ids(self.tok, [sentence])
+            if p.no_repeat_written > 0:
+                written = copy_ids(self.tok, recent)
             hist_emb = np.concatenate([hist_emb, x[chosen : chosen + 1]])
             ctx_codes.append(realized)
         else:
@@ -666,8 +848,9 @@ class SentenceGenerator:
                 res.stop_reason = "length"
         tot["total"] = time.perf_counter() - t_start
         res.timings = {k: round(v, 4) for k, v in tot.items()}
-        if cache is not None:
-            res.timings.update(prompt_tokens_reused=cache.reused, prompt_tokens_prefilled=cache.prefilled)
+        if caches[0] is not None:
+            res.timings.update(prompt_tokens_reused=sum(c.reused for c in caches),
+                               prompt_tokens_prefilled=sum(c.prefilled for c in caches))
         return res
 
     def generate(self, prompt: str, max_sentences: int | None = None, **overrides: Any) -> str:

@@ -59,7 +59,15 @@ class _Request:
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
     steps: Any = None
-    job: Any = None
+    jobs: list = field(default_factory=list)  # the current sentence step's SentenceJobs (one per plan)
+
+    @property
+    def rows(self) -> int:
+        return sum(j.n for j in self.jobs)
+
+    @property
+    def rendered(self) -> bool:
+        return bool(self.jobs) and all(j.out is not None for j in self.jobs)
 
 
 class BatchScheduler:
@@ -111,8 +119,7 @@ class BatchScheduler:
     def _advance(self, r: _Request, first: bool = False) -> bool:
         """Move a request to its next sentence step; False when it is done (result or error set)."""
         try:
-            jobs = next(r.steps) if first else r.steps.send(None)
-            r.job = jobs[0]
+            r.jobs = list(next(r.steps) if first else r.steps.send(None))
             return True
         except StopIteration as done:
             res = done.value
@@ -130,10 +137,11 @@ class BatchScheduler:
         self._batch = None
         ok = []
         for r in reqs:
-            if r.job.cache is not None:  # a failed forward may have left it half-extended
-                r.job.cache.kv, r.job.cache.ids, r.job.cache.clean = None, [], 0
+            for j in r.jobs:
+                if j.cache is not None:  # a failed forward may have left it half-extended
+                    j.cache.kv, j.cache.ids, j.cache.clean = None, [], 0
             try:
-                self.gen.render_jobs([r.job])
+                self.gen.render_jobs(r.jobs)
                 ok.append(r)
             except Exception as e:  # noqa: BLE001
                 log.error("rendering a sentence step failed", exc_info=e)
@@ -185,29 +193,35 @@ class BatchScheduler:
                 self._active = [r for r in self._active if r not in failed]
                 active = list(self._active)
             inside = {id(j) for j in batch.jobs}
-            owner = {id(r.job): r for r in active}
+            owner = {id(j): r for r in active for j in r.jobs}
             join, rows = [], batch.rows
             for r in active:  # oldest first, as many rows as allowed (at least one request)
-                if id(r.job) in inside:
-                    continue
-                if rows and rows + r.job.n > self.max_batch_rows:
+                if any(id(j) in inside or j.out is not None for j in r.jobs if j.engine != "base"):
+                    continue  # in the batch already (a step's jobs join together)
+                if rows and rows + r.rows > self.max_batch_rows:
                     break
                 join.append(r)
-                rows += r.job.n
+                rows += r.rows
             if not rows:
                 return True
             try:
-                batch.remove([r.job for r in gone if r.job is not None])
-                batch.add([r.job for r in join])
+                batch.remove([j for r in gone for j in r.jobs if j.engine != "base"])
+                # the base model's unplanned candidates (UNPLANNED) are rendered at once, in a batch
+                # of their own; the decoder's rows join the open batch
+                base = [j for r in join for j in r.jobs if j.engine == "base"]
+                if base:
+                    gen.render_jobs(base)
+                batch.add([j for r in join for j in r.jobs if j.engine != "base"])
                 rows = batch.rows
-                ended = [owner[id(j)] for j in batch.step() if id(j) in owner]
+                # a request's step ends once all of its jobs have
+                ended = list({id(r): r for r in (owner[id(j)] for j in batch.step() if id(j) in owner) if r.rendered}.values())
                 self.batches += 1
                 self.rows += rows
             except Exception as e:  # noqa: BLE001 - a bug or an out-of-memory: logged, handed to the requests
-                involved = [owner[id(j)] for j in batch.jobs if id(j) in owner]
+                involved = list({id(r): r for r in (owner[id(j)] for j in batch.jobs if id(j) in owner)}.values())
                 involved += [r for r in join if r not in involved]
                 # steps that finished in the failed round already left the batch with their text
-                finished = [r for r in active if r not in involved and r.job is not None and r.job.out is not None]
+                finished = [r for r in active if r not in involved and r.rendered]
                 ended = self._recover(involved, e)
                 failed = [r for r in involved if r not in ended]
                 ended += finished

@@ -551,11 +551,28 @@ def _none_mismatch(meta: dict, none_meta: dict) -> str | None:
     return None
 
 
+def ensure_none_decoder(meta: dict, none_dir: str, train: bool = True) -> str | None:
+    """Make sure `none_dir` holds a CODE_MODE=none decoder comparable to the decoder of `meta`
+    (same recorded budget, data and base model): train it there with those settings when it is
+    missing or differs and `train` is on. Returns None when it is comparable, else why not."""
+    from .config import resolve
+    from .decoder_model import load_decoder
+
+    why = "missing"
+    if (Path(none_dir) / "config.json").is_file():
+        _, _, _, nmeta = load_decoder(none_dir, "cpu")
+        why = _none_mismatch(meta, nmeta) if nmeta.get("train", {}).get("code_mode") == "none" else "not a CODE_MODE=none decoder"
+    if why and train:
+        log.info("training the no-codes decoder in %s (%s) with the codes decoder's settings", none_dir, why)
+        train_decoder(resolve(DecoderTrainConfig, cli=none_config_for(meta, none_dir), environ={}))
+        why = None
+    return why
+
+
 def eval_decoder(cfg: DecoderEvalConfig) -> dict:
     """Codes are worth something only if the true-code loss is clearly below the other two. The
     no-codes decoder is trained here (same recorded settings and budget) when it is missing or
     not comparable, unless TRAIN_NONE=0."""
-    from .config import resolve
     from .decoder_model import load_decoder
     from .runtime import pick_device
 
@@ -588,14 +605,7 @@ def eval_decoder(cfg: DecoderEvalConfig) -> dict:
     if why_not:
         res["oracle_note"] = why_not
     del model
-    why = "missing"
-    if (Path(cfg.none_dir) / "config.json").is_file():
-        _, _, _, nmeta = load_decoder(cfg.none_dir, "cpu")
-        why = _none_mismatch(meta, nmeta) if nmeta.get("train", {}).get("code_mode") == "none" else "not a CODE_MODE=none decoder"
-    if why and cfg.train_none:
-        log.info("eval-decoder: training the no-codes decoder in %s (%s) with the codes decoder's settings", cfg.none_dir, why)
-        train_decoder(resolve(DecoderTrainConfig, cli=none_config_for(meta, cfg.none_dir), environ={}))
-        why = None
+    why = ensure_none_decoder(meta, cfg.none_dir, cfg.train_none)
     if why is None:
         m2, t2, c2, meta2 = load_decoder(cfg.none_dir, device)
         res["no_codes_decoder"] = loss(m2, t2, c2, [r["codes"] for r in rows])
