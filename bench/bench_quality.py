@@ -181,24 +181,24 @@ def main() -> None:
     setup_logging()
     logging.getLogger("next_speed.scheduler").setLevel(logging.WARNING)
     n_sents = 3
-    try:
+    try:  # missing or stale artifacts, a bad knob: one line naming it, no traceback
         cfg = resolve(GenerateConfig, base=PRESETS["cpu"]["generate"])
         gen = SentenceGenerator(cfg)
+        p = gen.params
+        items = prompt_sets(gen, args.prompts, 0)
+        items = {k: v for k, v in items.items() if k in sets}
+        _, _, _, dmeta = load_decoder(gen.cfg.decoder_dir, "cpu")
+        base_name = dmeta["train"]["model"]  # the base LM the decoder was fine-tuned from
+        plain_gen = None
+        if "decoder_plain" in systems:
+            why = ensure_none_decoder(dmeta, "out/decoder_none")
+            if why:
+                sys.exit(f"bench_quality: no comparable CODE_MODE=none decoder: {why}")
+            plain_gen = SentenceGenerator(replace(cfg, decoder_dir="out/decoder_none", code_mode="none"))
+        base_tok, _, _ = load_base_tokenizer(base_name)
+        base_model = load_base_model(base_name, "causal").eval()  # the base systems, and every system's MAUVE features
     except NextSpeedError as e:
         sys.exit(f"bench_quality: {e}")
-    p = gen.params
-    items = prompt_sets(gen, args.prompts, 0)
-    items = {k: v for k, v in items.items() if k in sets}
-    _, _, _, dmeta = load_decoder(gen.cfg.decoder_dir, "cpu")
-    base_name = dmeta["train"]["model"]  # the base LM the decoder was fine-tuned from
-    plain_gen = None
-    if "decoder_plain" in systems:
-        why = ensure_none_decoder(dmeta, "out/decoder_none")
-        if why:
-            sys.exit(f"bench_quality: no comparable CODE_MODE=none decoder: {why}")
-        plain_gen = SentenceGenerator(replace(cfg, decoder_dir="out/decoder_none", code_mode="none"))
-    base_tok, _, _ = load_base_tokenizer(base_name)
-    base_model = load_base_model(base_name, "causal").eval()  # the base systems, and every system's MAUVE features
 
     results, texts_out, summary = {}, [], {}
 

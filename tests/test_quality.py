@@ -58,7 +58,9 @@ def test_mauve_tells_same_from_different_distributions():
     s, d = q.mauve_score(p, same), q.mauve_score(p, far)
     assert s["mauve"] > 0.9 and d["mauve"] < 0.2
     assert s["p"] == 120 and s["q"] == 120 and s["buckets"] == 24
-    with pytest.raises(Exception, match="at least 8"):
+    from next_speed.errors import NextSpeedError
+
+    with pytest.raises(NextSpeedError, match="at least 8"):
         q.mauve_score(p[:4], same[:4])
 
 

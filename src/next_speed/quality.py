@@ -174,7 +174,6 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def embed_texts(embed: Callable[[list[str]], np.ndarray], texts: Sequence[str]) -> np.ndarray:
     """Unit embeddings of whole texts; an empty text gets the zero vector (cosine 0 with anything)."""
-    out = None
     idx = [i for i, t in enumerate(texts) if t.strip()]
     vecs = embed([texts[i] for i in idx]) if idx else np.zeros((0, 1), np.float32)
     out = np.zeros((len(texts), vecs.shape[1] if idx else 1), np.float32)
