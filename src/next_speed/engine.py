@@ -164,6 +164,45 @@ class PromptCache:
     prefilled: int = 0  # prompt tokens run through the model
 
 
+class PrefixPool:
+    """One generation's prompt caches for plan-parallel rendering (PARALLEL > 1): the prompts of a
+    window's drafts, of its verification rows and of the next window share long prefixes (the
+    text so far), so a prompt starts from the kept cache with the longest common prefix and only
+    its new tokens are prefilled: automatic prefix caching (vLLM's, across requests; here within
+    one generation, and within one batch, since the engine prefills a batch's prompts one after
+    the other and each joins the pool). At most `size` caches are kept, the oldest dropped."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self.caches: list[PromptCache] = []
+        self.reused = self.prefilled = 0  # prompt tokens read from the pool, and run through the model
+
+    def take(self, ids: Sequence[int], limit: int | None = None) -> PromptCache:
+        """A new PromptCache holding the longest kept prefix of `ids` (at most `limit` positions).
+        It shares the kept tensors without copying them: a prompt cache is never written in place
+        (transformers' DynamicLayer crops by slicing and grows by concatenation)."""
+        limit = len(ids) - 1 if limit is None else limit
+        best, L = None, 0
+        for c in self.caches:
+            if c.kv is not None:
+                n = _common_prefix(c.ids[: min(c.clean, limit)], ids)
+                if n > L:
+                    best, L = c, n
+        out = PromptCache()
+        if best is not None:
+            from transformers import DynamicCache
+
+            kv = DynamicCache()
+            for li, layer in enumerate(best.kv.layers):
+                kv.update(layer.keys[:, :, :L], layer.values[:, :, :L], li)
+            out.kv, out.ids, out.clean = kv, list(ids[:L]), L
+        return out
+
+    def put(self, cache: PromptCache | None) -> None:
+        if cache is not None and cache.kv is not None and all(c is not cache for c in self.caches):
+            self.caches = (self.caches + [cache])[-self.size:]
+
+
 @dataclass
 class SentenceJob:
     """One sentence step: `n` candidates for one prompt. `out` is filled by the engine:
@@ -193,6 +232,8 @@ class SentenceJob:
     # a candidate ends where its first sentence ends, i.e. when the next token starts another.
     one_sentence: bool = False
     engine: str = "decoder"  # which of the generator's engines renders the job: "decoder" or "base"
+    # PARALLEL > 1: the generation's prefix pool; the prompt starts from its best cache (not `cache`) and joins it
+    pool: PrefixPool | None = None
     out: list[dict] | None = None
 
 
@@ -302,8 +343,10 @@ class DecodeEngine:
         from transformers import DynamicCache
 
         torch = self.torch
-        c = job.cache if job.cache is not None else PromptCache()
         ids = job.prompt
+        if job.pool is not None:
+            job.cache = job.pool.take(ids, job.plan_start)
+        c = job.cache if job.cache is not None else PromptCache()
         # Reuse what the previous prompt shares with this one, short of the last token (its
         # logits are needed) and of positions that carried the previous plan.
         L = _common_prefix(c.ids[: min(c.clean, len(ids) - 1)], ids) if c.kv is not None else 0
@@ -321,7 +364,38 @@ class DecodeEngine:
         c.reused += L
         c.prefilled += len(ids) - L
         job.cache = c
+        if job.pool is not None:
+            job.pool.reused += L
+            job.pool.prefilled += len(ids) - L
+            job.pool.put(c)
         return out.logits[:, -1].float()
+
+    def token_logprobs(self, ids: Sequence[int], start: int, pool: PrefixPool | None = None) -> list[float]:
+        """The decoder's log-probability of each token `ids[start:]` given the tokens before it
+        (plain causal scoring, no plan; the verification of drafted sentences), reading what it
+        can of `ids[:start]` from `pool`, which then keeps `ids`' cache."""
+        from transformers import DynamicCache
+
+        torch = self.torch
+        c = pool.take(ids, start - 1) if pool is not None else PromptCache()
+        L = _common_prefix(c.ids[: min(c.clean, start - 1)], ids) if c.kv is not None and start > 0 else 0
+        if L == 0:
+            c.kv = DynamicCache(config=self.model.config)
+        elif c.kv.get_seq_length() > L:
+            c.kv.crop(L - c.kv.get_seq_length())
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([list(ids[L:])], device=self.device), cache=c.kv, use_cache=True,
+                             position_ids=torch.arange(L, len(ids), device=self.device)[None],
+                             logits_to_keep=len(ids) - start + 1)
+            lp = torch.log_softmax(out.logits[0, :-1].float(), -1)  # positions start-1 .. len-2
+            tgt = torch.tensor(list(ids[start:]), device=lp.device)
+            vals = lp.gather(1, tgt[:, None])[:, 0].tolist()
+        c.ids, c.clean = list(ids), len(ids)
+        if pool is not None:
+            pool.reused += L
+            pool.prefilled += len(ids) - L
+            pool.put(c)
+        return vals
 
     # ------------------------------------------------------------------ sampling
     def _choose(self, job: SentenceJob, logits, generated, gen, procs):

@@ -86,6 +86,19 @@ class GenParams:
     no_repeat_written: int = knob(3, env="NO_REPEAT_WRITTEN", min=0, max=64,
                                   help="a sentence never repeats a run of this many tokens of the last 4 sentences this call "
                                        "wrote (the prompt exempt: NO_COPY_NGRAM covers it); 0 = off")
+    parallel: int = knob(1, env="PARALLEL", min=1, max=16,
+                         help="plan-parallel rendering: the planner plans this many sentences ahead (each planned sentence fed "
+                              "back as its codes' reconstruction) and the decoder drafts them side by side in one batch, each "
+                              "draft's prompt holding the real text and the plan's exemplars for the sentences between; 1 = one "
+                              "sentence per step")
+    parallel_verify: bool = knob(True, env="PARALLEL_VERIFY",
+                                 help="with PARALLEL > 1, keep a draft only while it fits the real text before it as well as "
+                                      "the text it was drafted after (mean token log-likelihood under the decoder, within "
+                                      "VERIFY_TOL); the first rejected draft is written again after the real text (0 = keep "
+                                      "every draft the stop rules accept: fastest)")
+    verify_tol: float = knob(0.5, env="VERIFY_TOL", min=0.0, max=20.0,
+                             help="nats per token a draft's log-likelihood under the real text may fall below its "
+                                  "log-likelihood under the drafted context and still be kept (PARALLEL_VERIFY)")
     seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="random seed: same seed and inputs give the same text")
 
 
@@ -230,6 +243,8 @@ class Step:
     exemplars: list[str] = field(default_factory=list)
     pinned: int = 0  # levels of `planned` fixed by plan control (0: all chosen by the planner)
     tokens: int = 0  # decoder tokens of the chosen sentence
+    lookahead: int = 0  # PARALLEL: sentences between the real text and this one when it was drafted (0: after the real text)
+    verify: dict | None = None  # PARALLEL_VERIFY: the draft's log-likelihoods under the real and the drafted context
 
 
 @dataclass
@@ -242,6 +257,8 @@ class GenerationResult:
     stop_reason: str = "steps"
     timings: dict[str, float] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
+    # PARALLEL > 1: lookahead sentences drafted, kept, refused by the stop rules, rejected by verification
+    drafts: dict[str, int] = field(default_factory=dict)
 
     @property
     def text(self) -> str:
@@ -316,6 +333,8 @@ RETRY_SEED_STRIDE = 64
 RECENT_WRITTEN = 4
 # With PLANS > 1, plan k's candidates are seeded this far from plan 0's (whose seeds are those of PLANS=1).
 PLAN_SEED_STRIDE = 1 << 40
+# With PARALLEL > 1, the draft j sentences ahead is seeded this far from the window's first sentence.
+LOOKAHEAD_SEED_STRIDE = 1 << 32
 
 
 def refusal(c: dict, seen: set[str], p: GenParams) -> str | None:
@@ -354,6 +373,35 @@ def candidate_score(c: dict, p: GenParams) -> float:
     fluency = c.get("logprob", 0.0) / (c.get("tokens", 0) + 1)
     return (p.rerank_plan * c["cosine"] + p.rerank_context * c.get("context_cos", 0.0) + p.rerank_fluency * fluency
             - p.rerank_repeat * c.get("pair_overlap", 0.0))
+
+
+@dataclass
+class _Text:
+    """One generation's text so far and what its guards derive from it."""
+
+    history: list[str]  # the prompt's sentences, then the generated ones
+    hist_emb: np.ndarray  # (len(history), D) their unit embeddings
+    ctx_codes: list  # their code tuples
+    seen: set  # their normalized texts (the repeat rule)
+    spans: set  # their runs of REPEAT_SPAN words (the copy guard)
+    earlier: list  # their token ids (NO_COPY_NGRAM)
+    recent: list = field(default_factory=list)  # the last RECENT_WRITTEN sentences this call wrote,
+    pairs: set = field(default_factory=set)  # their word pairs (RERANK_REPEAT)
+    written: list = field(default_factory=list)  # and their tokens (NO_REPEAT_WRITTEN)
+    ctx_start: int = 0  # the first sentence of the decoder's context (SentenceGenerator.context_for)
+
+    def add(self, sentence: str, emb: np.ndarray, codes: list[int], p: GenParams, tok) -> None:
+        self.history.append(sentence)
+        self.seen.add(normalize_text(sentence))
+        self.recent = (self.recent + [sentence])[-RECENT_WRITTEN:]
+        self.pairs = set().union(*(word_spans(t, 2) for t in self.recent))
+        self.spans |= word_spans(sentence, p.repeat_span)
+        if p.no_copy_ngram > 0:
+            self.earlier += copy_ids(tok, [sentence])
+        if p.no_repeat_written > 0:
+            self.written = copy_ids(tok, self.recent)
+        self.hist_emb = np.concatenate([self.hist_emb, emb[None]])
+        self.ctx_codes.append(codes)
 
 
 class SentenceGenerator:
@@ -619,7 +667,8 @@ class SentenceGenerator:
         return plans
 
     def judge(self, planned: Sequence[int], rendered: Sequence[dict], hist_emb: np.ndarray, seen: set[str],
-              spans: set, p: GenParams, pairs: set | None = None) -> tuple[list[dict], np.ndarray]:
+              spans: set, p: GenParams, pairs: set | None = None, embeddings: np.ndarray | None = None
+              ) -> tuple[list[dict], np.ndarray]:
         """One step's candidates (`SentenceJob.out`) judged against the plan and the text so far:
         `score`'s codes, prefix and cosine, plus `ended`, `tokens`, `logprob`, `repeat_cos` (nearest
         earlier sentence, `hist_emb` (M, D) unit rows), `context_cos` (cosine to the mean of the last
@@ -628,7 +677,7 @@ class SentenceGenerator:
         while written) and `refused` (`refusal`'s reason, given the earlier sentences' normalized
         texts `seen`). Returns them and the candidates' unit embeddings (N, D)."""
         cands = [c["text"] for c in rendered]
-        x = self.embed(cands)
+        x = self.embed(cands) if embeddings is None else embeddings
         scored = self.score(planned, cands, embeddings=x)
         near = (x @ hist_emb.T).max(1) if len(hist_emb) else np.full(len(cands), -1.0)
         ctx = hist_emb[-(self.context_sents or len(hist_emb)):].mean(0) if len(hist_emb) else np.zeros(x.shape[1])
@@ -667,6 +716,9 @@ class SentenceGenerator:
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
             raise ConfigError(f"max_tokens: expected a whole number of at least 1, got {max_tokens!r}")
         plan = check_plan(plan, self.rvq.K, self.rvq.V)
+        if p.parallel > 1 and p.parallel_verify and self.cond.family != "causal":
+            raise ConfigError(f"PARALLEL_VERIFY: verification scores drafts with a causal decoder; this {self.cond.family} "
+                              "decoder drafts with PARALLEL_VERIFY=0 only")
         if plan and len(plan) > p.gen_steps:
             raise ConfigError(f"plan: {len(plan)} entries for at most {p.gen_steps} sentences (max_sentences): "
                               "drop the extra entries or generate more sentences")
@@ -717,11 +769,12 @@ class SentenceGenerator:
     def steps(self, prompt: str, p: GenParams, plan: list | None = None, max_tokens: int | None = None,
               stop: Sequence[str] = (), on_step=None):
         """The generation loop as a Python generator: it yields each sentence step (a list of
-        SentenceJobs: one per plan, and the base model's unplanned candidates) for someone to render (`drive`, or the server's scheduler, which renders
-        the steps of concurrent requests in one batch) and returns the GenerationResult.
+        SentenceJobs: one per plan, the base model's unplanned candidates, and with PARALLEL > 1
+        the lookahead drafts) for someone to render (`drive`, or the server's scheduler, which
+        renders the steps of concurrent requests in one batch) and returns the GenerationResult.
         The prompt's KV cache travels from one step to the next. `plan`, `max_tokens` and `stop`
         are as checked by `prepare`; `on_step(step)` is called with each Step once decided."""
-        from .engine import PromptCache
+        from .engine import PrefixPool, PromptCache
 
         torch = self.torch
         t_start = time.perf_counter()
@@ -730,52 +783,80 @@ class SentenceGenerator:
             raise NextSpeedError("the prompt has no sentences")
         t0 = time.perf_counter()
         hist_emb = self.embed(sents)
-        ctx_codes = self.rvq.encode(hist_emb, beam=self.beam).tolist()
+        text = _Text(history=list(sents), hist_emb=hist_emb, ctx_codes=self.rvq.encode(hist_emb, beam=self.beam).tolist(),
+                     seen={normalize_text(s) for s in sents},
+                     spans=set().union(*(word_spans(s, p.repeat_span) for s in sents)),  # copy guard: earlier sentences' word runs
+                     earlier=copy_ids(self.tok, sents) if p.no_copy_ngram > 0 else [])  # and their tokens, for NO_COPY_NGRAM
         t_prompt = time.perf_counter() - t0
-        history = list(sents)
-        seen = {normalize_text(s) for s in sents}
-        recent: list[str] = []  # the last RECENT_WRITTEN sentences this call wrote,
-        pairs: set = set()  # their word pairs (RERANK_REPEAT)
-        written: list[int] = []  # and their tokens (NO_REPEAT_WRITTEN)
-        spans = set().union(*(word_spans(s, p.repeat_span) for s in sents))  # copy guard: earlier sentences' word runs
-        earlier = copy_ids(self.tok, sents) if p.no_copy_ngram > 0 else []  # and their tokens, for NO_COPY_NGRAM
         gen = torch.Generator().manual_seed(p.seed)
         res = GenerationResult(prompt=prompt, sentences=[], planned=[], realized=[], params=asdict(p))
         tot = {"prompt": t_prompt, "planner": 0.0, "decoder": 0.0, "rerank": 0.0}
-        caches = [PromptCache() if self.use_kv else None for _ in range(p.plans)]  # one per plan slot, kept across steps
+        lookahead = p.parallel > 1
+        if lookahead:
+            tot["verify"] = 0.0
+            res.drafts = {"drafted": 0, "accepted": 0, "refused": 0, "rejected": 0}
+        # PARALLEL=1: one prompt cache per plan slot, kept across steps; PARALLEL > 1: a pool that
+        # every prompt of a window (lookahead drafts, verification rows) starts from
+        pool = PrefixPool(2 * p.parallel + p.plans + 2) if lookahead and self.use_kv else None
+        caches = [PromptCache() if self.use_kv and pool is None else None for _ in range(p.plans)]
         base_cache = PromptCache()  # the base model's (UNPLANNED)
-        ctx_start = 0
         budget = max_tokens
-        for step in range(p.gen_steps):
+
+        def commit(st: Step, emb: np.ndarray) -> bool:
+            """Add a decided sentence to the result and the text; True when a stop string ended the text."""
+            nonlocal budget
+            cut = min((i for i in (st.sentence.find(s) for s in stop) if i >= 0), default=-1)
+            if cut >= 0:  # a stop string: the text ends before it
+                st.sentence = st.sentence[:cut].rstrip()
+            if budget is not None:
+                budget -= st.tokens
+            res.steps.append(st)
+            if on_step is not None:
+                on_step(st)
+            if cut < 0 or st.sentence:
+                res.sentences.append(st.sentence)
+                res.planned.append(st.planned)
+                res.realized.append(st.realized)
+            if cut >= 0:
+                res.stop_reason = "stop"
+                return True
+            text.add(st.sentence, emb, st.realized, p, self.tok)
+            return False
+
+        while (step := len(res.sentences)) < p.gen_steps:
             if budget is not None and budget <= 0:
                 res.stop_reason = "length"
                 break
-            pin = plan[step] if plan and step < len(plan) else None
-            if isinstance(pin, dict):  # steer by example: its codes (first levels) are the plan
-                pin = self.codes_of(pin["example"], pin["levels"])
-            pin = pin or []
+            pin = self._pin(plan, step)
             # Without rerank nothing chooses among candidates: one plan, one candidate (the spec's ablation).
             pc = p if p.rerank else replace(p, plans=1, unplanned=0)
+            m = min(p.parallel, p.gen_steps - step)  # sentences of this window
             # A step whose candidates the stop rules all refuse is planned and rendered again (a new
             # plan draw and new decoder seeds), up to RETRIES times, before the text ends there.
             for attempt in range(p.retries + 1):
                 t0 = time.perf_counter()
                 temp = p.plan_temp if attempt == 0 else max(p.plan_temp, RETRY_PLAN_TEMP)
-                plans = self.sample_plans(ctx_codes, hist_emb, pin, pc, temp, gen)
+                plans = self.sample_plans(text.ctx_codes, text.hist_emb, pin, pc, temp, gen)
+                pins = [self._pin(plan, step + j) for j in range(1, m)]  # plan control of the lookahead sentences
+                chain = self.plan_ahead(text, plans[0], pins, p, temp, gen)
                 t1 = time.perf_counter()
-                exemplars = [self.exemplars_for(pl, exclude=set(history), avoid=hist_emb, avoid_cos=p.repeat_cos) for pl in plans]
-                context_text, ctx_start = self.context_for(history, ctx_start, plans[0], exemplars[0])
+                exemplars = [self.exemplars_for(pl, exclude=set(text.history), avoid=text.hist_emb, avoid_cos=p.repeat_cos)
+                             for pl in plans]
+                context_text, text.ctx_start = self.context_for(text.history, text.ctx_start, plans[0], exemplars[0])
                 ps = p if p.rerank else replace(p, n_cand=1)
                 if budget is not None and budget < ps.max_new_tokens:
                     ps = replace(ps, max_new_tokens=budget)
-                jobs = [self.make_job(context_text, pl, ps, seed=p.seed * 1000 + step + RETRY_SEED_STRIDE * attempt + PLAN_SEED_STRIDE * k,
-                                      exemplars=ex, cache=caches[k], copy_spans=spans, earlier_ids=earlier,
-                                      written_ids=written)
+                seed = p.seed * 1000 + step + RETRY_SEED_STRIDE * attempt
+                jobs = [self.make_job(context_text, pl, ps, seed=seed + PLAN_SEED_STRIDE * k, exemplars=ex, cache=caches[k],
+                                      copy_spans=text.spans, earlier_ids=text.earlier, written_ids=text.written)
                         for k, (pl, ex) in enumerate(zip(plans, exemplars))]
+                drafts = self.draft_jobs(text, plans[0], exemplars[0], chain, pins, ps, seed)
+                for job in jobs + [d["job"] for d in drafts]:
+                    job.pool = pool
                 if pc.unplanned:
-                    jobs.append(self.unplanned_job(history, ps, p.seed * 1000 + step + RETRY_SEED_STRIDE * attempt
-                                                   + PLAN_SEED_STRIDE * 8, base_cache, spans, earlier, written))
-                yield jobs
+                    jobs.append(self.unplanned_job(text.history, ps, seed + PLAN_SEED_STRIDE * 8, base_cache, text.spans,
+                                                   text.earlier, text.written))
+                yield jobs + [d["job"] for d in drafts]
                 for k, job in enumerate(jobs[: len(plans)]):
                     caches[k] = job.cache
                 if pc.unplanned:
@@ -783,7 +864,7 @@ class SentenceGenerator:
                 t2 = time.perf_counter()
                 scored, x, cands, owner = [], [], [], []
                 for k, job in enumerate(jobs):
-                    sc, xk = self.judge(plans[min(k, len(plans) - 1)], job.out, hist_emb, seen, spans, p, pairs)
+                    sc, xk = self.judge(plans[min(k, len(plans) - 1)], job.out, text.hist_emb, text.seen, text.spans, p, text.pairs)
                     if job.engine == "base":  # compared with the first plan; marked as written without one
                         sc = [dict(c, unplanned=True) for c in sc]
                     scored += [dict(c, plan=k) for c in sc] if len(jobs) > 1 else sc
@@ -811,47 +892,132 @@ class SentenceGenerator:
             if chosen is None:
                 res.stop_reason = "empty" if all(not c for c in cands) else "repeat"  # every non-empty one repeats
                 break
-            sentence = cands[chosen]
-            realized = scored[chosen]["codes"]
-            cut = min((i for i in (sentence.find(s) for s in stop) if i >= 0), default=-1)
-            if cut >= 0:  # a stop string: the text ends before it
-                sentence = sentence[:cut].rstrip()
-            if budget is not None:
-                budget -= rendered[chosen]["tokens"]
-            res.steps.append(Step(planned, scored, chosen, sentence, realized, timings, ex_chosen, len(pin),
-                                  rendered[chosen]["tokens"]))
-            if on_step is not None:
-                on_step(res.steps[-1])
-            if cut >= 0:
-                res.stop_reason = "stop"
-                if sentence:
-                    res.sentences.append(sentence)
-                    res.planned.append(planned)
-                    res.realized.append(realized)
+            if commit(Step(planned, scored, chosen, cands[chosen], scored[chosen]["codes"], timings, ex_chosen, len(pin),
+                           rendered[chosen]["tokens"]), x[chosen]):
                 break
-            res.sentences.append(sentence)
-            res.planned.append(planned)
-            res.realized.append(realized)
-            history.append(sentence)
-            seen.add(normalize_text(sentence))
-            recent = (recent + [sentence])[-RECENT_WRITTEN:]
-            pairs = set().union(*(word_spans(t, 2) for t in recent))
-            spans |= word_spans(sentence, p.repeat_span)
-            if p.no_copy_ngram > 0:
-                earlier += copy_ids(self.tok, [sentence])
-            if p.no_repeat_written > 0:
-                written = copy_ids(self.tok, recent)
-            hist_emb = np.concatenate([hist_emb, x[chosen : chosen + 1]])
-            ctx_codes.append(realized)
+            if drafts and self.keep_drafts(text, drafts, p, res, tot, pool, commit, lambda: budget):
+                break
         else:
             if budget is not None and budget <= 0:
                 res.stop_reason = "length"
         tot["total"] = time.perf_counter() - t_start
         res.timings = {k: round(v, 4) for k, v in tot.items()}
-        if caches[0] is not None:
+        if pool is not None:
+            res.timings.update(prompt_tokens_reused=pool.reused, prompt_tokens_prefilled=pool.prefilled)
+        elif caches[0] is not None:
             res.timings.update(prompt_tokens_reused=sum(c.reused for c in caches),
                                prompt_tokens_prefilled=sum(c.prefilled for c in caches))
         return res
+
+    def _pin(self, plan: list | None, i: int) -> list[int]:
+        """Plan control's pinned codes for generated sentence `i` (an example's codes; [] when free)."""
+        pin = plan[i] if plan and i < len(plan) else None
+        if isinstance(pin, dict):  # steer by example: its codes (first levels) are the plan
+            pin = self.codes_of(pin["example"], pin["levels"])
+        return pin or []
+
+    # ------------------------------------------------------------------ plan-parallel rendering
+    def plan_ahead(self, text: "_Text", first: Sequence[int], pins: Sequence[Sequence[int]], p: GenParams, temp: float,
+                   gen) -> list[list[int]]:
+        """PARALLEL: the plans of the sentences after `first`, one per entry of `pins`, drawn
+        autoregressively in code space: each planned sentence joins the planner's context as its
+        codes and, for a planner that reads embeddings, its codes' RVQ reconstruction (the vector
+        the plan has for it; step 05's RECON_INPUT trains the planner to read it)."""
+        if not pins:
+            return []
+        codes, emb = list(text.ctx_codes), text.hist_emb
+        out: list[list[int]] = []
+        prev = list(first)
+        for pin in pins:
+            rec = self.rvq.decode(np.asarray([prev]))[0]
+            codes.append(prev)
+            emb = np.concatenate([emb, (rec / max(float(np.linalg.norm(rec)), 1e-12))[None].astype(emb.dtype)])
+            prev = self.planner.next_tuple(codes, greedy=temp <= 0, temperature=temp, top_k=p.plan_top_k, generator=gen,
+                                           at_doc_start=True, fixed=pin, embeddings=emb, deep=p.plan_deep)
+            out.append(prev)
+        return out
+
+    def draft_jobs(self, text: "_Text", first: Sequence[int], first_ex: Sequence[str], chain: Sequence[Sequence[int]],
+                   pins: Sequence[Sequence[int]], p: GenParams, seed: int) -> list[dict]:
+        """PARALLEL: one SentenceJob per lookahead plan, rendered in the same batch as the step's
+        own. Draft j's prompt holds the real text, then a stand-in for each planned sentence
+        before it (the first exemplar of its plan: the training sentence the plan is nearest),
+        then its own exemplars and codes; its rows are seeded LOOKAHEAD_SEED_STRIDE * j apart."""
+        out: list[dict] = []
+        stand_ins: list[str] = []
+        prev_ex = first_ex
+        for j, (pl, pin) in enumerate(zip(chain, pins), start=1):
+            if prev_ex:
+                stand_ins.append(prev_ex[0])
+            ex = self.exemplars_for(pl, exclude=set(text.history) | set(stand_ins), avoid=text.hist_emb, avoid_cos=p.repeat_cos)
+            ctx, start = self.context_for(text.history + stand_ins, text.ctx_start, pl, ex)
+            job = self.make_job(ctx, pl, p, seed=seed + LOOKAHEAD_SEED_STRIDE * j, exemplars=ex, copy_spans=text.spans,
+                                earlier_ids=text.earlier, written_ids=text.written)
+            out.append({"plan": pl, "exemplars": ex, "job": job, "start": start, "lookahead": j, "pinned": len(pin)})
+            prev_ex = ex
+        return out
+
+    def keep_drafts(self, text: "_Text", drafts: list[dict], p: GenParams, res: GenerationResult, tot: dict, pool, commit,
+                    budget) -> bool:
+        """PARALLEL: judge the drafts in order against the real text (the kept ones before them
+        included), verify each (PARALLEL_VERIFY) and commit the longest accepted prefix; the next
+        window starts at the first draft refused or rejected. True when a stop string ended the text."""
+        t0 = time.perf_counter()
+        xs = self.embed([c["text"] for d in drafts for c in d["job"].out])  # one encoder batch for all drafts
+        tot["rerank"] += time.perf_counter() - t0
+        at = 0
+        for d in drafts:
+            if len(res.sentences) >= p.gen_steps or (budget() is not None and budget() <= 0):
+                break
+            out = d["job"].out
+            res.drafts["drafted"] += 1
+            t1 = time.perf_counter()
+            scored, x = self.judge(d["plan"], out, text.hist_emb, text.seen, text.spans, p, text.pairs,
+                                   embeddings=xs[at : at + len(out)])
+            at += len(out)
+            chosen = select_candidate(scored, p, truncated_ok=False)
+            t2 = time.perf_counter()
+            tot["rerank"] += t2 - t1
+            if chosen is None:
+                res.drafts["refused"] += 1
+                break
+            verify = self.verify_draft(text, d, out[chosen]["text"], pool, p) if p.parallel_verify else None
+            tot["verify"] += time.perf_counter() - t2
+            if verify is not None:
+                log.debug("draft %d ahead: ll_real %.3f ll_draft %.3f -> %s", d["lookahead"], verify["ll_real"],
+                          verify["ll_draft"], "kept" if verify["accepted"] else "rejected")
+            if verify is not None and not verify["accepted"]:
+                res.drafts["rejected"] += 1
+                break
+            res.drafts["accepted"] += 1
+            st = Step(d["plan"], scored, chosen, out[chosen]["text"], scored[chosen]["codes"],
+                      {"planner": 0.0, "decoder": 0.0, "rerank": t2 - t1, "verify": time.perf_counter() - t2},
+                      d["exemplars"], d["pinned"], out[chosen]["tokens"], lookahead=d["lookahead"],
+                      verify=verify)
+            if commit(st, x[chosen]):
+                return True
+        return False
+
+    def verify_draft(self, text: "_Text", d: dict, draft: str, pool, p: GenParams) -> dict:
+        """Whether a draft still fits once the sentences before it are real: its mean token
+        log-likelihood under the decoder after the real text (`ll_real`) against after the text it
+        was drafted after, stand-ins included (`ll_draft`); kept when ll_real >= ll_draft -
+        VERIFY_TOL (speculative decoding's check, at the sentence level: Leviathan et al. 2023).
+        Both read the text alone (no plan): the plan is the same in both and cancels out."""
+        from .decoder_model import _prompt_parts
+
+        bos = _prompt_parts(self.tok, self.cond, d["plan"], None)[0]
+        tail = self.tok(" " + draft, add_special_tokens=False)["input_ids"]
+        lls = []
+        for ctx in (" ".join(text.history[d["start"]:]), d["job"].context):
+            head = bos + self.tok(ctx, add_special_tokens=False)["input_ids"]
+            if not head:
+                head = [self.tok.eos_token_id]
+            ids = head + tail
+            lp = self.engine.token_logprobs(ids, len(head), pool)
+            lls.append(sum(lp) / max(len(lp), 1))
+        real, drafted = lls
+        return {"ll_real": round(real, 4), "ll_draft": round(drafted, 4), "accepted": real >= drafted - p.verify_tol}
 
     def generate(self, prompt: str, max_sentences: int | None = None, **overrides: Any) -> str:
         """The generated continuation of `prompt` as text."""

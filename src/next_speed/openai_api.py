@@ -12,7 +12,8 @@ How the standard fields map to generation (documented in the README, "OpenAI-com
   choice i seeded `seed + i`; `stop` (up to 4 strings) ends the text where one first occurs.
 - Sentence-level extras (pass them with the client's `extra_body`): `max_sentences`, `n_cand`,
   `rerank`, `plan` (plan control, see `generate.check_plan`), `plan_temp`, `plan_top_k`, `plan_deep`,
-  `repetition_penalty`, `no_repeat_ngram`, `repeat_cos`, `repeat_span`, and `return_candidates` (every choice's
+  `repetition_penalty`, `no_repeat_ngram`, `repeat_cos`, `repeat_span`, `parallel` and `parallel_verify`
+  (plan-parallel rendering; the stream still sends the sentences in order), and `return_candidates` (every choice's
   `sentences` then carry the candidates with their codes and scores).
 - Every choice carries `sentences`: per sentence its text, planned and realized codes, the levels
   matched (`agreement`), the levels pinned, its token count; and `stop_reason` (the loop's own).
@@ -64,6 +65,9 @@ class _Common(BaseModel):
     no_repeat_ngram: Optional[StrictInt] = None
     repeat_cos: Optional[Annotated[Number, Field(allow_inf_nan=False)]] = None
     repeat_span: Optional[StrictInt] = None
+    parallel: Optional[Annotated[StrictInt, Field(ge=1, le=16)]] = Field(
+        None, description="plan-parallel rendering: sentences planned ahead and drafted side by side (1 = one at a time)")
+    parallel_verify: Optional[StrictBool] = Field(None, description="keep a draft only while it fits the real text before it")
     return_candidates: StrictBool = False
 
 
@@ -145,7 +149,8 @@ def generation_kwargs(req: _Common, default_seed: int, max_sentences_cap: int) -
         if req.top_p < 0.01:
             raise ApiError(400, f"top_p: {req.top_p} is too small: at least 0.01", "top_p")
         kw["top_p"] = req.top_p
-    for name in ("n_cand", "rerank", "plan_temp", "plan_top_k", "plan_deep", "repetition_penalty", "no_repeat_ngram", "repeat_cos", "repeat_span"):
+    for name in ("n_cand", "rerank", "plan_temp", "plan_top_k", "plan_deep", "repetition_penalty", "no_repeat_ngram", "repeat_cos",
+                 "repeat_span", "parallel", "parallel_verify"):
         if getattr(req, name) is not None:
             kw[name] = getattr(req, name)
     max_tokens = req.max_tokens
@@ -173,6 +178,10 @@ def sentence_info(step, with_candidates: bool) -> dict:
         agreement += 1
     d = {"text": step.sentence, "planned": step.planned, "realized": step.realized, "agreement": agreement,
          "levels_matched": matched, "pinned": step.pinned, "tokens": step.tokens}
+    if step.lookahead:  # drafted ahead of the real text (PARALLEL), and how it was verified
+        d["lookahead"] = step.lookahead
+        if step.verify is not None:
+            d["verify"] = step.verify
     if with_candidates:
         d["chosen"] = step.chosen
         d["candidates"] = step.candidates

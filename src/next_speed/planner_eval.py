@@ -212,6 +212,42 @@ class PlannerEvalConfig:
 
 
 SUMMARY_KEYS = ("l0_top1", "l0_top5", "cos_next", "contrastive_acc")
+LOOKAHEAD = 4  # distances reported by lookahead_accuracy (generation's PARALLEL=4)
+
+
+def lookahead_accuracy(runner, val_rows: list[dict], emb, codebooks, ahead: int = LOOKAHEAD, max_rows: int = 300,
+                       plan_deep: str = "mean") -> list[float | None]:
+    """Level-0 top-1 accuracy of the plan `d` sentences ahead, d = 1..`ahead`, as PARALLEL plans:
+    the planner reads the true sentences before position t-d+1, plans the d-1 sentences after
+    them greedily, each fed back as its codes and their unit RVQ reconstruction, then predicts
+    sentence t. Over at most `max_rows` positions per distance (the first in document order)."""
+    docs: dict[int, list[dict]] = {}
+    for r in val_rows:
+        docs.setdefault(r["doc"], []).append(r)
+    out: list[float | None] = []
+    books = np.asarray(codebooks, dtype=np.float32)
+    for d in range(1, ahead + 1):
+        hits = n = 0
+        for rows in docs.values():
+            rows = sorted(rows, key=lambda r: r["pos"])
+            codes = [list(r["target"]) for r in rows]
+            vecs = np.asarray(emb[np.asarray([r["sid"] for r in rows])], dtype=np.float32)
+            for t in range(d - 1, len(rows)):
+                if n >= max_rows:
+                    break
+                start = t - d + 1
+                ctx, ctx_emb = codes[:start], list(vecs[:start])
+                for _ in range(d - 1):
+                    pl = runner.next_tuple(ctx, greedy=True, at_doc_start=True, embeddings=np.asarray(ctx_emb).reshape(len(ctx), books.shape[-1]),
+                                           deep=plan_deep)
+                    rec = sum(books[k][c] for k, c in enumerate(pl))
+                    ctx, ctx_emb = ctx + [pl], ctx_emb + [rec / max(float(np.linalg.norm(rec)), 1e-12)]
+                pred = runner.next_tuple(ctx, greedy=True, at_doc_start=True, embeddings=np.asarray(ctx_emb).reshape(len(ctx), books.shape[-1]),
+                                         deep="levels")
+                hits += int(pred[0] == codes[t][0])
+                n += 1
+        out.append(round(hits / n, 4) if n else None)
+    return out
 
 
 def eval_planner(cfg: PlannerEvalConfig) -> dict:
@@ -261,6 +297,12 @@ def eval_planner(cfg: PlannerEvalConfig) -> dict:
         summary[f"{key}_best_baseline"] = round(best, 4)
         summary[f"{key}_best_baseline_name"] = best_name
         summary[f"{key}_ratio"] = round(get(res["planner"]) / best, 3) if best > 0 else None
+    from .planner import PlannerRunner
+
+    runner = PlannerRunner(model, info["context_sents"], codebooks=rvq.codebooks)
+    ahead = lookahead_accuracy(runner, val_rows, emb, rvq.codebooks, plan_deep=cfg.plan_deep)
+    for d, acc in enumerate(ahead, start=1):
+        summary[f"l0_top1_ahead_{d}"] = acc
     report = {"K": K, "V": V, "val_rows": len(val_rows), "head_mode": info["model"]["head_mode"],
               "planner_input": info.get("planner_input", "codes"), "plan_deep": cfg.plan_deep, "results": res,
               "level0_in_context": where, "summary": summary}
@@ -284,6 +326,10 @@ def format_eval(rep: dict) -> str:
         lines.append(f"next level-0 code among the context's: {where['share']:.1%} of rows; planner level-0 accuracy "
                      f"{where['planner_acc_in']:.3f} there, {where['planner_acc_out']:.3f} elsewhere")
     sm = rep.get("summary", {})
+    ahead = [sm.get(f"l0_top1_ahead_{d}") for d in range(1, LOOKAHEAD + 1)]
+    if any(a is not None for a in ahead):
+        lines.append("level-0 top-1 planning ahead (PARALLEL), sentences 1.." + str(LOOKAHEAD) + " ahead: "
+                     + ", ".join("-" if a is None else f"{a:.3f}" for a in ahead))
     for key in SUMMARY_KEYS:
         if key in sm:
             lines.append(f"{key}: planner {sm[key]:.3f}, best baseline ({sm[key + '_best_baseline_name']}) "

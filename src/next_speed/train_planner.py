@@ -47,6 +47,10 @@ class PlannerTrainConfig:
                               help="what the planner reads of each previous sentence: its code tuple (the spec's planner), "
                                    "or the tuple and its encoder embedding")
     emb_meta: str = knob("data/emb_meta.json", env="EMB_META", help="embeddings metadata (step 02), for PLANNER_INPUT=emb")
+    recon_input: float = knob(0.25, env="RECON_INPUT", min=0.0, max=1.0,
+                              help="with PLANNER_INPUT=emb, the share of training positions that read their codes' RVQ "
+                                   "reconstruction instead of the sentence's embedding: what the planner reads of a sentence "
+                                   "it planned itself when it plans several ahead (generation's PARALLEL)")
     extra_data: str = knob("", env="EXTRA_DATA",
                            help="comma-separated folders holding other step 01-02 outputs (sentences.jsonl, embeddings.npy, "
                                 "emb_meta.json): their sentences, quantized with this RVQ, join the training rows")
@@ -200,6 +204,23 @@ def _own_texts(tmeta: dict) -> set[str]:
 
 # ---------------------------------------------------------------------- training
 
+def with_reconstructions(emb, codes, books, share: float, generator, V: int):
+    """(B, L, E) inputs where a random `share` of the real positions read the unit RVQ
+    reconstruction of their codes (B, L, K) instead of their embedding (`books` (K, V, E)):
+    the vector generation feeds back for a sentence the planner planned but nobody wrote yet."""
+    import torch
+
+    real = (codes < V).all(-1)  # (B, L): BOS/PAD rows have neither
+    swap = (torch.rand(codes.shape[:2], generator=generator) < share).to(codes.device) & real
+    if not bool(swap.any()):
+        return emb
+    safe = codes.clamp(max=V - 1)
+    books = books.to(emb.device)
+    rec = sum(books[k][safe[:, :, k]] for k in range(codes.shape[-1]))  # (B, L, E)
+    rec = rec / rec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return torch.where(swap[..., None], rec.to(emb.dtype), emb)
+
+
 def train_planner(cfg: PlannerTrainConfig) -> dict | None:
     """Run step 05: train on OUT_LM, validate on OUT_LM_VAL, write OUT_DIR.
 
@@ -228,7 +249,7 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
     table = data["table"]
     max_len = max(x_tr.shape[1], val[0].shape[1] if val else 0, tmeta["config"]["context_sents"] + 1)
     books = None
-    if cfg.codebook_features:
+    if cfg.codebook_features or (cfg.recon_input > 0 and table is not None):
         from .rvq import RVQ
 
         rvq = RVQ.load(cfg.rvq_path)
@@ -237,6 +258,11 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
         if tmeta.get("rvq_sha256") and tmeta["rvq_sha256"] != sha256_path(cfg.rvq_path):
             raise StaleInputError(f"the training sets were built from another {cfg.rvq_path}: rerun step 04")
         books = rvq.codebooks
+    recon = None
+    if cfg.recon_input > 0 and table is not None:
+        recon = torch.as_tensor(books, dtype=torch.float32)  # (K, V, D): for reconstruction inputs
+        books = books if cfg.codebook_features else None
+    swap_gen = torch.Generator().manual_seed(cfg.seed + 1)  # its own stream: the batches drawn stay those of RECON_INPUT=0
     mcfg = PlannerModelConfig(K=K, V=V, d_model=cfg.d_model, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
                               dropout=cfg.drop, max_len=max_len, head_mode=cfg.head_mode,
                               codebook_dim=books.shape[-1] if books is not None else 0, copy_gate=cfg.copy_gate, pointer=cfg.pointer,
@@ -271,6 +297,8 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
         idx = shard(idx, dd)
         xb, yb = x_tr[idx].to(device), y_tr[idx].to(device)
         eb = table.lookup(ids_tr[idx]).to(device) if table is not None else None  # (B, L, E)
+        if recon is not None:
+            eb = with_reconstructions(eb, xb, recon, cfg.recon_input, swap_gen, V)
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.steps, min(cfg.warmup, cfg.steps // 5), cfg.lr)
         with amp:
