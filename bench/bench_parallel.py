@@ -96,9 +96,11 @@ def main() -> None:
 
     try:
         gen = SentenceGenerator(resolve(GenerateConfig, {}))
-        items = prompt_sets(gen, args.prompts, 0)["main"]
+        items = prompt_sets(gen, args.prompts, 0, base=Path.cwd(), sets=("main",))["main"]
     except NextSpeedError as e:
         sys.exit(f"bench_parallel: {e}")
+    if not items:
+        sys.exit("bench_parallel: the main job's validation documents hold no prompt (2 sentences + 3 of reference)")
     reps = [i for i in range(len(items)) for _ in seeds]
     prompts_emb = embed_texts(gen.embed, [it.prompt for it in items])[reps]
     refs_emb = embed_texts(gen.embed, [it.reference for it in items])[reps]

@@ -114,17 +114,17 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
-def prompt_sets(gen, n, seed):
-    """The main and other prompt sets (see the module docstring)."""
+def prompt_sets(gen, n, seed, base: Path = ROOT, sets=SETS):
+    """The main and other prompt sets (see the module docstring), from the main job's data under `base`."""
     from next_speed.artifacts import read_jsonl
     from next_speed.corpus import sotu_docs, wiki_docs
     from next_speed.quality import main_prompt_set, other_prompt_set
 
-    dec_val = ROOT / "data/decoder_val.jsonl"
-    sent_path = ROOT / "data/sentences.jsonl"
+    dec_val = base / "data/decoder_val.jsonl"
+    sent_path = base / "data/sentences.jsonl"
     if not dec_val.is_file() or not sent_path.is_file():
         sys.exit(f"{dec_val} is missing: run the main job first (bash run.sh)")
-    meta = json.loads((ROOT / "data/sentences.meta.json").read_text())
+    meta = json.loads((base / "data/sentences.meta.json").read_text())
     read = {r["doc_id"] for r in read_jsonl(sent_path)}
 
     def unread():  # the default corpus's articles that steps 01-06 never read (past MAX_DOCS)
@@ -134,9 +134,10 @@ def prompt_sets(gen, n, seed):
             if d["id"] not in read:
                 yield d["id"], gen.split(d["text"])
 
-    main = main_prompt_set(str(dec_val), n, seed, top_up=unread())
-    other = other_prompt_set([(d["id"], d["text"]) for d in sotu_docs()], n, gen.split, seed)
-    return {"main": main, "other": other}
+    out = {"main": main_prompt_set(str(dec_val), n, seed, top_up=unread())}
+    if "other" in sets:
+        out["other"] = other_prompt_set([(d["id"], d["text"]) for d in sotu_docs()], n, gen.split, seed)
+    return out
 
 
 def main() -> None:

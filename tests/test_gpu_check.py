@@ -39,5 +39,8 @@ def test_gpu_check_engine_script_runs_with_the_tiny_preset(tmp_path):
     for k in ("generate_ratio_n1", "generate_ratio_n4", "generate_ratio_n8", "server_throughput_ratio_8",
               "server_throughput_ratio_16"):
         assert isinstance(fig[k], (int, float)) and fig[k] > 0, k
+    for k in ("parallel_speedup_p2_n1", "parallel_speedup_p4_n1", "parallel_speedup_p4_n2"):
+        assert isinstance(fig[k], (int, float)) and fig[k] > 0, k
+    assert "parallel_quality_gap_p4" in fig and "parallel_accept_rate_p4" in fig
     assert isinstance(fig["server_rss_growth_mb"], (int, float))  # may be 0 or below: memory flat
     assert fig["server_errors"] == 0

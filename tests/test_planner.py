@@ -186,6 +186,24 @@ def test_training_learns_pattern_beyond_baselines(workdir, head_mode):
     for f in ("sentence_lm.pt", "config.json", "curve.png"):
         assert (workdir / "out/sentence_lm" / f).is_file()
     assert json.loads(Path("out/sent_lm_eval.json").read_text())["results"]["planner"]["n"] == 80
+    ahead = [rep["summary"][f"l0_top1_ahead_{d}"] for d in range(1, 5)]  # PARALLEL's plans, 1..4 sentences ahead
+    assert all(0.0 <= a <= 1.0 for a in ahead) and ahead[0] > best_baseline
+
+
+def test_reconstruction_inputs():
+    """RECON_INPUT: a share of the real positions read their codes' unit RVQ reconstruction; BOS
+    and padding rows never do; share 0 leaves the embeddings as they are."""
+    from next_speed.train_planner import with_reconstructions
+
+    g = torch.Generator().manual_seed(0)
+    books = torch.randn(2, 5, 8)
+    codes = torch.tensor([[[5, 5], [1, 2], [3, 4]]])  # BOS, then two sentences (V = 5)
+    emb = torch.randn(1, 3, 8)
+    assert torch.equal(with_reconstructions(emb, codes, books, 0.0, g, 5), emb)
+    out = with_reconstructions(emb, codes, books, 1.0, g, 5)
+    rec = books[0][1] + books[1][2]
+    assert torch.equal(out[0, 0], emb[0, 0])
+    assert torch.allclose(out[0, 1], rec / rec.norm()) and torch.allclose(out[0, 2].norm(), torch.tensor(1.0))
 
 
 @pytest.mark.parametrize("pointer", [0, 1])
@@ -279,7 +297,9 @@ def test_embedding_input_is_causal():
 def test_embedding_input_beats_every_baseline(workdir):
     docs, emb = hidden_docs()
     write_trainsets(workdir, docs, emb=emb)
-    env = tiny_env(PLANNER_INPUT="emb", STEPS=400)
+    # RECON_INPUT=0: here the next tuple hangs on what only the embedding holds, which a
+    # reconstruction from the codes cannot carry
+    env = tiny_env(PLANNER_INPUT="emb", STEPS=400, RECON_INPUT=0)
     info = train_planner(resolve(PlannerTrainConfig, environ=env))
     assert info["planner_input"] == "emb" and info["model"]["emb_dim"] == 8
     rep = eval_planner(resolve(PlannerEvalConfig, environ={"DEVICE": "cpu"}))

@@ -96,7 +96,7 @@ class GenParams:
                                       "the text it was drafted after (mean token log-likelihood under the decoder, within "
                                       "VERIFY_TOL); the first rejected draft is written again after the real text (0 = keep "
                                       "every draft the stop rules accept: fastest)")
-    verify_tol: float = knob(0.5, env="VERIFY_TOL", min=0.0, max=20.0,
+    verify_tol: float = knob(1.0, env="VERIFY_TOL", min=0.0, max=20.0,
                              help="nats per token a draft's log-likelihood under the real text may fall below its "
                                   "log-likelihood under the drafted context and still be kept (PARALLEL_VERIFY)")
     seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="random seed: same seed and inputs give the same text")
@@ -980,6 +980,9 @@ class SentenceGenerator:
             tot["rerank"] += t2 - t1
             if chosen is None:
                 res.drafts["refused"] += 1
+                break
+            if budget() is not None and out[chosen]["tokens"] > budget():  # MAX_TOKENS: the next window writes it, cut
+                res.drafts["drafted"] -= 1
                 break
             verify = self.verify_draft(text, d, out[chosen]["text"], pool, p) if p.parallel_verify else None
             tot["verify"] += time.perf_counter() - t2
