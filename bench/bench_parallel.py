@@ -20,7 +20,8 @@ the length bench_quality writes.
 
 JSON with a flat `summary`: speedup_p{P}_n{N} (verification on) and speedup_p{P}_n{N}_noverify,
 accept_rate_p{P}[_n{N}][_noverify], quality_gap_p{P}[_n{N}][_noverify] = (ref_sim at PARALLEL=P -
-ref_sim at PARALLEL=1) / ref_sim at PARALLEL=1 (negative = further from the person's text);
+ref_sim at PARALLEL=1) / ref_sim at PARALLEL=1 (negative = further from the person's text; each
+setting's `quality_gap_se` is its paired standard error over the texts);
 the unsuffixed keys (speedup_p4_n1, speedup_p4_n4, speedup_p2_n1, accept_rate_p4,
 quality_gap_p4) are N_CAND=4 for quality and acceptance, the N_CAND of their name for speed.
 """
@@ -77,6 +78,7 @@ def main() -> None:
     ap.add_argument("--parallel", default="1,2,4")
     ap.add_argument("--n-cand", default="1,4")
     ap.add_argument("--out", default="bench/results/bench_parallel.json")
+    ap.add_argument("--texts", default="out/bench_parallel_texts.jsonl", help="every text, per setting, prompt and seed")
     args = ap.parse_args()
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -88,11 +90,13 @@ def main() -> None:
         sys.exit("--prompts and --sentences must be at least 1, --seeds and --n-cand not empty")
 
     from bench_quality import machine, prompt_sets
-    from next_speed.artifacts import versions, write_json
+    import numpy as np
+
+    from next_speed.artifacts import versions, write_json, write_jsonl
     from next_speed.config import resolve
     from next_speed.errors import NextSpeedError
     from next_speed.generate import GenerateConfig, SentenceGenerator
-    from next_speed.quality import embed_texts, first_sentences, text_measures
+    from next_speed.quality import cosines, embed_texts, first_sentences, text_measures
 
     try:
         gen = SentenceGenerator(resolve(GenerateConfig, {}))
@@ -112,6 +116,8 @@ def main() -> None:
                     "settings": {}, "summary": {}}
     gen.run(items[0].prompt, 2, **fixed)  # warm-up: first-call allocations are nobody's cost
     plain_done = False
+    per_text: dict[str, np.ndarray] = {}  # ref_sim of every text, for the paired gaps' standard errors
+    texts_out: list[dict] = []
     for n in ncands:
         for P in pars:
             for verify in ([True] if P == 1 else [True, False]):
@@ -119,7 +125,12 @@ def main() -> None:
                 kw = dict(fixed, n_cand=n, parallel=P, parallel_verify=verify)
                 r = run_setting(gen, items, seeds, args.sentences, kw)
                 texts = r.pop("texts")
-                m = text_measures(texts, prompts_emb, refs_emb, embed_texts(gen.embed, texts), args.sentences, gen.split)
+                texts_emb = embed_texts(gen.embed, texts)
+                m = text_measures(texts, prompts_emb, refs_emb, texts_emb, args.sentences, gen.split)
+                per_text[name] = cosines(texts_emb, refs_emb)
+                texts_out += [{"setting": name, "doc": items[i].doc, "seed": s, "text": t}
+                              for (i, s), t in zip([(i, s) for i in range(len(items)) for s in seeds], texts)]
+                write_jsonl(args.texts, texts_out)
                 first3 = [first_sentences(t, 3, gen.split) for t in texts]
                 m["ref_sim_3"] = text_measures(first3, prompts_emb, refs_emb, embed_texts(gen.embed, first3), 3, gen.split)["ref_sim"]
                 tok, wall = sum(r["tokens"]), sum(r["walls"])
@@ -151,6 +162,8 @@ def main() -> None:
             tail = name.split("_", 1)[1]  # n{N}[_noverify]
             summ[f"accept_rate_p{P}_{tail}"] = row["accept_rate"]
             summ[f"quality_gap_p{P}_{tail}"] = round((row["ref_sim"] - base["ref_sim"]) / base["ref_sim"], 4)
+            diff = per_text[name] - per_text[f"p1_n{n}"]  # paired: same prompts and seeds
+            row["quality_gap_se"] = round(float(diff.std(ddof=1) / np.sqrt(len(diff)) / base["ref_sim"]), 4) if len(diff) > 1 else None
     n_q = 4 if 4 in ncands else ncands[-1]
     for P in pars[1:]:
         for v in ("", "_noverify"):

@@ -195,12 +195,11 @@ def test_reconstruction_inputs():
     and padding rows never do; share 0 leaves the embeddings as they are."""
     from next_speed.train_planner import with_reconstructions
 
-    g = torch.Generator().manual_seed(0)
     books = torch.randn(2, 5, 8)
     codes = torch.tensor([[[5, 5], [1, 2], [3, 4]]])  # BOS, then two sentences (V = 5)
     emb = torch.randn(1, 3, 8)
-    assert torch.equal(with_reconstructions(emb, codes, books, 0.0, g, 5), emb)
-    out = with_reconstructions(emb, codes, books, 1.0, g, 5)
+    assert torch.equal(with_reconstructions(emb, codes, books, torch.zeros(1, 3, dtype=torch.bool)), emb)
+    out = with_reconstructions(emb, codes, books, torch.ones(1, 3, dtype=torch.bool))
     rec = books[0][1] + books[1][2]
     assert torch.equal(out[0, 0], emb[0, 0])
     assert torch.allclose(out[0, 1], rec / rec.norm()) and torch.allclose(out[0, 2].norm(), torch.tensor(1.0))

@@ -359,6 +359,15 @@ def test_web_page_in_headless_chromium(server):
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "table.cand-table tr.chosen"))
         rows[0].find_elements(By.CSS_SELECTOR, ".code")[0].click()  # the code browser
         wait.until(lambda d: "carried by" in d.find_element(By.ID, "browser").text)
+        # plan ahead: the page's PARALLEL control; the drafts stream in order like any sentence
+        from selenium.webdriver.support.ui import Select
+
+        Select(drv.find_element(By.ID, "parallel")).select_by_value("2")
+        drv.find_element(By.ID, "pins").clear()
+        drv.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_element(By.ID, "status").text.startswith(("done", "error")))
+        assert drv.find_element(By.ID, "status").text.startswith("done"), drv.find_element(By.ID, "status").text
+        assert drv.find_elements(By.CSS_SELECTOR, "tr.sentence-row")
         out = ROOT / "out"
         out.mkdir(exist_ok=True)
         assert drv.save_screenshot(str(out / "web_page.png"))

@@ -204,14 +204,14 @@ def _own_texts(tmeta: dict) -> set[str]:
 
 # ---------------------------------------------------------------------- training
 
-def with_reconstructions(emb, codes, books, share: float, generator, V: int):
-    """(B, L, E) inputs where a random `share` of the real positions read the unit RVQ
+def with_reconstructions(emb, codes, books, swap):
+    """(B, L, E) inputs where the real positions that `swap` (B, L) marks read the unit RVQ
     reconstruction of their codes (B, L, K) instead of their embedding (`books` (K, V, E)):
     the vector generation feeds back for a sentence the planner planned but nobody wrote yet."""
     import torch
 
-    real = (codes < V).all(-1)  # (B, L): BOS/PAD rows have neither
-    swap = (torch.rand(codes.shape[:2], generator=generator) < share).to(codes.device) & real
+    V = books.shape[1]
+    swap = swap.to(codes.device) & (codes < V).all(-1)  # BOS/PAD rows have neither
     if not bool(swap.any()):
         return emb
     safe = codes.clamp(max=V - 1)
@@ -294,11 +294,13 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
     for step in bar:
         model.train()
         idx = torch.randint(0, n, (min(cfg.bs, n),), generator=gen)  # the global batch, the same on every rank
+        # which positions read reconstructions: drawn for the global batch, so N processes train as one
+        swap = torch.rand((len(idx), x_tr.shape[1]), generator=swap_gen) < cfg.recon_input if recon is not None else None
         idx = shard(idx, dd)
         xb, yb = x_tr[idx].to(device), y_tr[idx].to(device)
         eb = table.lookup(ids_tr[idx]).to(device) if table is not None else None  # (B, L, E)
         if recon is not None:
-            eb = with_reconstructions(eb, xb, recon, cfg.recon_input, swap_gen, V)
+            eb = with_reconstructions(eb, xb, recon, shard(swap, dd))
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.steps, min(cfg.warmup, cfg.steps // 5), cfg.lr)
         with amp:
