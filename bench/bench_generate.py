@@ -164,7 +164,7 @@ def measure(gen, args, full: bool, per_prompt: int | None = None) -> tuple[dict,
     """The loops and plain sampling with one loaded generator (one DTYPE); `full` adds the hf
     baseline loops. Plain sampling writes `per_prompt` tokens a prompt (default: what the first
     loop of 1 candidate wrote). Returns the section, its summary and `per_prompt`."""
-    import torch
+    from next_speed.quality import plain_decoder_sampling
 
     res: dict = {"dtype": gen.dtype, "load_s": round(gen.load_seconds, 2), "loop": {}}
     gen.run(PROMPTS[0], 1, n_cand=1)  # warm-up
@@ -174,15 +174,9 @@ def measure(gen, args, full: bool, per_prompt: int | None = None) -> tuple[dict,
         made = 0
         for r in range(args.repeats):
             for p in PROMPTS:
-                ids = gen.tok(p + "\n", return_tensors="pt").to(gen.device)
-                torch.manual_seed(r)
-                t0 = time.perf_counter()
-                with torch.inference_mode():
-                    out = gen.model.generate(**ids, max_new_tokens=tokens_per_prompt, min_new_tokens=tokens_per_prompt,
-                                             do_sample=True, top_p=gen.params.top_p, temperature=gen.params.temp,
-                                             pad_token_id=gen.tok.pad_token_id)
-                wall += time.perf_counter() - t0
-                made += out.shape[1] - ids["input_ids"].shape[1]
+                n, secs = plain_decoder_sampling(gen, p, tokens_per_prompt, r)
+                wall += secs
+                made += n
         return {"tokens": made, "wall_s": round(wall, 2), "tokens_per_s": round(made / wall, 2)}
 
     def loop(engine: str, n: int) -> dict:

@@ -40,18 +40,6 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def plain_tokens(gen, prompt: str, n_tokens: int, seed: int) -> tuple[int, float]:
-    """Plain sampling of the generator's decoder: (tokens, seconds) for `n_tokens` new tokens."""
-    torch = gen.torch
-    ids = gen.tok(prompt + "\n", return_tensors="pt").to(gen.device)
-    torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = gen.model.generate(**ids, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=True,
-                                 top_p=gen.params.top_p, temperature=gen.params.temp, pad_token_id=gen.tok.pad_token_id)
-    return out.shape[1] - ids["input_ids"].shape[1], time.perf_counter() - t0
-
-
 def run_setting(gen, items, seeds, n_sents, kw) -> dict:
     """Every (prompt, seed) generated one at a time with settings `kw`."""
     texts, tokens, walls = [], [], []
@@ -96,7 +84,7 @@ def main() -> None:
     from next_speed.config import resolve
     from next_speed.errors import NextSpeedError
     from next_speed.generate import GenerateConfig, SentenceGenerator
-    from next_speed.quality import cosines, embed_texts, first_sentences, text_measures
+    from next_speed.quality import cosines, embed_texts, first_sentences, plain_decoder_sampling, text_measures
 
     try:
         gen = SentenceGenerator(resolve(GenerateConfig, {}))
@@ -141,7 +129,7 @@ def main() -> None:
                 if P == 1 and not plain_done:  # plain sampling writes as many tokens per prompt as PARALLEL=1 did
                     pt = pw = 0.0
                     for (i, s), k in zip([(i, s) for i in range(len(items)) for s in seeds], r["tokens"]):
-                        a, b = plain_tokens(gen, items[i].prompt, max(k, 1), s)
+                        a, b = plain_decoder_sampling(gen, items[i].prompt, max(k, 1), s)
                         pt, pw = pt + a, pw + b
                     report["plain"] = {"tokens": int(pt), "wall_s": round(pw, 2), "tok_s": round(pt / pw, 2)}
                     plain_done = True

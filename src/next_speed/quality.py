@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -240,6 +241,20 @@ def plan_gap(oracle_ref: float, loop_ref: float, base_ref: float) -> float:
 
 
 # ---------------------------------------------------------------------- token-level baselines
+
+def plain_decoder_sampling(gen, prompt: str, n_tokens: int, seed: int) -> tuple[int, float]:
+    """The speed baseline of the loop's benchmarks: plain token-level sampling from the
+    generator's own decoder (`generate`, the loop's TEMP and TOP_P, no plan, no rerank), exactly
+    `n_tokens` new tokens after `prompt`. Returns (tokens written, seconds)."""
+    torch = gen.torch
+    ids = gen.tok(prompt + "\n", return_tensors="pt").to(gen.device)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = gen.model.generate(**ids, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=True,
+                                 top_p=gen.params.top_p, temperature=gen.params.temp, pad_token_id=gen.tok.pad_token_id)
+    return out.shape[1] - ids["input_ids"].shape[1], time.perf_counter() - t0
+
 
 def _sentence_stop(tok, start: int, n_sents: int):
     """A transformers StoppingCriteria: a row is done once its new text holds `n_sents` ended
