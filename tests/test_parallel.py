@@ -169,3 +169,16 @@ def test_server_batches_lookahead_rows(gen):
         assert o.status_code == 200, o.text
         bad = c.post("/v1/completions", json={"model": "next-speed", "prompt": PROMPT, "parallel": 0})
         assert bad.status_code == 400 and "parallel" in bad.text
+
+
+def test_a_draft_that_copies_an_earlier_sentence_is_refused(gen):
+    """Drafts were decoded before the sentences now before them existed, so NO_COPY_NGRAM could
+    not steer them: a draft holding such a run of an earlier sentence's tokens is refused."""
+    from next_speed.generate import _Text, copy_ids
+
+    earlier = "Rivers flow toward an ocean or a lake and many cities were built along them."
+    text = _Text(history=[earlier], hist_emb=np.zeros((1, 4), np.float32), ctx_codes=[[0]], seen=set(), spans=set(),
+                 earlier=copy_ids(gen.tok, [earlier]))
+    scored = [{"text": earlier[:-1] + " long ago.", "refused": None}, {"text": "A star is a ball of plasma.", "refused": None}]
+    gen.refuse_token_repeats(scored, text, gen.params)
+    assert scored[0]["refused"] == "repeat" and scored[1]["refused"] is None

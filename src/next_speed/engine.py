@@ -178,9 +178,8 @@ class PrefixPool:
         self.reused = self.prefilled = 0  # prompt tokens read from the pool, and run through the model
 
     def take(self, ids: Sequence[int], limit: int | None = None) -> PromptCache:
-        """A new PromptCache holding the longest kept prefix of `ids` (at most `limit` positions).
-        It shares the kept tensors without copying them: a prompt cache is never written in place
-        (transformers' DynamicLayer crops by slicing and grows by concatenation)."""
+        """A new PromptCache holding a copy of the longest kept prefix of `ids` (at most `limit`
+        positions): the jobs of one batch never share a cache."""
         limit = len(ids) - 1 if limit is None else limit
         best, L = None, 0
         for c in self.caches:

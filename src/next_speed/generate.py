@@ -85,7 +85,8 @@ class GenParams:
                              "new seeds) up to this many times before the text ends there")
     no_repeat_written: int = knob(3, env="NO_REPEAT_WRITTEN", min=0, max=64,
                                   help="a sentence never repeats a run of this many tokens of the last 4 sentences this call "
-                                       "wrote (the prompt exempt: NO_COPY_NGRAM covers it); 0 = off")
+                                       "wrote (the prompt exempt: NO_COPY_NGRAM covers it; with PARALLEL, those written "
+                                       "before the draft's window); 0 = off")
     parallel: int = knob(1, env="PARALLEL", min=1, max=16,
                          help="plan-parallel rendering: the planner plans this many sentences ahead (each planned sentence fed "
                               "back as its codes' reconstruction) and the decoder drafts them side by side in one batch, each "
@@ -335,6 +336,8 @@ RECENT_WRITTEN = 4
 PLAN_SEED_STRIDE = 1 << 40
 # With PARALLEL > 1, the draft j sentences ahead is seeded this far from the window's first sentence.
 LOOKAHEAD_SEED_STRIDE = 1 << 32
+# and a generation's prefix pool keeps at most this many prompt caches
+POOL_MAX = 10
 
 
 def refusal(c: dict, seen: set[str], p: GenParams) -> str | None:
@@ -797,7 +800,8 @@ class SentenceGenerator:
             res.drafts = {"drafted": 0, "accepted": 0, "refused": 0, "rejected": 0}
         # PARALLEL=1: one prompt cache per plan slot, kept across steps; PARALLEL > 1: a pool that
         # every prompt of a window (lookahead drafts, verification rows) starts from
-        pool = PrefixPool(2 * p.parallel + p.plans + 2) if lookahead and self.use_kv else None
+        # (bounded: a cache of a 160-token prompt holds about 7 MB of keys and values)
+        pool = PrefixPool(min(2 * p.parallel + p.plans + 2, POOL_MAX)) if lookahead and self.use_kv else None
         caches = [PromptCache() if self.use_kv and pool is None else None for _ in range(p.plans)]
         base_cache = PromptCache()  # the base model's (UNPLANNED)
         budget = max_tokens
@@ -953,7 +957,11 @@ class SentenceGenerator:
             ctx, start = self.context_for(text.history + stand_ins, text.ctx_start, pl, ex)
             job = self.make_job(ctx, pl, p, seed=seed + LOOKAHEAD_SEED_STRIDE * j, exemplars=ex, copy_spans=text.spans,
                                 earlier_ids=text.earlier, written_ids=text.written)
-            out.append({"plan": pl, "exemplars": ex, "job": job, "start": start, "lookahead": j, "pinned": len(pin)})
+            # where the real text the draft is verified after begins: the same sentence as its
+            # context's first when every planned sentence before it has a stand-in (then the kept
+            # sentences take the stand-ins' places), else the first real sentence of its context
+            real_start = start if len(stand_ins) == j else min(start, len(text.history) - 1)
+            out.append({"plan": pl, "exemplars": ex, "job": job, "start": real_start, "lookahead": j, "pinned": len(pin)})
             prev_ex = ex
         return out
 
@@ -975,6 +983,7 @@ class SentenceGenerator:
             scored, x = self.judge(d["plan"], out, text.hist_emb, text.seen, text.spans, p, text.pairs,
                                    embeddings=xs[at : at + len(out)])
             at += len(out)
+            self.refuse_token_repeats(scored, text, p)
             chosen = select_candidate(scored, p, truncated_ok=False)
             t2 = time.perf_counter()
             tot["rerank"] += t2 - t1
@@ -1000,6 +1009,24 @@ class SentenceGenerator:
             if commit(st, x[chosen]):
                 return True
         return False
+
+    def refuse_token_repeats(self, scored: list[dict], text: "_Text", p: GenParams) -> None:
+        """A draft was decoded before the sentences now before it were written, so NO_COPY_NGRAM
+        could not steer it off copying them: a candidate that holds a run of that many tokens of
+        an earlier sentence is refused instead. (NO_REPEAT_WRITTEN's short runs only steer: a
+        draft avoids those of the sentences written before its window; refusing drafts for a
+        3-token run shared with the sentence before them refused a third of them, and the
+        rerank's RERANK_REPEAT still weighs repeated word pairs.)"""
+        bans = [(n, ids) for n, ids in ((p.no_copy_ngram, text.earlier),) if n > 0 and ids]
+        if not bans:
+            return
+        runs = [(n, {tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)}) for n, ids in bans]
+        for c in scored:
+            if c.get("refused") or not c["text"]:
+                continue
+            own = self.tok(c["text"], add_special_tokens=False)["input_ids"]
+            if any(tuple(own[i : i + n]) in seen for n, seen in runs for i in range(len(own) - n + 1)):
+                c["refused"] = "repeat"
 
     def verify_draft(self, text: "_Text", d: dict, draft: str, pool, p: GenParams) -> dict:
         """Whether a draft still fits once the sentences before it are real: its mean token
