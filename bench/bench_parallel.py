@@ -76,13 +76,22 @@ def main() -> None:
         sys.exit("--seeds, --parallel and --n-cand take comma-separated whole numbers")
     if args.prompts < 1 or args.sentences < 1 or not seeds or not ncands:
         sys.exit("--prompts and --sentences must be at least 1, --seeds and --n-cand not empty")
+    from next_speed.errors import NextSpeedError
+    from next_speed.generate import GenParams, update_params
+
+    try:  # the grid's values are generation knobs: checked before anything loads (a bad one names its knob)
+        for n in ncands:
+            for P in pars:
+                update_params(GenParams(), {"gen_steps": args.sentences, "n_cand": n, "parallel": P})
+    except NextSpeedError as e:
+        sys.exit(f"bench_parallel: {e}")
+
+    import numpy as np
 
     from bench_quality import machine, prompt_sets
-    import numpy as np
 
     from next_speed.artifacts import versions, write_json, write_jsonl
     from next_speed.config import resolve
-    from next_speed.errors import NextSpeedError
     from next_speed.generate import GenerateConfig, SentenceGenerator
     from next_speed.quality import cosines, embed_texts, first_sentences, plain_decoder_sampling, text_measures
 

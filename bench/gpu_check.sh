@@ -6,7 +6,7 @@
 # server): the same main job with a shorter decoder budget (speed does not need a good decoder),
 # then bench/bench_generate.py (loop over plain sampling at N_CAND 1, 4, 8),
 # bench/bench_server.py (1-16 clients, a shorter memory run) and bench/bench_parallel.py
-# (plan-parallel rendering, PARALLEL 1/2/4), their summaries as one JSON line (GPU_CHECK_ENGINE). Each fits one 10-minute call by our estimate (untested: no GPU lent yet).
+# (plan-parallel rendering, PARALLEL 1/2/4), their summaries as one JSON line (GPU_CHECK_ENGINE). Each fits one 10-minute call by our estimate (not yet run on a GPU).
 #
 #   bash bench/gpu_check.sh            # on a GPU machine (set-up included: uv + locked environment)
 #   bash bench/gpu_check.sh --engine   # issue 11's check instead
