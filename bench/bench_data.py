@@ -47,7 +47,7 @@ def numpy_rvq(x: np.ndarray, K: int, V: int, niter: int, seed: int = 0) -> np.nd
 
 
 def rel_error(x, books):
-    from next_speed.rvq import RVQ
+    from next_speed.quant.rvq import RVQ
 
     r = RVQ(codebooks=books)
     return float(((x - r.decode(r.encode(x))) ** 2).sum() / (x**2).sum())
@@ -62,10 +62,10 @@ def main() -> None:
     ap.add_argument("--bs", type=int, default=64)
     ap.add_argument("--steps", default="01,02,03", help="which comparisons to run")
     args = ap.parse_args()
-    from next_speed.config import resolve
-    from next_speed.embed import embed_shard, load_encoder
-    from next_speed.rvq import RVQ
-    from next_speed.sentences import SentencesConfig, make_sentences
+    from next_speed.core.config import resolve
+    from next_speed.data.embed import embed_shard, load_encoder
+    from next_speed.quant.rvq import RVQ
+    from next_speed.data.sentences import SentencesConfig, make_sentences
 
     res: dict = {"cpus": os.cpu_count()}
     steps = set(args.steps.split(","))

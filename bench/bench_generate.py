@@ -52,11 +52,11 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from next_speed.artifacts import write_json
-    from next_speed.config import resolve
-    from next_speed.generate import GenerateConfig, SentenceGenerator
+    from next_speed.core.artifacts import write_json
+    from next_speed.core.config import resolve
+    from next_speed.generation.generate import GenerateConfig, SentenceGenerator
 
-    from next_speed.runtime import cpu_has_native_bf16, pick_device, resolve_dtype
+    from next_speed.core.runtime import cpu_has_native_bf16, pick_device, resolve_dtype
 
     device = pick_device(os.environ.get("DEVICE", "cpu"))
     # (name, DTYPE, PACK_WEIGHTS): "unpacked" is fp32 without the oneDNN-packed matrices (the baseline
@@ -132,7 +132,7 @@ def forward_ms(gen, batch: int, kv_len: int = 150, calls: int = 12, roomy: bool 
     import torch
     from transformers import DynamicCache
 
-    from next_speed.engine import roomy_layer
+    from next_speed.generation.engine import roomy_layer
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(*_id_range(gen), (1, kv_len), generator=g, device=gen.device)
@@ -164,7 +164,7 @@ def measure(gen, args, full: bool, per_prompt: int | None = None) -> tuple[dict,
     """The loops and plain sampling with one loaded generator (one DTYPE); `full` adds the hf
     baseline loops. Plain sampling writes `per_prompt` tokens a prompt (default: what the first
     loop of 1 candidate wrote). Returns the section, its summary and `per_prompt`."""
-    from next_speed.quality import plain_decoder_sampling
+    from next_speed.evals.quality import plain_decoder_sampling
 
     res: dict = {"dtype": gen.dtype, "load_s": round(gen.load_seconds, 2), "loop": {}}
     gen.run(PROMPTS[0], 1, n_cand=1)  # warm-up

@@ -14,7 +14,7 @@ loop's TEMP and TOP_P, as many new tokens as PARALLEL=1 wrote for that prompt.
 Per setting: kept-text tokens/s (tokens of the kept sentences over the wall time of `run()`),
 its speedup over plain sampling, the drafts' acceptance rate (kept / drafted lookahead
 sentences) and what refused or rejected them, and the whole-text quality measures of
-bench_quality (next_speed.quality: coherence with the prompt, ref_sim with the person's next 3
+bench_quality (next_speed.evals.quality: coherence with the prompt, ref_sim with the person's next 3
 sentences, SimCTG rep-2 and diversity) on the whole text; `ref_sim_3` on its first 3 sentences,
 the length bench_quality writes.
 
@@ -76,8 +76,8 @@ def main() -> None:
         sys.exit("--seeds, --parallel and --n-cand take comma-separated whole numbers")
     if args.prompts < 1 or args.sentences < 1 or not seeds or not ncands:
         sys.exit("--prompts and --sentences must be at least 1, --seeds and --n-cand not empty")
-    from next_speed.errors import NextSpeedError
-    from next_speed.generate import GenParams, update_params
+    from next_speed.core.errors import NextSpeedError
+    from next_speed.generation.generate import GenParams, update_params
 
     try:  # the grid's values are generation knobs: checked before anything loads (a bad one names its knob)
         for n in ncands:
@@ -90,10 +90,10 @@ def main() -> None:
 
     from bench_quality import machine, prompt_sets
 
-    from next_speed.artifacts import versions, write_json, write_jsonl
-    from next_speed.config import resolve
-    from next_speed.generate import GenerateConfig, SentenceGenerator
-    from next_speed.quality import cosines, embed_texts, first_sentences, plain_decoder_sampling, text_measures
+    from next_speed.core.artifacts import versions, write_json, write_jsonl
+    from next_speed.core.config import resolve
+    from next_speed.generation.generate import GenerateConfig, SentenceGenerator
+    from next_speed.evals.quality import cosines, embed_texts, first_sentences, plain_decoder_sampling, text_measures
 
     try:
         gen = SentenceGenerator(resolve(GenerateConfig, {}))

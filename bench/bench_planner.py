@@ -22,9 +22,9 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from next_speed.planner import Planner, PlannerModelConfig
-    from next_speed.rvq import RVQ
-    from next_speed.planner import load_rows, tensorize
+    from next_speed.models.planner import Planner, PlannerModelConfig
+    from next_speed.quant.rvq import RVQ
+    from next_speed.models.planner import load_rows, tensorize
 
     rvq = RVQ.load("out/rvq.npz")
     rows = load_rows("data/sent_lm_train.jsonl")[:8192]

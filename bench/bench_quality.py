@@ -15,7 +15,7 @@ TEMP, TOP_P and REPETITION_PENALTY; contrastive search, alpha 0.6, k 4), `decode
 with the CODE_MODE=none decoder trained with the main decoder's budget and data, one candidate,
 no rerank: the same fine-tuning without any plan; trained first into out/decoder_none when
 missing or not comparable, about as long as step 06).
-Measures (next_speed.quality): coherence cos(prompt, text) and ref_sim cos(text, reference) with
+Measures (next_speed.evals.quality): coherence cos(prompt, text) and ref_sim cos(text, reference) with
 the project's encoder, MAUVE against the references on the base LM's features (with its sample
 sizes), SimCTG's rep-2/3/4 and diversity, sentences delivered of those asked, and kept-text
 tokens/s (tokens of the kept text over the system's wall time, `--concurrency` generations in
@@ -52,8 +52,8 @@ KEYS = ("coherence", "ref_sim", "mauve", "rep2", "diversity", "sentences", "tok_
 def run_loop(gen, items, seeds, n_sents, concurrency, overrides, pins=None):
     """Texts of the loop for every (item, seed), `concurrency` requests in flight through the
     server's scheduler (their sentence steps share decoder batches). Returns (outs, seconds)."""
-    from next_speed.quality import TextOut
-    from next_speed.scheduler import BatchScheduler
+    from next_speed.evals.quality import TextOut
+    from next_speed.serving.scheduler import BatchScheduler
 
     jobs = [(i, s) for i in range(len(items)) for s in seeds]
     sched = BatchScheduler(gen, max_queue=2 * concurrency, max_batch_rows=concurrency * max(1, overrides.get("n_cand", 4)))
@@ -85,7 +85,7 @@ def run_loop(gen, items, seeds, n_sents, concurrency, overrides, pins=None):
 
 def run_base(model, tok, items, seeds, n_sents, concurrency, split, kind, p):
     """Texts of the base LM for every (item, seed), `concurrency` prompts per batch."""
-    from next_speed.quality import TextOut, contrastive_search, first_sentences, nucleus_sample_texts
+    from next_speed.evals.quality import TextOut, contrastive_search, first_sentences, nucleus_sample_texts
 
     jobs = [(i, s) for i in range(len(items)) for s in seeds]
     texts = []
@@ -116,9 +116,9 @@ def machine() -> str:
 
 def prompt_sets(gen, n, seed, base: Path = ROOT, sets=SETS):
     """The main and other prompt sets (see the module docstring), from the main job's data under `base`."""
-    from next_speed.artifacts import read_jsonl
-    from next_speed.corpus import sotu_docs, wiki_docs
-    from next_speed.quality import main_prompt_set, other_prompt_set
+    from next_speed.core.artifacts import read_jsonl
+    from next_speed.data.corpus import sotu_docs, wiki_docs
+    from next_speed.evals.quality import main_prompt_set, other_prompt_set
 
     dec_val = base / "data/decoder_val.jsonl"
     sent_path = base / "data/sentences.jsonl"
@@ -169,18 +169,18 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from next_speed.artifacts import versions, write_json, write_jsonl
-    from next_speed.config import resolve, to_dict
-    from next_speed.decoder_model import load_base_model, load_base_tokenizer, load_decoder
-    from next_speed.errors import NextSpeedError
-    from next_speed.generate import GenerateConfig, SentenceGenerator
+    from next_speed.core.artifacts import versions, write_json, write_jsonl
+    from next_speed.core.config import resolve, to_dict
+    from next_speed.models.decoder_model import load_base_model, load_base_tokenizer, load_decoder
+    from next_speed.core.errors import NextSpeedError
+    from next_speed.generation.generate import GenerateConfig, SentenceGenerator
     from next_speed.pipeline import PRESETS
-    from next_speed.quality import embed_texts, lm_features, mauve_score, plan_gap, text_measures
-    from next_speed.runtime import setup_logging
-    from next_speed.train_decoder import ensure_none_decoder
+    from next_speed.evals.quality import embed_texts, lm_features, mauve_score, plan_gap, text_measures
+    from next_speed.core.runtime import setup_logging
+    from next_speed.training.train_decoder import ensure_none_decoder
 
     setup_logging()
-    logging.getLogger("next_speed.scheduler").setLevel(logging.WARNING)
+    logging.getLogger("next_speed.serving.scheduler").setLevel(logging.WARNING)
     n_sents = 3
     try:  # missing or stale artifacts, a bad knob: one line naming it, no traceback
         cfg = resolve(GenerateConfig, base=PRESETS["cpu"]["generate"])

@@ -52,7 +52,7 @@ def main() -> None:
 
     import faiss
 
-    from next_speed.rvq import RVQ
+    from next_speed.quant.rvq import RVQ
 
     x = np.load(a.emb).astype(np.float32)
     perm = np.random.default_rng(0).permutation(len(x))

@@ -66,9 +66,9 @@ def write_corpus(path: Path, n_sentences: int, per_doc: int = 10, seed: int = 0)
 
 def fake_embeddings(workdir: Path, dim: int = 384, chunk: int = 100_000) -> int:
     """Stand-in for step 02: unit random vectors, one per sentence, with step 02's metadata."""
-    from next_speed.artifacts import make_meta, write_json
-    from next_speed.config import resolve, to_dict
-    from next_speed.embed import EmbedConfig
+    from next_speed.core.artifacts import make_meta, write_json
+    from next_speed.core.config import resolve, to_dict
+    from next_speed.data.embed import EmbedConfig
 
     cwd = os.getcwd()
     os.chdir(workdir)

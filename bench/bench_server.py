@@ -161,7 +161,7 @@ def main() -> None:
     ap.add_argument("--unpacked", type=int, default=1, help="also run 1 and 8 clients with PACK_WEIGHTS=0 on a CPU (0: skip)")
     ap.add_argument("--out", default="bench/results/bench_server.json")
     args = ap.parse_args()
-    from next_speed.artifacts import write_json
+    from next_speed.core.artifacts import write_json
 
     params = {"n_cand": args.n_cand}
     res: dict = {"per_client": args.per_client, "c1_requests": args.c1_requests, "n_cand": args.n_cand, "max_sentences": args.sentences, "batched": {}, "baseline": {}}
@@ -208,7 +208,7 @@ def main() -> None:
             srv.close()
 
     res["baseline"] = one_and_eight({"MAX_BATCH_ROWS": "1", "DTYPE": "auto", "PACK_WEIGHTS": "1"})
-    from next_speed.runtime import pick_device, resolve_dtype
+    from next_speed.core.runtime import pick_device, resolve_dtype
 
     device = pick_device(os.environ.get("DEVICE", "auto"))
     if args.unpacked and device == "cpu" and resolve_dtype("auto", device) == "fp32":

@@ -33,7 +33,7 @@ def make_docs(n_docs: int = 24) -> list[dict]:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A folder holding the artifacts of `next-speed run --preset tiny` (steps 01-07)."""
-    from next_speed.config import resolve
+    from next_speed.core.config import resolve
     from next_speed.pipeline import RunConfig, run_pipeline
 
     d = tmp_path_factory.mktemp("tinyrun")
@@ -50,7 +50,7 @@ def tiny_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory) -> str:
-    from next_speed.testing import build_tiny_encoder
+    from next_speed.models.tiny import build_tiny_encoder
 
     return build_tiny_encoder(tmp_path_factory.mktemp("enc") / "tiny-encoder")
 

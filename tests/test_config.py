@@ -1,10 +1,10 @@
 import pytest
 
-from next_speed.config import resolve
-from next_speed.errors import ConfigError
-from next_speed.rvq import RVQConfig
-from next_speed.sentences import SentencesConfig
-from next_speed.train_planner import PlannerTrainConfig
+from next_speed.core.config import resolve
+from next_speed.core.errors import ConfigError
+from next_speed.quant.rvq import RVQConfig
+from next_speed.data.sentences import SentencesConfig
+from next_speed.training.train_planner import PlannerTrainConfig
 
 
 def test_defaults_env_then_cli():
@@ -50,7 +50,7 @@ def test_lang_reads_locales_and_hf_dataset_implies_hf():
 def test_numbers_are_finite_and_typed():
     """NaN passes `v < min` and `v > max` (both false): refused at parsing, as are infinity, a
     boolean given for a number, a fraction for a count and a seed past 32 bits."""
-    from next_speed.generate import GenerateConfig
+    from next_speed.generation.generate import GenerateConfig
 
     for env, knob in (({"TEMP": "nan"}, "TEMP"), ({"TOP_P": "inf"}, "TOP_P"), ({"TEMP": "-Infinity"}, "TEMP"),
                       ({"SEED": str(2**64)}, "SEED"), ({"SEED": "-1"}, "SEED")):

@@ -6,14 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from next_speed.artifacts import atomic_path, read_jsonl
-from next_speed.config import resolve
-from next_speed.corpus import group_wikitext, hf_docs
-from next_speed.embed import EmbedConfig, embed_sentences, load_encoder
-from next_speed.errors import ConfigError, NextSpeedError, StaleInputError
-from next_speed.rvq import RVQ, RVQConfig, RVQEvalConfig, fit_rvq, rvq_report
-from next_speed.sentences import SentencesConfig, make_sentences
-from next_speed.trainsets import TrainSetsConfig, build_training_sets
+from next_speed.core.artifacts import atomic_path, read_jsonl
+from next_speed.core.config import resolve
+from next_speed.data.corpus import group_wikitext, hf_docs
+from next_speed.data.embed import EmbedConfig, embed_sentences, load_encoder
+from next_speed.core.errors import ConfigError, NextSpeedError, StaleInputError
+from next_speed.quant.rvq import RVQ, RVQConfig, RVQEvalConfig, fit_rvq, rvq_report
+from next_speed.data.sentences import SentencesConfig, make_sentences
+from next_speed.data.trainsets import TrainSetsConfig, build_training_sets
 
 
 def run_01_04(docs_file, encoder, k=2, v=4, **env):
@@ -138,7 +138,7 @@ def test_spherical_fit_keeps_every_level_alive():
     noise, where plain k-means parks most codewords on outliers and sends most points to one
     codeword near zero. The spherical fit keeps every level's code use broad (perplexity >= V/4),
     at no higher error, and the report warns about collapsed levels."""
-    from next_speed.rvq import collapsed_levels, format_report, level_stats
+    from next_speed.quant.rvq import collapsed_levels, format_report, level_stats
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(8, 64))

@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from next_speed.artifacts import make_meta, write_json, write_jsonl
-from next_speed.config import resolve
-from next_speed.decoder_model import (Conditioning, add_code_tokens_to_tokenizer, code_token, encode_example,
+from next_speed.core.artifacts import make_meta, write_json, write_jsonl
+from next_speed.core.config import resolve
+from next_speed.models.decoder_model import (Conditioning, add_code_tokens_to_tokenizer, code_token, encode_example,
                                       init_code_embeddings, load_decoder)
-from next_speed.errors import ConfigError, NextSpeedError, StaleInputError
-from next_speed.testing import build_tiny_causal_lm, build_tiny_seq2seq
-from next_speed.train_decoder import (DecoderEvalConfig, DecoderTrainConfig, eval_decoder, format_decoder_eval,
+from next_speed.core.errors import ConfigError, NextSpeedError, StaleInputError
+from next_speed.models.tiny import build_tiny_causal_lm, build_tiny_seq2seq
+from next_speed.training.train_decoder import (DecoderEvalConfig, DecoderTrainConfig, eval_decoder, format_decoder_eval,
                                       train_decoder)
 
 from conftest import TOPICS, run_script
@@ -174,7 +174,7 @@ def test_tokenization_cache_reused_and_invalidated(workdir, tiny_llama):
     p = Path("data/decoder_train.jsonl")
     p.write_text(p.read_text().replace("Cats", "Dogs"))
     meta = json.loads(Path("data/train_meta.json").read_text())
-    from next_speed.artifacts import sha256_path
+    from next_speed.core.artifacts import sha256_path
 
     key = next(k for k in meta["outputs"] if k.endswith("decoder_train.jsonl"))
     meta["outputs"][key]["sha256"] = sha256_path(p)
@@ -204,7 +204,7 @@ def test_bad_inputs(workdir, tiny_llama):
     with pytest.raises(StaleInputError, match="does not match its metadata"):
         train_decoder(resolve(DecoderTrainConfig, environ=env(tiny_llama)))
     meta = json.loads(Path("data/train_meta.json").read_text())
-    from next_speed.artifacts import sha256_path
+    from next_speed.core.artifacts import sha256_path
 
     key = next(k for k in meta["outputs"] if k.endswith("decoder_train.jsonl"))
     meta["outputs"][key]["sha256"] = sha256_path("data/decoder_train.jsonl")
@@ -253,8 +253,8 @@ def write_rvq(root: Path, K=2, V=4, D=16, seed=0):
     """A small random RVQ at out/rvq.npz, recorded in the training sets' metadata."""
     import numpy as np
 
-    from next_speed.artifacts import sha256_path
-    from next_speed.rvq import RVQ
+    from next_speed.core.artifacts import sha256_path
+    from next_speed.quant.rvq import RVQ
 
     rvq = RVQ(codebooks=np.random.default_rng(seed).normal(size=(K, V, D)).astype("float32"))
     rvq.save(root / "out/rvq.npz")
@@ -310,8 +310,8 @@ def test_preset_path_reads_the_plan(tiny_llama):
     the loss changes with the codes; frozen blocks get none."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from next_speed.decoder_model import add_code_tokens_to_tokenizer, collate, token_losses
-    from next_speed.train_decoder import select_trainable
+    from next_speed.models.decoder_model import add_code_tokens_to_tokenizer, collate, token_losses
+    from next_speed.training.train_decoder import select_trainable
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     cond = Conditioning(K=2, V=4, code_mode="special", max_in=48, max_out=16, exemplars=2)
@@ -353,8 +353,8 @@ def test_inject_parameters_receive_gradient(workdir, tiny_llama):
     """On CODE_MODE=inject's path, the adapter (the plan's only way in) gets gradient; frozen blocks do not."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from next_speed.decoder_model import (PlanInjector, attach_injector, build_plan_adapter, collate, token_losses)
-    from next_speed.train_decoder import select_trainable
+    from next_speed.models.decoder_model import (PlanInjector, attach_injector, build_plan_adapter, collate, token_losses)
+    from next_speed.training.train_decoder import select_trainable
 
     rvq_books = torch.randn(2, 4, 16)
     tok = AutoTokenizer.from_pretrained(tiny_llama)
@@ -378,7 +378,7 @@ def test_untrained_adapter_changes_nothing(tiny_llama):
     """A zero-initialized adapter leaves the decoder exactly the no-codes decoder (so codes can only help)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from next_speed.decoder_model import PlanInjector, attach_injector, build_plan_adapter, collate, token_losses
+    from next_speed.models.decoder_model import PlanInjector, attach_injector, build_plan_adapter, collate, token_losses
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
@@ -395,7 +395,7 @@ def test_label_only_lm_head_matches_full_logits(tiny_llama):
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from next_speed.decoder_model import collate, token_losses
+    from next_speed.models.decoder_model import collate, token_losses
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
@@ -411,7 +411,7 @@ def test_label_only_lm_head_matches_full_logits(tiny_llama):
 def test_exemplar_bank_lookup_and_exclusions():
     import numpy as np
 
-    from next_speed.decoder_model import ExemplarBank
+    from next_speed.models.decoder_model import ExemplarBank
 
     books = np.zeros((2, 2, 4), dtype="float32")
     books[0, 0, 0] = books[0, 1, 1] = 1.0  # level 0: axis 0 or axis 1
@@ -445,8 +445,8 @@ def test_oracle_exemplars_say_why_they_are_skipped(tmp_path):
     and computed from the embeddings the training sets name."""
     import numpy as np
 
-    from next_speed.decoder_model import ExemplarBank, attach_bank
-    from next_speed.train_decoder import _oracle_exemplars
+    from next_speed.models.decoder_model import ExemplarBank, attach_bank
+    from next_speed.training.train_decoder import _oracle_exemplars
 
     emb = np.eye(3, dtype="float32")
     bank = ExemplarBank(texts=["x", "y", "z"], docs=[1, 2, 3], emb=emb, codebooks=np.zeros((1, 2, 3), "float32"), codes=[[0]] * 3)
@@ -499,8 +499,8 @@ def test_time_budget_replans_the_schedule(workdir, tiny_llama):
 def test_bf16_mixed_precision_training(workdir, tiny_llama, monkeypatch):
     """AMP: bf16 autocast trains (fp32 weights kept, loss going down), is recorded with the
     decoder, resolves by device and CPU support, and is part of the budget a no-codes decoder must share."""
-    from next_speed import runtime
-    from next_speed.train_decoder import _none_mismatch
+    from next_speed.core import runtime
+    from next_speed.training.train_decoder import _none_mismatch
 
     write_decoder_sets(workdir)
     info = train_decoder(resolve(DecoderTrainConfig, environ=env(tiny_llama, AMP="bf16")))
@@ -530,9 +530,9 @@ def test_engine_with_injected_plan_equals_generate(tiny_llama):
     rows dropped as they end) writes what transformers' generate writes, and the plan changes it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from next_speed.decoder_model import PlanInjector, attach_injector, build_plan_adapter
-    from next_speed.engine import DecodeEngine, PromptCache, SentenceJob
-    from next_speed.generate import GenParams
+    from next_speed.models.decoder_model import PlanInjector, attach_injector, build_plan_adapter
+    from next_speed.generation.engine import DecodeEngine, PromptCache, SentenceJob
+    from next_speed.generation.generate import GenParams
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(tiny_llama)

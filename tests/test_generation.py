@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from next_speed.config import resolve
-from next_speed.errors import ConfigError, StaleInputError
-from next_speed.generate import GenerateConfig, SentenceGenerator, match_score, run_generate
+from next_speed.core.config import resolve
+from next_speed.core.errors import ConfigError, StaleInputError
+from next_speed.generation.generate import GenerateConfig, SentenceGenerator, match_score, run_generate
 
 from conftest import ROOT, free_port, run_script, wait_healthy
 
@@ -132,7 +132,7 @@ def test_refused_step_is_planned_again(gen, monkeypatch):
 def test_select_candidate_is_the_one_rule():
     """The selection rule that generation and code_agreement_eval share: refused candidates never,
     ended before truncated, then the code match; the weighed score when a weight is set."""
-    from next_speed.generate import GenParams, select_candidate
+    from next_speed.generation.generate import GenParams, select_candidate
 
     def c(prefix, cos, ended=True, refused=None, ctx=0.0, overlap=0.0):
         return {"prefix": prefix, "cosine": cos, "ended": ended, "refused": refused, "context_cos": ctx,
@@ -235,8 +235,8 @@ def test_repetition_guards_spare_the_prompt(gen):
     hands them the sentence's own tokens only."""
     import torch
 
-    from next_speed.engine import sentence_processors
-    from next_speed.generate import GenParams
+    from next_speed.generation.engine import sentence_processors
+    from next_speed.generation.generate import GenParams
 
     scores = torch.ones(1, 10)
     for proc in sentence_processors(GenParams(repetition_penalty=2.0, no_repeat_ngram=2)):
@@ -257,7 +257,7 @@ def test_repetition_guards_spare_the_prompt(gen):
 
 
 def replace_params(gen, **kw):
-    from next_speed.generate import update_params
+    from next_speed.generation.generate import update_params
 
     return update_params(gen.params, kw)
 
@@ -298,7 +298,7 @@ def test_bf16_decoder_at_generation(in_run, gen, monkeypatch):
     text; auto is fp32 on a CPU and bf16 on CUDA; a bad DTYPE is a one-line error naming it."""
     import torch
 
-    from next_speed import runtime
+    from next_speed.core import runtime
 
     env = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "8", "N_CAND": "3", "REPEAT_COS": "1.01", "PLANS": "1", "UNPLANNED": "0"}
     fast = SentenceGenerator(resolve(GenerateConfig, environ={**env, "DTYPE": "bf16"}))
@@ -343,7 +343,7 @@ def test_api_one_liner_and_chat_oneshot(in_run):
 
 
 def test_chat_scripted_session(gen):
-    from next_speed.chat import chat_loop
+    from next_speed.serving.chat import chat_loop
 
     inp = io.StringIO("/show\n/set n_cand=2\n/set bogus=1\nParis is the capital of France.\n/reset\n/quit\nnever read\n")
     out = io.StringIO()
@@ -356,7 +356,7 @@ def test_chat_scripted_session(gen):
 def test_server_in_process(gen):
     from fastapi.testclient import TestClient
 
-    from next_speed.server import ServerConfig, create_app
+    from next_speed.serving.server import ServerConfig, create_app
 
     app = create_app(lambda: gen, ServerConfig(max_prompt_chars=200, max_sentences_cap=3), background=False)
     with TestClient(app) as c:
@@ -400,7 +400,7 @@ def test_server_in_process(gen):
 def test_server_unexpected_error_is_json_and_it_keeps_serving(gen, monkeypatch):
     from fastapi.testclient import TestClient
 
-    from next_speed.server import create_app
+    from next_speed.serving.server import create_app
 
     app = create_app(lambda: gen, background=False)
     real = gen.engine._prefill  # every decoder path (the open batch, the one-by-one retry) prefills
@@ -418,7 +418,7 @@ def test_server_health_503_while_loading():
 
     from fastapi.testclient import TestClient
 
-    from next_speed.server import create_app
+    from next_speed.serving.server import create_app
 
     release = threading.Event()
     app = create_app(lambda: release.wait(30) and None, background=True)
@@ -456,8 +456,8 @@ def test_real_server_command(in_run):
 
 
 def test_code_agreement_and_report(in_run):
-    from next_speed.agreement import AgreementConfig, code_agreement, format_agreement
-    from next_speed.report import ReportConfig, make_report
+    from next_speed.evals.agreement import AgreementConfig, code_agreement, format_agreement
+    from next_speed.evals.report import ReportConfig, make_report
 
     env = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "6"}
     rep = code_agreement(resolve(AgreementConfig, {"eval_docs": 3, "n_cands": "1,2,4"}, environ=env))
@@ -492,8 +492,8 @@ def test_candidates_never_contain_code_tokens(in_run, tmp_path):
     """Even a special-token decoder that prefers code tokens above all else never writes one."""
     import torch
 
-    from next_speed.decoder_model import code_token_ids
-    from next_speed.train_decoder import DecoderTrainConfig, train_decoder
+    from next_speed.models.decoder_model import code_token_ids
+    from next_speed.training.train_decoder import DecoderTrainConfig, train_decoder
 
     train_decoder(resolve(DecoderTrainConfig, environ={"MODEL": "cache/tiny/decoder", "CODE_MODE": "special", "MAX_STEPS": "1",
                                                        "TRAIN_BS": "2", "VAL_ROWS": "2", "DEVICE": "cpu",
@@ -515,8 +515,8 @@ def test_candidates_never_contain_code_tokens(in_run, tmp_path):
 
 def test_inject_decoder_generates_and_reloads(in_run, tmp_path):
     """A CODE_MODE=inject decoder with exemplars: trained, reloaded with its adapter and bank, used by the loop."""
-    from next_speed.decoder_model import exemplar_bank, plan_injector
-    from next_speed.train_decoder import DecoderTrainConfig, train_decoder
+    from next_speed.models.decoder_model import exemplar_bank, plan_injector
+    from next_speed.training.train_decoder import DecoderTrainConfig, train_decoder
 
     out = tmp_path / "dec_inject"
     train_decoder(resolve(DecoderTrainConfig, environ={"MODEL": "cache/tiny/decoder", "CODE_MODE": "inject", "EXEMPLARS": "1",
@@ -676,7 +676,7 @@ def test_server_batches_concurrent_requests(gen):
     """Concurrent requests share decoder batches and get what the same requests get one by one."""
     from fastapi.testclient import TestClient
 
-    from next_speed.server import ServerConfig, create_app
+    from next_speed.serving.server import ServerConfig, create_app
 
     payloads = [{"prompt": "Paris is the capital of France.", "max_sentences": 2, "params": {"seed": s, "n_cand": n}}
                 for s, n in [(1, 2), (2, 3), (3, 1), (4, 2)]]
@@ -706,7 +706,7 @@ def test_server_queue_limit(gen):
     """Over MAX_QUEUE requests in flight: an immediate 503, a JSON error and Retry-After; /health stays instant."""
     from fastapi.testclient import TestClient
 
-    from next_speed.server import ServerConfig, create_app
+    from next_speed.serving.server import ServerConfig, create_app
 
     app = create_app(lambda: gen, ServerConfig(max_queue=1, retry_after=3), background=False)
     with TestClient(app) as c:
@@ -730,7 +730,7 @@ def test_nucleus_sample_keeps_the_top_p_set():
     import torch
     from transformers import TopPLogitsWarper
 
-    from next_speed.engine import nucleus_sample
+    from next_speed.generation.engine import nucleus_sample
 
     torch.manual_seed(0)
     for scale in (6.0, 0.05):
@@ -748,7 +748,7 @@ def test_nucleus_sample_keeps_the_top_p_set():
 
 def test_scheduler_survives_cancelled_requests(gen):
     """A client that goes away cancels its future; the worker drops the request and keeps serving."""
-    from next_speed.scheduler import BatchScheduler
+    from next_speed.serving.scheduler import BatchScheduler
 
     sched = BatchScheduler(gen, max_queue=4)
     try:
@@ -765,7 +765,7 @@ def test_scheduler_survives_cancelled_requests(gen):
 def test_scheduler_short_step_does_not_wait_for_a_long_one(gen, monkeypatch):
     """Iteration-level scheduling: a request whose sentence ends after 2 tokens is answered while
     an earlier request's long sentence is still being written, not when the whole batch ends."""
-    from next_speed.scheduler import BatchScheduler
+    from next_speed.serving.scheduler import BatchScheduler
 
     _no_eos(gen, monkeypatch)
     monkeypatch.setattr(gen.engine, "_stop_set", set())  # sentences end at their token limit only
@@ -788,8 +788,8 @@ def test_scheduler_short_step_does_not_wait_for_a_long_one(gen, monkeypatch):
 def test_scheduler_recovers_from_a_failed_decoder_round(gen, monkeypatch):
     """A decoder round that fails mid-sentence (an out-of-memory, say) drops the open batch; each
     request's step is rendered again alone from its seed, so every answer is what it is alone."""
-    from next_speed.engine import DecodeBatch
-    from next_speed.scheduler import BatchScheduler
+    from next_speed.generation.engine import DecodeBatch
+    from next_speed.serving.scheduler import BatchScheduler
 
     reqs = [("Paris is the capital of France.", 2, 1, 2), ("The Amazon is the largest rainforest on Earth.", 1, 2, 3)]
     alone = [gen.run(p, m, seed=s, n_cand=n).sentences for p, m, s, n in reqs]
@@ -818,7 +818,7 @@ def test_roomy_cache_layer_matches_concatenation():
     import torch
     from transformers.cache_utils import DynamicLayer
 
-    from next_speed.engine import roomy_layer
+    from next_speed.generation.engine import roomy_layer
 
     g = torch.Generator().manual_seed(0)
     k0, v0 = torch.randn(3, 2, 5, 4, generator=g), torch.randn(3, 2, 5, 4, generator=g)
@@ -897,7 +897,7 @@ def test_vetoed_candidate_stops_early_in_both_engines(gen, monkeypatch):
 def test_copy_guard_stops_a_copying_candidate_early(gen, monkeypatch):
     """The loop hands its copy guard to the engine: a candidate is stopped once it shows
     REPEAT_SPAN words of an earlier sentence, and the step refuses it as before."""
-    from next_speed.generate import word_spans
+    from next_speed.generation.generate import word_spans
 
     job = gen.make_job("ctx", [0] * gen.rvq.K, replace_params(gen, repeat_span=3), seed=1,
                        copy_spans=word_spans("The Amazon is the largest rainforest.", 3))
@@ -908,7 +908,7 @@ def test_copy_guard_stops_a_copying_candidate_early(gen, monkeypatch):
 def test_veto_sees_complete_words_only():
     """The veto is shown the text up to its last whitespace (a word there can no longer grow),
     only when that grew, and one word less when decoding cleans up spaces (" n't" glues on)."""
-    from next_speed.engine import veto_cut
+    from next_speed.generation.engine import veto_cut
 
     class Tok:
         vocab = ["Ġthe", "Ġama", "zon", "Ġis", "Ġn't"]
@@ -959,8 +959,8 @@ def test_no_copy_ngram_never_bans_ending_the_sentence(gen):
     sequence that separates the earlier sentences in `copy_ids`: a candidate whose last words end
     an earlier sentence too may still end (banning it made the decoder append a stray token)."""
     import torch
-    from next_speed.engine import sentence_processors
-    from next_speed.generate import copy_ids
+    from next_speed.generation.engine import sentence_processors
+    from next_speed.generation.generate import copy_ids
 
     tok, n = gen.tok, 3
     earlier = copy_ids(tok, ["Paris is the capital of France."])
@@ -981,7 +981,7 @@ def test_no_copy_ngram_steers_off_earlier_sentences(gen, monkeypatch):
     sentences (HF's encoder-no-repeat-n-gram ban over their tokens), in the engine and in the
     straightforward reference alike; the loop hands every step the tokens of the prompt's
     sentences and of those it wrote."""
-    from next_speed.generate import copy_ids
+    from next_speed.generation.generate import copy_ids
 
     _no_eos(gen, monkeypatch)
     _rare_stops(gen)
@@ -1028,7 +1028,7 @@ def test_pack_linears_matches_linear(monkeypatch, caplog):
     product; a oneDNN op that fails the check packs nothing, with a warning."""
     import torch
 
-    from next_speed.runtime import onednn_linear_available, pack_linears
+    from next_speed.core.runtime import onednn_linear_available, pack_linears
 
     if not onednn_linear_available():
         pytest.skip("this torch build has no oneDNN linear")
@@ -1067,7 +1067,7 @@ def test_generator_packs_its_decoder_on_cpu(in_run, gen, monkeypatch, caplog):
     loaded; without oneDNN the generator says so and runs unpacked."""
     import torch
 
-    import next_speed.runtime as runtime
+    import next_speed.core.runtime as runtime
 
     env = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "10", "N_CAND": "3", "REPEAT_COS": "1.01", "PLANS": "1", "UNPLANNED": "0"}
     assert gen.packed_linears > 0
@@ -1089,7 +1089,7 @@ def test_generator_packs_its_decoder_on_cpu(in_run, gen, monkeypatch, caplog):
 def test_unplanned_candidates_continue_the_text(gen):
     """UNPLANNED=2: each step also gets two candidates from the base model the decoder was
     fine-tuned from, continuing the text by one sentence; the rerank weighs them with the plan's."""
-    from next_speed.engine import _starts_sentence
+    from next_speed.generation.engine import _starts_sentence
 
     res = gen.run("Paris is the capital of France. It lies on the Seine.", 2, seed=2, unplanned=2, n_cand=2)
     for st in res.steps:

@@ -32,7 +32,7 @@ def test_real_minilm_through_steps_01_04(tmp_path):
 
 
 def test_minilm_is_genuine():
-    from next_speed.embed import load_encoder
+    from next_speed.data.embed import load_encoder
 
     m = load_encoder("all-MiniLM-L6-v2", device="cpu")
     e = m.encode(["A man is eating food.", "A man is eating a piece of bread."], normalize_embeddings=True)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from next_speed.config import resolve
-from next_speed.errors import ConfigError
-from next_speed.generate import GenerateConfig, SentenceGenerator
+from next_speed.core.config import resolve
+from next_speed.core.errors import ConfigError
+from next_speed.generation.generate import GenerateConfig, SentenceGenerator
 
 PROMPT = "Paris is the capital of France. It lies on the Seine."
 
@@ -127,7 +127,7 @@ def test_verification_rejects_a_draft_that_contradicts_its_real_context(gen, mon
 def test_verification_scores_with_the_decoder(gen):
     """token_logprobs is the decoder's own log-probability of each continuation token, with or
     without a prefix pool (whose cache it reuses)."""
-    from next_speed.engine import PrefixPool
+    from next_speed.generation.engine import PrefixPool
 
     ids = gen.tok("A river is a natural stream of water. Rivers flow toward an ocean.", add_special_tokens=False)["input_ids"]
     start = 5
@@ -153,7 +153,7 @@ def test_server_batches_lookahead_rows(gen):
     and gets the text it gets alone; the OpenAI surface takes `parallel` too."""
     from fastapi.testclient import TestClient
 
-    from next_speed.server import ServerConfig, create_app
+    from next_speed.serving.server import ServerConfig, create_app
 
     alone = gen.run(PROMPT, 3, seed=4, n_cand=2, parallel=3, parallel_verify=False)
     app = create_app(lambda: gen, ServerConfig(max_queue=8), background=False)
@@ -174,7 +174,7 @@ def test_server_batches_lookahead_rows(gen):
 def test_a_draft_that_copies_an_earlier_sentence_is_refused(gen):
     """Drafts were decoded before the sentences now before them existed, so NO_COPY_NGRAM could
     not steer them: a draft holding such a run of an earlier sentence's tokens is refused."""
-    from next_speed.generate import _Text, copy_ids
+    from next_speed.generation.generate import _Text, copy_ids
 
     earlier = "Rivers flow toward an ocean or a lake and many cities were built along them."
     text = _Text(history=[earlier], hist_emb=np.zeros((1, 4), np.float32), ctx_codes=[[0]], seen=set(), spans=set(),

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from next_speed.config import resolve
-from next_speed.errors import ConfigError, NextSpeedError
+from next_speed.core.config import resolve
+from next_speed.core.errors import ConfigError, NextSpeedError
 from next_speed.pipeline import RunConfig, run_pipeline
 
 from conftest import run_script

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from next_speed.artifacts import make_meta, write_json, write_jsonl
-from next_speed.config import resolve
-from next_speed.errors import ConfigError, NextSpeedError, StaleInputError
-from next_speed.planner import Planner, PlannerModelConfig
-from next_speed.planner import PlannerRunner, load_planner, mean_detail
-from next_speed.planner_eval import PlannerEvalConfig, eval_planner
-from next_speed.train_planner import PlannerTrainConfig, train_planner
+from next_speed.core.artifacts import make_meta, write_json, write_jsonl
+from next_speed.core.config import resolve
+from next_speed.core.errors import ConfigError, NextSpeedError, StaleInputError
+from next_speed.models.planner import Planner, PlannerModelConfig
+from next_speed.models.planner import PlannerRunner, load_planner, mean_detail
+from next_speed.evals.planner_eval import PlannerEvalConfig, eval_planner
+from next_speed.training.train_planner import PlannerTrainConfig, train_planner
 
 from conftest import run_script
 
@@ -64,7 +64,7 @@ def write_sentences(folder: Path, docs, emb, model="tiny-encoder", tag="s"):
 def write_trainsets(root: Path, docs, K=2, V=5, context=3, val_docs=10, emb=None, D=8):
     """Planner rows as step 04 writes them, with the sentence file, embeddings (random unless
     given) and RVQ codebooks (random) they refer to."""
-    from next_speed.rvq import RVQ
+    from next_speed.quant.rvq import RVQ
 
     n = sum(len(seq) for seq in docs)
     emb = np.random.default_rng(1).normal(size=(n, D)).astype("float32") if emb is None else emb
@@ -193,7 +193,7 @@ def test_training_learns_pattern_beyond_baselines(workdir, head_mode):
 def test_reconstruction_inputs():
     """RECON_INPUT: a share of the real positions read their codes' unit RVQ reconstruction; BOS
     and padding rows never do; share 0 leaves the embeddings as they are."""
-    from next_speed.train_planner import with_reconstructions
+    from next_speed.training.train_planner import with_reconstructions
 
     books = torch.randn(2, 5, 8)
     codes = torch.tensor([[[5, 5], [1, 2], [3, 4]]])  # BOS, then two sentences (V = 5)
@@ -263,7 +263,7 @@ def test_cli_end_to_end(workdir):
 
 def test_one_learning_rate_schedule():
     """Both trainers use training.cosine_lr: linear warmup to the base rate, cosine down to a tenth."""
-    from next_speed.training import cosine_lr
+    from next_speed.training.loop import cosine_lr
 
     lrs = [cosine_lr(s, 100, 10, 1e-3) for s in range(101)]
     assert lrs[0] == 1e-4 and abs(lrs[9] - 1e-3) < 1e-12
@@ -271,7 +271,7 @@ def test_one_learning_rate_schedule():
     assert abs(lrs[100] - 1e-4) < 1e-12
     import inspect
 
-    from next_speed import train_decoder, train_planner
+    from next_speed.training.loop import train_decoder, train_planner
 
     assert "cosine_lr(" in inspect.getsource(train_decoder) and "cosine_lr(" in inspect.getsource(train_planner)
 

@@ -1,4 +1,4 @@
-"""The whole-text benchmark's measures (next_speed.quality) on hand-made texts with known values,
+"""The whole-text benchmark's measures (next_speed.evals.quality) on hand-made texts with known values,
 and its token-level baselines on the tiny preset's random-init decoder."""
 
 import json
@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from next_speed import quality as q
+from next_speed.evals import quality as q
 
 
 def _split(text):
-    from next_speed.sentences import _init_worker, split_text
+    from next_speed.data.sentences import _init_worker, split_text
 
     _init_worker("en")
     return split_text(text)
@@ -58,7 +58,7 @@ def test_mauve_tells_same_from_different_distributions():
     s, d = q.mauve_score(p, same), q.mauve_score(p, far)
     assert s["mauve"] > 0.9 and d["mauve"] < 0.2
     assert s["p"] == 120 and s["q"] == 120 and s["buckets"] == 24
-    from next_speed.errors import NextSpeedError
+    from next_speed.core.errors import NextSpeedError
 
     with pytest.raises(NextSpeedError, match="at least 8"):
         q.mauve_score(p[:4], same[:4])
@@ -82,7 +82,7 @@ def test_prompt_sets(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_lm(tiny_run):
-    from next_speed.decoder_model import load_base_model, load_base_tokenizer
+    from next_speed.models.decoder_model import load_base_model, load_base_tokenizer
 
     path = str(tiny_run / "cache/tiny/decoder")
     tok, _, _ = load_base_tokenizer(path)

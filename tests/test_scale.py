@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from next_speed.artifacts import NpyRows, read_jsonl
-from next_speed.config import resolve
-from next_speed.embed import EmbedConfig, embed_sentences
-from next_speed.rvq import RVQ, RVQConfig, fit_rvq
-from next_speed.sentences import SentencesConfig, make_sentences
-from next_speed.trainsets import TrainSetsConfig, build_training_sets
+from next_speed.core.artifacts import NpyRows, read_jsonl
+from next_speed.core.config import resolve
+from next_speed.data.embed import EmbedConfig, embed_sentences
+from next_speed.quant.rvq import RVQ, RVQConfig, fit_rvq
+from next_speed.data.sentences import SentencesConfig, make_sentences
+from next_speed.data.trainsets import TrainSetsConfig, build_training_sets
 
 from conftest import ROOT, free_port
 
@@ -36,7 +36,7 @@ def test_npy_rows_reads_what_numpy_wrote(tmp_path):
 
 
 def test_chunked_rvq_encoding_equals_whole_array(workdir, docs_file, tiny_encoder, monkeypatch):
-    import next_speed.rvq as rvq_mod
+    import next_speed.quant.rvq as rvq_mod
 
     _setup(docs_file, tiny_encoder)
     monkeypatch.setattr(rvq_mod, "ENCODE_CHUNK", 7)  # many chunks, the last one short
@@ -58,7 +58,7 @@ def test_chunked_rvq_encoding_equals_whole_array(workdir, docs_file, tiny_encode
 
 
 def test_streamed_trainsets_with_small_code_chunks(workdir, docs_file, tiny_encoder, monkeypatch):
-    import next_speed.trainsets as ts
+    import next_speed.data.trainsets as ts
 
     _setup(docs_file, tiny_encoder)
     fit_rvq(resolve(RVQConfig, environ={"K": "2", "V": "4", "NITER": "5"}))
@@ -86,7 +86,7 @@ def test_ray_path_equals_local_path(workdir, docs_file, tiny_encoder):
     assert ray_meta["ray_actors"] >= 1 and set(local) <= set(ray_meta)
     assert ray_meta["counts"] == local["counts"] and ray_meta["inputs"] == local["inputs"]
     # step 03's encoding pass on Ray (chunks of 7 vectors over the actors): the same codes and stats
-    import next_speed.rvq as rvq_mod
+    import next_speed.quant.rvq as rvq_mod
 
     env = {"K": "3", "V": "4", "NITER": "5"}
     here = fit_rvq(resolve(RVQConfig, environ=env))

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from next_speed.config import resolve
-from next_speed.errors import ConfigError
-from next_speed.generate import GenerateConfig, SentenceGenerator, check_plan
+from next_speed.core.config import resolve
+from next_speed.core.errors import ConfigError
+from next_speed.generation.generate import GenerateConfig, SentenceGenerator, check_plan
 
 from conftest import ROOT, free_port, wait_healthy
 
@@ -158,7 +158,7 @@ def test_token_budget_and_stop_strings(sgen, distinct):
 
 
 def test_repl_plan_commands_and_code_browser(sgen):
-    from next_speed.chat import chat_loop
+    from next_speed.serving.chat import chat_loop
 
     V = sgen.rvq.V
     inp = io.StringIO(f"/pin 1 ; - \n/steer levels=1 Cats sleep a lot.\n/plan\n/pin {V}\n/code 0 1\n/code 0 {V}\n/codes Hello there.\n"
@@ -385,7 +385,7 @@ def test_v1_queue_full_and_a_gone_client_frees_its_work(sgen):
 
     from fastapi.testclient import TestClient
 
-    from next_speed.server import ServerConfig, create_app
+    from next_speed.serving.server import ServerConfig, create_app
 
     app = create_app(lambda: sgen, ServerConfig(max_queue=1, retry_after=3), background=False)
     body = {"model": "next-speed", "prompt": PROMPT, "max_sentences": 1}

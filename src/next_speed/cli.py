@@ -14,8 +14,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import config as C
-from .errors import NextSpeedError
+from next_speed.core import config as C
+from next_speed.core.errors import NextSpeedError
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def _print_rvq(meta: dict) -> None:
 
 
 def _print_rvq_report(rep: dict) -> None:
-    from .rvq import format_report
+    from next_speed.quant.rvq import format_report
 
     print(format_report(rep))
 
@@ -68,7 +68,7 @@ def _print_planner(info: dict) -> None:
 
 
 def _print_planner_eval(rep: dict) -> None:
-    from .planner_eval import format_eval
+    from next_speed.evals.planner_eval import format_eval
 
     print(format_eval(rep))
 
@@ -87,7 +87,7 @@ def _print_decoder(info: dict) -> None:
 
 
 def _print_decoder_eval(res: dict) -> None:
-    from .train_decoder import format_decoder_eval
+    from next_speed.training.train_decoder import format_decoder_eval
 
     print(format_decoder_eval(res))
 
@@ -97,7 +97,7 @@ def _print_generate(r: dict) -> None:
 
 
 def _print_agreement(r: dict) -> None:
-    from .agreement import format_agreement
+    from next_speed.evals.agreement import format_agreement
 
     print(format_agreement(r))
 
@@ -107,33 +107,33 @@ def _print_json(obj: Any) -> None:
 
 
 COMMANDS: dict[str, Command] = {c.name: c for c in [
-    Command("export", "next_speed.corpus", "ExportConfig", "export_docs",
+    Command("export", "next_speed.data.corpus", "ExportConfig", "export_docs",
             "stream a Wikipedia dump from the Hugging Face hub into data/raw/docs.jsonl (needs network)", _print_counts),
-    Command("sentences", "next_speed.sentences", "SentencesConfig", "make_sentences",
+    Command("sentences", "next_speed.data.sentences", "SentencesConfig", "make_sentences",
             "step 01: split the corpus into sentences", _print_counts),
-    Command("embed", "next_speed.embed", "EmbedConfig", "embed_sentences",
+    Command("embed", "next_speed.data.embed", "EmbedConfig", "embed_sentences",
             "step 02: embed sentences with the sentence encoder", _print_counts),
-    Command("rvq", "next_speed.rvq", "RVQConfig", "fit_rvq", "step 03: fit RVQ codebooks and encode every sentence",
+    Command("rvq", "next_speed.quant.rvq", "RVQConfig", "fit_rvq", "step 03: fit RVQ codebooks and encode every sentence",
             _print_rvq),
-    Command("rvq-eval", "next_speed.rvq", "RVQEvalConfig", "rvq_report",
+    Command("rvq-eval", "next_speed.quant.rvq", "RVQEvalConfig", "rvq_report",
             "RVQ reconstruction error, codebook usage and tuple sharing", _print_rvq_report),
-    Command("train-planner", "next_speed.train_planner", "PlannerTrainConfig", "train_planner",
+    Command("train-planner", "next_speed.training.train_planner", "PlannerTrainConfig", "train_planner",
             "step 05: train the Sentence-LM planner", lambda i: _print_planner(i)),
-    Command("eval-planner", "next_speed.planner_eval", "PlannerEvalConfig", "eval_planner",
+    Command("eval-planner", "next_speed.evals.planner_eval", "PlannerEvalConfig", "eval_planner",
             "planner accuracy against baselines on the validation split", lambda r: _print_planner_eval(r)),
-    Command("train-decoder", "next_speed.train_decoder", "DecoderTrainConfig", "train_decoder",
+    Command("train-decoder", "next_speed.training.train_decoder", "DecoderTrainConfig", "train_decoder",
             "step 06: train the decoder (context + codes -> sentence)", lambda i: _print_decoder(i)),
-    Command("eval-decoder", "next_speed.train_decoder", "DecoderEvalConfig", "eval_decoder",
+    Command("eval-decoder", "next_speed.training.train_decoder", "DecoderEvalConfig", "eval_decoder",
             "decoder validation loss with true codes, shuffled codes, and a no-codes decoder", lambda r: _print_decoder_eval(r)),
-    Command("generate", "next_speed.generate", "GenerateConfig", "run_generate",
+    Command("generate", "next_speed.generation.generate", "GenerateConfig", "run_generate",
             "step 07: generate sentence by sentence and write a JSON log", lambda r: _print_generate(r)),
-    Command("code-agreement", "next_speed.agreement", "AgreementConfig", "code_agreement",
+    Command("code-agreement", "next_speed.evals.agreement", "AgreementConfig", "code_agreement",
             "planned vs realized codes, rerank off/on, several N_CAND", lambda r: _print_agreement(r)),
     Command("run", "next_speed.pipeline", "RunConfig", "run_pipeline",
             "the main job: steps 01-07 with a preset, skipping up-to-date stages", None),
-    Command("report", "next_speed.report", "ReportConfig", "make_report",
+    Command("report", "next_speed.evals.report", "ReportConfig", "make_report",
             "run the evaluations and write out/report/report.md with plots", lambda r: print(f"wrote {r['report']}")),
-    Command("trainsets", "next_speed.trainsets", "TrainSetsConfig", "build_training_sets",
+    Command("trainsets", "next_speed.data.trainsets", "TrainSetsConfig", "build_training_sets",
             "step 04: planner and decoder training sets, split by document", _print_counts),
 ]}
 
@@ -178,11 +178,11 @@ def run_command(name: str, argv: list[str] | None = None) -> Any:
 
 
 def _execute(cmd: Command, cls: type, fn: Callable, ns: argparse.Namespace) -> Any:
-    from .runtime import setup_logging
+    from next_speed.core.runtime import setup_logging
 
     setup_logging(getattr(ns, "verbose", False))
     cfg = C.resolve(cls, C.from_namespace(ns, cls))
-    from .pipeline import clean_stage
+    from next_speed.pipeline import clean_stage
 
     clean_stage(fn, cfg)
     extra = {k: v for k, v in vars(ns).items() if k.startswith("x_")}
@@ -225,11 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if argv[0] == "chat":
-        from .chat import main as chat_main
+        from next_speed.serving.chat import main as chat_main
 
         return chat_main(argv[1:])
     if argv[0] == "serve":
-        from .server import main as serve_main
+        from next_speed.serving.server import main as serve_main
 
         return serve_main(argv[1:])
     name = argv[0] if argv[0] in COMMANDS else None

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .artifacts import clean_stale_temporaries, read_jsonl, sha256_path, write_json
-from .config import knob, resolve, to_dict
-from .errors import ConfigError, NextSpeedError
+from next_speed.core.artifacts import clean_stale_temporaries, read_jsonl, sha256_path, write_json
+from next_speed.core.config import knob, resolve, to_dict
+from next_speed.core.errors import ConfigError, NextSpeedError
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +87,13 @@ class RunConfig:
 
 
 def _stage_table():
-    from .embed import EmbedConfig, embed_sentences
-    from .generate import GenerateConfig, run_generate
-    from .rvq import RVQConfig, fit_rvq
-    from .sentences import SentencesConfig, make_sentences
-    from .train_decoder import DecoderTrainConfig, train_decoder
-    from .train_planner import PlannerTrainConfig, extra_folders, train_planner
-    from .trainsets import TrainSetsConfig, build_training_sets
+    from next_speed.data.embed import EmbedConfig, embed_sentences
+    from next_speed.generation.generate import GenerateConfig, run_generate
+    from next_speed.quant.rvq import RVQConfig, fit_rvq
+    from next_speed.data.sentences import SentencesConfig, make_sentences
+    from next_speed.training.train_decoder import DecoderTrainConfig, train_decoder
+    from next_speed.training.train_planner import PlannerTrainConfig, extra_folders, train_planner
+    from next_speed.data.trainsets import TrainSetsConfig, build_training_sets
 
     return {
         "sentences": (SentencesConfig, make_sentences, lambda c: [c.docs_jsonl] if c.docs_jsonl else [],
@@ -142,8 +142,8 @@ def _summary(stage: str, res: Any, cfg: Any) -> str:
         c = res["counts"]
         return f"{c['train_rows']} train / {c['val_rows']} val rows ({c['val_docs']} of {c['docs']} documents held out)"
     if stage == "planner":
-        from .planner import load_rows
-        from .planner_eval import baselines
+        from next_speed.models.planner import load_rows
+        from next_speed.evals.planner_eval import baselines
 
         b = res["best"]
         acc = b.get("val_acc", [float("nan")])[0]
@@ -221,7 +221,7 @@ def clean_stage(fn: Callable, cfg: Any) -> int:
 
 def _build_tiny(stage: str, cfgs: dict) -> None:
     """Build the tiny preset's random-init models the first time a stage needs them."""
-    from .testing import build_tiny_causal_lm, build_tiny_encoder
+    from next_speed.models.tiny import build_tiny_causal_lm, build_tiny_encoder
 
     if stage == "embed":
         build_tiny_encoder(TINY_ENCODER)

@@ -16,9 +16,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .artifacts import atomic_path, load_meta, make_meta, read_jsonl, write_json
-from .config import SEED_MAX, knob, to_dict
-from .errors import NextSpeedError
+from next_speed.core.artifacts import atomic_path, load_meta, make_meta, read_jsonl, write_json
+from next_speed.core.config import SEED_MAX, knob, to_dict
+from next_speed.core.errors import NextSpeedError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def load_encoder(name: str, device: str = "cpu", maxlen: int | None = None):
     """Load a SentenceTransformer; failure is one line naming EMB_MODEL and the offline default."""
     from sentence_transformers import SentenceTransformer
 
-    from .runtime import quiet_hf
+    from next_speed.core.runtime import quiet_hf
 
     quiet_hf()
     path = resolve_encoder_path(name)
@@ -86,7 +86,7 @@ def embed_shard(model, texts: Sequence[str], out: np.ndarray, bs: int = 64, show
     """
     import torch
 
-    from .runtime import progress
+    from next_speed.core.runtime import progress
 
     order = np.argsort([-len(t) for t in texts], kind="stable")  # longest first: padding waste stays low
     # One encode call per chunk of 16 batches: per-call overhead amortized, memory still bounded.
@@ -126,7 +126,7 @@ def embed_with_ray(cfg: EmbedConfig, n_rows: int, out: np.ndarray, device: str) 
     `map_batches` over a pool of encoder actors, and write each batch into the memmapped output at
     its rows' ids. Returns the number of actors. On a cluster SENT_PATH must be on storage every
     node can read (the driver writes the output)."""
-    from .runtime import ray_session
+    from next_speed.core.runtime import ray_session
 
     with ray_session(cfg.ray_address) as ray:
         gpu = device.startswith("cuda")
@@ -143,7 +143,7 @@ def embed_with_ray(cfg: EmbedConfig, n_rows: int, out: np.ndarray, device: str) 
                                                                 "threads": max(int(per_actor), 1)},
                             batch_size=cfg.bs * 16, batch_format="numpy", concurrency=actors,
                             num_gpus=1 if gpu else 0, num_cpus=0 if gpu else per_actor)
-        from .runtime import progress
+        from next_speed.core.runtime import progress
 
         seen = 0
         with progress(total=n_rows, desc="02 embed (ray)", unit="sent") as bar:
@@ -162,7 +162,7 @@ def embed_with_ray(cfg: EmbedConfig, n_rows: int, out: np.ndarray, device: str) 
 
 def embed_sentences(cfg: EmbedConfig, model=None) -> dict:
     """Run step 02: SENT_PATH -> OUT_EMB (+ OUT_META). `model` overrides loading EMB_MODEL."""
-    from .runtime import pick_device, seed_everything
+    from next_speed.core.runtime import pick_device, seed_everything
 
     load_meta(cfg.sent_meta, "sentences", cfg.sent_path)
     texts = [r["text"] for r in read_jsonl(cfg.sent_path, required=("text",))]
@@ -200,7 +200,7 @@ def embed_sentences(cfg: EmbedConfig, model=None) -> dict:
 
 def open_embeddings(emb_path: str, emb_meta: str):
     """The embeddings file as `NpyRows` (read in chunks, never all at once), checked against its metadata."""
-    from .artifacts import NpyRows
+    from next_speed.core.artifacts import NpyRows
 
     meta = load_meta(emb_meta, "embeddings", emb_path)
     rows = NpyRows(emb_path)
@@ -212,7 +212,7 @@ def open_embeddings(emb_path: str, emb_meta: str):
 
 def load_embeddings(emb_path: str, emb_meta: str, sent_path: str | None = None) -> tuple[np.ndarray, dict]:
     """Load embeddings after checking them against their metadata (and the sentence file, if given)."""
-    from .artifacts import sha256_path
+    from next_speed.core.artifacts import sha256_path
 
     meta = load_meta(emb_meta, "embeddings", emb_path)
     if sent_path is not None:

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from .errors import NextSpeedError, StaleInputError
+from next_speed.core.errors import NextSpeedError, StaleInputError
 
 log = logging.getLogger(__name__)
 

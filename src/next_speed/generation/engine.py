@@ -333,7 +333,7 @@ class DecodeEngine:
 
     # ------------------------------------------------------------------ prompts
     def _injector(self):
-        from .decoder_model import plan_injector
+        from next_speed.models.decoder_model import plan_injector
 
         return plan_injector(self.model)
 

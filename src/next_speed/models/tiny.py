@@ -30,7 +30,7 @@ def build_tiny_encoder(path: str | Path, dim: int = 32, seed: int = 0) -> str:
         from sentence_transformers.models import Pooling, Transformer
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    from .runtime import quiet_hf
+    from next_speed.core.runtime import quiet_hf
 
     quiet_hf()
 
@@ -78,7 +78,7 @@ def build_tiny_causal_lm(path: str | Path, texts: Iterable[str], hidden: int = 3
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .runtime import quiet_hf
+    from next_speed.core.runtime import quiet_hf
 
     quiet_hf()
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from .artifacts import StaleInputError, atomic_dir, sha256_path, write_checkpoint_meta, write_json
-from .config import SEED_MAX, knob, to_dict
-from .errors import ConfigError, NextSpeedError
-from .planner import FORMAT, load_rows, tensorize
-from .planner_eval import evaluate_model
-from .training import check_trainsets, plot_curve
+from next_speed.core.artifacts import StaleInputError, atomic_dir, sha256_path, write_checkpoint_meta, write_json
+from next_speed.core.config import SEED_MAX, knob, to_dict
+from next_speed.core.errors import ConfigError, NextSpeedError
+from next_speed.models.planner import FORMAT, load_rows, tensorize
+from next_speed.evals.planner_eval import evaluate_model
+from next_speed.training.loop import check_trainsets, plot_curve
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def planner_data(cfg: PlannerTrainConfig, tmeta: dict, train_rows: list[dict], v
     K, V = tmeta["K"], tmeta["V"]
     x_tr, y_tr, _ = tensorize(train_rows, K, V, cfg.out_lm)
     val = list(tensorize(val_rows, K, V, cfg.out_lm_val)) if val_rows else None
-    from .planner import EmbeddingTable, input_sids, open_sentence_embeddings
+    from next_speed.models.planner import EmbeddingTable, input_sids, open_sentence_embeddings
 
     table, encoder = None, None
     ids_tr = _no_ids(x_tr)
@@ -151,9 +151,9 @@ def extra_rows(folder: str, tmeta: dict, encoder: dict | None, own: set[str]):
     already. Returns (rows with `sid` into the folder's embeddings, the memory-mapped embeddings)."""
     import numpy as np
 
-    from .artifacts import read_jsonl
-    from .planner import open_sentence_embeddings
-    from .rvq import load_rvq
+    from next_speed.core.artifacts import read_jsonl
+    from next_speed.models.planner import open_sentence_embeddings
+    from next_speed.quant.rvq import load_rvq
 
     d = Path(folder)
     if not d.is_dir():
@@ -197,7 +197,7 @@ def extra_rows(folder: str, tmeta: dict, encoder: dict | None, own: set[str]):
 
 def _own_texts(tmeta: dict) -> set[str]:
     """The text of every sentence of this run's sentence file."""
-    from .artifacts import read_jsonl
+    from next_speed.core.artifacts import read_jsonl
 
     return {r["text"] for r in read_jsonl(tmeta["config"].get("sent_path", "data/sentences.jsonl"), required=("text",))}
 
@@ -232,9 +232,9 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
     import torch
     import torch.nn.functional as F
 
-    from .planner import Planner, PlannerModelConfig
-    from .training import cosine_lr, dist_close, dist_init, global_mean, shard
-    from .runtime import pick_device, progress, seed_everything
+    from next_speed.models.planner import Planner, PlannerModelConfig
+    from next_speed.training.loop import cosine_lr, dist_close, dist_init, global_mean, shard
+    from next_speed.core.runtime import pick_device, progress, seed_everything
 
     tmeta = check_trainsets(cfg.train_meta, [cfg.out_lm, cfg.out_lm_val], cfg.k, cfg.v)
     K, V = tmeta["K"], tmeta["V"]
@@ -250,7 +250,7 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
     max_len = max(x_tr.shape[1], val[0].shape[1] if val else 0, tmeta["config"]["context_sents"] + 1)
     books = None
     if cfg.codebook_features or (cfg.recon_input > 0 and table is not None):
-        from .rvq import RVQ
+        from next_speed.quant.rvq import RVQ
 
         rvq = RVQ.load(cfg.rvq_path)
         if (rvq.K, rvq.V) != (K, V):
@@ -342,7 +342,7 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
         "rvq_sha256": tmeta.get("rvq_sha256"), "rvq_path": tmeta.get("rvq_path"),
         "best": best, "history": history, "seconds": round(elapsed, 1),
         "train_seq_per_s": round(seen / elapsed, 1), "num_params": model.num_params(), "world_size": dd.world,
-        "versions": __import__("next_speed.artifacts", fromlist=["versions"]).versions(),
+        "versions": __import__("next_speed.core.artifacts", fromlist=["versions"]).versions(),
     }
     with atomic_dir(out) as tmp:
         torch.save(best_state, tmp / "sentence_lm.pt")

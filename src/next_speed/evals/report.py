@@ -8,8 +8,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import knob, resolve
-from .errors import NextSpeedError
+from next_speed.core.config import knob, resolve
+from next_speed.core.errors import NextSpeedError
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,10 @@ def _plt():
 
 
 def make_report(cfg: ReportConfig, environ: dict | None = None) -> dict:
-    from .agreement import AgreementConfig, code_agreement, format_agreement
-    from .rvq import RVQEvalConfig, format_report, rvq_report
-    from .train_decoder import DecoderEvalConfig, eval_decoder, format_decoder_eval
-    from .planner_eval import PlannerEvalConfig, eval_planner, format_eval
+    from next_speed.evals.agreement import AgreementConfig, code_agreement, format_agreement
+    from next_speed.quant.rvq import RVQEvalConfig, format_report, rvq_report
+    from next_speed.training.train_decoder import DecoderEvalConfig, eval_decoder, format_decoder_eval
+    from next_speed.evals.planner_eval import PlannerEvalConfig, eval_planner, format_eval
 
     import os
 

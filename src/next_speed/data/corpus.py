@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .artifacts import make_meta, read_jsonl, write_json, atomic_path
-from .config import SEED_MAX, knob, to_dict
-from .errors import NextSpeedError
+from next_speed.core.artifacts import make_meta, read_jsonl, write_json, atomic_path
+from next_speed.core.config import SEED_MAX, knob, to_dict
+from next_speed.core.errors import NextSpeedError
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def export_docs(cfg: ExportConfig, rows=None) -> dict:
 
     `rows` replaces the hub dataset (an iterable of dicts with `text`, optional `id`/`title`).
     """
-    from .runtime import progress
+    from next_speed.core.runtime import progress
 
     if rows is None:
         rows = _load_hf(cfg.hf_dataset, cfg.hf_config, cfg.hf_split, streaming=cfg.streaming)

@@ -16,14 +16,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import atomic_dir, read_jsonl, sha256_path, versions, write_json
-from .config import SEED_MAX, knob, to_dict
-from .decoder_model import (CODE_MODES, DEFAULT_DECODER, Conditioning, ExemplarBank, PlanInjector,
+from next_speed.core.artifacts import atomic_dir, read_jsonl, sha256_path, versions, write_json
+from next_speed.core.config import SEED_MAX, knob, to_dict
+from next_speed.models.decoder_model import (CODE_MODES, DEFAULT_DECODER, Conditioning, ExemplarBank, PlanInjector,
                             add_code_tokens_to_tokenizer, attach_injector, block_list, build_plan_adapter, collate,
                             encode_example, init_code_embeddings, load_base_model, load_base_tokenizer, residual_rms,
                             save_decoder, token_losses)
-from .errors import ConfigError, NextSpeedError
-from .training import check_trainsets, cosine_lr, plot_curve
+from next_speed.core.errors import ConfigError, NextSpeedError
+from next_speed.training.loop import check_trainsets, cosine_lr, plot_curve
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 2
@@ -250,7 +250,7 @@ def sentence_vectors(tmeta: dict, rows: list[dict], rows_path: str):
 def build_bank(cfg: DecoderTrainConfig, tmeta: dict, rows: list[dict]) -> ExemplarBank:
     """The exemplar bank of step 06: every training sentence with its step-02 embedding (found by
     the rows' `sid` in the embeddings that step 03 quantized) and the RVQ codebooks."""
-    from .rvq import RVQ
+    from next_speed.quant.rvq import RVQ
 
     rvq_path = tmeta.get("rvq_path")
     if not rvq_path or not Path(rvq_path).is_file():
@@ -287,7 +287,7 @@ def _level_keep(n: int, K: int, p: float, rng: random.Random):
 def _make_adapter(model, cfg: DecoderTrainConfig, cond: Conditioning, tmeta: dict, val_ds, pad_id: int, family: str):
     """CODE_MODE=inject: the plan adapter over step 03's codebooks, hooked into the block where
     training starts (its scale is the residual stream's RMS there), and recorded in `cond`."""
-    from .rvq import RVQ
+    from next_speed.quant.rvq import RVQ
 
     n_blocks = len(block_list(model)[1])
     if cfg.inject_layer is not None:
@@ -329,8 +329,8 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict | None:
     time budget for all, and writes the decoder once, atomically (other ranks return None)."""
     import torch
 
-    from .runtime import autocast, pick_device, progress, resolve_amp, seed_everything
-    from .training import broadcast_flags, dist_close, dist_init, global_mean, shard
+    from next_speed.core.runtime import autocast, pick_device, progress, resolve_amp, seed_everything
+    from next_speed.training.loop import broadcast_flags, dist_close, dist_init, global_mean, shard
 
     tmeta = check_trainsets(cfg.train_meta, [cfg.out_dec, cfg.out_dec_val], cfg.k, cfg.v)
     K, V = tmeta["K"], tmeta["V"]
@@ -555,8 +555,8 @@ def ensure_none_decoder(meta: dict, none_dir: str, train: bool = True) -> str | 
     """Make sure `none_dir` holds a CODE_MODE=none decoder comparable to the decoder of `meta`
     (same recorded budget, data and base model): train it there with those settings when it is
     missing or differs and `train` is on. Returns None when it is comparable, else why not."""
-    from .config import resolve
-    from .decoder_model import load_decoder
+    from next_speed.core.config import resolve
+    from next_speed.models.decoder_model import load_decoder
 
     why = "missing"
     if (Path(none_dir) / "config.json").is_file():
@@ -573,8 +573,8 @@ def eval_decoder(cfg: DecoderEvalConfig) -> dict:
     """Codes are worth something only if the true-code loss is clearly below the other two. The
     no-codes decoder is trained here (same recorded settings and budget) when it is missing or
     not comparable, unless TRAIN_NONE=0."""
-    from .decoder_model import load_decoder
-    from .runtime import pick_device
+    from next_speed.models.decoder_model import load_decoder
+    from next_speed.core.runtime import pick_device
 
     device = pick_device(cfg.device)
     rows = _rows(cfg.out_dec_val)
@@ -588,7 +588,7 @@ def eval_decoder(cfg: DecoderEvalConfig) -> dict:
     random.Random(cfg.seed + 1).shuffle(shuffled)
 
     def loss(m, t, c, codes_list, exemplars=None):
-        from .decoder_model import exemplar_bank
+        from next_speed.models.decoder_model import exemplar_bank
 
         bank = exemplar_bank(m)
         if exemplars is None:
@@ -629,7 +629,7 @@ def _oracle_exemplars(model, cond: Conditioning, meta: dict, rows: list[dict], r
     """The exemplar channel's bound: for each row, the bank sentences nearest to the true next
     sentence's own embedding (retrieval keyed without the RVQ's loss; same exclusions as the plan's
     lookup). (None, why) when the decoder has no bank or step 02's embeddings are not at hand."""
-    from .decoder_model import exemplar_bank
+    from next_speed.models.decoder_model import exemplar_bank
 
     bank = exemplar_bank(model)
     if bank is None or not cond.exemplars:

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .artifacts import atomic_path, make_meta, write_json
-from .config import SEED_MAX, knob, to_dict
-from .corpus import OFFLINE_HINT, iter_docs
-from .errors import ConfigError, NextSpeedError
-from .runtime import progress
+from next_speed.core.artifacts import atomic_path, make_meta, write_json
+from next_speed.core.config import SEED_MAX, knob, to_dict
+from next_speed.data.corpus import OFFLINE_HINT, iter_docs
+from next_speed.core.errors import ConfigError, NextSpeedError
+from next_speed.core.runtime import progress
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def make_sentences(cfg: SentencesConfig) -> dict:
 
 def load_sentences(path: str | Path) -> list[dict]:
     """Read a sentences JSONL written by step 01 (rows in id order)."""
-    from .artifacts import read_jsonl
+    from next_speed.core.artifacts import read_jsonl
 
     rows = list(read_jsonl(path, required=("doc", "pos", "text")))
     return rows

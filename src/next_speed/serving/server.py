@@ -25,8 +25,8 @@ from typing import Any, Callable
 from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-from .config import knob
-from .errors import NextSpeedError
+from next_speed.core.config import knob
+from next_speed.core.errors import NextSpeedError
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ def request_models(max_n_cand: int, max_new_tokens_cap: int, max_sentences_cap: 
 
     from pydantic import ConfigDict, create_model, model_validator
 
-    from .config import fields_of
-    from .generate import GenParams
+    from next_speed.core.config import fields_of
+    from next_speed.generation.generate import GenParams
 
     caps = {"n_cand": max_n_cand, "max_new_tokens": max_new_tokens_cap}
     fields: dict[str, Any] = {}
@@ -91,7 +91,7 @@ class ServerConfig:
 
 def _error_body(path: str, status: int, msg: str, param: str | None = None) -> dict:
     """The spec's `{"error": msg}` for its own endpoints, OpenAI's envelope under /v1."""
-    from .openai_api import envelope
+    from next_speed.serving.openai_api import envelope
 
     return envelope(status, msg, param) if path.startswith("/v1") else {"error": msg}
 
@@ -219,8 +219,8 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from . import openai_api as oa
-    from .openai_api import ApiError
+    from next_speed.serving import openai_api as oa
+    from next_speed.serving.openai_api import ApiError
 
     scfg = scfg or ServerConfig()
     state: dict[str, Any] = {"gen": None, "error": None, "sched": None}
@@ -231,7 +231,7 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
         try:
             gen = load()
             if gen is not None:
-                from .scheduler import BatchScheduler
+                from next_speed.serving.scheduler import BatchScheduler
 
                 state["sched"] = BatchScheduler(gen, scfg.max_queue, scfg.max_batch_rows)
             state["gen"] = gen
@@ -280,7 +280,7 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
         if first.get("type") == "json_invalid":
             where, msg = "body", f"invalid JSON ({first.get('ctx', {}).get('error', 'cannot parse')} at character {loc[0] if loc else 0})"
         if first.get("type") == "extra_forbidden":
-            from .openai_api import UNSUPPORTED
+            from next_speed.serving.openai_api import UNSUPPORTED
 
             msg = "not supported by next-speed" if loc and loc[-1] in UNSUPPORTED else "unknown field"
         knob = {"params.n_cand": "MAX_N_CAND", "params.max_new_tokens": "MAX_NEW_TOKENS_CAP",
@@ -317,13 +317,13 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
     async def page():
         from importlib.resources import files
 
-        return HTMLResponse(files("next_speed").joinpath("web/index.html").read_text(encoding="utf-8"))
+        return HTMLResponse(files("next_speed.serving").joinpath("web/index.html").read_text(encoding="utf-8"))
 
     GenerateRequest = request_models(scfg.max_n_cand, scfg.max_new_tokens_cap, scfg.max_sentences_cap)
 
     @app.post("/generate")
     async def generate(req: GenerateRequest, request: Request):
-        from .generate import check_prompt
+        from next_speed.generation.generate import check_prompt
 
         if len(req.prompt) > scfg.max_prompt_chars:
             return error(413, f"prompt: {len(req.prompt)} characters is over the limit of {scfg.max_prompt_chars} (MAX_PROMPT_CHARS)")
@@ -335,7 +335,7 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
         gen = state["gen"]
         if gen is None:
             return error(503, "models are still loading" if not state["error"] else f"models failed to load: {state['error']}")
-        from .scheduler import QueueFull, ShuttingDown
+        from next_speed.serving.scheduler import QueueFull, ShuttingDown
 
         try:
             fut = state["sched"].submit(req.prompt, req.max_sentences, plan=req.plan, **params)
@@ -382,7 +382,7 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
         Retry-After, anything else about the request a 400 naming the field."""
         import re
 
-        from .scheduler import QueueFull, ShuttingDown
+        from next_speed.serving.scheduler import QueueFull, ShuttingDown
 
         if isinstance(e, (QueueFull, ShuttingDown)):
             return ApiError(503, str(e), headers={"Retry-After": str(scfg.retry_after)})
@@ -392,7 +392,7 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
 
     def submit_all(kws: list[dict], prompt: str, on_step=None) -> list:
         """Queue the request's choices (all or none: a full queue refuses the whole request)."""
-        from .scheduler import QueueFull, ShuttingDown
+        from next_speed.serving.scheduler import QueueFull, ShuttingDown
 
         futs = []
         try:
@@ -504,7 +504,7 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
             if len(prompt) != 1:
                 raise ApiError(400, f"prompt: one prompt per request (got {len(prompt)}); use n for several choices", "prompt")
             prompt = prompt[0]
-        from .generate import check_prompt
+        from next_speed.generation.generate import check_prompt
 
         try:
             check_prompt(prompt)
@@ -514,7 +514,7 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: oa.ChatRequest, request: Request):
-        from .generate import check_prompt
+        from next_speed.generation.generate import check_prompt
 
         prompt = oa.chat_prompt(req.messages)
         try:
@@ -542,7 +542,7 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
 
     @app.post("/v1/codes/encode")
     async def encode_text(req: EncodeRequest):
-        from .generate import check_prompt
+        from next_speed.generation.generate import check_prompt
 
         gen = ready()
         try:
@@ -566,10 +566,10 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from .cli import guarded
-    from .config import add_arguments, from_namespace, resolve
-    from .generate import GenerateConfig, SentenceGenerator
-    from .runtime import setup_logging
+    from next_speed.cli import guarded
+    from next_speed.core.config import add_arguments, from_namespace, resolve
+    from next_speed.generation.generate import GenerateConfig, SentenceGenerator
+    from next_speed.core.runtime import setup_logging
 
     ap = argparse.ArgumentParser(prog="09_server.py", description="Serve the sentence-step generator over HTTP.")
     add_arguments(ap, ServerConfig)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import read_jsonl
-from .errors import ConfigError, NextSpeedError
+from next_speed.core.artifacts import read_jsonl
+from next_speed.core.errors import ConfigError, NextSpeedError
 
 log = logging.getLogger(__name__)
 

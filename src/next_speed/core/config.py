@@ -15,7 +15,7 @@ import types
 import typing
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from next_speed.core.errors import ConfigError
 
 # Seeds go to torch.manual_seed, numpy and faiss: 32 bits is what all of them accept.
 SEED_MAX = 2**32 - 1

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .artifacts import write_json
-from .config import knob
-from .errors import NextSpeedError
-from .planner import load_planner, load_rows, mean_detail, tensorize
-from .training import check_trainsets
+from next_speed.core.artifacts import write_json
+from next_speed.core.config import knob
+from next_speed.core.errors import NextSpeedError
+from next_speed.models.planner import load_planner, load_rows, mean_detail, tensorize
+from next_speed.training.loop import check_trainsets
 
 
 def evaluate_model(model, inp, tgt, last, device: str = "cpu", bs: int = 512, ids=None, table=None,
@@ -254,9 +254,9 @@ def eval_planner(cfg: PlannerEvalConfig) -> dict:
     """Planner against the four baselines on the validation split, per level and in embedding space."""
     import torch
 
-    from .planner import EmbeddingTable, input_sids, open_sentence_embeddings
-    from .rvq import load_rvq
-    from .runtime import pick_device
+    from next_speed.models.planner import EmbeddingTable, input_sids, open_sentence_embeddings
+    from next_speed.quant.rvq import load_rvq
+    from next_speed.core.runtime import pick_device
 
     model, info = load_planner(cfg.out_dir, device := pick_device(cfg.device))
     tmeta = check_trainsets(cfg.train_meta, [cfg.out_lm, cfg.out_lm_val], info["K"], info["V"])
@@ -297,7 +297,7 @@ def eval_planner(cfg: PlannerEvalConfig) -> dict:
         summary[f"{key}_best_baseline"] = round(best, 4)
         summary[f"{key}_best_baseline_name"] = best_name
         summary[f"{key}_ratio"] = round(get(res["planner"]) / best, 3) if best > 0 else None
-    from .planner import PlannerRunner
+    from next_speed.models.planner import PlannerRunner
 
     runner = PlannerRunner(model, info["context_sents"], codebooks=rvq.codebooks)
     ahead = lookahead_accuracy(runner, val_rows, emb, rvq.codebooks, plan_deep=cfg.plan_deep)

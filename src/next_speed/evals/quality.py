@@ -32,8 +32,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .artifacts import read_jsonl
-from .errors import NextSpeedError
+from next_speed.core.artifacts import read_jsonl
+from next_speed.core.errors import NextSpeedError
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .artifacts import StaleInputError, atomic_dir, write_checkpoint_meta
-from .errors import ConfigError, NextSpeedError
+from next_speed.core.artifacts import StaleInputError, atomic_dir, write_checkpoint_meta
+from next_speed.core.errors import ConfigError, NextSpeedError
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def load_base_tokenizer(name: str):
     """(tokenizer, family, resolved path) for MODEL, without loading the weights."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .runtime import quiet_hf
+    from next_speed.core.runtime import quiet_hf
 
     quiet_hf()
     path = resolve_model_path(name)
@@ -636,7 +636,7 @@ def load_decoder(out_dir: str | Path, device: str = "cpu"):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from .runtime import quiet_hf
+    from next_speed.core.runtime import quiet_hf
 
     quiet_hf()
     d = Path(out_dir)

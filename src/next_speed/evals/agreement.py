@@ -20,10 +20,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .artifacts import read_jsonl, write_json
-from .config import knob
-from .errors import ConfigError, NextSpeedError
-from .generate import GenerateConfig, SentenceGenerator, normalize_text, copy_ids, params_from, select_candidate, word_spans
+from next_speed.core.artifacts import read_jsonl, write_json
+from next_speed.core.config import knob
+from next_speed.core.errors import ConfigError, NextSpeedError
+from next_speed.generation.generate import GenerateConfig, SentenceGenerator, normalize_text, copy_ids, params_from, select_candidate, word_spans
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def code_agreement(cfg: AgreementConfig, generator: SentenceGenerator | None = N
     """Score planned against realized codes over validation positions; write OUT_JSON."""
     import torch
 
-    from .runtime import progress
+    from next_speed.core.runtime import progress
 
     gen = generator or SentenceGenerator(cfg)
     ns = [int(x) for x in cfg.n_cands.split(",")]

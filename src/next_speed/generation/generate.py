@@ -20,9 +20,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .artifacts import StaleInputError, sha256_path, write_json
-from .config import SEED_MAX, knob, to_dict
-from .errors import ConfigError, NextSpeedError
+from next_speed.core.artifacts import StaleInputError, sha256_path, write_json
+from next_speed.core.config import SEED_MAX, knob, to_dict
+from next_speed.core.errors import ConfigError, NextSpeedError
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class GenerateConfig(GenParams):
         elif "prompt" in getattr(self, "_explicit", ()):
             raise ConfigError("PROMPT: is empty: give at least one sentence (unset it for the built-in prompts)")
         if self.decoder_dir is None:
-            from .train_decoder import default_decoder_dir
+            from next_speed.training.train_decoder import default_decoder_dir
 
             self.decoder_dir = default_decoder_dir(self.code_mode)
 
@@ -223,7 +223,7 @@ def params_from(cfg: GenParams) -> GenParams:
 
 def update_params(p: GenParams, overrides: dict[str, Any]) -> GenParams:
     """Apply per-call overrides, validated like knobs (unknown names are an error listing valid ones)."""
-    from .config import _parse, fields_of, validate
+    from next_speed.core.config import _parse, fields_of, validate
 
     unknown = sorted(set(overrides) - set(PARAM_NAMES))
     if unknown:
@@ -415,7 +415,7 @@ class SentenceGenerator:
     """
 
     def __init__(self, cfg: GenerateConfig | None = None, **overrides: Any):
-        from .config import resolve
+        from next_speed.core.config import resolve
 
         if cfg is None:
             cfg = resolve(GenerateConfig, {k: v for k, v in overrides.items()})
@@ -431,16 +431,16 @@ class SentenceGenerator:
     def _load(self) -> None:
         import torch
 
-        from .decoder_model import code_token_ids, load_decoder
-        from .embed import load_encoder
-        from .rvq import load_rvq
-        from .runtime import pick_device, seed_everything
-        from .planner import PlannerRunner, load_planner
+        from next_speed.models.decoder_model import code_token_ids, load_decoder
+        from next_speed.data.embed import load_encoder
+        from next_speed.quant.rvq import load_rvq
+        from next_speed.core.runtime import pick_device, seed_everything
+        from next_speed.models.planner import PlannerRunner, load_planner
 
         cfg = self.cfg
         seed_everything(cfg.seed, cfg.deterministic)  # per-call sampling is seeded again by `seed`
         self.device = pick_device(cfg.device)
-        from .runtime import resolve_dtype
+        from next_speed.core.runtime import resolve_dtype
 
         self.dtype = resolve_dtype(cfg.dtype, self.device)  # before loading anything: a bad choice fails at once
         t0 = time.perf_counter()
@@ -458,12 +458,12 @@ class SentenceGenerator:
         self.decoder_meta = dmeta
         self._base_engine = None  # UNPLANNED: the packaged base model, loaded on first use
         if self.dtype == "bf16":
-            from .decoder_model import cast_decoder
+            from next_speed.models.decoder_model import cast_decoder
 
             cast_decoder(self.model, torch.bfloat16)  # the plan adapter (CODE_MODE=inject) stays fp32; its vector is cast
         self.packed_linears = 0
         if cfg.pack_weights and self.device == "cpu" and self.dtype == "fp32":
-            from .runtime import pack_linears
+            from next_speed.core.runtime import pack_linears
 
             self.packed_linears = pack_linears(self.model)  # 0, with a warning, where this torch cannot
         if cfg.code_mode != "auto" and self.cond.code_mode != cfg.code_mode:
@@ -482,14 +482,14 @@ class SentenceGenerator:
         if dim != self.rvq.D:
             raise StaleInputError(f"the encoder gives {dim}-d vectors but {cfg.rvq_path} quantizes {self.rvq.D}-d ones: "
                                   f"set EMB_MODEL to the encoder of step 02")
-        from .engine import DecodeEngine
+        from next_speed.generation.engine import DecodeEngine
 
         self.engine = DecodeEngine(self.model, self.tok, code_token_ids(self.tok, self.cond), self.device)
         self.use_kv = cfg.engine == "kv" and self.cond.family == "causal"
         if cfg.engine == "kv" and not self.use_kv:
             log.info("ENGINE=kv serves causal decoders; this %s decoder renders with transformers' generate (ENGINE=hf)",
                      self.cond.family)
-        from .sentences import _init_worker
+        from next_speed.data.sentences import _init_worker
 
         _init_worker(rec["lang"])  # the prompt splitter of step 01, built once (not per call)
         self.load_seconds = time.perf_counter() - t0
@@ -500,7 +500,7 @@ class SentenceGenerator:
 
     # ------------------------------------------------------------------ pieces
     def split(self, text: str) -> list[str]:
-        from .sentences import split_text
+        from next_speed.data.sentences import split_text
 
         return split_text(text)
 
@@ -513,7 +513,7 @@ class SentenceGenerator:
         """The decoder's exemplars for a plan (empty for a decoder trained without EXEMPLARS):
         never a text of `exclude`; one within `avoid_cos` cosine of a vector of `avoid` (M, D) only
         when the search found nothing else."""
-        from .decoder_model import exemplar_bank
+        from next_speed.models.decoder_model import exemplar_bank
 
         bank = exemplar_bank(self.model)
         if bank is None or not self.cond.exemplars:
@@ -529,7 +529,7 @@ class SentenceGenerator:
         it again (llama.cpp's context shift, which drops half the context when it is full)."""
         if not self.context_sents or not history:
             return "", len(history)
-        from .decoder_model import context_room
+        from next_speed.models.decoder_model import context_room
 
         room = context_room(self.tok, self.cond, codes, exemplars)
 
@@ -553,8 +553,8 @@ class SentenceGenerator:
         With `earlier_ids` (`copy_ids` of the earlier sentences) no candidate writes a run of
         NO_COPY_NGRAM tokens found there; with `written_ids` (those of the sentences this call
         wrote last) no run of NO_REPEAT_WRITTEN tokens of theirs."""
-        from .decoder_model import encode_example
-        from .engine import SentenceJob
+        from next_speed.models.decoder_model import encode_example
+        from next_speed.generation.engine import SentenceJob
 
         if exemplars is None:
             exemplars = self.exemplars_for(codes)
@@ -571,7 +571,7 @@ class SentenceGenerator:
     def decode_batch(self):
         """An empty persistent batch for this generator's engine (the server's scheduler keeps
         one open: jobs join and leave between tokens; with ENGINE=hf each step renders whole)."""
-        from .engine import WholeBatch
+        from next_speed.generation.engine import WholeBatch
 
         return self.engine.batch() if self.use_kv else WholeBatch(self.engine)
 
@@ -591,8 +591,8 @@ class SentenceGenerator:
         """The engine of the packaged base model the decoder was fine-tuned from (UNPLANNED),
         loaded once on first use, its weights packed like the decoder's."""
         if self._base_engine is None:
-            from .decoder_model import load_base_model, load_base_tokenizer
-            from .engine import DecodeEngine
+            from next_speed.models.decoder_model import load_base_model, load_base_tokenizer
+            from next_speed.generation.engine import DecodeEngine
 
             name = self.decoder_meta.get("train", {}).get("model")
             if not name:
@@ -604,7 +604,7 @@ class SentenceGenerator:
             if self.dtype == "bf16":
                 model = model.to(self.torch.bfloat16)
             elif self.packed_linears:
-                from .runtime import pack_linears
+                from next_speed.core.runtime import pack_linears
 
                 pack_linears(model)
             self._base_engine = DecodeEngine(model, tok, [], self.device)
@@ -613,7 +613,7 @@ class SentenceGenerator:
     def unplanned_job(self, history: Sequence[str], p: GenParams, seed: int, cache, spans: set, earlier_ids, written_ids):
         """A step's UNPLANNED candidates: the base model continues the text so far (its last
         sentences, at most MAX_IN tokens) by one sentence."""
-        from .engine import SentenceJob
+        from next_speed.generation.engine import SentenceJob
 
         tok = self.base_engine().tok
         text = " ".join(history[-(self.context_sents or len(history)):])
@@ -705,7 +705,7 @@ class SentenceGenerator:
         if getattr(self, "_browser", None) is None:
             with self._browser_lock:
                 if getattr(self, "_browser", None) is None:
-                    from .codebook import CodeBrowser
+                    from next_speed.quant.codebook import CodeBrowser
 
                     self._browser = CodeBrowser.from_rvq_meta(self.cfg.rvq_meta, self.rvq)
         return self._browser
@@ -777,7 +777,7 @@ class SentenceGenerator:
         renders the steps of concurrent requests in one batch) and returns the GenerationResult.
         The prompt's KV cache travels from one step to the next. `plan`, `max_tokens` and `stop`
         are as checked by `prepare`; `on_step(step)` is called with each Step once decided."""
-        from .engine import PrefixPool, PromptCache
+        from next_speed.generation.engine import PrefixPool, PromptCache
 
         torch = self.torch
         t_start = time.perf_counter()
@@ -1034,7 +1034,7 @@ class SentenceGenerator:
         was drafted after, stand-ins included (`ll_draft`); kept when ll_real >= ll_draft -
         VERIFY_TOL (speculative decoding's check, at the sentence level: Leviathan et al. 2023).
         Both read the text alone (no plan): the plan is the same in both and cancels out."""
-        from .decoder_model import _prompt_parts
+        from next_speed.models.decoder_model import _prompt_parts
 
         bos = _prompt_parts(self.tok, self.cond, d["plan"], None)[0]
         tail = self.tok(" " + draft, add_special_tokens=False)["input_ids"]

@@ -34,7 +34,7 @@ def pick_device(requested: str = "auto") -> str:
     """'auto' picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
     import torch
 
-    from .errors import ConfigError
+    from next_speed.core.errors import ConfigError
 
     if requested == "auto":
         if torch.cuda.is_available():
@@ -66,7 +66,7 @@ def cpu_has_native_bf16() -> bool:
 def resolve_amp(amp: str, device: str) -> str:
     """AMP=auto|bf16|off to what training uses on `device`: 'bf16' or 'off'. auto: bf16 on CUDA and
     on CPUs with native bf16, off elsewhere (mps included)."""
-    from .errors import ConfigError
+    from next_speed.core.errors import ConfigError
 
     if amp == "auto":
         return "bf16" if device.startswith("cuda") or (device == "cpu" and cpu_has_native_bf16()) else "off"
@@ -81,7 +81,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
     above all for batches, but bf16 rounding turns the tiny differences between batch shapes into
     different tokens, so a server request's text may depend on its batchmates (fp32 keeps them
     equal; vLLM makes the same trade)."""
-    from .errors import ConfigError
+    from next_speed.core.errors import ConfigError
 
     if dtype == "auto":
         if device.startswith("cuda"):
@@ -238,7 +238,7 @@ def ray_session(address: str | None):
         import ray
         import ray.data
     except ImportError:
-        from .errors import NextSpeedError
+        from next_speed.core.errors import NextSpeedError
 
         raise NextSpeedError("BACKEND=ray needs Ray: pip install 'next-speed[ray]' (or uv sync --extra ray)") from None
     started = False
@@ -247,7 +247,7 @@ def ray_session(address: str | None):
         try:
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kw)
         except Exception as e:  # noqa: BLE001 - a cluster that cannot be reached is the user's to fix
-            from .errors import NextSpeedError
+            from next_speed.core.errors import NextSpeedError
 
             raise NextSpeedError(f"RAY_ADDRESS={address!r}: could not start or join Ray ({str(e).splitlines()[0][:200]})") from None
         started = True

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .artifacts import StaleInputError, load_meta
+from next_speed.core.artifacts import StaleInputError, load_meta
 
 
 def cosine_lr(step: int, total: int, warmup: int, base: float, min_ratio: float = 0.1) -> float:

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .artifacts import StaleInputError, load_meta, make_meta, sha256_path, write_json
-from .config import SEED_MAX, knob, to_dict
-from .errors import NextSpeedError
-from .rvq import check_codes
+from next_speed.core.artifacts import StaleInputError, load_meta, make_meta, sha256_path, write_json
+from next_speed.core.config import SEED_MAX, knob, to_dict
+from next_speed.core.errors import NextSpeedError
+from next_speed.quant.rvq import check_codes
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def build_training_sets(cfg: TrainSetsConfig) -> dict:
     import json
     from collections import deque
 
-    from .artifacts import NpyRows, atomic_path, read_jsonl
+    from next_speed.core.artifacts import NpyRows, atomic_path, read_jsonl
 
     load_meta(cfg.sent_meta, "sentences", cfg.sent_path)
     rvq_meta = check_codes(cfg.codes_path, cfg.rvq_meta, cfg.k, cfg.v)

@@ -20,7 +20,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import NextSpeedError
+from next_speed.core.errors import NextSpeedError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Shared foundations: the config mechanism (knobs), user-facing errors, self-describing artifacts, runtime (seeding, devices, logging)."""
