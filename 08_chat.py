@@ -1,4 +1,5 @@
 """Spec script: the chat REPL (`next-speed chat`); `-p TEXT` generates once and exits."""
+
 import sys
 
 from next_speed.serving.chat import main

@@ -1,4 +1,5 @@
 """Spec script: the HTTP server (`next-speed serve`); HOST and PORT choose the address."""
+
 import sys
 
 from next_speed.serving.server import main

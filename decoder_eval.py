@@ -1,4 +1,5 @@
 """Spec script: a thin wrapper over `next-speed eval-decoder` (same knobs as environment variables or flags)."""
+
 from next_speed.cli import script_main
 
 if __name__ == "__main__":

@@ -64,20 +64,31 @@ def main() -> None:
     args = ap.parse_args()
     from next_speed.core.config import resolve
     from next_speed.data.embed import embed_shard, load_encoder
-    from next_speed.quant.rvq import RVQ
     from next_speed.data.sentences import SentencesConfig, make_sentences
+    from next_speed.quant.rvq import RVQ
 
     res: dict = {"cpus": os.cpu_count()}
     steps = set(args.steps.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         # ---- step 01
-        for procs in ((0, 1) if "01" in steps else (0,)):
+        for procs in (0, 1) if "01" in steps else (0,):
             t0 = time.perf_counter()
-            meta = make_sentences(resolve(SentencesConfig, environ={"SENT_PATH": f"{tmp}/s{procs}.jsonl",
-                                                                    "SENT_META": f"{tmp}/s{procs}.json", "NUM_PROC": str(procs)}))
+            meta = make_sentences(
+                resolve(
+                    SentencesConfig,
+                    environ={
+                        "SENT_PATH": f"{tmp}/s{procs}.jsonl",
+                        "SENT_META": f"{tmp}/s{procs}.json",
+                        "NUM_PROC": str(procs),
+                    },
+                )
+            )
             dt = time.perf_counter() - t0
-            res[f"step01_procs{procs or os.cpu_count()}"] = {"sentences": meta["counts"]["sentences"], "seconds": round(dt, 2),
-                                                             "sentences_per_s": round(meta["counts"]["sentences"] / dt, 1)}
+            res[f"step01_procs{procs or os.cpu_count()}"] = {
+                "sentences": meta["counts"]["sentences"],
+                "seconds": round(dt, 2),
+                "sentences_per_s": round(meta["counts"]["sentences"] / dt, 1),
+            }
         texts = [json.loads(line)["text"] for line in open(f"{tmp}/s0.jsonl")]
     # ---- step 02 vs plain encode, same sentences (a seeded sample), same model and batch size
     rng = np.random.default_rng(0)
@@ -89,7 +100,9 @@ def main() -> None:
     t_ours = t_plain = float("inf")
     for _ in range(2 if "02" in steps else 0):
         t0 = time.perf_counter()
-        ref = model.encode(sample, batch_size=args.bs, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        ref = model.encode(
+            sample, batch_size=args.bs, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )
         t_plain = min(t_plain, time.perf_counter() - t0)
         t0 = time.perf_counter()
         embed_shard(model, sample, out, bs=args.bs, show_progress=False)
@@ -97,9 +110,14 @@ def main() -> None:
     if "02" not in steps:
         embed_shard(model, sample, out, bs=args.bs, show_progress=False)
         ref = out
-    res["step02"] = {"sentences": len(sample), "ours_s": round(t_ours, 2), "plain_encode_s": round(t_plain, 2),
-                     "ours_sentences_per_s": round(len(sample) / t_ours, 1), "plain_sentences_per_s": round(len(sample) / t_plain, 1),
-                     "max_abs_diff": float(np.abs(out - ref).max())}
+    res["step02"] = {
+        "sentences": len(sample),
+        "ours_s": round(t_ours, 2),
+        "plain_encode_s": round(t_plain, 2),
+        "ours_sentences_per_s": round(len(sample) / t_ours, 1),
+        "plain_sentences_per_s": round(len(sample) / t_plain, 1),
+        "max_abs_diff": float(np.abs(out - ref).max()),
+    }
     # ---- step 03: faiss vs numpy on the embeddings of the sample (both on the same vectors)
     x = out
     if "03" not in steps:
@@ -115,9 +133,18 @@ def main() -> None:
     greedy = rel_error(x, r.codebooks)
     beam = float(((x - r.decode(r.encode(x, beam=4))) ** 2).sum() / (x**2).sum())
     t_beam = time.perf_counter() - t0
-    res["step03"] = {"rows": len(x), "K": args.k, "V": args.v, "niter": args.niter, "faiss_fit_s": round(t_faiss, 2),
-                     "numpy_fit_s": round(t_np, 2), "faiss_rel_error": round(greedy, 4), "numpy_rel_error": round(rel_error(x, books), 4),
-                     "faiss_beam4_rel_error": round(beam, 4), "greedy_plus_beam_encode_s": round(t_beam, 2)}
+    res["step03"] = {
+        "rows": len(x),
+        "K": args.k,
+        "V": args.v,
+        "niter": args.niter,
+        "faiss_fit_s": round(t_faiss, 2),
+        "numpy_fit_s": round(t_np, 2),
+        "faiss_rel_error": round(greedy, 4),
+        "numpy_rel_error": round(rel_error(x, books), 4),
+        "faiss_beam4_rel_error": round(beam, 4),
+        "greedy_plus_beam_encode_s": round(t_beam, 2),
+    }
     print(json.dumps(res, indent=2))
     Path("bench/results").mkdir(parents=True, exist_ok=True)
     Path("bench/results/bench_data.json").write_text(json.dumps(res, indent=2) + "\n")

@@ -46,17 +46,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sentences", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dtypes", default="auto,unpacked,bf16",
-                    help="DTYPE values measured one after the other (the first is the summary's); unpacked = fp32 with PACK_WEIGHTS=0")
+    ap.add_argument(
+        "--dtypes",
+        default="auto,unpacked,bf16",
+        help="DTYPE values measured one after the other (the first is the summary's); unpacked = fp32 with PACK_WEIGHTS=0",
+    )
     ap.add_argument("--out", default="bench/results/bench_generate.json")
     args = ap.parse_args()
     import torch
 
     from next_speed.core.artifacts import write_json
     from next_speed.core.config import resolve
-    from next_speed.generation.generate import GenerateConfig, SentenceGenerator
-
     from next_speed.core.runtime import cpu_has_native_bf16, pick_device, resolve_dtype
+    from next_speed.generation.generate import GenerateConfig, SentenceGenerator
 
     device = pick_device(os.environ.get("DEVICE", "cpu"))
     # (name, DTYPE, PACK_WEIGHTS): "unpacked" is fp32 without the oneDNN-packed matrices (the baseline
@@ -68,8 +70,15 @@ def main() -> None:
         name = dtype if pack or device != "cpu" else "fp32-unpacked"
         if name not in [v[0] for v in variants]:
             variants.append((name, dtype, pack))
-    res: dict = {"threads": torch.get_num_threads(), "device": device, "cpu_native_bf16": cpu_has_native_bf16(),
-                 "sentences_per_prompt": args.sentences, "repeats": args.repeats, "prompts": PROMPTS, "dtypes": {}}
+    res: dict = {
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "sentences_per_prompt": args.sentences,
+        "repeats": args.repeats,
+        "prompts": PROMPTS,
+        "dtypes": {},
+    }
     summary: dict = {"dtype": variants[0][0]}
     per_prompt = None  # plain sampling writes the same number of tokens for every DTYPE
     for i, (name, dtype, pack) in enumerate(variants):
@@ -111,11 +120,22 @@ def batch_logit_diff(gen, prompt_len: int = 120, pad: int = 40) -> dict:
         def row0(batch: int, left: int):
             c = DynamicCache(config=gen.model.config)
             for li, (k, v) in enumerate(base):
-                c.update(F.pad(k, (0, 0, left, 0)).expand(batch, -1, -1, -1).contiguous(),
-                         F.pad(v, (0, 0, left, 0)).expand(batch, -1, -1, -1).contiguous(), li)
-            mask = torch.cat([torch.zeros(batch, left, dtype=torch.long), torch.ones(batch, prompt_len + 1, dtype=torch.long)], 1)
-            o = gen.model(input_ids=nxt[:batch], cache=c, attention_mask=mask.to(gen.device), use_cache=True,
-                          position_ids=torch.full((batch, 1), prompt_len, device=gen.device), logits_to_keep=1)
+                c.update(
+                    F.pad(k, (0, 0, left, 0)).expand(batch, -1, -1, -1).contiguous(),
+                    F.pad(v, (0, 0, left, 0)).expand(batch, -1, -1, -1).contiguous(),
+                    li,
+                )
+            mask = torch.cat(
+                [torch.zeros(batch, left, dtype=torch.long), torch.ones(batch, prompt_len + 1, dtype=torch.long)], 1
+            )
+            o = gen.model(
+                input_ids=nxt[:batch],
+                cache=c,
+                attention_mask=mask.to(gen.device),
+                use_cache=True,
+                position_ids=torch.full((batch, 1), prompt_len, device=gen.device),
+                logits_to_keep=1,
+            )
             return o.logits[0, -1].float()
 
         alone = row0(1, 0)
@@ -140,8 +160,10 @@ def forward_ms(gen, batch: int, kv_len: int = 150, calls: int = 12, roomy: bool 
     with torch.inference_mode():
         kv = DynamicCache(config=gen.model.config)
         gen.model(input_ids=ids, cache=kv, use_cache=True, logits_to_keep=1)
-        rows = [(layer.keys.expand(batch, -1, -1, -1).contiguous(), layer.values.expand(batch, -1, -1, -1).contiguous())
-                for layer in kv.layers]
+        rows = [
+            (layer.keys.expand(batch, -1, -1, -1).contiguous(), layer.values.expand(batch, -1, -1, -1).contiguous())
+            for layer in kv.layers
+        ]
         if roomy:
             kv.layers = [roomy_layer(k, v, calls + 1) for k, v in rows]
         else:
@@ -152,8 +174,14 @@ def forward_ms(gen, batch: int, kv_len: int = 150, calls: int = 12, roomy: bool 
         for i in range(calls):
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long, device=gen.device)], 1)
             t0 = time.perf_counter()
-            gen.model(input_ids=nxt, attention_mask=mask, cache=kv, use_cache=True,
-                      position_ids=torch.full((batch, 1), kv_len + i, device=gen.device), logits_to_keep=1)
+            gen.model(
+                input_ids=nxt,
+                attention_mask=mask,
+                cache=kv,
+                use_cache=True,
+                position_ids=torch.full((batch, 1), kv_len + i, device=gen.device),
+                logits_to_keep=1,
+            )
             if gen.device.startswith("cuda"):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
@@ -203,9 +231,18 @@ def measure(gen, args, full: bool, per_prompt: int | None = None) -> tuple[dict,
                 prefilled += out.timings.get("prompt_tokens_prefilled", 0)
                 n_sent += len(out.sentences)
                 n_tok += sum(len(gen.tok(s, add_special_tokens=False)["input_ids"]) for s in out.sentences)
-        row = {"engine": engine, "n_cand": n, "sentences": n_sent, "steps": n_steps, "tokens": n_tok, "wall_s": round(wall, 2),
-               "tokens_per_s": round(n_tok / wall, 2), "rendered_tokens_per_s": round((n_tok + refused) / wall, 2), "per_step_ms": {k: round(1000 * v / max(n_steps, 1), 1) for k, v in lat.items()},
-               "longest_over_chosen": round(longest / max(chosen_tok, 1), 3)}
+        row = {
+            "engine": engine,
+            "n_cand": n,
+            "sentences": n_sent,
+            "steps": n_steps,
+            "tokens": n_tok,
+            "wall_s": round(wall, 2),
+            "tokens_per_s": round(n_tok / wall, 2),
+            "rendered_tokens_per_s": round((n_tok + refused) / wall, 2),
+            "per_step_ms": {k: round(1000 * v / max(n_steps, 1), 1) for k, v in lat.items()},
+            "longest_over_chosen": round(longest / max(chosen_tok, 1), 3),
+        }
         if engine == "kv":
             row.update(prompt_tokens_reused=reused, prompt_tokens_prefilled=prefilled)
         print(json.dumps(row), flush=True)
@@ -230,12 +267,18 @@ def measure(gen, args, full: bool, per_prompt: int | None = None) -> tuple[dict,
     res["forward_ms_by_batch"] = {b: sorted(r for r, _ in v)[1] for b, v in reps.items()}
     res["forward_ms_by_batch_dynamic_cache"] = {b: sorted(d for _, d in v)[1] for b, v in reps.items()}
     res["batch_logit_diff"] = batch_logit_diff(gen)
-    summary = {"ratio_n1": round(L["kv_n1"]["tokens_per_s"] / ref, 3), "ratio_n4": round(L["kv_n4"]["tokens_per_s"] / ref, 3),
-               "ratio_n8": round(L["kv_n8"]["tokens_per_s"] / ref, 3),
-               **{f"rendered_ratio_n{n}": round(L[f"kv_n{n}"]["rendered_tokens_per_s"] / ref, 3) for n in (1, 4, 8)},
-               "plain_tokens_per_s": round(ref, 2)}
+    summary = {
+        "ratio_n1": round(L["kv_n1"]["tokens_per_s"] / ref, 3),
+        "ratio_n4": round(L["kv_n4"]["tokens_per_s"] / ref, 3),
+        "ratio_n8": round(L["kv_n8"]["tokens_per_s"] / ref, 3),
+        **{f"rendered_ratio_n{n}": round(L[f"kv_n{n}"]["rendered_tokens_per_s"] / ref, 3) for n in (1, 4, 8)},
+        "plain_tokens_per_s": round(ref, 2),
+    }
     if full:
-        summary.update(hf_ratio_n1=round(L["hf_n1"]["tokens_per_s"] / ref, 3), hf_ratio_n4=round(L["hf_n4"]["tokens_per_s"] / ref, 3))
+        summary.update(
+            hf_ratio_n1=round(L["hf_n1"]["tokens_per_s"] / ref, 3),
+            hf_ratio_n4=round(L["hf_n4"]["tokens_per_s"] / ref, 3),
+        )
     return res, summary, per_prompt
 
 

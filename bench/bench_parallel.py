@@ -66,7 +66,9 @@ def main() -> None:
     ap.add_argument("--parallel", default="1,2,4")
     ap.add_argument("--n-cand", default="1,4")
     ap.add_argument("--out", default="bench/results/bench_parallel.json")
-    ap.add_argument("--texts", default="out/bench_parallel_texts.jsonl", help="every text, per setting, prompt and seed")
+    ap.add_argument(
+        "--texts", default="out/bench_parallel_texts.jsonl", help="every text, per setting, prompt and seed"
+    )
     args = ap.parse_args()
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -87,13 +89,12 @@ def main() -> None:
         sys.exit(f"bench_parallel: {e}")
 
     import numpy as np
-
     from bench_quality import machine, prompt_sets
 
     from next_speed.core.artifacts import versions, write_json, write_jsonl
     from next_speed.core.config import resolve
-    from next_speed.generation.generate import GenerateConfig, SentenceGenerator
     from next_speed.evals.quality import cosines, embed_texts, first_sentences, plain_decoder_sampling, text_measures
+    from next_speed.generation.generate import GenerateConfig, SentenceGenerator
 
     try:
         gen = SentenceGenerator(resolve(GenerateConfig, {}))
@@ -106,18 +107,29 @@ def main() -> None:
     prompts_emb = embed_texts(gen.embed, [it.prompt for it in items])[reps]
     refs_emb = embed_texts(gen.embed, [it.reference for it in items])[reps]
     fixed = {"plans": 1, "unplanned": 0}
-    report: dict = {"command": "uv run python " + " ".join(sys.argv), "date": dt.date.today().isoformat(), "machine": machine(),
-                    "device": gen.device, "dtype": gen.dtype, "packed_linears": gen.packed_linears, "versions": versions(),
-                    "prompts": len(items), "seeds": seeds, "sentences": args.sentences, "fixed": fixed,
-                    "params": {k: v for k, v in vars(gen.params).items() if k not in ("n_cand", "parallel", "parallel_verify")},
-                    "settings": {}, "summary": {}}
+    report: dict = {
+        "command": "uv run python " + " ".join(sys.argv),
+        "date": dt.date.today().isoformat(),
+        "machine": machine(),
+        "device": gen.device,
+        "dtype": gen.dtype,
+        "packed_linears": gen.packed_linears,
+        "versions": versions(),
+        "prompts": len(items),
+        "seeds": seeds,
+        "sentences": args.sentences,
+        "fixed": fixed,
+        "params": {k: v for k, v in vars(gen.params).items() if k not in ("n_cand", "parallel", "parallel_verify")},
+        "settings": {},
+        "summary": {},
+    }
     gen.run(items[0].prompt, 2, **fixed)  # warm-up: first-call allocations are nobody's cost
     plain_done = False
     per_text: dict[str, np.ndarray] = {}  # ref_sim of every text, for the paired gaps' standard errors
     texts_out: list[dict] = []
     for n in ncands:
         for P in pars:
-            for verify in ([True] if P == 1 else [True, False]):
+            for verify in [True] if P == 1 else [True, False]:
                 name = f"p{P}_n{n}" + ("" if verify else "_noverify")
                 kw = dict(fixed, n_cand=n, parallel=P, parallel_verify=verify)
                 r = run_setting(gen, items, seeds, args.sentences, kw)
@@ -125,16 +137,29 @@ def main() -> None:
                 texts_emb = embed_texts(gen.embed, texts)
                 m = text_measures(texts, prompts_emb, refs_emb, texts_emb, args.sentences, gen.split)
                 per_text[name] = cosines(texts_emb, refs_emb)
-                texts_out += [{"setting": name, "doc": items[i].doc, "seed": s, "text": t}
-                              for (i, s), t in zip([(i, s) for i in range(len(items)) for s in seeds], texts)]
+                texts_out += [
+                    {"setting": name, "doc": items[i].doc, "seed": s, "text": t}
+                    for (i, s), t in zip([(i, s) for i in range(len(items)) for s in seeds], texts)
+                ]
                 write_jsonl(args.texts, texts_out)
                 first3 = [first_sentences(t, 3, gen.split) for t in texts]
-                m["ref_sim_3"] = text_measures(first3, prompts_emb, refs_emb, embed_texts(gen.embed, first3), 3, gen.split)["ref_sim"]
+                m["ref_sim_3"] = text_measures(
+                    first3, prompts_emb, refs_emb, embed_texts(gen.embed, first3), 3, gen.split
+                )["ref_sim"]
                 tok, wall = sum(r["tokens"]), sum(r["walls"])
-                row = {"kw": kw, "tokens": tok, "wall_s": round(wall, 2), "tok_s": round(tok / wall, 2), **m,
-                       "drafts": r["drafts"], "stop_reasons": r["stop_reasons"],
-                       "accept_rate": round(r["drafts"]["accepted"] / r["drafts"]["drafted"], 4) if r["drafts"]["drafted"] else None,
-                       "example": texts[0]}
+                row = {
+                    "kw": kw,
+                    "tokens": tok,
+                    "wall_s": round(wall, 2),
+                    "tok_s": round(tok / wall, 2),
+                    **m,
+                    "drafts": r["drafts"],
+                    "stop_reasons": r["stop_reasons"],
+                    "accept_rate": round(r["drafts"]["accepted"] / r["drafts"]["drafted"], 4)
+                    if r["drafts"]["drafted"]
+                    else None,
+                    "example": texts[0],
+                }
                 if P == 1 and not plain_done:  # plain sampling writes as many tokens per prompt as PARALLEL=1 did
                     pt = pw = 0.0
                     for (i, s), k in zip([(i, s) for i in range(len(items)) for s in seeds], r["tokens"]):
@@ -144,9 +169,11 @@ def main() -> None:
                     plain_done = True
                 row["speedup"] = round(row["tok_s"] / report["plain"]["tok_s"], 3)
                 report["settings"][name] = row
-                print(f"{name:>16}: {row['tok_s']:6.1f} tok/s ({row['speedup']:.2f}x plain)  accept {row['accept_rate']}  "
-                      f"ref_sim {m['ref_sim']:.3f} (3 sent. {m['ref_sim_3']:.3f})  coherence {m['coherence']:.3f}  rep-2 {m['rep2']:.3f}",
-                      flush=True)
+                print(
+                    f"{name:>16}: {row['tok_s']:6.1f} tok/s ({row['speedup']:.2f}x plain)  accept {row['accept_rate']}  "
+                    f"ref_sim {m['ref_sim']:.3f} (3 sent. {m['ref_sim_3']:.3f})  coherence {m['coherence']:.3f}  rep-2 {m['rep2']:.3f}",
+                    flush=True,
+                )
                 write_json(args.out, report)  # after every setting: a run cut short keeps what it measured
     summ = report["summary"]
     S = report["settings"]
@@ -160,7 +187,9 @@ def main() -> None:
             summ[f"accept_rate_p{P}_{tail}"] = row["accept_rate"]
             summ[f"quality_gap_p{P}_{tail}"] = round((row["ref_sim"] - base["ref_sim"]) / base["ref_sim"], 4)
             diff = per_text[name] - per_text[f"p1_n{n}"]  # paired: same prompts and seeds
-            row["quality_gap_se"] = round(float(diff.std(ddof=1) / np.sqrt(len(diff)) / base["ref_sim"]), 4) if len(diff) > 1 else None
+            row["quality_gap_se"] = (
+                round(float(diff.std(ddof=1) / np.sqrt(len(diff)) / base["ref_sim"]), 4) if len(diff) > 1 else None
+            )
     n_q = 4 if 4 in ncands else ncands[-1]
     for P in pars[1:]:
         for v in ("", "_noverify"):

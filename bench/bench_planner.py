@@ -22,19 +22,23 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from next_speed.models.planner import Planner, PlannerModelConfig
+    from next_speed.models.planner import Planner, PlannerModelConfig, load_rows, tensorize
     from next_speed.quant.rvq import RVQ
-    from next_speed.models.planner import load_rows, tensorize
 
     rvq = RVQ.load("out/rvq.npz")
     rows = load_rows("data/sent_lm_train.jsonl")[:8192]
     x, y, _ = tensorize(rows, rvq.K, rvq.V)
     res = {"threads": torch.get_num_threads(), "seq_len": x.shape[1], "pointer": True}
-    for name, d, L, H, bs, steps in (("cpu preset (128x2)", 128, 2, 4, 64, args.steps),
-                                     ("05 defaults (256x4)", 256, 4, 4, 64, args.steps),
-                                     ("full preset (512x8)", 512, 8, 8, 256, max(5, args.steps // 6))):
-        m = Planner(PlannerModelConfig(K=rvq.K, V=rvq.V, d_model=d, n_layers=L, n_heads=H, max_len=x.shape[1],
-                                       codebook_dim=rvq.D, pointer=True))  # step 05's default POINTER=1
+    for name, d, L, H, bs, steps in (
+        ("cpu preset (128x2)", 128, 2, 4, 64, args.steps),
+        ("05 defaults (256x4)", 256, 4, 4, 64, args.steps),
+        ("full preset (512x8)", 512, 8, 8, 256, max(5, args.steps // 6)),
+    ):
+        m = Planner(
+            PlannerModelConfig(
+                K=rvq.K, V=rvq.V, d_model=d, n_layers=L, n_heads=H, max_len=x.shape[1], codebook_dim=rvq.D, pointer=True
+            )
+        )  # step 05's default POINTER=1
         m.set_codebooks(rvq.codebooks)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
         g = torch.Generator().manual_seed(0)
@@ -50,7 +54,12 @@ def main() -> None:
             opt.step()
             n += bs
         dt = time.perf_counter() - t0
-        res[name] = {"params": m.num_params(), "batch": bs, "seq_per_s": round(n / dt, 1), "step_ms": round(1000 * dt / steps, 1)}
+        res[name] = {
+            "params": m.num_params(),
+            "batch": bs,
+            "seq_per_s": round(n / dt, 1),
+            "step_ms": round(1000 * dt / steps, 1),
+        }
     print(json.dumps(res, indent=2))
     Path("bench/results").mkdir(parents=True, exist_ok=True)
     Path("bench/results/bench_planner.json").write_text(json.dumps(res, indent=2) + "\n")

@@ -28,16 +28,20 @@ from next_speed.pipeline import PRESETS  # noqa: E402
 
 # the CPU preset's planner settings, as environment variables of step 05 (knob names are the fields')
 PRESET = {k.upper(): str(v) for k, v in PRESETS["cpu"]["planner"].items()}
-PREP = [("01_make_sentences.py", {"CORPUS": "sotu"}), ("02_embed_sentences.py", {"BS": "64"}),
-        ("03_fit_rvq.py", {"K": "6", "V": "256", "NITER": "20"}),
-        ("04_build_training_sets.py", {"CONTEXT_SENTS": "8", "VAL_FRAC": "0.2"})]
+PREP = [
+    ("01_make_sentences.py", {"CORPUS": "sotu"}),
+    ("02_embed_sentences.py", {"BS": "64"}),
+    ("03_fit_rvq.py", {"K": "6", "V": "256", "NITER": "20"}),
+    ("04_build_training_sets.py", {"CONTEXT_SENTS": "8", "VAL_FRAC": "0.2"}),
+]
 KEYS = ("l0_top1", "l0_top5", "cos_next", "contrastive_acc")
 
 
 def stage(script: str, cwd: Path, env: dict) -> None:
     """Run one of the spec's scripts in `cwd` with extra environment variables."""
-    proc = subprocess.run([sys.executable, str(ROOT / script)], cwd=cwd, env={**os.environ, **env},
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script)], cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True
+    )
     if proc.returncode:
         last = ((proc.stderr or proc.stdout).strip().splitlines() or ["no output"])[-1]
         sys.exit(f"{script} failed in {cwd}: {last}")
@@ -62,7 +66,11 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         for script, env in PREP:
             print(f"prepare: {script}", flush=True)
-            stage(script, work, {**env, **({"MAX_DOCS": str(args.max_docs)} if args.max_docs and script.startswith("01") else {})})
+            stage(
+                script,
+                work,
+                {**env, **({"MAX_DOCS": str(args.max_docs)} if args.max_docs and script.startswith("01") else {})},
+            )
     if not (work / "data/sent_lm_val.jsonl").is_file():
         sys.exit(f"{work}/data/sent_lm_val.jsonl is missing: run the main job (bash run.sh) or pass --prepare")
     runs = []
@@ -70,22 +78,33 @@ def main() -> None:
         for pointer in (0, 1):
             out = f"out/bench_pointer/p{pointer}_s{seed}"
             if not args.eval_only:
-                stage("05_train_sentence_lm.py", work, {**PRESET, "SEED": str(seed), "POINTER": str(pointer), "OUT_DIR": out})
+                stage(
+                    "05_train_sentence_lm.py",
+                    work,
+                    {**PRESET, "SEED": str(seed), "POINTER": str(pointer), "OUT_DIR": out},
+                )
             elif not (work / out / "config.json").is_file():
                 sys.exit(f"--eval-only: no planner in {work / out}: run without --eval-only first")
             stage("sent_lm_eval.py", work, {"OUT_DIR": out, "OUT_JSON": f"{out}/eval.json"})
             rep = json.loads((work / out / "eval.json").read_text())
             info = json.loads((work / out / "config.json").read_text())
             if info["model"].get("pointer", False) != bool(pointer) or info["train"]["seed"] != seed:
-                sys.exit(f"{work / out} holds another planner (pointer {info['model'].get('pointer')}, seed {info['train']['seed']})")
+                sys.exit(
+                    f"{work / out} holds another planner (pointer {info['model'].get('pointer')}, seed {info['train']['seed']})"
+                )
             levels = rep["results"].get("planner (PLAN_DEEP=levels)", {})
-            run = {"pointer": pointer, "seed": seed, "train_s": info["seconds"], "best_step": info["best"]["step"],
-                   **{k: rep["summary"][k] for k in KEYS},
-                   "levels_cos_next": round(levels.get("cos_next", float("nan")), 4),
-                   "levels_contrastive_acc": round(levels.get("contrastive_acc", float("nan")), 4),
-                   "levels_acc": [round(a, 4) for a in levels.get("acc", [])],
-                   "copy_acc": [round(a, 4) for a in rep["results"]["copy previous"]["acc"]],
-                   "level0_in_context": rep.get("level0_in_context")}
+            run = {
+                "pointer": pointer,
+                "seed": seed,
+                "train_s": info["seconds"],
+                "best_step": info["best"]["step"],
+                **{k: rep["summary"][k] for k in KEYS},
+                "levels_cos_next": round(levels.get("cos_next", float("nan")), 4),
+                "levels_contrastive_acc": round(levels.get("contrastive_acc", float("nan")), 4),
+                "levels_acc": [round(a, 4) for a in levels.get("acc", [])],
+                "copy_acc": [round(a, 4) for a in rep["results"]["copy previous"]["acc"]],
+                "level0_in_context": rep.get("level0_in_context"),
+            }
             runs.append(run)
             print(json.dumps(run), flush=True)
     base = {k: rep["summary"][f"{k}_best_baseline"] for k in KEYS}
@@ -97,8 +116,14 @@ def main() -> None:
             mean[f"pointer{pointer}_{k}"] = round(sum(r[k] for r in sel) / len(sel), 4)
         for k in KEYS:
             mean[f"pointer{pointer}_{k}_ratio"] = round(mean[f"pointer{pointer}_{k}"] / base[k], 3)
-    res = {"dir": str(work), "rows_val": rep["results"]["planner"]["n"], "preset": PRESET, "runs": runs,
-           "best_baseline": base, "summary": mean}
+    res = {
+        "dir": str(work),
+        "rows_val": rep["results"]["planner"]["n"],
+        "preset": PRESET,
+        "runs": runs,
+        "best_baseline": base,
+        "summary": mean,
+    }
     path = ROOT / f"bench/results/bench_planner_pointer_{args.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")

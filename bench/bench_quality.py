@@ -56,7 +56,9 @@ def run_loop(gen, items, seeds, n_sents, concurrency, overrides, pins=None):
     from next_speed.serving.scheduler import BatchScheduler
 
     jobs = [(i, s) for i in range(len(items)) for s in seeds]
-    sched = BatchScheduler(gen, max_queue=2 * concurrency, max_batch_rows=concurrency * max(1, overrides.get("n_cand", 4)))
+    sched = BatchScheduler(
+        gen, max_queue=2 * concurrency, max_batch_rows=concurrency * max(1, overrides.get("n_cand", 4))
+    )
     outs: dict = {}
     t0 = time.perf_counter()
     try:
@@ -73,11 +75,18 @@ def run_loop(gen, items, seeds, n_sents, concurrency, overrides, pins=None):
             for f in done:
                 i, s = flying.pop(f)
                 res = f.result()
-                outs[i, s] = TextOut(res.text, sum(st.tokens for st in res.steps if st.chosen is not None),
-                                     extra={"stop_reason": res.stop_reason, "sentences": len(res.sentences),
-                                            "retries": sum(1 for st in res.steps if st.chosen is None),
-                                            "unplanned": sum(1 for st in res.steps if st.chosen is not None
-                                                             and st.candidates[st.chosen].get("unplanned"))})
+                outs[i, s] = TextOut(
+                    res.text,
+                    sum(st.tokens for st in res.steps if st.chosen is not None),
+                    extra={
+                        "stop_reason": res.stop_reason,
+                        "sentences": len(res.sentences),
+                        "retries": sum(1 for st in res.steps if st.chosen is None),
+                        "unplanned": sum(
+                            1 for st in res.steps if st.chosen is not None and st.candidates[st.chosen].get("unplanned")
+                        ),
+                    },
+                )
     finally:
         sched.close()
     return [outs[j] for j in jobs], time.perf_counter() - t0
@@ -94,9 +103,17 @@ def run_base(model, tok, items, seeds, n_sents, concurrency, split, kind, p):
         chunk = jobs[b : b + concurrency]
         prompts = [items[i].prompt for i, _ in chunk]
         if kind == "base_nucleus":
-            raw = nucleus_sample_texts(model, tok, prompts, n_sents, seed=chunk[0][1] * 100_003 + b, temp=p.temp,
-                                       top_p=p.top_p, repetition_penalty=p.repetition_penalty,
-                                       max_new_tokens=p.max_new_tokens * n_sents)
+            raw = nucleus_sample_texts(
+                model,
+                tok,
+                prompts,
+                n_sents,
+                seed=chunk[0][1] * 100_003 + b,
+                temp=p.temp,
+                top_p=p.top_p,
+                repetition_penalty=p.repetition_penalty,
+                max_new_tokens=p.max_new_tokens * n_sents,
+            )
         else:  # deterministic: the seed changes nothing, so one search serves every seed of a prompt
             raw = contrastive_search(model, tok, prompts, n_sents, max_new_tokens=p.max_new_tokens * n_sents)
         texts += [first_sentences(" " + t, n_sents, split) for t in raw]
@@ -108,7 +125,11 @@ def machine() -> str:
     """The CPU's model name and core count (what the figures were measured on)."""
     name = platform.processor() or platform.machine()
     try:
-        name = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name"))
+        name = next(
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     return f"{name}, {os.cpu_count()} cores"
@@ -147,7 +168,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1", help="comma-separated seeds, each prompt written once per seed")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
     ap.add_argument("--sets", default=",".join(SETS), help="comma-separated subset of " + ",".join(SETS))
-    ap.add_argument("--concurrency", type=int, default=8, help="generations in flight (loop) or prompts per batch (base)")
+    ap.add_argument(
+        "--concurrency", type=int, default=8, help="generations in flight (loop) or prompts per batch (base)"
+    )
     ap.add_argument("--out", default="bench/results/bench_quality.json")
     ap.add_argument("--texts", default="out/bench_quality_texts.jsonl", help="every generated text, one JSON a line")
     args = ap.parse_args()
@@ -171,12 +194,12 @@ def main() -> None:
 
     from next_speed.core.artifacts import versions, write_json, write_jsonl
     from next_speed.core.config import resolve, to_dict
-    from next_speed.models.decoder_model import load_base_model, load_base_tokenizer, load_decoder
     from next_speed.core.errors import NextSpeedError
-    from next_speed.generation.generate import GenerateConfig, SentenceGenerator
-    from next_speed.pipeline import PRESETS
-    from next_speed.evals.quality import embed_texts, lm_features, mauve_score, plan_gap, text_measures
     from next_speed.core.runtime import setup_logging
+    from next_speed.evals.quality import embed_texts, lm_features, mauve_score, plan_gap, text_measures
+    from next_speed.generation.generate import GenerateConfig, SentenceGenerator
+    from next_speed.models.decoder_model import load_base_model, load_base_tokenizer, load_decoder
+    from next_speed.pipeline import PRESETS
     from next_speed.training.train_decoder import ensure_none_decoder
 
     setup_logging()
@@ -204,10 +227,18 @@ def main() -> None:
     results, texts_out, summary = {}, [], {}
 
     def write_report() -> None:
-        report = {"date": dt.date.today().isoformat(), "machine": machine(),
-                  "cpu_threads": torch.get_num_threads(), "settings": to_dict(cfg), "base_model": base_name,
-                  "quick": args.quick, "concurrency": args.concurrency, "versions": versions(), "sets": results,
-                  "summary": summary}
+        report = {
+            "date": dt.date.today().isoformat(),
+            "machine": machine(),
+            "cpu_threads": torch.get_num_threads(),
+            "settings": to_dict(cfg),
+            "base_model": base_name,
+            "quick": args.quick,
+            "concurrency": args.concurrency,
+            "versions": versions(),
+            "sets": results,
+            "summary": summary,
+        }
         write_json(args.out, report)  # after every set: a run cut short keeps what it measured
 
     for set_name, its in items.items():
@@ -229,7 +260,9 @@ def main() -> None:
             elif sysname == "decoder_plain":
                 outs, secs = run_loop(plain_gen, its, seeds, n_sents, args.concurrency, {"n_cand": 1, "rerank": False})
             else:
-                outs, secs = run_base(base_model, base_tok, its, seeds, n_sents, args.concurrency, gen.split, sysname, p)
+                outs, secs = run_base(
+                    base_model, base_tok, its, seeds, n_sents, args.concurrency, gen.split, sysname, p
+                )
             texts = [o.text for o in outs]
             rep = np.repeat(np.arange(len(its)), len(seeds))
             m = text_measures(texts, prompts_emb[rep], refs_emb[rep], embed_texts(gen.embed, texts), n_sents, gen.split)
@@ -238,27 +271,62 @@ def main() -> None:
             if outs and "retries" in outs[0].extra:
                 m["retried_steps"] = sum(o.extra["retries"] for o in outs)
                 # sentences the base model wrote without a plan (UNPLANNED), of all kept
-                m["unplanned_share"] = round(sum(o.extra["unplanned"] for o in outs) / max(1, sum(o.extra["sentences"] for o in outs)), 4)
-                m["stop_reasons"] = {r: sum(1 for o in outs if o.extra["stop_reason"] == r) for r in {o.extra["stop_reason"] for o in outs}}
+                m["unplanned_share"] = round(
+                    sum(o.extra["unplanned"] for o in outs) / max(1, sum(o.extra["sentences"] for o in outs)), 4
+                )
+                m["stop_reasons"] = {
+                    r: sum(1 for o in outs if o.extra["stop_reason"] == r)
+                    for r in {o.extra["stop_reason"] for o in outs}
+                }
             per[sysname] = m
             for k in KEYS:
                 summary[f"{set_name}_{sysname}_{k}"] = m[k]
             summary[f"{set_name}_{sysname}_mauve_n"] = m["q"]
             for (i, s), o in zip([(i, s) for i in range(len(its)) for s in seeds], outs):
-                texts_out.append({"set": set_name, "system": sysname, "doc": its[i].doc, "seed": s, "prompt": its[i].prompt,
-                                  "reference": its[i].reference, "text": o.text})
+                texts_out.append(
+                    {
+                        "set": set_name,
+                        "system": sysname,
+                        "doc": its[i].doc,
+                        "seed": s,
+                        "prompt": its[i].prompt,
+                        "reference": its[i].reference,
+                        "text": o.text,
+                    }
+                )
             write_jsonl(args.texts, texts_out)  # as it goes: a long run's texts can be read before it ends
-            print(f"  {sysname:<17} coherence {m['coherence']:.3f}  ref_sim {m['ref_sim']:.3f}  mauve {m['mauve']:.3f}  "
-                  f"rep2 {m['rep2']:.3f}  div {m['diversity']:.3f}  sentences {m['sentences']:.3f}  "
-                  f"{m['tok_s']:.1f} tok/s  ({time.perf_counter() - t0:.0f}s)", flush=True)
+            print(
+                f"  {sysname:<17} coherence {m['coherence']:.3f}  ref_sim {m['ref_sim']:.3f}  mauve {m['mauve']:.3f}  "
+                f"rep2 {m['rep2']:.3f}  div {m['diversity']:.3f}  sentences {m['sentences']:.3f}  "
+                f"{m['tok_s']:.1f} tok/s  ({time.perf_counter() - t0:.0f}s)",
+                flush=True,
+            )
         if {"oracle", "loop", "base_nucleus"} <= set(per):
-            summary[f"{set_name}_plan_gap"] = plan_gap(per["oracle"]["ref_sim"], per["loop"]["ref_sim"], per["base_nucleus"]["ref_sim"])
+            summary[f"{set_name}_plan_gap"] = plan_gap(
+                per["oracle"]["ref_sim"], per["loop"]["ref_sim"], per["base_nucleus"]["ref_sim"]
+            )
             print(f"  plan gap {summary[f'{set_name}_plan_gap']:.3f}", flush=True)
-        results[set_name] = {"prompts": len(its), "seeds": seeds, "systems": per,
-                             "examples": [{"prompt": its[i].prompt, "reference": its[i].reference,
-                                           **{s: t["text"] for s in systems for t in texts_out
-                                              if t["set"] == set_name and t["system"] == s and t["doc"] == its[i].doc
-                                              and t["seed"] == seeds[0]}} for i in range(min(3, len(its)))]}
+        results[set_name] = {
+            "prompts": len(its),
+            "seeds": seeds,
+            "systems": per,
+            "examples": [
+                {
+                    "prompt": its[i].prompt,
+                    "reference": its[i].reference,
+                    **{
+                        s: t["text"]
+                        for s in systems
+                        for t in texts_out
+                        if t["set"] == set_name
+                        and t["system"] == s
+                        and t["doc"] == its[i].doc
+                        and t["seed"] == seeds[0]
+                    },
+                }
+                for i in range(min(3, len(its)))
+            ],
+        }
         write_report()
     print(f"wrote {args.out} and {args.texts}")
 

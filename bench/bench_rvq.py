@@ -35,8 +35,13 @@ def perplexities(codes: np.ndarray, V: int) -> list[float]:
 def score(x: np.ndarray, rec: np.ndarray, codes: np.ndarray, V: int, seconds: float) -> dict:
     cos = (x * rec).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(rec, axis=1) + 1e-12)
     ppl = perplexities(codes, V)
-    return {"rel_error": round(float(((x - rec) ** 2).sum() / (x**2).sum()), 4), "cosine": round(float(cos.mean()), 4),
-            "perplexity": ppl, "min_perplexity": min(ppl), "fit_seconds": round(seconds, 1)}
+    return {
+        "rel_error": round(float(((x - rec) ** 2).sum() / (x**2).sum()), 4),
+        "cosine": round(float(cos.mean()), 4),
+        "perplexity": ppl,
+        "min_perplexity": min(ppl),
+        "fit_seconds": round(seconds, 1),
+    }
 
 
 def main() -> None:
@@ -75,7 +80,9 @@ def main() -> None:
             rq.train(train)
             t = time.perf_counter() - t
             codes = faiss.unpack_bitstrings(K, nbits, rq.compute_codes(held)) if nbits < 8 else rq.compute_codes(held)
-            res[f"faiss_rq_beam{beam}"] = score(held, rq.decode(rq.compute_codes(held)), np.asarray(codes, dtype=np.int64), V, t)
+            res[f"faiss_rq_beam{beam}"] = score(
+                held, rq.decode(rq.compute_codes(held)), np.asarray(codes, dtype=np.int64), V, t
+            )
             print(f"{'faiss ResidualQuantizer beam ' + str(beam):32s} {res[f'faiss_rq_beam{beam}']}", flush=True)
         if not a.no_lsq:
             t = time.perf_counter()

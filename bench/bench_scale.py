@@ -33,9 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-WORDS = ("river city music star planet history science language garden mountain ocean forest market school "
-         "king queen empire treaty battle bridge engine theory number energy light water stone paper "
-         "village island harbor railway festival church castle valley desert winter summer").split()
+WORDS = ["river", "city", "music", "star", "planet", "history", "science", "language", "garden", "mountain", "ocean", "forest", "market", "school", "king", "queen", "empire", "treaty", "battle", "bridge", "engine", "theory", "number", "energy", "light", "water", "stone", "paper", "village", "island", "harbor", "railway", "festival", "church", "castle", "valley", "desert", "winter", "summer"]
 
 # Runs one `next-speed` stage and prints its peak memory and time. The peak is the process's own
 # VmHWM (/proc/self/status): getrusage's ru_maxrss would carry over the high-water mark of the
@@ -83,8 +81,16 @@ def fake_embeddings(workdir: Path, dim: int = 384, chunk: int = 100_000) -> int:
         arr.flush()
         del arr
         cfg = resolve(EmbedConfig, environ={"EMB_MODEL": "random-unit-vectors"})
-        meta = make_meta("embeddings", to_dict(cfg), inputs={"sentences": cfg.sent_path}, outputs={"embeddings": cfg.out_emb},
-                         counts={"rows": n, "dim": dim}, model="random-unit-vectors", dim=dim, normalized=True)
+        meta = make_meta(
+            "embeddings",
+            to_dict(cfg),
+            inputs={"sentences": cfg.sent_path},
+            outputs={"embeddings": cfg.out_emb},
+            counts={"rows": n, "dim": dim},
+            model="random-unit-vectors",
+            dim=dim,
+            normalized=True,
+        )
         write_json(cfg.out_meta, meta)
         return n
     finally:
@@ -93,7 +99,9 @@ def fake_embeddings(workdir: Path, dim: int = 384, chunk: int = 100_000) -> int:
 
 def run_stage(workdir: Path, stage: str, args: list[str], env: dict) -> dict:
     full = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", **env}
-    r = subprocess.run([sys.executable, "-c", RUNNER, stage, *args], cwd=workdir, env=full, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", RUNNER, stage, *args], cwd=workdir, env=full, capture_output=True, text=True
+    )
     if r.returncode != 0:
         raise SystemExit(f"{stage} failed:\n{r.stderr[-3000:]}")
     line = [x for x in r.stdout.splitlines() if x.startswith("BENCH ")][-1]
@@ -110,18 +118,45 @@ def free_port() -> int:
 
 
 def planner_run(workdir: Path, nproc: int, steps: int, out_dir: str) -> dict:
-    args = ["--steps", str(steps), "--log-every", str(steps), "--drop", "0", "--bs", "64", "--device", "cpu", "--out-dir", out_dir]
+    args = [
+        "--steps",
+        str(steps),
+        "--log-every",
+        str(steps),
+        "--drop",
+        "0",
+        "--bs",
+        "64",
+        "--device",
+        "cpu",
+        "--out-dir",
+        out_dir,
+    ]
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", "OMP_NUM_THREADS": str(max(1, 2 // nproc))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port()),
-           str(ROOT / "05_train_sentence_lm.py"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(free_port()),
+        str(ROOT / "05_train_sentence_lm.py"),
+        *args,
+    ]
     t = time.perf_counter()
     r = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if r.returncode != 0:
         raise SystemExit(f"torchrun x{nproc} failed:\n{r.stderr[-3000:]}")
     info = json.loads((workdir / out_dir / "config.json").read_text())
-    return {"processes": nproc, "seconds_per_step": info["seconds"] / steps, "wall_seconds": round(wall, 1),
-            "final_val_loss": info["history"][-1]["val_loss"], "final_train_loss": info["history"][-1]["train_loss"]}
+    return {
+        "processes": nproc,
+        "seconds_per_step": info["seconds"] / steps,
+        "wall_seconds": round(wall, 1),
+        "final_val_loss": info["history"][-1]["val_loss"],
+        "final_train_loss": info["history"][-1]["train_loss"],
+    }
 
 
 def label(n: int) -> str:
@@ -166,8 +201,14 @@ def main() -> None:
                 summary[f"{s}_rss_mb_{label(n)}"] = round(row[s]["rss_mb"], 1)
                 summary[f"{s}_sent_per_s_{label(n)}"] = row[s]["sentences_per_s"]
             summary[f"step03_out_mb_{label(n)}"] = round(row["step03_out_mb"], 1)
-            print(f"{label(n):>5}: " + "  ".join(f"{s} {row[s]['rss_mb']:.0f} MB {row[s]['sentences_per_s']:.0f}/s"
-                                                  for s in ("step01", "step03", "step04")), flush=True)
+            print(
+                f"{label(n):>5}: "
+                + "  ".join(
+                    f"{s} {row[s]['rss_mb']:.0f} MB {row[s]['sentences_per_s']:.0f}/s"
+                    for s in ("step01", "step03", "step04")
+                ),
+                flush=True,
+            )
             if a.ddp_steps and n == a.sizes[0]:
                 one = planner_run(wd, 1, a.ddp_steps, "out/p1")
                 two = planner_run(wd, 2, a.ddp_steps, "out/p2")
@@ -175,8 +216,11 @@ def main() -> None:
                 summary["ddp_loss_gap"] = round(abs(one["final_val_loss"] - two["final_val_loss"]), 6)
                 summary["ddp_seconds_per_step_1"] = round(one["seconds_per_step"], 4)
                 summary["ddp_seconds_per_step_2"] = round(two["seconds_per_step"], 4)
-                print(f"torchrun planner: 1 process {one['seconds_per_step']:.3f} s/step, val {one['final_val_loss']:.4f}; "
-                      f"2 processes {two['seconds_per_step']:.3f} s/step, val {two['final_val_loss']:.4f}", flush=True)
+                print(
+                    f"torchrun planner: 1 process {one['seconds_per_step']:.3f} s/step, val {one['final_val_loss']:.4f}; "
+                    f"2 processes {two['seconds_per_step']:.3f} s/step, val {two['final_val_loss']:.4f}",
+                    flush=True,
+                )
             results["sizes"][label(n)] = row
             shutil.rmtree(wd, ignore_errors=True)
         if len(a.sizes) >= 2:

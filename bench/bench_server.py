@@ -41,8 +41,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-PROMPTS = ["Paris is the capital of France.", "The Amazon is the largest rainforest on Earth.",
-           "Ludwig van Beethoven was a German composer and pianist."]
+PROMPTS = [
+    "Paris is the capital of France.",
+    "The Amazon is the largest rainforest on Earth.",
+    "Ludwig van Beethoven was a German composer and pianist.",
+]
 
 
 def free_port() -> int:
@@ -61,10 +64,18 @@ def rss_mb(pid: int, key: str = "VmRSS") -> float:
 class Server:
     def __init__(self, extra_env: dict[str, str]):
         self.port = free_port()
-        env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "MAX_QUEUE": "64", **extra_env,
-               "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
+        env = {
+            **os.environ,
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            "MAX_QUEUE": "64",
+            **extra_env,
+            "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}",
+        }
         self.log = open(f"/tmp/next_speed_bench_server_{self.port}.log", "w")
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "09_server.py")], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "09_server.py")], env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
         deadline = time.time() + 600
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -79,8 +90,12 @@ class Server:
         raise SystemExit("the server never became healthy")
 
     def post(self, payload: dict) -> tuple[int, float, dict]:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/generate", data=json.dumps(payload).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/generate",
+            data=json.dumps(payload).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         t0 = time.perf_counter()
         try:
             with urllib.request.urlopen(req, timeout=1200) as r:
@@ -109,8 +124,9 @@ def load(server: Server, clients: int, per_client: int, params: dict, max_senten
     def client(c: int) -> None:
         for i in range(per_client):
             k = c * per_client + i
-            status, dt, body = server.post({"prompt": PROMPTS[k % len(PROMPTS)], "max_sentences": max_sentences,
-                                            "params": {**params, "seed": k}})
+            status, dt, body = server.post(
+                {"prompt": PROMPTS[k % len(PROMPTS)], "max_sentences": max_sentences, "params": {**params, "seed": k}}
+            )
             with lock:
                 lat.append(dt)
                 if status != 200:
@@ -128,9 +144,16 @@ def load(server: Server, clients: int, per_client: int, params: dict, max_senten
         t.join()
     wall = time.perf_counter() - t0
     q = statistics.quantiles(lat, n=20) if len(lat) > 1 else lat * 19
-    row = {"clients": clients, "requests": len(lat), "errors": errors[0], "wall_s": round(wall, 2),
-           "requests_per_s": round(len(lat) / wall, 4), "sentences_per_s": round(sents[0] / wall, 3),
-           "p50_s": round(statistics.median(lat), 2), "p95_s": round(q[18], 2)}
+    row = {
+        "clients": clients,
+        "requests": len(lat),
+        "errors": errors[0],
+        "wall_s": round(wall, 2),
+        "requests_per_s": round(len(lat) / wall, 4),
+        "sentences_per_s": round(sents[0] / wall, 3),
+        "p50_s": round(statistics.median(lat), 2),
+        "p95_s": round(q[18], 2),
+    }
     print(json.dumps(row), flush=True)
     return row
 
@@ -144,33 +167,53 @@ def pooled(runs: list[dict]) -> dict:
     wall = sum(r["wall_s"] for r in runs)
     req = sum(r["requests"] for r in runs)
     sents = sum(r["sentences_per_s"] * r["wall_s"] for r in runs)
-    return {"clients": runs[0]["clients"], "requests": req, "errors": sum(r["errors"] for r in runs), "wall_s": round(wall, 2),
-            "requests_per_s": round(req / wall, 4), "sentences_per_s": round(sents / wall, 3),
-            "p50_s": round(statistics.mean(r["p50_s"] for r in runs), 2), "p95_s": round(statistics.mean(r["p95_s"] for r in runs), 2),
-            "runs": runs}
+    return {
+        "clients": runs[0]["clients"],
+        "requests": req,
+        "errors": sum(r["errors"] for r in runs),
+        "wall_s": round(wall, 2),
+        "requests_per_s": round(req / wall, 4),
+        "sentences_per_s": round(sents / wall, 3),
+        "p50_s": round(statistics.mean(r["p50_s"] for r in runs), 2),
+        "p95_s": round(statistics.mean(r["p95_s"] for r in runs), 2),
+        "runs": runs,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--per-client", type=int, default=2)
-    ap.add_argument("--c1-requests", type=int, default=8, help="requests of the 1-client runs (the ratios' denominator)")
+    ap.add_argument(
+        "--c1-requests", type=int, default=8, help="requests of the 1-client runs (the ratios' denominator)"
+    )
     ap.add_argument("--n-cand", type=int, default=4)
     ap.add_argument("--sentences", type=int, default=2)
     ap.add_argument("--long", type=int, default=200, help="requests of the memory run (8 clients)")
     ap.add_argument("--bf16", type=int, default=1, help="also run 1 and 8 clients with DTYPE=bf16 (0: skip)")
-    ap.add_argument("--unpacked", type=int, default=1, help="also run 1 and 8 clients with PACK_WEIGHTS=0 on a CPU (0: skip)")
+    ap.add_argument(
+        "--unpacked", type=int, default=1, help="also run 1 and 8 clients with PACK_WEIGHTS=0 on a CPU (0: skip)"
+    )
     ap.add_argument("--out", default="bench/results/bench_server.json")
     args = ap.parse_args()
     from next_speed.core.artifacts import write_json
 
     params = {"n_cand": args.n_cand}
-    res: dict = {"per_client": args.per_client, "c1_requests": args.c1_requests, "n_cand": args.n_cand, "max_sentences": args.sentences, "batched": {}, "baseline": {}}
+    res: dict = {
+        "per_client": args.per_client,
+        "c1_requests": args.c1_requests,
+        "n_cand": args.n_cand,
+        "max_sentences": args.sentences,
+        "batched": {},
+        "baseline": {},
+    }
     srv = Server({"DTYPE": "auto", "PACK_WEIGHTS": "1"})  # the default, whatever the caller's environment says
     try:
         load(srv, 1, 1, params, 1)  # warm-up
         runs: dict[int, list[dict]] = {}
         for c in (1, 4, 8, 16, 1, 8):  # 1 and 8 clients twice, interleaved: the ratio the issue names
-            runs.setdefault(c, []).append(load(srv, c, args.c1_requests if c == 1 else args.per_client, params, args.sentences))
+            runs.setdefault(c, []).append(
+                load(srv, c, args.c1_requests if c == 1 else args.per_client, params, args.sentences)
+            )
         res["batched"] = {f"c{c}": pooled(r) for c, r in sorted(runs.items())}
         # memory: --long short requests at 8 clients, RSS sampled every half second
         samples: list[tuple[int, float]] = []
@@ -190,11 +233,17 @@ def main() -> None:
         mon.join()
         warm = next((mb for n, mb in samples if n >= per * 8 // 10), samples[0][1])
         end = rss_mb(srv.proc.pid)
-        res["memory"] = {**long_row, "rss_after_first_tenth_mb": round(warm, 1), "rss_end_mb": round(end, 1),
-                         "peak_rss_mb": round(rss_mb(srv.proc.pid, "VmHWM"), 1), "rss_growth_mb": round(end - warm, 1)}
+        res["memory"] = {
+            **long_row,
+            "rss_after_first_tenth_mb": round(warm, 1),
+            "rss_end_mb": round(end, 1),
+            "peak_rss_mb": round(rss_mb(srv.proc.pid, "VmHWM"), 1),
+            "rss_growth_mb": round(end - warm, 1),
+        }
         print(json.dumps(res["memory"]), flush=True)
     finally:
         srv.close()
+
     def one_and_eight(env: dict[str, str]) -> dict:
         """A fresh server with `env`: a warm-up request, then 1 and 8 clients."""
         srv = Server(env)
@@ -202,7 +251,9 @@ def main() -> None:
             load(srv, 1, 1, params, 1)
             runs: dict[int, list[dict]] = {}
             for c in (1, 8, 1, 8):
-                runs.setdefault(c, []).append(load(srv, c, args.c1_requests if c == 1 else args.per_client, params, args.sentences))
+                runs.setdefault(c, []).append(
+                    load(srv, c, args.c1_requests if c == 1 else args.per_client, params, args.sentences)
+                )
             return {f"c{c}": pooled(r) for c, r in runs.items()}
         finally:
             srv.close()
@@ -225,23 +276,38 @@ def main() -> None:
         "throughput_ratio_16": round(B["c16"]["requests_per_s"] / one, 2),
         # the same in sentences/s: a request can end early (the stop rules), so requests differ in work
         "sentences_ratio_8": round(B["c8"]["sentences_per_s"] / B["c1"]["sentences_per_s"], 2),
-        "p50_ratio_8": round(B["c8"]["p50_s"] / B["c1"]["p50_s"], 2), "p95_ratio_8": round(B["c8"]["p95_s"] / B["c1"]["p95_s"], 2),
-        "p50_ratio_16": round(B["c16"]["p50_s"] / B["c1"]["p50_s"], 2), "p95_ratio_16": round(B["c16"]["p95_s"] / B["c1"]["p95_s"], 2),
+        "p50_ratio_8": round(B["c8"]["p50_s"] / B["c1"]["p50_s"], 2),
+        "p95_ratio_8": round(B["c8"]["p95_s"] / B["c1"]["p95_s"], 2),
+        "p50_ratio_16": round(B["c16"]["p50_s"] / B["c1"]["p50_s"], 2),
+        "p95_ratio_16": round(B["c16"]["p95_s"] / B["c1"]["p95_s"], 2),
         "baseline_throughput_ratio_8": round(R["c8"]["requests_per_s"] / R["c1"]["requests_per_s"], 2),
-        "errors": sum(r["errors"] for r in (*B.values(), *R.values(), *res.get("bf16", {}).values(), *res.get("unpacked", {}).values(),
-                                            res["memory"])),
-        "rss_growth_mb": res["memory"]["rss_growth_mb"], "peak_rss_mb": res["memory"]["peak_rss_mb"],
+        "errors": sum(
+            r["errors"]
+            for r in (
+                *B.values(),
+                *R.values(),
+                *res.get("bf16", {}).values(),
+                *res.get("unpacked", {}).values(),
+                res["memory"],
+            )
+        ),
+        "rss_growth_mb": res["memory"]["rss_growth_mb"],
+        "peak_rss_mb": res["memory"]["peak_rss_mb"],
     }
     if "bf16" in res:
         F = res["bf16"]
-        res["summary"].update(bf16_throughput_ratio_8=round(F["c8"]["requests_per_s"] / F["c1"]["requests_per_s"], 2),
-                              bf16_sentences_ratio_8=round(F["c8"]["sentences_per_s"] / F["c1"]["sentences_per_s"], 2),
-                              bf16_over_fp32_c8=round(F["c8"]["requests_per_s"] / B["c8"]["requests_per_s"], 2))
+        res["summary"].update(
+            bf16_throughput_ratio_8=round(F["c8"]["requests_per_s"] / F["c1"]["requests_per_s"], 2),
+            bf16_sentences_ratio_8=round(F["c8"]["sentences_per_s"] / F["c1"]["sentences_per_s"], 2),
+            bf16_over_fp32_c8=round(F["c8"]["requests_per_s"] / B["c8"]["requests_per_s"], 2),
+        )
     if "unpacked" in res:
         U = res["unpacked"]
-        res["summary"].update(unpacked_throughput_ratio_8=round(U["c8"]["requests_per_s"] / U["c1"]["requests_per_s"], 2),
-                              packed_over_unpacked_c1=round(B["c1"]["requests_per_s"] / U["c1"]["requests_per_s"], 2),
-                              packed_over_unpacked_c8=round(B["c8"]["requests_per_s"] / U["c8"]["requests_per_s"], 2))
+        res["summary"].update(
+            unpacked_throughput_ratio_8=round(U["c8"]["requests_per_s"] / U["c1"]["requests_per_s"], 2),
+            packed_over_unpacked_c1=round(B["c1"]["requests_per_s"] / U["c1"]["requests_per_s"], 2),
+            packed_over_unpacked_c8=round(B["c8"]["requests_per_s"] / U["c8"]["requests_per_s"], 2),
+        )
     print(json.dumps(res["summary"], indent=2))
     write_json(args.out, res)
 

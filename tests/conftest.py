@@ -9,14 +9,30 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 TOPICS = {
-    "cats": ["Cats are small carnivorous mammals.", "They are often kept as house pets.",
-             "Cats sleep for most of the day.", "A cat can see well in dim light."],
-    "rivers": ["A river is a natural stream of water.", "Rivers flow toward an ocean or a lake.",
-               "Many cities were built along rivers.", "Floods happen when rivers overflow their banks."],
-    "music": ["Music is the art of arranging sounds.", "Melody and rhythm are basic elements of music.",
-              "Orchestras play music with many instruments.", "Some songs are passed down for generations."],
-    "stars": ["A star is a luminous ball of plasma.", "The Sun is the nearest star to Earth.",
-              "Stars are born in clouds of gas and dust.", "Some stars end their lives as supernovae."],
+    "cats": [
+        "Cats are small carnivorous mammals.",
+        "They are often kept as house pets.",
+        "Cats sleep for most of the day.",
+        "A cat can see well in dim light.",
+    ],
+    "rivers": [
+        "A river is a natural stream of water.",
+        "Rivers flow toward an ocean or a lake.",
+        "Many cities were built along rivers.",
+        "Floods happen when rivers overflow their banks.",
+    ],
+    "music": [
+        "Music is the art of arranging sounds.",
+        "Melody and rhythm are basic elements of music.",
+        "Orchestras play music with many instruments.",
+        "Some songs are passed down for generations.",
+    ],
+    "stars": [
+        "A star is a luminous ball of plasma.",
+        "The Sun is the nearest star to Earth.",
+        "Stars are born in clouds of gas and dust.",
+        "Some stars end their lives as supernovae.",
+    ],
 }
 
 
@@ -66,8 +82,24 @@ def docs_file(tmp_path) -> Path:
 def workdir(tmp_path, monkeypatch) -> Path:
     """Run in a fresh folder with none of the spec's variables set from outside."""
     monkeypatch.chdir(tmp_path)
-    for var in ("SEED", "K", "V", "BS", "OUT_DIR", "OUT_PATH", "OUT_META", "LANG", "MAX_DOCS", "DOCS_JSONL", "CORPUS",
-                "HF_DATASET", "STEPS", "LR", "MODEL", "CODE_MODE"):
+    for var in (
+        "SEED",
+        "K",
+        "V",
+        "BS",
+        "OUT_DIR",
+        "OUT_PATH",
+        "OUT_META",
+        "LANG",
+        "MAX_DOCS",
+        "DOCS_JSONL",
+        "CORPUS",
+        "HF_DATASET",
+        "STEPS",
+        "LR",
+        "MODEL",
+        "CODE_MODE",
+    ):
         monkeypatch.delenv(var, raising=False)
     return tmp_path
 
@@ -80,7 +112,11 @@ def run_script(script: str, *args: str, env: dict | None = None, cwd: Path | Non
     if script == "-c":
         cmd = [sys.executable, "-c", *args]
     else:
-        cmd = [sys.executable, str(ROOT / script), *args] if script.endswith(".py") else [sys.executable, "-m", script, *args]
+        cmd = (
+            [sys.executable, str(ROOT / script), *args]
+            if script.endswith(".py")
+            else [sys.executable, "-m", script, *args]
+        )
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

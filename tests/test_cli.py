@@ -27,7 +27,13 @@ def test_script_missing_input_names_step(tmp_path):
 def test_script_01_with_docs_jsonl_and_flags(tmp_path):
     docs = tmp_path / "docs.jsonl"
     docs.write_text(json.dumps({"text": "The first sentence is long enough. The second one is also fine."}) + "\n")
-    r = run_script("01_make_sentences.py", "--min-len", "10", env={"DOCS_JSONL": str(docs), "MIN_LEN": "500", "MAX_LEN": "1000"}, cwd=tmp_path)
+    r = run_script(
+        "01_make_sentences.py",
+        "--min-len",
+        "10",
+        env={"DOCS_JSONL": str(docs), "MIN_LEN": "500", "MAX_LEN": "1000"},
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     rows = (tmp_path / "data/sentences.jsonl").read_text().splitlines()
     assert len(rows) == 2  # the flag (10) won over the environment (500)
@@ -36,7 +42,9 @@ def test_script_01_with_docs_jsonl_and_flags(tmp_path):
 
 
 def test_export_tool_offline_error(tmp_path):
-    r = run_script("tools/export_wikimedia_wikipedia.py", env={"MAX_DOCS": "3", "HF_HUB_OFFLINE": "1"}, cwd=tmp_path, timeout=300)
+    r = run_script(
+        "tools/export_wikimedia_wikipedia.py", env={"MAX_DOCS": "3", "HF_HUB_OFFLINE": "1"}, cwd=tmp_path, timeout=300
+    )
     assert r.returncode == 2, r.stderr
     assert "could not load Hugging Face dataset 'wikimedia/wikipedia'" in r.stderr and "CORPUS=wiki" in r.stderr
     assert not (tmp_path / "data/raw/docs.jsonl").exists()

@@ -2,8 +2,8 @@ import pytest
 
 from next_speed.core.config import resolve
 from next_speed.core.errors import ConfigError
-from next_speed.quant.rvq import RVQConfig
 from next_speed.data.sentences import SentencesConfig
+from next_speed.quant.rvq import RVQConfig
 from next_speed.training.train_planner import PlannerTrainConfig
 
 
@@ -15,9 +15,15 @@ def test_defaults_env_then_cli():
     assert resolve(RVQConfig, environ={"K": "5"}, base={"k": 3}).k == 5
 
 
-@pytest.mark.parametrize("env,needle", [
-    ({"K": "0"}, "K=0"), ({"V": "1"}, "V=1"), ({"K": "abc"}, "K='abc'"), ({"NITER": "-1"}, "NITER"),
-])
+@pytest.mark.parametrize(
+    "env,needle",
+    [
+        ({"K": "0"}, "K=0"),
+        ({"V": "1"}, "V=1"),
+        ({"K": "abc"}, "K='abc'"),
+        ({"NITER": "-1"}, "NITER"),
+    ],
+)
 def test_invalid_values_name_the_knob(env, needle):
     with pytest.raises(ConfigError, match=needle):
         resolve(RVQConfig, environ=env)
@@ -52,8 +58,13 @@ def test_numbers_are_finite_and_typed():
     boolean given for a number, a fraction for a count and a seed past 32 bits."""
     from next_speed.generation.generate import GenerateConfig
 
-    for env, knob in (({"TEMP": "nan"}, "TEMP"), ({"TOP_P": "inf"}, "TOP_P"), ({"TEMP": "-Infinity"}, "TEMP"),
-                      ({"SEED": str(2**64)}, "SEED"), ({"SEED": "-1"}, "SEED")):
+    for env, knob in (
+        ({"TEMP": "nan"}, "TEMP"),
+        ({"TOP_P": "inf"}, "TOP_P"),
+        ({"TEMP": "-Infinity"}, "TEMP"),
+        ({"SEED": str(2**64)}, "SEED"),
+        ({"SEED": "-1"}, "SEED"),
+    ):
         with pytest.raises(ConfigError, match=knob):
             resolve(GenerateConfig, environ=env)
     for cli, knob in (({"n_cand": True}, "N_CAND"), ({"n_cand": 2.5}, "N_CAND"), ({"temp": float("nan")}, "TEMP")):

@@ -8,12 +8,12 @@ import pytest
 
 from next_speed.core.artifacts import atomic_path, read_jsonl
 from next_speed.core.config import resolve
+from next_speed.core.errors import ConfigError, NextSpeedError, StaleInputError
 from next_speed.data.corpus import group_wikitext, hf_docs
 from next_speed.data.embed import EmbedConfig, embed_sentences, load_encoder
-from next_speed.core.errors import ConfigError, NextSpeedError, StaleInputError
-from next_speed.quant.rvq import RVQ, RVQConfig, RVQEvalConfig, fit_rvq, rvq_report
 from next_speed.data.sentences import SentencesConfig, make_sentences
 from next_speed.data.trainsets import TrainSetsConfig, build_training_sets
+from next_speed.quant.rvq import RVQ, RVQConfig, RVQEvalConfig, fit_rvq, rvq_report
 
 
 def run_01_04(docs_file, encoder, k=2, v=4, **env):
@@ -25,7 +25,9 @@ def run_01_04(docs_file, encoder, k=2, v=4, **env):
 
 
 def test_sentences_keep_doc_and_position(workdir, docs_file):
-    meta = make_sentences(resolve(SentencesConfig, environ={"DOCS_JSONL": str(docs_file), "NUM_PROC": "1", "MIN_LEN": "35"}))
+    meta = make_sentences(
+        resolve(SentencesConfig, environ={"DOCS_JSONL": str(docs_file), "NUM_PROC": "1", "MIN_LEN": "35"})
+    )
     rows = list(read_jsonl("data/sentences.jsonl"))
     assert meta["counts"]["sentences"] == len(rows) > 0
     assert meta["counts"]["dropped_short"] > 0  # "Cats are small carnivorous mammals." stays; shorter ones go
@@ -41,8 +43,18 @@ def test_sentences_keep_doc_and_position(workdir, docs_file):
 def test_parallel_split_matches_serial(workdir, docs_file):
     big = workdir / "big.jsonl"
     big.write_text(docs_file.read_text() * 4)  # > 64 docs, so the pool is used
-    make_sentences(resolve(SentencesConfig, environ={"DOCS_JSONL": str(big), "NUM_PROC": "1", "SENT_PATH": "a.jsonl", "SENT_META": "a.json"}))
-    make_sentences(resolve(SentencesConfig, environ={"DOCS_JSONL": str(big), "NUM_PROC": "2", "SENT_PATH": "b.jsonl", "SENT_META": "b.json"}))
+    make_sentences(
+        resolve(
+            SentencesConfig,
+            environ={"DOCS_JSONL": str(big), "NUM_PROC": "1", "SENT_PATH": "a.jsonl", "SENT_META": "a.json"},
+        )
+    )
+    make_sentences(
+        resolve(
+            SentencesConfig,
+            environ={"DOCS_JSONL": str(big), "NUM_PROC": "2", "SENT_PATH": "b.jsonl", "SENT_META": "b.json"},
+        )
+    )
     assert Path("a.jsonl").read_text() == Path("b.jsonl").read_text()
 
 
@@ -148,10 +160,14 @@ def test_spherical_fit_keeps_every_level_alive():
     stats = {m: level_stats(x, r, r.encode(x)) for m, r in fits.items()}
     assert min(s["perplexity"] for s in stats["spherical"]) >= 32 / 4, stats["spherical"]
     assert stats["spherical"][-1]["rel_error"] <= stats["kmeans"][-1]["rel_error"] + 1e-3
-    levels = [{"level": 0, "rel_error": 0.5, "cosine": 0.7, "used": 32, "perplexity": 30.0},
-              {"level": 1, "rel_error": 0.4, "cosine": 0.8, "used": 32, "perplexity": 2.5}]
+    levels = [
+        {"level": 0, "rel_error": 0.5, "cosine": 0.7, "used": 32, "perplexity": 30.0},
+        {"level": 1, "rel_error": 0.4, "cosine": 0.8, "used": 32, "perplexity": 2.5},
+    ]
     assert [r["level"] for r in collapsed_levels(levels, 32)] == [1]
-    text = format_report({"K": 2, "V": 32, "rows": 10, "beam": 1, "levels": levels, "shared_tuple_share": 0.0, "unique_tuples": 9})
+    text = format_report(
+        {"K": 2, "V": 32, "rows": 10, "beam": 1, "levels": levels, "shared_tuple_share": 0.0, "unique_tuples": 9}
+    )
     assert "warning: level 1 has collapsed" in text and "warning: level 0" not in text
     with pytest.raises(ConfigError, match="RVQ_FIT"):
         RVQ.fit(x, K=1, V=4, method="lloyd")
@@ -221,16 +237,14 @@ def test_stale_inputs_are_refused(workdir, docs_file, tiny_encoder):
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "x.json"
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
     assert not target.exists() and list(tmp_path.iterdir()) == []
     target.write_text("old")
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_path(target) as tmp:
-            tmp.write_text("new, half")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:
+        tmp.write_text("new, half")
+        raise KeyboardInterrupt
     assert target.read_text() == "old" and len(list(tmp_path.iterdir())) == 1
 
 

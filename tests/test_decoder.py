@@ -5,17 +5,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TOPICS, run_script
 
 from next_speed.core.artifacts import make_meta, write_json, write_jsonl
 from next_speed.core.config import resolve
-from next_speed.models.decoder_model import (Conditioning, add_code_tokens_to_tokenizer, code_token, encode_example,
-                                      init_code_embeddings, load_decoder)
 from next_speed.core.errors import ConfigError, NextSpeedError, StaleInputError
+from next_speed.models.decoder_model import (
+    Conditioning,
+    add_code_tokens_to_tokenizer,
+    code_token,
+    encode_example,
+    init_code_embeddings,
+    load_decoder,
+)
 from next_speed.models.tiny import build_tiny_causal_lm, build_tiny_seq2seq
-from next_speed.training.train_decoder import (DecoderEvalConfig, DecoderTrainConfig, eval_decoder, format_decoder_eval,
-                                      train_decoder)
-
-from conftest import TOPICS, run_script
+from next_speed.training.train_decoder import (
+    DecoderEvalConfig,
+    DecoderTrainConfig,
+    eval_decoder,
+    format_decoder_eval,
+    train_decoder,
+)
 
 SENTS = [s for v in TOPICS.values() for s in v]
 
@@ -38,20 +48,38 @@ def write_decoder_sets(root: Path, K=2, V=4, n_docs=12):
         sents = TOPICS[topic]
         for i, s in enumerate(sents):
             codes = [d % 4, i % V][:K] + [0] * max(0, K - 2)
-            rows["val" if d < 2 else "train"].append({"doc": d, "pos": i, "context": " ".join(sents[max(0, i - 2) : i]),
-                                                       "codes": codes, "target": s})
+            rows["val" if d < 2 else "train"].append(
+                {"doc": d, "pos": i, "context": " ".join(sents[max(0, i - 2) : i]), "codes": codes, "target": s}
+            )
     paths = {n: root / f"data/decoder_{n}.jsonl" for n in rows}
     for n, p in paths.items():
         write_jsonl(p, rows[n])
-    write_json(root / "data/train_meta.json", make_meta("trainsets", {"context_sents": 2},
-                                                         outputs={"dec_train": paths["train"], "dec_val": paths["val"]},
-                                                         K=K, V=V, rvq_path="out/rvq.npz"))
+    write_json(
+        root / "data/train_meta.json",
+        make_meta(
+            "trainsets",
+            {"context_sents": 2},
+            outputs={"dec_train": paths["train"], "dec_val": paths["val"]},
+            K=K,
+            V=V,
+            rvq_path="out/rvq.npz",
+        ),
+    )
     return rows
 
 
 def env(model, **kw):
-    e = {"MODEL": model, "MAX_STEPS": "6", "EVAL_EVERY": "3", "TRAIN_BS": "4", "LR": "1e-3", "WARMUP": "1", "DEVICE": "cpu",
-         "TRAIN_LAYERS": "all", "VAL_ROWS": "8"}
+    e = {
+        "MODEL": model,
+        "MAX_STEPS": "6",
+        "EVAL_EVERY": "3",
+        "TRAIN_BS": "4",
+        "LR": "1e-3",
+        "WARMUP": "1",
+        "DEVICE": "cpu",
+        "TRAIN_LAYERS": "all",
+        "VAL_ROWS": "8",
+    }
     e.update({k: str(v) for k, v in kw.items()})
     return e
 
@@ -77,8 +105,13 @@ def test_code_embedding_init_is_in_distribution(tiny_llama):
     cond = Conditioning(K=2, V=4)
     n = len(tok)
     add_code_tokens_to_tokenizer(tok, cond)
-    init_code_embeddings(model, tok, cond, n, {(0, 1): ["Cats sleep for most of the day."],
-                                               (1, 2): ["A river is a natural stream of water."]})
+    init_code_embeddings(
+        model,
+        tok,
+        cond,
+        n,
+        {(0, 1): ["Cats sleep for most of the day."], (1, 2): ["A river is a natural stream of water."]},
+    )
     emb = model.get_input_embeddings().weight.detach()
     mean = emb[:n].mean(0)
     spread = (emb[:n] - mean).norm(dim=1).mean()
@@ -238,8 +271,11 @@ def test_codes_value_report(workdir, tiny_llama):
 def test_cli_spec_commands(workdir, tiny_llama):
     write_decoder_sets(workdir)
     base = env(tiny_llama)
-    r = run_script("06_train_decoder.py", env={**base, "NUM_PROC": "2", "CACHE_TOKENIZED": "1", "MAP_BATCH_SIZE": "5",
-                                                "PRETOKENIZE_ONLY": "1"}, cwd=workdir)
+    r = run_script(
+        "06_train_decoder.py",
+        env={**base, "NUM_PROC": "2", "CACHE_TOKENIZED": "1", "MAP_BATCH_SIZE": "5", "PRETOKENIZE_ONLY": "1"},
+        cwd=workdir,
+    )
     assert r.returncode == 0, r.stderr
     assert "tokenized" in r.stdout and not (workdir / "out/decoder").exists()
     r = run_script("06_train_decoder.py", env={**base, "CODE_MODE": "none"}, cwd=workdir)
@@ -248,6 +284,7 @@ def test_cli_spec_commands(workdir, tiny_llama):
 
 
 # ---------------------------------------------------------------------- the plan reaches the decoder
+
 
 def write_rvq(root: Path, K=2, V=4, D=16, seed=0):
     """A small random RVQ at out/rvq.npz, recorded in the training sets' metadata."""
@@ -276,14 +313,29 @@ def write_code_function_sets(root: Path, n_train=96, n_val=24, seed=0):
     for split, n in (("train", n_train), ("val", n_val)):
         for i in range(n):
             c0, c1 = rng.randrange(4), rng.randrange(4)
-            rows[split].append({"doc": i if split == "train" else 10_000 + i, "pos": 1, "context": "Here is a sentence.",
-                                "codes": [c0, c1], "target": TOPICS[names[c0]][c1]})
+            rows[split].append(
+                {
+                    "doc": i if split == "train" else 10_000 + i,
+                    "pos": 1,
+                    "context": "Here is a sentence.",
+                    "codes": [c0, c1],
+                    "target": TOPICS[names[c0]][c1],
+                }
+            )
     paths = {n: root / f"data/decoder_{n}.jsonl" for n in rows}
     for n, p in paths.items():
         write_jsonl(p, rows[n])
-    write_json(root / "data/train_meta.json", make_meta("trainsets", {"context_sents": 1},
-                                                         outputs={"dec_train": paths["train"], "dec_val": paths["val"]},
-                                                         K=2, V=4, rvq_path="out/rvq.npz"))
+    write_json(
+        root / "data/train_meta.json",
+        make_meta(
+            "trainsets",
+            {"context_sents": 1},
+            outputs={"dec_train": paths["train"], "dec_val": paths["val"]},
+            K=2,
+            V=4,
+            rvq_path="out/rvq.npz",
+        ),
+    )
     write_rvq(root)
     return rows
 
@@ -294,9 +346,22 @@ def test_conditioning_learns_the_codes(workdir, tiny_llama, mode):
     depends on nothing else. (The random-init tiny LM cannot learn language with its top block
     alone, so all of it trains here and the plan enters at block 0.)"""
     write_code_function_sets(workdir)
-    info = train_decoder(resolve(DecoderTrainConfig, environ=env(
-        tiny_llama, CODE_MODE=mode, MAX_STEPS=60, NUM_EPOCHS=20, EVAL_EVERY=20, TRAIN_BS=8, LR="1e-2", ADAPTER_LR="3e-2",
-        VAL_ROWS=24)))
+    info = train_decoder(
+        resolve(
+            DecoderTrainConfig,
+            environ=env(
+                tiny_llama,
+                CODE_MODE=mode,
+                MAX_STEPS=60,
+                NUM_EPOCHS=20,
+                EVAL_EVERY=20,
+                TRAIN_BS=8,
+                LR="1e-2",
+                ADAPTER_LR="3e-2",
+                VAL_ROWS=24,
+            ),
+        )
+    )
     if mode == "inject":
         assert info["selection"]["inject_layer"] == 0 and info["selection"]["adapter_params"] > 0
     res = eval_decoder(resolve(DecoderEvalConfig, environ={"DEVICE": "cpu", "VAL_ROWS": "24", "TRAIN_NONE": "0"}))
@@ -332,15 +397,20 @@ def test_preset_path_reads_the_plan(tiny_llama):
     model.model.layers[1].register_forward_pre_hook(keep_input, with_kwargs=True)
 
     def loss(codes, ex):
-        batch = collate([encode_example(tok, cond, "Rivers flow.", codes, "Cats sleep.", ex)], tok.pad_token_id, "causal")
+        batch = collate(
+            [encode_example(tok, cond, "Rivers flow.", codes, "Cats sleep.", ex)], tok.pad_token_id, "causal"
+        )
         s, n = token_losses(model, batch, "causal")
         return (s.sum() / n.sum()), batch
 
     true, batch = loss([1, 2], ["Stars shine.", "Rivers flow."])
     true.backward()
     n_prompt = int((batch["labels"][0] == -100).sum())
-    plan_len = len(tok(" ".join(["Stars shine.", "Rivers flow."]) + "\n" + cond.codes_text([1, 2]) + "\n",
-                       add_special_tokens=False)["input_ids"])
+    plan_len = len(
+        tok(
+            " ".join(["Stars shine.", "Rivers flow."]) + "\n" + cond.codes_text([1, 2]) + "\n", add_special_tokens=False
+        )["input_ids"]
+    )
     g = seen["h"].grad[0, n_prompt - plan_len : n_prompt - 1].abs().sum(-1)
     assert (g > 0).all(), g  # every plan token but the last (whose output predicts the target) is read
     assert model.model.layers[1].self_attn.k_proj.weight.grad.abs().sum() > 0
@@ -353,7 +423,7 @@ def test_inject_parameters_receive_gradient(workdir, tiny_llama):
     """On CODE_MODE=inject's path, the adapter (the plan's only way in) gets gradient; frozen blocks do not."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from next_speed.models.decoder_model import (PlanInjector, attach_injector, build_plan_adapter, collate, token_losses)
+    from next_speed.models.decoder_model import PlanInjector, attach_injector, build_plan_adapter, collate, token_losses
     from next_speed.training.train_decoder import select_trainable
 
     rvq_books = torch.randn(2, 4, 16)
@@ -364,8 +434,14 @@ def test_inject_parameters_receive_gradient(workdir, tiny_llama):
     adapter = build_plan_adapter(rvq_books, model.config.hidden_size, 16, 1.0)
     torch.nn.init.normal_(adapter.out.weight, std=0.1)  # off zero, so the first layer gets gradient too
     attach_injector(model, PlanInjector(model, adapter, 1))
-    batch = collate([encode_example(tok, cond, "Rivers flow.", [1, 2], "Cats sleep."),
-                     encode_example(tok, cond, "Stars shine.", [3, 0], "A river is long.")], tok.pad_token_id, "causal")
+    batch = collate(
+        [
+            encode_example(tok, cond, "Rivers flow.", [1, 2], "Cats sleep."),
+            encode_example(tok, cond, "Stars shine.", [3, 0], "A river is long."),
+        ],
+        tok.pad_token_id,
+        "causal",
+    )
     s, n = token_losses(model, batch, "causal")
     (s.sum() / n.sum()).backward()
     assert adapter.inp.weight.grad is not None and adapter.inp.weight.grad.abs().sum() > 0
@@ -385,7 +461,9 @@ def test_untrained_adapter_changes_nothing(tiny_llama):
     cond = Conditioning(K=2, V=4, code_mode="inject", max_in=32, max_out=16)
     batch = collate([encode_example(tok, cond, "Rivers flow.", [1, 2], "Cats sleep.")], tok.pad_token_id, "causal")
     before, _ = token_losses(model, batch, "causal")
-    attach_injector(model, PlanInjector(model, build_plan_adapter(torch.randn(2, 4, 16), model.config.hidden_size, 16, 5.0), 0))
+    attach_injector(
+        model, PlanInjector(model, build_plan_adapter(torch.randn(2, 4, 16), model.config.hidden_size, 16, 5.0), 0)
+    )
     after, _ = token_losses(model, batch, "causal")
     assert torch.equal(before, after)
 
@@ -400,8 +478,14 @@ def test_label_only_lm_head_matches_full_logits(tiny_llama):
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     cond = Conditioning(K=2, V=4, code_mode="none", max_in=32, max_out=16)
-    batch = collate([encode_example(tok, cond, "Rivers flow toward an ocean.", [1, 2], "Cats sleep."),
-                     encode_example(tok, cond, "", [3, 0], "A river is a natural stream of water.")], tok.pad_token_id, "causal")
+    batch = collate(
+        [
+            encode_example(tok, cond, "Rivers flow toward an ocean.", [1, 2], "Cats sleep."),
+            encode_example(tok, cond, "", [3, 0], "A river is a natural stream of water."),
+        ],
+        tok.pad_token_id,
+        "causal",
+    )
     s, n = token_losses(model, batch, "causal")
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     ref = F.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100, reduction="none").sum(1)
@@ -449,7 +533,9 @@ def test_oracle_exemplars_say_why_they_are_skipped(tmp_path):
     from next_speed.training.train_decoder import _oracle_exemplars
 
     emb = np.eye(3, dtype="float32")
-    bank = ExemplarBank(texts=["x", "y", "z"], docs=[1, 2, 3], emb=emb, codebooks=np.zeros((1, 2, 3), "float32"), codes=[[0]] * 3)
+    bank = ExemplarBank(
+        texts=["x", "y", "z"], docs=[1, 2, 3], emb=emb, codebooks=np.zeros((1, 2, 3), "float32"), codes=[[0]] * 3
+    )
 
     class Model:
         pass
@@ -460,8 +546,10 @@ def test_oracle_exemplars_say_why_they_are_skipped(tmp_path):
     rows = [{"sid": 1, "doc": 9, "target": "t"}]
     tm = tmp_path / "train_meta.json"
     meta = {"train": {"train_meta": str(tm)}}
-    assert _oracle_exemplars(m, cond, meta, rows, "val.jsonl") == (None, f"no oracle-exemplar bound: {tm} is not a readable "
-                                                                         "training-sets metadata file")
+    assert _oracle_exemplars(m, cond, meta, rows, "val.jsonl") == (
+        None,
+        f"no oracle-exemplar bound: {tm} is not a readable training-sets metadata file",
+    )
     tm.write_text(json.dumps({"emb_path": str(tmp_path / "emb.npy")}))
     got, why = _oracle_exemplars(m, cond, meta, rows, "val.jsonl")
     assert got is None and "emb.npy" in why and "missing" in why
@@ -469,7 +557,10 @@ def test_oracle_exemplars_say_why_they_are_skipped(tmp_path):
     assert _oracle_exemplars(m, cond, meta, rows, "val.jsonl") == ([["y"]], None)
     got, why = _oracle_exemplars(m, cond, meta, [{"sid": 7, "doc": 9, "target": "t"}], "val.jsonl")
     assert got is None and "val.jsonl names sentence rows beyond" in why
-    assert _oracle_exemplars(m, Conditioning(K=1, V=2), meta, rows, "val.jsonl") == (None, None)  # no exemplars: no bound
+    assert _oracle_exemplars(m, Conditioning(K=1, V=2), meta, rows, "val.jsonl") == (
+        None,
+        None,
+    )  # no exemplars: no bound
 
 
 def test_exemplars_enter_the_prompt_whole(tiny_llama):
@@ -481,8 +572,14 @@ def test_exemplars_enter_the_prompt_whole(tiny_llama):
     prompt = tok.decode([t for t, l in zip(ex["input_ids"], ex["labels"]) if l == -100])
     assert prompt.rstrip().endswith("Stars shine. Rivers flow.") and len([l for l in ex["labels"] if l == -100]) <= 40
     assert SENTS[-1][-8:] in prompt  # the latest context stays, cut from the left
-    plain = encode_example(tok, Conditioning(K=2, V=4, code_mode="inject", max_in=40, max_out=16), "Rivers flow.", [1, 2], "Cats sleep.",
-                           ["Stars shine."])
+    plain = encode_example(
+        tok,
+        Conditioning(K=2, V=4, code_mode="inject", max_in=40, max_out=16),
+        "Rivers flow.",
+        [1, 2],
+        "Cats sleep.",
+        ["Stars shine."],
+    )
     assert "Stars" not in tok.decode(plain["input_ids"])  # a decoder trained without exemplars ignores them
 
 
@@ -490,8 +587,12 @@ def test_time_budget_replans_the_schedule(workdir, tiny_llama):
     """TIME_BUDGET re-plans the step count after three steps, so the learning rate has decayed when
     the budget ends (without the re-plan it would still be near its peak at step ~1% of 2,000)."""
     write_decoder_sets(workdir)
-    info = train_decoder(resolve(DecoderTrainConfig, environ=env(
-        tiny_llama, MAX_STEPS=2000, NUM_EPOCHS=1000, TIME_BUDGET=0.05, EVAL_EVERY=1000, WARMUP=1)))
+    info = train_decoder(
+        resolve(
+            DecoderTrainConfig,
+            environ=env(tiny_llama, MAX_STEPS=2000, NUM_EPOCHS=1000, TIME_BUDGET=0.05, EVAL_EVERY=1000, WARMUP=1),
+        )
+    )
     assert 3 < info["steps"] < 2000 and info["seconds"] < 60, info["steps"]
     assert info["history"][-1]["lr"] < 0.7 * 1e-3, info["history"][-1]
 
@@ -530,9 +631,9 @@ def test_engine_with_injected_plan_equals_generate(tiny_llama):
     rows dropped as they end) writes what transformers' generate writes, and the plan changes it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from next_speed.models.decoder_model import PlanInjector, attach_injector, build_plan_adapter
     from next_speed.generation.engine import DecodeEngine, PromptCache, SentenceJob
     from next_speed.generation.generate import GenParams
+    from next_speed.models.decoder_model import PlanInjector, attach_injector, build_plan_adapter
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(tiny_llama)
@@ -550,7 +651,9 @@ def test_engine_with_injected_plan_equals_generate(tiny_llama):
 
     def job(ctx, plan, cache=None):
         ex = encode_example(tok, cond, ctx, plan, None)
-        return SentenceJob(prompt=ex["input_ids"], n=2, params=p, seed=0, planned=plan, plan_start=ex["plan_start"], cache=cache)
+        return SentenceJob(
+            prompt=ex["input_ids"], n=2, params=p, seed=0, planned=plan, plan_start=ex["plan_start"], cache=cache
+        )
 
     cache = PromptCache()
     outs = {}

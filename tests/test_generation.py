@@ -12,12 +12,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, free_port, run_script, wait_healthy
 
 from next_speed.core.config import resolve
 from next_speed.core.errors import ConfigError, StaleInputError
 from next_speed.generation.generate import GenerateConfig, SentenceGenerator, match_score, run_generate
-
-from conftest import ROOT, free_port, run_script, wait_healthy
 
 
 @pytest.fixture()
@@ -30,9 +29,20 @@ def in_run(tiny_run, monkeypatch):
 def gen(in_run):
     # REPEAT_COS off: the random-init stand-in encoder puts every sentence near every other; one
     # plan per step (the tests of several plans ask for them)
-    return SentenceGenerator(resolve(GenerateConfig, environ={"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu",
-                                                             "MAX_NEW_TOKENS": "10", "N_CAND": "3", "REPEAT_COS": "1.01",
-                                                             "PLANS": "1", "UNPLANNED": "0"}))
+    return SentenceGenerator(
+        resolve(
+            GenerateConfig,
+            environ={
+                "EMB_MODEL": "cache/tiny/encoder",
+                "DEVICE": "cpu",
+                "MAX_NEW_TOKENS": "10",
+                "N_CAND": "3",
+                "REPEAT_COS": "1.01",
+                "PLANS": "1",
+                "UNPLANNED": "0",
+            },
+        )
+    )
 
 
 def test_loop_shapes_and_determinism(gen):
@@ -58,6 +68,7 @@ def no_logprob(out):
 
 def _fake_render(gen, monkeypatch, fn):
     """Replace the decoder: every sentence step's candidates come from fn(context, plan, params, seed, exemplars)."""
+
     def render_jobs(jobs):
         for j in jobs:
             j.out = fn(j.context, j.planned, j.params, j.seed, j.exemplars)
@@ -66,7 +77,9 @@ def _fake_render(gen, monkeypatch, fn):
 
 
 def _rendered(texts, ended=True):
-    return lambda ctx, codes, p, seed, exemplars=None: [{"text": t, "ended": ended, "tokens": len(t.split())} for t in texts[: p.n_cand]]
+    return lambda ctx, codes, p, seed, exemplars=None: [
+        {"text": t, "ended": ended, "tokens": len(t.split())} for t in texts[: p.n_cand]
+    ]
 
 
 def test_rerank_picks_best_match(gen, monkeypatch):
@@ -75,8 +88,15 @@ def test_rerank_picks_best_match(gen, monkeypatch):
 
     def fake_score(planned, candidates, return_embeddings=False, embeddings=None):
         prefixes = {"first": 0, "second": 2, "third": 1}
-        return [{"text": c, "codes": list(planned) if prefixes[c.split()[0]] == 2 else [0] * len(planned),
-                 "prefix": prefixes[c.split()[0]], "cosine": 0.5} for c in candidates]
+        return [
+            {
+                "text": c,
+                "codes": list(planned) if prefixes[c.split()[0]] == 2 else [0] * len(planned),
+                "prefix": prefixes[c.split()[0]],
+                "cosine": 0.5,
+            }
+            for c in candidates
+        ]
 
     monkeypatch.setattr(gen, "score", fake_score)
     legacy = {"rerank_context": 0.0, "rerank_repeat": 0.0, "rerank_fluency": 0.0}  # the code match alone
@@ -85,8 +105,15 @@ def test_rerank_picks_best_match(gen, monkeypatch):
     assert res.realized[0] == res.planned[0]
     assert match_score([1, 2, 3], [1, 2, 0], 0.1) > match_score([1, 2, 3], [1, 0, 3], 0.9)
     # a candidate cut by MAX_NEW_TOKENS loses to one that ended, whatever its codes
-    _fake_render(gen, monkeypatch, lambda ctx, codes, p, seed, exemplars=None: [
-        {"text": cands[0], "ended": True, "tokens": 3}, {"text": cands[1], "ended": False, "tokens": 3}, {"text": cands[2], "ended": True, "tokens": 3}])
+    _fake_render(
+        gen,
+        monkeypatch,
+        lambda ctx, codes, p, seed, exemplars=None: [
+            {"text": cands[0], "ended": True, "tokens": 3},
+            {"text": cands[1], "ended": False, "tokens": 3},
+            {"text": cands[2], "ended": True, "tokens": 3},
+        ],
+    )
     res = gen.run("A prompt sentence is here.", 1, rerank=True, **legacy)
     assert res.sentences == ["third candidate sentence."] and res.steps[0].candidates[1]["ended"] is False
 
@@ -99,7 +126,9 @@ def test_stop_rules(gen, monkeypatch):
     res = gen.run("A prompt sentence is here.", 3)
     assert res.sentences == [] and res.stop_reason == "repeat"
     seq = iter(["One new sentence.", "Another new sentence.", "One new sentence."])
-    _fake_render(gen, monkeypatch, lambda ctx, codes, p, seed, exemplars=None: [{"text": next(seq), "ended": True, "tokens": 3}])
+    _fake_render(
+        gen, monkeypatch, lambda ctx, codes, p, seed, exemplars=None: [{"text": next(seq), "ended": True, "tokens": 3}]
+    )
     res = gen.run("A prompt sentence is here.", 5, n_cand=1, rerank=False, retries=0)
     assert res.sentences == ["One new sentence.", "Another new sentence."] and res.stop_reason == "repeat"
 
@@ -135,8 +164,16 @@ def test_select_candidate_is_the_one_rule():
     from next_speed.generation.generate import GenParams, select_candidate
 
     def c(prefix, cos, ended=True, refused=None, ctx=0.0, overlap=0.0):
-        return {"prefix": prefix, "cosine": cos, "ended": ended, "refused": refused, "context_cos": ctx,
-                "pair_overlap": overlap, "logprob": -4.0, "tokens": 3}
+        return {
+            "prefix": prefix,
+            "cosine": cos,
+            "ended": ended,
+            "refused": refused,
+            "context_cos": ctx,
+            "pair_overlap": overlap,
+            "logprob": -4.0,
+            "tokens": 3,
+        }
 
     p = GenParams(rerank_context=0.0, rerank_repeat=0.0)  # no weight: the code match alone
     assert select_candidate([c(6, 1.0, refused="repeat"), c(1, 0.2)], p) == 1
@@ -149,7 +186,10 @@ def test_select_candidate_is_the_one_rule():
     assert select_candidate([c(6, 1.0, ended=False)], p, truncated_ok=False) is None
     assert select_candidate([c(6, 1.0, ended=False)], p) == 0
     # weighed: the text so far counts, repeated word pairs cost
-    assert select_candidate([c(3, 0.5, ctx=0.1), c(0, 0.45, ctx=0.6)], GenParams(rerank_context=1.0, rerank_repeat=0.0)) == 1
+    assert (
+        select_candidate([c(3, 0.5, ctx=0.1), c(0, 0.45, ctx=0.6)], GenParams(rerank_context=1.0, rerank_repeat=0.0))
+        == 1
+    )
     assert select_candidate([c(0, 0.5, overlap=0.5), c(0, 0.45)], GenParams(rerank_context=0.0, rerank_repeat=1.0)) == 1
 
 
@@ -176,7 +216,10 @@ def test_several_plans_share_one_step(gen, monkeypatch):
     # PLANS=1 keeps the one-plan text and seeds
     one = gen.run("Paris is the capital of France. It lies on the Seine.", 2, seed=5, n_cand=2)
     seen_steps.clear()
-    assert gen.run("Paris is the capital of France. It lies on the Seine.", 2, seed=5, n_cand=2, plans=1).sentences == one.sentences
+    assert (
+        gen.run("Paris is the capital of France. It lies on the Seine.", 2, seed=5, n_cand=2, plans=1).sentences
+        == one.sentences
+    )
 
 
 def test_copy_guard(gen, monkeypatch):
@@ -216,10 +259,19 @@ def test_semantic_repeat_stops(gen, monkeypatch):
     """LCM's rule: a candidate whose embedding is within REPEAT_COS of an earlier sentence is a repeat."""
     import numpy as np
 
-    vecs = {"A prompt sentence is here.": [1, 0, 0], "Here is a prompt sentence.": [0.99, 0.141, 0], "Something else.": [0, 1, 0]}
+    vecs = {
+        "A prompt sentence is here.": [1, 0, 0],
+        "Here is a prompt sentence.": [0.99, 0.141, 0],
+        "Something else.": [0, 1, 0],
+    }
     dim = gen.rvq.D
-    monkeypatch.setattr(gen, "embed", lambda texts: np.asarray(
-        [np.pad(np.asarray(vecs.get(t, [0, 0, 1]), dtype="float32"), (0, dim - 3)) for t in texts], dtype="float32"))
+    monkeypatch.setattr(
+        gen,
+        "embed",
+        lambda texts: np.asarray(
+            [np.pad(np.asarray(vecs.get(t, [0, 0, 1]), dtype="float32"), (0, dim - 3)) for t in texts], dtype="float32"
+        ),
+    )
     _fake_render(gen, monkeypatch, _rendered(["Here is a prompt sentence."]))
     res = gen.run("A prompt sentence is here.", 2, n_cand=1, repeat_cos=0.9)
     assert res.sentences == [] and res.stop_reason == "repeat" and res.steps[0].candidates[0]["repeat_cos"] > 0.98
@@ -247,9 +299,13 @@ def test_repetition_guards_spare_the_prompt(gen):
     # in a real step the guards get the sentence so far (empty at first), never the prompt's tokens
     calls = []
     orig = gen.engine._choose
-    gen.engine._choose = lambda job, logits, generated, g, procs: calls.append([list(x) for x in generated]) or orig(job, logits, generated, g, procs)
+    gen.engine._choose = lambda job, logits, generated, g, procs: (
+        calls.append([list(x) for x in generated]) or orig(job, logits, generated, g, procs)
+    )
     try:
-        job = gen.make_job("Paris is the capital of France.", [0] * gen.rvq.K, replace_params(gen, n_cand=1, max_new_tokens=4), seed=0)
+        job = gen.make_job(
+            "Paris is the capital of France.", [0] * gen.rvq.K, replace_params(gen, n_cand=1, max_new_tokens=4), seed=0
+        )
         gen.render_jobs([job])
     finally:
         gen.engine._choose = orig
@@ -279,14 +335,24 @@ def test_bad_calls(gen):
 
 
 def test_generate_log_schema(in_run, gen):
-    cfg = resolve(GenerateConfig, environ={"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "RUN_ID": "t1",
-                                           "PROMPT": "Paris is the capital of France.", "MAX_NEW_TOKENS": "8"})
+    cfg = resolve(
+        GenerateConfig,
+        environ={
+            "EMB_MODEL": "cache/tiny/encoder",
+            "DEVICE": "cpu",
+            "RUN_ID": "t1",
+            "PROMPT": "Paris is the capital of France.",
+            "MAX_NEW_TOKENS": "8",
+        },
+    )
     out = run_generate(cfg, generator=gen)
     log = json.loads(Path("out/generate/t1.json").read_text())
     assert out["out_path"] == "out/generate/t1.json"
     assert log["run_id"] == "t1" and log["settings"]["prompt"] == "Paris is the capital of France."
     run = log["runs"][0]
-    assert {"prompt", "sentences", "planned", "realized", "steps", "stop_reason", "timings", "text", "params"} <= set(run)
+    assert {"prompt", "sentences", "planned", "realized", "steps", "stop_reason", "timings", "text", "params"} <= set(
+        run
+    )
     step = run["steps"][0]
     assert {"planned", "candidates", "chosen", "sentence", "realized", "timings"} <= set(step)
     assert {"text", "codes", "prefix", "cosine"} <= set(step["candidates"][0])
@@ -300,7 +366,15 @@ def test_bf16_decoder_at_generation(in_run, gen, monkeypatch):
 
     from next_speed.core import runtime
 
-    env = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "8", "N_CAND": "3", "REPEAT_COS": "1.01", "PLANS": "1", "UNPLANNED": "0"}
+    env = {
+        "EMB_MODEL": "cache/tiny/encoder",
+        "DEVICE": "cpu",
+        "MAX_NEW_TOKENS": "8",
+        "N_CAND": "3",
+        "REPEAT_COS": "1.01",
+        "PLANS": "1",
+        "UNPLANNED": "0",
+    }
     fast = SentenceGenerator(resolve(GenerateConfig, environ={**env, "DTYPE": "bf16"}))
     assert fast.dtype == "bf16" and next(fast.model.parameters()).dtype == torch.bfloat16
     rope = [b for n, b in fast.model.named_buffers() if n.endswith("inv_freq")]
@@ -321,8 +395,17 @@ def test_bf16_decoder_at_generation(in_run, gen, monkeypatch):
 
 def test_mismatched_artifacts_are_refused(in_run, tmp_path):
     with pytest.raises(StaleInputError, match="CODE_MODE=none but the decoder"):
-        SentenceGenerator(resolve(GenerateConfig, environ={"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu",
-                                                           "CODE_MODE": "none", "DECODER_DIR": "out/decoder"}))
+        SentenceGenerator(
+            resolve(
+                GenerateConfig,
+                environ={
+                    "EMB_MODEL": "cache/tiny/encoder",
+                    "DEVICE": "cpu",
+                    "CODE_MODE": "none",
+                    "DECODER_DIR": "out/decoder",
+                },
+            )
+        )
     with pytest.raises(StaleInputError, match="no trained planner"):
         SentenceGenerator(resolve(GenerateConfig, environ={"PLANNER_DIR": str(tmp_path / "nothing"), "DEVICE": "cpu"}))
 
@@ -330,11 +413,26 @@ def test_mismatched_artifacts_are_refused(in_run, tmp_path):
 def test_api_one_liner_and_chat_oneshot(in_run):
     # REPEAT_COS off: the random-init stand-in encoder puts every sentence near every other; one
     # plan per step (the tests of several plans ask for them)
-    env = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "8", "REPEAT_COS": "1.01", "PLANS": "1", "UNPLANNED": "0"}
-    code = ("import json; from infer import SentenceGenerator; g=SentenceGenerator(); "
-            "print(json.dumps(g.generate('Paris is the capital of France.', 2)))")
-    r = subprocess.run([sys.executable, "-c", code], cwd=in_run, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, **env, "PYTHONPATH": f"{ROOT}/src:{ROOT}"})
+    env = {
+        "EMB_MODEL": "cache/tiny/encoder",
+        "DEVICE": "cpu",
+        "MAX_NEW_TOKENS": "8",
+        "REPEAT_COS": "1.01",
+        "PLANS": "1",
+        "UNPLANNED": "0",
+    }
+    code = (
+        "import json; from infer import SentenceGenerator; g=SentenceGenerator(); "
+        "print(json.dumps(g.generate('Paris is the capital of France.', 2)))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=in_run,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env, "PYTHONPATH": f"{ROOT}/src:{ROOT}"},
+    )
     assert r.returncode == 0, r.stderr
     assert isinstance(json.loads(r.stdout), str)  # the one-liner returns the text
     r = run_script("08_chat.py", "-p", "Paris is the capital of France.", env=env, cwd=in_run, timeout=300)
@@ -345,7 +443,9 @@ def test_api_one_liner_and_chat_oneshot(in_run):
 def test_chat_scripted_session(gen):
     from next_speed.serving.chat import chat_loop
 
-    inp = io.StringIO("/show\n/set n_cand=2\n/set bogus=1\nParis is the capital of France.\n/reset\n/quit\nnever read\n")
+    inp = io.StringIO(
+        "/show\n/set n_cand=2\n/set bogus=1\nParis is the capital of France.\n/reset\n/quit\nnever read\n"
+    )
     out = io.StringIO()
     assert chat_loop(gen, inp, out, interactive=False) == 0
     text = out.getvalue()
@@ -362,24 +462,43 @@ def test_server_in_process(gen):
     with TestClient(app) as c:
         h = c.get("/health")
         assert h.status_code == 200 and h.json() == {"status": "ok", "device": "cpu", "dtype": "fp32"}
-        r = c.post("/generate", json={"prompt": "Paris is the capital of France.", "max_sentences": 2, "params": {"rerank": True}})
+        r = c.post(
+            "/generate",
+            json={"prompt": "Paris is the capital of France.", "max_sentences": 2, "params": {"rerank": True}},
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         assert {"text", "sentences", "planned", "realized", "stop_reason"} <= set(body)
         assert len(body["planned"]) == len(body["realized"]) == len(body["sentences"])
-        assert body["stop_reason"] in ("steps", "empty", "repeat") and (body["stop_reason"] != "steps" or len(body["sentences"]) == 2)
+        assert body["stop_reason"] in ("steps", "empty", "repeat") and (
+            body["stop_reason"] != "steps" or len(body["sentences"]) == 2
+        )
         bad = [
-            ({"prompt": "", "max_sentences": 1}, 422), ({"prompt": "x" * 500}, 413), ({"prompt": "Hi there.", "max_sentences": 9}, 422),
-            ({"prompt": "Hi there.", "params": {"temp": 0}}, 422), ({"prompt": "Hi there.", "params": {"top_p": 2}}, 422),
-            ({"prompt": "Hi there.", "params": {"n_cand": 100}}, 422), ({"prompt": "Hi there.", "params": {"nope": 1}}, 422),
-            ({"max_sentences": 1}, 422), ({"prompt": "Hi there.", "params": {"gen_steps": 2}}, 422), ({"prompt": 5}, 422), ({"prompt": "Hi there.", "params": {"n_cand": "many"}}, 422),
+            ({"prompt": "", "max_sentences": 1}, 422),
+            ({"prompt": "x" * 500}, 413),
+            ({"prompt": "Hi there.", "max_sentences": 9}, 422),
+            ({"prompt": "Hi there.", "params": {"temp": 0}}, 422),
+            ({"prompt": "Hi there.", "params": {"top_p": 2}}, 422),
+            ({"prompt": "Hi there.", "params": {"n_cand": 100}}, 422),
+            ({"prompt": "Hi there.", "params": {"nope": 1}}, 422),
+            ({"max_sentences": 1}, 422),
+            ({"prompt": "Hi there.", "params": {"gen_steps": 2}}, 422),
+            ({"prompt": 5}, 422),
+            ({"prompt": "Hi there.", "params": {"n_cand": "many"}}, 422),
             # every value typed and capped, whatever its JSON type
-            ({"prompt": "Hi there.", "params": {"n_cand": "30"}}, 422), ({"prompt": "Hi there.", "params": {"max_new_tokens": "500"}}, 422),
-            ({"prompt": "Hi there.", "params": {"n_cand": 17}}, 422), ({"prompt": "Hi there.", "params": {"max_new_tokens": 129}}, 422),
-            ({"prompt": "Hi there.", "params": {"n_cand": True}}, 422), ({"prompt": "Hi there.", "max_sentences": True}, 422),
-            ({"prompt": "Hi there.", "params": {"n_cand": 2.5}}, 422), ({"prompt": "Hi there.", "params": {"seed": 2**70}}, 422),
-            ({"prompt": "Hi there.", "params": {"seed": -1}}, 422), ({"prompt": "Hi there.", "params": {"rerank": "yes"}}, 422),
-            ({"prompt": "   "}, 422), ({"prompt": "Hi\x00 there."}, 422), ({"prompt": "Hi there.", "extra": 1}, 422),
+            ({"prompt": "Hi there.", "params": {"n_cand": "30"}}, 422),
+            ({"prompt": "Hi there.", "params": {"max_new_tokens": "500"}}, 422),
+            ({"prompt": "Hi there.", "params": {"n_cand": 17}}, 422),
+            ({"prompt": "Hi there.", "params": {"max_new_tokens": 129}}, 422),
+            ({"prompt": "Hi there.", "params": {"n_cand": True}}, 422),
+            ({"prompt": "Hi there.", "max_sentences": True}, 422),
+            ({"prompt": "Hi there.", "params": {"n_cand": 2.5}}, 422),
+            ({"prompt": "Hi there.", "params": {"seed": 2**70}}, 422),
+            ({"prompt": "Hi there.", "params": {"seed": -1}}, 422),
+            ({"prompt": "Hi there.", "params": {"rerank": "yes"}}, 422),
+            ({"prompt": "   "}, 422),
+            ({"prompt": "Hi\x00 there."}, 422),
+            ({"prompt": "Hi there.", "extra": 1}, 422),
         ]
         for payload, status in bad:
             r = c.post("/generate", json=payload)
@@ -388,10 +507,16 @@ def test_server_in_process(gen):
         msg = c.post("/generate", json={"prompt": "Hi there.", "params": {"n_cand": 17}}).json()["error"]
         assert msg.startswith("params.n_cand:") and "MAX_N_CAND" in msg
         # NaN and infinity are not JSON, but Python's json module writes them: refused, not a 500
-        for raw in (b'{"prompt": "Hi there.", "params": {"temp": NaN}}', b'{"prompt": "Hi there.", "params": {"top_p": Infinity}}'):
+        for raw in (
+            b'{"prompt": "Hi there.", "params": {"temp": NaN}}',
+            b'{"prompt": "Hi there.", "params": {"top_p": Infinity}}',
+        ):
             r = c.post("/generate", content=raw, headers={"content-type": "application/json"})
             assert r.status_code == 422 and "params." in r.json()["error"], r.text
-        ok = c.post("/generate", json={"prompt": "Hi there.", "max_sentences": 1, "params": {"temp": 1, "n_cand": 2, "seed": 2**32 - 1}})
+        ok = c.post(
+            "/generate",
+            json={"prompt": "Hi there.", "max_sentences": 1, "params": {"temp": 1, "n_cand": 2, "seed": 2**32 - 1}},
+        )
         assert ok.status_code == 200, ok.text
         r = c.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 422 and "error" in r.json()
@@ -431,22 +556,41 @@ def test_server_health_503_while_loading():
 
 def test_real_server_command(in_run):
     port = free_port()
-    env = {**os.environ, "EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "PORT": str(port), "MAX_NEW_TOKENS": "8",
-           "PYTHONPATH": f"{ROOT}/src:{ROOT}"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "09_server.py")], cwd=in_run, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "EMB_MODEL": "cache/tiny/encoder",
+        "DEVICE": "cpu",
+        "PORT": str(port),
+        "MAX_NEW_TOKENS": "8",
+        "PYTHONPATH": f"{ROOT}/src:{ROOT}",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "09_server.py")],
+        cwd=in_run,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         status = wait_healthy(f"http://127.0.0.1:{port}", proc)
         assert status == 200, f"server never became healthy (last status {status})"
         # a client that disconnects mid-request does not take the server down
         body = json.dumps({"prompt": "Paris is the capital of France.", "max_sentences": 2}).encode()
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", method="POST",
-                                     data=json.dumps({"prompt": "Paris is the capital of France.", "max_sentences": 2,
-                                                      "params": {"rerank": True}}).encode(),
-                                     headers={"Content-Type": "application/json"})
+            s.sendall(
+                b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/generate",
+            method="POST",
+            data=json.dumps(
+                {"prompt": "Paris is the capital of France.", "max_sentences": 2, "params": {"rerank": True}}
+            ).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=120) as r:
             body = json.loads(r.read())
         assert r.status == 200 and "text" in body and "planned" in body
@@ -461,7 +605,14 @@ def test_code_agreement_and_report(in_run):
 
     env = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "6"}
     rep = code_agreement(resolve(AgreementConfig, {"eval_docs": 3, "n_cands": "1,2,4"}, environ=env))
-    assert [(r["rerank"], r["n_cand"]) for r in rep["results"]] == [("off", 1), ("off", 2), ("off", 4), ("on", 1), ("on", 2), ("on", 4)]
+    assert [(r["rerank"], r["n_cand"]) for r in rep["results"]] == [
+        ("off", 1),
+        ("off", 2),
+        ("off", 4),
+        ("on", 1),
+        ("on", 2),
+        ("on", 4),
+    ]
     by = {(r["rerank"], r["n_cand"]): r for r in rep["results"]}
     # reranking among more candidates never lowers the matched prefix (same samples, best of more)
     assert by[("on", 4)]["prefix"] >= by[("on", 2)]["prefix"] >= by[("on", 1)]["prefix"] == by[("off", 1)]["prefix"]
@@ -473,10 +624,19 @@ def test_code_agreement_and_report(in_run):
         assert -1.0 <= s[k] <= 1.0
     # rerank among more candidates raises the cosine to the plan's reconstruction whenever prefixes tie
     assert by[("on", 4)]["prefix"] >= by[("off", 4)]["prefix"]
-    out = make_report(ReportConfig(out_dir="out/report_test", eval_positions=6, decoder_rows=8, device="cpu"), environ=env)
+    out = make_report(
+        ReportConfig(out_dir="out/report_test", eval_positions=6, decoder_rows=8, device="cpu"), environ=env
+    )
     md = Path(out["report"]).read_text()
-    for needle in ("## RVQ", "## Planner against baselines", "## Code agreement", "rvq.png", "agreement.png", "retrieval",
-                   "oracle exemplars"):
+    for needle in (
+        "## RVQ",
+        "## Planner against baselines",
+        "## Code agreement",
+        "rvq.png",
+        "agreement.png",
+        "retrieval",
+        "oracle exemplars",
+    ):
         assert needle in md
     for png in ("rvq.png", "agreement.png", "planner.png", "planner_curve.png", "decoder.png"):
         assert (Path("out/report_test") / png).stat().st_size > 1000
@@ -495,19 +655,41 @@ def test_candidates_never_contain_code_tokens(in_run, tmp_path):
     from next_speed.models.decoder_model import code_token_ids
     from next_speed.training.train_decoder import DecoderTrainConfig, train_decoder
 
-    train_decoder(resolve(DecoderTrainConfig, environ={"MODEL": "cache/tiny/decoder", "CODE_MODE": "special", "MAX_STEPS": "1",
-                                                       "TRAIN_BS": "2", "VAL_ROWS": "2", "DEVICE": "cpu",
-                                                       "OUT_DIR": str(tmp_path / "dec_special")}))
-    g = SentenceGenerator(resolve(GenerateConfig, environ={"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "CODE_MODE": "special",
-                                                          "DECODER_DIR": str(tmp_path / "dec_special"), "MAX_NEW_TOKENS": "6",
-                                                          "N_CAND": "2"}))
+    train_decoder(
+        resolve(
+            DecoderTrainConfig,
+            environ={
+                "MODEL": "cache/tiny/decoder",
+                "CODE_MODE": "special",
+                "MAX_STEPS": "1",
+                "TRAIN_BS": "2",
+                "VAL_ROWS": "2",
+                "DEVICE": "cpu",
+                "OUT_DIR": str(tmp_path / "dec_special"),
+            },
+        )
+    )
+    g = SentenceGenerator(
+        resolve(
+            GenerateConfig,
+            environ={
+                "EMB_MODEL": "cache/tiny/encoder",
+                "DEVICE": "cpu",
+                "CODE_MODE": "special",
+                "DECODER_DIR": str(tmp_path / "dec_special"),
+                "MAX_NEW_TOKENS": "6",
+                "N_CAND": "2",
+            },
+        )
+    )
     ids = code_token_ids(g.tok, g.cond)
     assert ids
-    g.model.lm_head.register_forward_hook(lambda m, a, out: out.index_add(-1, torch.tensor(ids), torch.full(
-        (*out.shape[:-1], len(ids)), 100.0)))
+    g.model.lm_head.register_forward_hook(
+        lambda m, a, out: out.index_add(-1, torch.tensor(ids), torch.full((*out.shape[:-1], len(ids)), 100.0))
+    )
     prompt = torch.tensor([g.tok("Cats sleep.")["input_ids"]])
     raw = g.model.generate(input_ids=prompt, max_new_tokens=3, do_sample=False, pad_token_id=g.tok.pad_token_id)
-    assert set(raw[0, prompt.shape[1]:].tolist()) <= set(ids)  # unsuppressed, the boosted codes win
+    assert set(raw[0, prompt.shape[1] :].tolist()) <= set(ids)  # unsuppressed, the boosted codes win
     res = g.run("Cats sleep. They purr.", 2, do_sample=False)
     texts = [c["text"] for st in res.steps for c in st.candidates]
     assert texts and not any("<c" in t for t in texts)
@@ -519,20 +701,51 @@ def test_inject_decoder_generates_and_reloads(in_run, tmp_path):
     from next_speed.training.train_decoder import DecoderTrainConfig, train_decoder
 
     out = tmp_path / "dec_inject"
-    train_decoder(resolve(DecoderTrainConfig, environ={"MODEL": "cache/tiny/decoder", "CODE_MODE": "inject", "EXEMPLARS": "1",
-                                                       "MAX_STEPS": "2", "TRAIN_BS": "2", "VAL_ROWS": "2", "DEVICE": "cpu",
-                                                       "OUT_DIR": str(out)}))
+    train_decoder(
+        resolve(
+            DecoderTrainConfig,
+            environ={
+                "MODEL": "cache/tiny/decoder",
+                "CODE_MODE": "inject",
+                "EXEMPLARS": "1",
+                "MAX_STEPS": "2",
+                "TRAIN_BS": "2",
+                "VAL_ROWS": "2",
+                "DEVICE": "cpu",
+                "OUT_DIR": str(out),
+            },
+        )
+    )
     assert (out / "plan_adapter.safetensors").is_file() and (out / "exemplars.npz").is_file()
-    g = SentenceGenerator(resolve(GenerateConfig, environ={"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu",
-                                                          "DECODER_DIR": str(out), "MAX_NEW_TOKENS": "6", "N_CAND": "2"}))
+    g = SentenceGenerator(
+        resolve(
+            GenerateConfig,
+            environ={
+                "EMB_MODEL": "cache/tiny/encoder",
+                "DEVICE": "cpu",
+                "DECODER_DIR": str(out),
+                "MAX_NEW_TOKENS": "6",
+                "N_CAND": "2",
+            },
+        )
+    )
     assert g.cond.code_mode == "inject" and plan_injector(g.model) is not None and exemplar_bank(g.model) is not None
     res = g.run("Cats sleep. They purr.", 2, seed=1)
     assert res.steps and all(len(st.exemplars) == 1 for st in res.steps)
     assert res.to_dict()["steps"][0]["exemplars"] == res.steps[0].exemplars
     assert g.run("Cats sleep. They purr.", 2, seed=1).sentences == res.sentences  # same seed, same text
     with pytest.raises(StaleInputError, match="CODE_MODE=special but the decoder"):
-        SentenceGenerator(resolve(GenerateConfig, environ={"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu",
-                                                           "DECODER_DIR": str(out), "CODE_MODE": "special"}))
+        SentenceGenerator(
+            resolve(
+                GenerateConfig,
+                environ={
+                    "EMB_MODEL": "cache/tiny/encoder",
+                    "DEVICE": "cpu",
+                    "DECODER_DIR": str(out),
+                    "CODE_MODE": "special",
+                },
+            )
+        )
 
 
 def _no_eos(gen, monkeypatch):
@@ -573,12 +786,17 @@ def test_engine_drops_ended_rows_and_batches_jobs(gen, monkeypatch):
     """Jobs of different prompts, sizes and settings rendered in one batch give what each gives alone."""
     _no_eos(gen, monkeypatch)
     K = gen.rvq.K
-    specs = [("Paris is the capital of France.", 2, 7), ("A much longer context sentence that goes on and on for a while.", 3, 8),
-             ("Short.", 1, 9)]
+    specs = [
+        ("Paris is the capital of France.", 2, 7),
+        ("A much longer context sentence that goes on and on for a while.", 3, 8),
+        ("Short.", 1, 9),
+    ]
 
     def jobs():
-        return [gen.make_job(ctx, [i % 2] * K, replace_params(gen, n_cand=n, max_new_tokens=4 + n, temp=1.5), seed=s)
-                for i, (ctx, n, s) in enumerate(specs)]
+        return [
+            gen.make_job(ctx, [i % 2] * K, replace_params(gen, n_cand=n, max_new_tokens=4 + n, temp=1.5), seed=s)
+            for i, (ctx, n, s) in enumerate(specs)
+        ]
 
     alone = []
     for j in jobs():
@@ -588,7 +806,11 @@ def test_engine_drops_ended_rows_and_batches_jobs(gen, monkeypatch):
     gen.render_jobs(together)
     assert [j.out for j in together] == alone
     assert all(len(j.out) == n for j, (_, n, _) in zip(together, specs))
-    assert all(c["tokens"] <= 4 + n and (c["ended"] or c["tokens"] == 4 + n) for j, (_, n, _) in zip(together, specs) for c in j.out)
+    assert all(
+        c["tokens"] <= 4 + n and (c["ended"] or c["tokens"] == 4 + n)
+        for j, (_, n, _) in zip(together, specs)
+        for c in j.out
+    )
 
 
 def test_decode_batch_jobs_join_and_leave_between_tokens(gen, monkeypatch):
@@ -599,11 +821,16 @@ def test_decode_batch_jobs_join_and_leave_between_tokens(gen, monkeypatch):
     K = gen.rvq.K
 
     def job(ctx, n, max_new, seed):
-        return gen.make_job(ctx, [seed % 3] * K, replace_params(gen, n_cand=n, max_new_tokens=max_new, temp=1.5), seed=seed)
+        return gen.make_job(
+            ctx, [seed % 3] * K, replace_params(gen, n_cand=n, max_new_tokens=max_new, temp=1.5), seed=seed
+        )
 
-    specs = {"short": ("Paris is the capital of France.", 2, 2, 1), "long": ("Short.", 1, 9, 2),
-             "late": ("A much longer context sentence that goes on and on for a while.", 3, 4, 3),
-             "gone": ("It rains.", 2, 9, 4)}
+    specs = {
+        "short": ("Paris is the capital of France.", 2, 2, 1),
+        "long": ("Short.", 1, 9, 2),
+        "late": ("A much longer context sentence that goes on and on for a while.", 3, 4, 3),
+        "gone": ("It rains.", 2, 9, 4),
+    }
     alone = {}
     for k, sp in specs.items():
         j = job(*sp)
@@ -632,11 +859,16 @@ def test_decode_batch_rows_join_and_leave_in_place(gen, monkeypatch):
     K = gen.rvq.K
 
     def job(ctx, n, max_new, seed):
-        return gen.make_job(ctx, [seed % 3] * K, replace_params(gen, n_cand=n, max_new_tokens=max_new, temp=1.5), seed=seed)
+        return gen.make_job(
+            ctx, [seed % 3] * K, replace_params(gen, n_cand=n, max_new_tokens=max_new, temp=1.5), seed=seed
+        )
 
-    specs = {"first": ("A much longer context sentence that goes on and on for a while.", 2, 3, 5),
-             "second": ("Another long context sentence, which also goes on for some time.", 3, 8, 6),
-             "short": ("Hi.", 2, 5, 7), "more": ("Yes.", 3, 4, 8)}
+    specs = {
+        "first": ("A much longer context sentence that goes on and on for a while.", 2, 3, 5),
+        "second": ("Another long context sentence, which also goes on for some time.", 3, 8, 6),
+        "short": ("Hi.", 2, 5, 7),
+        "more": ("Yes.", 3, 4, 8),
+    }
     alone = {}
     for k, sp in specs.items():
         j = job(*sp)
@@ -678,12 +910,19 @@ def test_server_batches_concurrent_requests(gen):
 
     from next_speed.serving.server import ServerConfig, create_app
 
-    payloads = [{"prompt": "Paris is the capital of France.", "max_sentences": 2, "params": {"seed": s, "n_cand": n}}
-                for s, n in [(1, 2), (2, 3), (3, 1), (4, 2)]]
+    payloads = [
+        {"prompt": "Paris is the capital of France.", "max_sentences": 2, "params": {"seed": s, "n_cand": n}}
+        for s, n in [(1, 2), (2, 3), (3, 1), (4, 2)]
+    ]
     # a request whose steps render two plans and an unplanned candidate: the decoder's jobs of a step join
     # the batch, the base model's is rendered apart, the step ends with the last
-    payloads.append({"prompt": "Paris is the capital of France.", "max_sentences": 2,
-                     "params": {"seed": 5, "n_cand": 2, "plans": 2, "plan_temp": 1.0, "unplanned": 1}})
+    payloads.append(
+        {
+            "prompt": "Paris is the capital of France.",
+            "max_sentences": 2,
+            "params": {"seed": 5, "n_cand": 2, "plans": 2, "plan_temp": 1.0, "unplanned": 1},
+        }
+    )
     alone = [gen.run(p["prompt"], p["max_sentences"], **p["params"]) for p in payloads]
     app = create_app(lambda: gen, ServerConfig(max_queue=8), background=False)
     with TestClient(app) as c:
@@ -743,7 +982,9 @@ def test_nucleus_sample_keeps_the_top_p_set():
             assert seen == allowed
     logits = torch.randn(3, 50)
     a = nucleus_sample(logits, 0.8, torch.Generator().manual_seed(7))
-    assert a.shape == (3,) and torch.equal(a, nucleus_sample(logits, 0.8, torch.Generator().manual_seed(7)))  # same seed, same tokens
+    assert a.shape == (3,) and torch.equal(
+        a, nucleus_sample(logits, 0.8, torch.Generator().manual_seed(7))
+    )  # same seed, same tokens
 
 
 def test_scheduler_survives_cancelled_requests(gen):
@@ -774,10 +1015,24 @@ def test_scheduler_short_step_does_not_wait_for_a_long_one(gen, monkeypatch):
     try:
         with gen._lock:  # both wait, so they join the same first batch
             # retries=0: sentences cut off by the token limit are kept at once (no re-planned step)
-            long = sched.submit("Paris is the capital of France.", 1, seed=1, n_cand=2, max_new_tokens=24, retries=0,
-                                on_step=lambda st: events.append("long"))
-            short = sched.submit("Paris is the capital of France.", 1, seed=2, n_cand=2, max_new_tokens=2, retries=0,
-                                 on_step=lambda st: events.append("short"))
+            long = sched.submit(
+                "Paris is the capital of France.",
+                1,
+                seed=1,
+                n_cand=2,
+                max_new_tokens=24,
+                retries=0,
+                on_step=lambda st: events.append("long"),
+            )
+            short = sched.submit(
+                "Paris is the capital of France.",
+                1,
+                seed=2,
+                n_cand=2,
+                max_new_tokens=2,
+                retries=0,
+                on_step=lambda st: events.append("short"),
+            )
         long.result(timeout=300), short.result(timeout=300)
     finally:
         sched.close()
@@ -845,7 +1100,9 @@ def test_roomy_cache_layer_matches_concatenation():
     assert lay.get_seq_length() == 6
     k, v = torch.randn(2, 2, 1, 4, generator=g), torch.randn(2, 2, 1, 4, generator=g)
     keys, values = lay.update(k, v)
-    assert torch.equal(keys, torch.cat([ref.keys[:, :, 3:], k], 2)) and torch.equal(values, torch.cat([ref.values[:, :, 3:], v], 2))
+    assert torch.equal(keys, torch.cat([ref.keys[:, :, 3:], k], 2)) and torch.equal(
+        values, torch.cat([ref.values[:, :, 3:], v], 2)
+    )
     # an empty layer initializes itself on its first update, as DynamicLayer does
     fresh = type(lay)()
     keys, values = fresh.update(k0, v0)
@@ -868,6 +1125,7 @@ def test_vetoed_candidate_stops_early_in_both_engines(gen, monkeypatch):
         def veto(text):  # stop a candidate that starts with `first_word` once it has three complete words
             seen.append(text)
             return len(text.split()) >= 3 and text.split()[0] == first_word
+
         return veto
 
     p = replace_params(gen, n_cand=3, max_new_tokens=14, temp=1.5)
@@ -888,7 +1146,10 @@ def test_vetoed_candidate_stops_early_in_both_engines(gen, monkeypatch):
     g = replace_params(gen, n_cand=1, max_new_tokens=14, do_sample=False)
     free = job(g)
     gen.engine.render([free])
-    cut, ref = job(g, veto_after(free.out[0]["text"].split()[0], [])), job(g, veto_after(free.out[0]["text"].split()[0], []))
+    cut, ref = (
+        job(g, veto_after(free.out[0]["text"].split()[0], [])),
+        job(g, veto_after(free.out[0]["text"].split()[0], [])),
+    )
     gen.engine.render([cut])
     gen.engine.render_hf([ref])
     assert cut.out[0].get("vetoed") and cut.out[0]["tokens"] < free.out[0]["tokens"] and ref.out == no_logprob(cut.out)
@@ -899,10 +1160,18 @@ def test_copy_guard_stops_a_copying_candidate_early(gen, monkeypatch):
     REPEAT_SPAN words of an earlier sentence, and the step refuses it as before."""
     from next_speed.generation.generate import word_spans
 
-    job = gen.make_job("ctx", [0] * gen.rvq.K, replace_params(gen, repeat_span=3), seed=1,
-                       copy_spans=word_spans("The Amazon is the largest rainforest.", 3))
+    job = gen.make_job(
+        "ctx",
+        [0] * gen.rvq.K,
+        replace_params(gen, repeat_span=3),
+        seed=1,
+        copy_spans=word_spans("The Amazon is the largest rainforest.", 3),
+    )
     assert job.veto("So the largest") is False and job.veto("the Amazon is") is True
-    assert gen.make_job("ctx", [0] * gen.rvq.K, replace_params(gen, repeat_span=0), seed=1, copy_spans={("a", "b")}).veto is None
+    assert (
+        gen.make_job("ctx", [0] * gen.rvq.K, replace_params(gen, repeat_span=0), seed=1, copy_spans={("a", "b")}).veto
+        is None
+    )
 
 
 def test_veto_sees_complete_words_only():
@@ -944,8 +1213,11 @@ def test_loop_refuses_a_vetoed_candidate(gen, monkeypatch):
         for j in jobs:
             vetoes.append(j.veto)
             text = "The Amazon is the largest rainforest on"
-            j.out = [{"text": text, "ended": False, "tokens": 7, "vetoed": True}] if j.veto and j.veto(text) else \
-                [{"text": text + " Earth, again.", "ended": True, "tokens": 9}]
+            j.out = (
+                [{"text": text, "ended": False, "tokens": 7, "vetoed": True}]
+                if j.veto and j.veto(text)
+                else [{"text": text + " Earth, again.", "ended": True, "tokens": 9}]
+            )
 
     monkeypatch.setattr(gen, "render_jobs", render_jobs)
     res = gen.run(prompt, 1, n_cand=1, repeat_cos=1.01, repeat_span=3)
@@ -959,21 +1231,27 @@ def test_no_copy_ngram_never_bans_ending_the_sentence(gen):
     sequence that separates the earlier sentences in `copy_ids`: a candidate whose last words end
     an earlier sentence too may still end (banning it made the decoder append a stray token)."""
     import torch
+
     from next_speed.generation.engine import sentence_processors
     from next_speed.generation.generate import copy_ids
 
     tok, n = gen.tok, 3
     earlier = copy_ids(tok, ["Paris is the capital of France."])
     ids = tok("Paris is the capital of France.", add_special_tokens=False)["input_ids"]
-    (ban,) = sentence_processors(replace_params(gen, no_copy_ngram=n, no_repeat_ngram=0, repetition_penalty=1.0),
-                                 earlier, tok.eos_token_id)
+    (ban,) = sentence_processors(
+        replace_params(gen, no_copy_ngram=n, no_repeat_ngram=0, repetition_penalty=1.0), earlier, tok.eos_token_id
+    )
     V = gen.model.get_output_embeddings().weight.shape[0]
     start = ban(torch.tensor([ids[: n - 1]]), torch.zeros(1, V))  # the sentence's start: its next token is banned
     assert start[0, ids[n - 1]] == float("-inf")
-    end = ban(torch.tensor([ids[-(n - 1):]]), torch.zeros(1, V))  # the sentence's end: ending stays allowed
+    end = ban(torch.tensor([ids[-(n - 1) :]]), torch.zeros(1, V))  # the sentence's end: ending stays allowed
     assert end[0, tok.eos_token_id] == 0
-    bare = sentence_processors(replace_params(gen, no_copy_ngram=n, no_repeat_ngram=0, repetition_penalty=1.0), earlier)[0]
-    assert bare(torch.tensor([ids[-(n - 1):]]), torch.zeros(1, V))[0, tok.eos_token_id] == float("-inf")  # what it guards against
+    bare = sentence_processors(
+        replace_params(gen, no_copy_ngram=n, no_repeat_ngram=0, repetition_penalty=1.0), earlier
+    )[0]
+    assert bare(torch.tensor([ids[-(n - 1) :]]), torch.zeros(1, V))[0, tok.eos_token_id] == float(
+        "-inf"
+    )  # what it guards against
 
 
 def test_no_copy_ngram_steers_off_earlier_sentences(gen, monkeypatch):
@@ -995,8 +1273,9 @@ def test_no_copy_ngram_steers_off_earlier_sentences(gen, monkeypatch):
         return nxt
 
     monkeypatch.setattr(gen.engine, "_choose", choose)
-    g = replace_params(gen, n_cand=1, max_new_tokens=12, do_sample=False, no_repeat_ngram=0, repetition_penalty=1.0,
-                       no_copy_ngram=3)
+    g = replace_params(
+        gen, n_cand=1, max_new_tokens=12, do_sample=False, no_repeat_ngram=0, repetition_penalty=1.0, no_copy_ngram=3
+    )
 
     def run(earlier, hf=False):
         rows.clear()
@@ -1012,7 +1291,10 @@ def test_no_copy_ngram_steers_off_earlier_sentences(gen, monkeypatch):
     assert banned.out[0]["text"] != free.out[0]["text"]
     ref, _ = run(earlier, hf=True)
     assert ref.out == no_logprob(banned.out)
-    assert gen.make_job("ctx", [0] * K, replace_params(gen, no_copy_ngram=0), seed=1, earlier_ids=earlier).earlier_ids is None
+    assert (
+        gen.make_job("ctx", [0] * K, replace_params(gen, no_copy_ngram=0), seed=1, earlier_ids=earlier).earlier_ids
+        is None
+    )
     # the loop: the first step gets the prompt's sentences (as sentence starts and after a space)
     jobs = []
     steps = gen.steps(**gen.prepare("Paris is the capital of France.", 1, no_copy_ngram=3))
@@ -1069,7 +1351,15 @@ def test_generator_packs_its_decoder_on_cpu(in_run, gen, monkeypatch, caplog):
 
     import next_speed.core.runtime as runtime
 
-    env = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "10", "N_CAND": "3", "REPEAT_COS": "1.01", "PLANS": "1", "UNPLANNED": "0"}
+    env = {
+        "EMB_MODEL": "cache/tiny/encoder",
+        "DEVICE": "cpu",
+        "MAX_NEW_TOKENS": "10",
+        "N_CAND": "3",
+        "REPEAT_COS": "1.01",
+        "PLANS": "1",
+        "UNPLANNED": "0",
+    }
     assert gen.packed_linears > 0
     plain = SentenceGenerator(resolve(GenerateConfig, environ={**env, "PACK_WEIGHTS": "0"}))
     assert plain.packed_linears == 0
@@ -1093,7 +1383,12 @@ def test_unplanned_candidates_continue_the_text(gen):
 
     res = gen.run("Paris is the capital of France. It lies on the Seine.", 2, seed=2, unplanned=2, n_cand=2)
     for st in res.steps:
-        assert len(st.candidates) == 4 and [bool(c.get("unplanned")) for c in st.candidates] == [False, False, True, True]
+        assert len(st.candidates) == 4 and [bool(c.get("unplanned")) for c in st.candidates] == [
+            False,
+            False,
+            True,
+            True,
+        ]
     again = gen.run("Paris is the capital of France. It lies on the Seine.", 2, seed=2, unplanned=2, n_cand=2)
     assert again.sentences == res.sentences
     base = gen.base_engine()

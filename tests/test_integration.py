@@ -4,17 +4,30 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import run_script
 
 pytestmark = pytest.mark.integration
 
 
 def test_real_minilm_through_steps_01_04(tmp_path):
-    env = {"CORPUS": "wiki", "MAX_DOCS": "60", "NUM_PROC": "2", "K": "3", "V": "16", "NITER": "10", "CONTEXT_SENTS": "4",
-           "VAL_FRAC": "0.1", "DEVICE": "cpu"}
-    for script in ("01_make_sentences.py", "02_embed_sentences.py", "03_fit_rvq.py", "04_build_training_sets.py",
-                   "rvq_recon_error.py"):
+    env = {
+        "CORPUS": "wiki",
+        "MAX_DOCS": "60",
+        "NUM_PROC": "2",
+        "K": "3",
+        "V": "16",
+        "NITER": "10",
+        "CONTEXT_SENTS": "4",
+        "VAL_FRAC": "0.1",
+        "DEVICE": "cpu",
+    }
+    for script in (
+        "01_make_sentences.py",
+        "02_embed_sentences.py",
+        "03_fit_rvq.py",
+        "04_build_training_sets.py",
+        "rvq_recon_error.py",
+    ):
         r = run_script(script, env=env, cwd=tmp_path)
         assert r.returncode == 0, f"{script}: {r.stderr[-2000:]}"
     sents = (tmp_path / "data/sentences.jsonl").read_text().splitlines()
@@ -40,13 +53,33 @@ def test_minilm_is_genuine():
 
 
 def test_real_smollm2_trains_a_few_steps(tmp_path):
-    env = {"CORPUS": "wiki", "MAX_DOCS": "40", "NUM_PROC": "1", "K": "2", "V": "8", "NITER": "5", "VAL_FRAC": "0.2",
-           "DEVICE": "cpu"}
+    env = {
+        "CORPUS": "wiki",
+        "MAX_DOCS": "40",
+        "NUM_PROC": "1",
+        "K": "2",
+        "V": "8",
+        "NITER": "5",
+        "VAL_FRAC": "0.2",
+        "DEVICE": "cpu",
+    }
     for script in ("01_make_sentences.py", "02_embed_sentences.py", "03_fit_rvq.py", "04_build_training_sets.py"):
         r = run_script(script, env=env, cwd=tmp_path)
         assert r.returncode == 0, f"{script}: {r.stderr[-2000:]}"
-    denv = {"MAX_STEPS": "4", "MAX_ROWS": "16", "VAL_ROWS": "8", "TRAIN_BS": "4", "EVAL_EVERY": "2", "MAX_IN": "128",
-            "MAX_OUT": "40", "TRAIN_LAYERS": "2", "DEVICE": "cpu", "EXEMPLARS": "2", "WARMUP": "1", "LR": "3e-4"}
+    denv = {
+        "MAX_STEPS": "4",
+        "MAX_ROWS": "16",
+        "VAL_ROWS": "8",
+        "TRAIN_BS": "4",
+        "EVAL_EVERY": "2",
+        "MAX_IN": "128",
+        "MAX_OUT": "40",
+        "TRAIN_LAYERS": "2",
+        "DEVICE": "cpu",
+        "EXEMPLARS": "2",
+        "WARMUP": "1",
+        "LR": "3e-4",
+    }
     r = run_script("06_train_decoder.py", env=denv, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     cfg = json.loads((tmp_path / "out/decoder/config.json").read_text())

@@ -18,9 +18,21 @@ def gen(tiny_run):
     old = os.getcwd()
     os.chdir(tiny_run)
     try:
-        g = SentenceGenerator(resolve(GenerateConfig, environ={"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu",
-                                                               "MAX_NEW_TOKENS": "10", "N_CAND": "2", "REPEAT_COS": "1.01",
-                                                               "PLANS": "1", "UNPLANNED": "0", "RETRIES": "0"}))
+        g = SentenceGenerator(
+            resolve(
+                GenerateConfig,
+                environ={
+                    "EMB_MODEL": "cache/tiny/encoder",
+                    "DEVICE": "cpu",
+                    "MAX_NEW_TOKENS": "10",
+                    "N_CAND": "2",
+                    "REPEAT_COS": "1.01",
+                    "PLANS": "1",
+                    "UNPLANNED": "0",
+                    "RETRIES": "0",
+                },
+            )
+        )
     finally:
         os.chdir(old)
     return g
@@ -102,11 +114,14 @@ def test_verification_rejects_a_draft_that_contradicts_its_real_context(gen, mon
     likelihoods say a draft fits badly after the real text (it holds "Alpha") and well after the
     drafted context. Verification rejects the draft; the next window writes that sentence after
     the real text; PARALLEL_VERIFY=0 keeps it; a tolerance that covers the gap keeps it too."""
+
     def render_jobs(jobs):
         for k, j in enumerate(jobs):
             word = "Alpha" if k == 0 else "Beta"
-            j.out = [{"text": f"{word} sentence {j.seed % 997} {i}.", "ended": True, "tokens": 4, "logprob": -4.0}
-                     for i in range(j.n)]
+            j.out = [
+                {"text": f"{word} sentence {j.seed % 997} {i}.", "ended": True, "tokens": 4, "logprob": -4.0}
+                for i in range(j.n)
+            ]
 
     def token_logprobs(ids, start, pool=None):
         before = gen.tok.decode(ids[:start])
@@ -121,7 +136,11 @@ def test_verification_rejects_a_draft_that_contradicts_its_real_context(gen, mon
     assert kept.drafts["accepted"] == 1 and kept.sentences[1].startswith("Beta") and kept.steps[1].lookahead == 1
     assert kept.steps[1].verify is None
     tolerant = gen.run(PROMPT, 2, seed=0, parallel=2, verify_tol=2.5)
-    assert tolerant.drafts["accepted"] == 1 and tolerant.steps[1].verify == {"ll_real": -3.0, "ll_draft": -1.0, "accepted": True}
+    assert tolerant.drafts["accepted"] == 1 and tolerant.steps[1].verify == {
+        "ll_real": -3.0,
+        "ll_draft": -1.0,
+        "accepted": True,
+    }
 
 
 def test_verification_scores_with_the_decoder(gen):
@@ -129,7 +148,9 @@ def test_verification_scores_with_the_decoder(gen):
     without a prefix pool (whose cache it reuses)."""
     from next_speed.generation.engine import PrefixPool
 
-    ids = gen.tok("A river is a natural stream of water. Rivers flow toward an ocean.", add_special_tokens=False)["input_ids"]
+    ids = gen.tok("A river is a natural stream of water. Rivers flow toward an ocean.", add_special_tokens=False)[
+        "input_ids"
+    ]
     start = 5
     with torch.inference_mode():
         logits = gen.model(input_ids=torch.tensor([ids])).logits[0].float()
@@ -159,13 +180,28 @@ def test_server_batches_lookahead_rows(gen):
     app = create_app(lambda: gen, ServerConfig(max_queue=8), background=False)
     with TestClient(app) as c:
         sched = app.state.gen_state["sched"]
-        r = c.post("/generate", json={"prompt": PROMPT, "max_sentences": 3,
-                                      "params": {"seed": 4, "n_cand": 2, "parallel": 3, "parallel_verify": False}})
+        r = c.post(
+            "/generate",
+            json={
+                "prompt": PROMPT,
+                "max_sentences": 3,
+                "params": {"seed": 4, "n_cand": 2, "parallel": 3, "parallel_verify": False},
+            },
+        )
         assert r.status_code == 200, r.text
         assert r.json()["sentences"] == alone.sentences
         assert sched.rows / sched.batches > 2  # one sentence step has at most 2 rows; its drafts add theirs
-        o = c.post("/v1/completions", json={"model": "next-speed", "prompt": PROMPT, "seed": 4, "max_tokens": 40,
-                                            "max_sentences": 3, "parallel": 2})
+        o = c.post(
+            "/v1/completions",
+            json={
+                "model": "next-speed",
+                "prompt": PROMPT,
+                "seed": 4,
+                "max_tokens": 40,
+                "max_sentences": 3,
+                "parallel": 2,
+            },
+        )
         assert o.status_code == 200, o.text
         bad = c.post("/v1/completions", json={"model": "next-speed", "prompt": PROMPT, "parallel": 0})
         assert bad.status_code == 400 and "parallel" in bad.text
@@ -177,8 +213,17 @@ def test_a_draft_that_copies_an_earlier_sentence_is_refused(gen):
     from next_speed.generation.generate import _Text, copy_ids
 
     earlier = "Rivers flow toward an ocean or a lake and many cities were built along them."
-    text = _Text(history=[earlier], hist_emb=np.zeros((1, 4), np.float32), ctx_codes=[[0]], seen=set(), spans=set(),
-                 earlier=copy_ids(gen.tok, [earlier]))
-    scored = [{"text": earlier[:-1] + " long ago.", "refused": None}, {"text": "A star is a ball of plasma.", "refused": None}]
+    text = _Text(
+        history=[earlier],
+        hist_emb=np.zeros((1, 4), np.float32),
+        ctx_codes=[[0]],
+        seen=set(),
+        spans=set(),
+        earlier=copy_ids(gen.tok, [earlier]),
+    )
+    scored = [
+        {"text": earlier[:-1] + " long ago.", "refused": None},
+        {"text": "A star is a ball of plasma.", "refused": None},
+    ]
     gen.refuse_token_repeats(scored, text, gen.params)
     assert scored[0]["refused"] == "repeat" and scored[1]["refused"] is None

@@ -4,18 +4,32 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import run_script
 
 from next_speed.core.config import resolve
 from next_speed.core.errors import ConfigError, NextSpeedError
 from next_speed.pipeline import RunConfig, run_pipeline
 
-from conftest import run_script
-
-ARTIFACTS = ["data/sentences.jsonl", "data/sentences.meta.json", "data/embeddings.npy", "data/emb_meta.json", "out/rvq.npz",
-             "out/rvq_meta.json", "data/codes.npy", "data/sent_lm_train.jsonl", "data/sent_lm_val.jsonl",
-             "data/decoder_train.jsonl", "data/decoder_val.jsonl", "data/train_meta.json", "out/sentence_lm/sentence_lm.pt",
-             "out/sentence_lm/config.json", "out/decoder/config.json", "out/decoder/model.safetensors",
-             "out/sentence_lm/meta.json", "out/decoder/meta.json"]
+ARTIFACTS = [
+    "data/sentences.jsonl",
+    "data/sentences.meta.json",
+    "data/embeddings.npy",
+    "data/emb_meta.json",
+    "out/rvq.npz",
+    "out/rvq_meta.json",
+    "data/codes.npy",
+    "data/sent_lm_train.jsonl",
+    "data/sent_lm_val.jsonl",
+    "data/decoder_train.jsonl",
+    "data/decoder_val.jsonl",
+    "data/train_meta.json",
+    "out/sentence_lm/sentence_lm.pt",
+    "out/sentence_lm/config.json",
+    "out/decoder/config.json",
+    "out/decoder/model.safetensors",
+    "out/sentence_lm/meta.json",
+    "out/decoder/meta.json",
+]
 
 
 def test_main_job_cli_tiny_then_rerun_skips(tmp_path):
@@ -23,9 +37,14 @@ def test_main_job_cli_tiny_then_rerun_skips(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     for a in ARTIFACTS:
         assert (tmp_path / a).exists(), a
-    for kind, folder, weights in (("planner", "out/sentence_lm", "sentence_lm.pt"), ("decoder", "out/decoder", "model.safetensors")):
+    for kind, folder, weights in (
+        ("planner", "out/sentence_lm", "sentence_lm.pt"),
+        ("decoder", "out/decoder", "model.safetensors"),
+    ):
         meta = json.loads((tmp_path / folder / "meta.json").read_text())  # checkpoints: the metadata of every artifact
-        assert meta["kind"] == kind and meta["format_version"] >= 1 and set(meta["input_roles"]) >= {"train", "val", "rvq"}
+        assert (
+            meta["kind"] == kind and meta["format_version"] >= 1 and set(meta["input_roles"]) >= {"train", "val", "rvq"}
+        )
         assert weights in meta["outputs"] and meta["config"]["seed"] == 0 and meta["history"]
     logs = list((tmp_path / "out/generate").glob("*.json"))
     assert len(logs) == 1
@@ -43,27 +62,35 @@ def test_main_job_cli_tiny_then_rerun_skips(tmp_path):
     assert "[5/7] planner: up to date" not in r3.stdout
     # SIGKILL in the middle of step 04's writes (its second file is about to be published): the
     # next stage refuses with one line, the rerun completes and removes the dead run's temporaries
-    killer = ("import os, signal, sys\n"
-              "real, n = os.replace, [0]\n"
-              "def replace(a, b):\n"
-              "    n[0] += '.tmp-' in str(a)\n"
-              "    if n[0] == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
-              "    real(a, b)\n"
-              "os.replace = replace\n"
-              "from next_speed.cli import script_main\n"
-              "sys.argv = ['04_build_training_sets.py']\n"
-              "script_main('trainsets')\n")
+    killer = (
+        "import os, signal, sys\n"
+        "real, n = os.replace, [0]\n"
+        "def replace(a, b):\n"
+        "    n[0] += '.tmp-' in str(a)\n"
+        "    if n[0] == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    real(a, b)\n"
+        "os.replace = replace\n"
+        "from next_speed.cli import script_main\n"
+        "sys.argv = ['04_build_training_sets.py']\n"
+        "script_main('trainsets')\n"
+    )
     r4 = run_script("-c", killer, env={"CONTEXT_SENTS": "3"}, cwd=tmp_path, timeout=300)
     assert r4.returncode == -9, r4.stderr[-2000:]
     assert list((tmp_path / "data").glob("*.tmp-*")), "the killed run left its temporary behind"
     r5 = run_script("05_train_sentence_lm.py", cwd=tmp_path, timeout=300)
     err = r5.stderr.strip().splitlines()
-    assert r5.returncode != 0 and "Traceback" not in r5.stderr and err[-1].startswith("error:") and "step 04" in err[-1], r5.stderr
+    assert (
+        r5.returncode != 0 and "Traceback" not in r5.stderr and err[-1].startswith("error:") and "step 04" in err[-1]
+    ), r5.stderr
     r6 = run_script("04_build_training_sets.py", env={"CONTEXT_SENTS": "3"}, cwd=tmp_path, timeout=300)
     assert r6.returncode == 0, r6.stderr[-2000:]
     assert not list((tmp_path / "data").glob("*.tmp-*"))
-    r7 = run_script("05_train_sentence_lm.py", env={"STEPS": "2", "WARMUP": "0", "LOG_EVERY": "1", "D_MODEL": "16", "N_HEADS": "2", "N_LAYERS": "1"},
-                    cwd=tmp_path, timeout=300)
+    r7 = run_script(
+        "05_train_sentence_lm.py",
+        env={"STEPS": "2", "WARMUP": "0", "LOG_EVERY": "1", "D_MODEL": "16", "N_HEADS": "2", "N_LAYERS": "1"},
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert r7.returncode == 0, r7.stderr[-2000:]
 
 
@@ -82,20 +109,25 @@ def test_interrupted_stage_is_redone_and_nothing_half_read(tmp_path, monkeypatch
         Path(f"{cfg.out_dir}.tmp-{dead.pid}-partial").mkdir(parents=True)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(P, "_stage_table", lambda: {**table, "planner": (table["planner"][0], interrupted, *table["planner"][2:])})
+    monkeypatch.setattr(
+        P, "_stage_table", lambda: {**table, "planner": (table["planner"][0], interrupted, *table["planner"][2:])}
+    )
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(resolve(RunConfig, environ={"PRESET": "tiny"}), environ={}, echo=lambda s: None)
     assert not Path("out/sentence_lm").exists()
     monkeypatch.setattr(P, "_stage_table", lambda: table)
     lines = []
     run_pipeline(resolve(RunConfig, environ={"PRESET": "tiny"}), environ={}, echo=lines.append)
-    assert [ln for ln in lines if "skipped" in ln] == [f"[{i}/7] {s}: up to date, skipped" for i, s in
-                                                        enumerate(["sentences", "embed", "rvq", "trainsets"], 1)]
+    assert [ln for ln in lines if "skipped" in ln] == [
+        f"[{i}/7] {s}: up to date, skipped" for i, s in enumerate(["sentences", "embed", "rvq", "trainsets"], 1)
+    ]
     assert Path("out/sentence_lm/sentence_lm.pt").is_file()
     assert not list(Path("out").glob("sentence_lm.tmp-*"))  # the interrupted run's temporary is gone
     # --from reruns from a named stage; --force reruns all
     lines = []
-    run_pipeline(resolve(RunConfig, {"from_stage": "decoder"}, environ={"PRESET": "tiny"}), environ={}, echo=lines.append)
+    run_pipeline(
+        resolve(RunConfig, {"from_stage": "decoder"}, environ={"PRESET": "tiny"}), environ={}, echo=lines.append
+    )
     assert sum("skipped" in ln for ln in lines) == 5
 
 
@@ -105,4 +137,6 @@ def test_ambiguous_env_and_bad_output_folder(tmp_path, monkeypatch):
         run_pipeline(resolve(RunConfig, environ={}), environ={"OUT_DIR": "x"}, echo=lambda s: None)
     Path("afile").write_text("")
     with pytest.raises(NextSpeedError, match="cannot create output folder afile"):
-        run_pipeline(resolve(RunConfig, environ={"PRESET": "tiny"}), environ={"SENT_PATH": "afile/s.jsonl"}, echo=lambda s: None)
+        run_pipeline(
+            resolve(RunConfig, environ={"PRESET": "tiny"}), environ={"SENT_PATH": "afile/s.jsonl"}, echo=lambda s: None
+        )

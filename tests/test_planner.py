@@ -6,16 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 
 from next_speed.core.artifacts import make_meta, write_json, write_jsonl
 from next_speed.core.config import resolve
 from next_speed.core.errors import ConfigError, NextSpeedError, StaleInputError
-from next_speed.models.planner import Planner, PlannerModelConfig
-from next_speed.models.planner import PlannerRunner, load_planner, mean_detail
 from next_speed.evals.planner_eval import PlannerEvalConfig, eval_planner
+from next_speed.models.planner import Planner, PlannerModelConfig, PlannerRunner, load_planner, mean_detail
 from next_speed.training.train_planner import PlannerTrainConfig, train_planner
-
-from conftest import run_script
 
 
 def synthetic_docs(n_docs=60, doc_len=8, V=5, seed=0):
@@ -54,11 +52,26 @@ def hidden_docs(n_docs=80, doc_len=8, V=5, D=8, seed=0):
 def write_sentences(folder: Path, docs, emb, model="tiny-encoder", tag="s"):
     """A step 01-02 output folder: sentences.jsonl, embeddings.npy, emb_meta.json."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_jsonl(folder / "sentences.jsonl", [{"doc": d, "pos": i, "text": f"{tag} doc {d} sentence {i}"}
-                                             for d, seq in enumerate(docs) for i in range(len(seq))])
+    write_jsonl(
+        folder / "sentences.jsonl",
+        [
+            {"doc": d, "pos": i, "text": f"{tag} doc {d} sentence {i}"}
+            for d, seq in enumerate(docs)
+            for i in range(len(seq))
+        ],
+    )
     np.save(folder / "embeddings.npy", emb)
-    write_json(folder / "emb_meta.json", make_meta("embeddings", {}, outputs={"embeddings": folder / "embeddings.npy"},
-                                                   counts={"rows": len(emb)}, model=model, dim=int(emb.shape[1])))
+    write_json(
+        folder / "emb_meta.json",
+        make_meta(
+            "embeddings",
+            {},
+            outputs={"embeddings": folder / "embeddings.npy"},
+            counts={"rows": len(emb)},
+            model=model,
+            dim=int(emb.shape[1]),
+        ),
+    )
 
 
 def write_trainsets(root: Path, docs, K=2, V=5, context=3, val_docs=10, emb=None, D=8):
@@ -69,8 +82,12 @@ def write_trainsets(root: Path, docs, K=2, V=5, context=3, val_docs=10, emb=None
     n = sum(len(seq) for seq in docs)
     emb = np.random.default_rng(1).normal(size=(n, D)).astype("float32") if emb is None else emb
     write_sentences(root / "data", docs, emb)
-    RVQ(codebooks=np.random.default_rng(2).normal(size=(K, V, emb.shape[1])).astype("float32")).save(root / "out/rvq.npz")
-    write_json(root / "out/rvq_meta.json", make_meta("rvq", {"beam": 1}, outputs={"rvq": root / "out/rvq.npz"}, K=K, V=V))
+    RVQ(codebooks=np.random.default_rng(2).normal(size=(K, V, emb.shape[1])).astype("float32")).save(
+        root / "out/rvq.npz"
+    )
+    write_json(
+        root / "out/rvq_meta.json", make_meta("rvq", {"beam": 1}, outputs={"rvq": root / "out/rvq.npz"}, K=K, V=V)
+    )
     rows = {"train": [], "val": []}
     sid = 0
     for d, seq in enumerate(docs):
@@ -81,25 +98,52 @@ def write_trainsets(root: Path, docs, K=2, V=5, context=3, val_docs=10, emb=None
     paths = {n: root / f"data/sent_lm_{n}.jsonl" for n in ("train", "val")}
     for n, p in paths.items():
         write_jsonl(p, rows[n])
-    meta = make_meta("trainsets", {"context_sents": context, "sent_path": "data/sentences.jsonl", "rvq_meta": "out/rvq_meta.json"},
-                     outputs={"lm_train": paths["train"], "lm_val": paths["val"]},
-                     K=K, V=V, rvq_path="out/rvq.npz", emb_path="data/embeddings.npy")
+    meta = make_meta(
+        "trainsets",
+        {"context_sents": context, "sent_path": "data/sentences.jsonl", "rvq_meta": "out/rvq_meta.json"},
+        outputs={"lm_train": paths["train"], "lm_val": paths["val"]},
+        K=K,
+        V=V,
+        rvq_path="out/rvq.npz",
+        emb_path="data/embeddings.npy",
+    )
     write_json(root / "data/train_meta.json", meta)
     return paths
 
 
 def tiny_env(**kw):
-    env = {"D_MODEL": "32", "N_HEADS": "2", "N_LAYERS": "2", "DROP": "0", "STEPS": "300", "LOG_EVERY": "100", "CODEBOOK_FEATURES": "0",
-           "BS": "32", "LR": "3e-3", "WARMUP": "10", "DEVICE": "cpu", "PLANNER_INPUT": "codes"}
+    env = {
+        "D_MODEL": "32",
+        "N_HEADS": "2",
+        "N_LAYERS": "2",
+        "DROP": "0",
+        "STEPS": "300",
+        "LOG_EVERY": "100",
+        "CODEBOOK_FEATURES": "0",
+        "BS": "32",
+        "LR": "3e-3",
+        "WARMUP": "10",
+        "DEVICE": "cpu",
+        "PLANNER_INPUT": "codes",
+    }
     env.update({k: str(v) for k, v in kw.items()})
     return env
 
 
-@pytest.mark.parametrize("extras", [{}, {"codebook_dim": 5, "copy_gate": True}, {"pointer": True},
-                                    {"codebook_dim": 5, "copy_gate": True, "pointer": True, "head_mode": "chained"}])
+@pytest.mark.parametrize(
+    "extras",
+    [
+        {},
+        {"codebook_dim": 5, "copy_gate": True},
+        {"pointer": True},
+        {"codebook_dim": 5, "copy_gate": True, "pointer": True, "head_mode": "chained"},
+    ],
+)
 def test_planner_is_causal(extras):
     torch.manual_seed(0)
-    m = Planner(PlannerModelConfig(K=3, V=7, d_model=32, n_heads=4, n_layers=2, dropout=0.0, max_len=8, **extras)).eval()
+    m = Planner(
+        PlannerModelConfig(K=3, V=7, d_model=32, n_heads=4, n_layers=2, dropout=0.0, max_len=8, **extras)
+    ).eval()
     if extras.get("codebook_dim"):
         m.set_codebooks(torch.randn(3, 7, 5))
     x = torch.randint(0, 7, (2, 6, 3))
@@ -118,7 +162,9 @@ def test_planner_is_causal(extras):
         chained = extras.get("head_mode") == "chained"
         nxt = x.roll(-1, 1).clamp(max=6)  # teacher-forced lower levels for the chained heads
         full = m(x, nxt) if chained else a
-        assert torch.allclose(m.outputs_at(m.hidden(x), x, at, nxt[rows, at] if chained else None), full[rows, at], atol=1e-5)
+        assert torch.allclose(
+            m.outputs_at(m.hidden(x), x, at, nxt[rows, at] if chained else None), full[rows, at], atol=1e-5
+        )
         # nothing to point at (row 1 starts with BOS): the generated distribution alone
         m.cfg.pointer = False
         plain = torch.log_softmax(m(x).float(), -1)
@@ -146,8 +192,9 @@ def test_pointer_points_at_earlier_sentences(workdir):
     assert info["model"]["pointer"] is True
     # the same budget without the pointer: the transformer alone does not find the pattern
     train_planner(resolve(PlannerTrainConfig, environ=tiny_env(POINTER=0, STEPS=200, OUT_DIR="out/no_pointer")))
-    no_ptr = eval_planner(resolve(PlannerEvalConfig, environ={"DEVICE": "cpu", "OUT_DIR": "out/no_pointer",
-                                                               "OUT_JSON": "out/e0.json"}))["results"]["planner"]["acc"][0]
+    no_ptr = eval_planner(
+        resolve(PlannerEvalConfig, environ={"DEVICE": "cpu", "OUT_DIR": "out/no_pointer", "OUT_JSON": "out/e0.json"})
+    )["results"]["planner"]["acc"][0]
     rep = eval_planner(resolve(PlannerEvalConfig, environ={"DEVICE": "cpu"}))
     res, where = rep["results"], rep["level0_in_context"]
     best = max(res[b]["acc"][0] for b in ("most frequent", "copy previous", "bigram"))
@@ -156,13 +203,21 @@ def test_pointer_points_at_earlier_sentences(workdir):
     assert no_ptr < res["planner"]["acc"][0] - 0.15, no_ptr
     # the eval says where the next code was: in the context from the third sentence on (or by chance)
     assert 0.75 <= where["share"] < 0.85 and where["planner_acc_in"] > 0.9, where
-    assert abs(where["share"] * where["planner_acc_in"] + (1 - where["share"]) * where["planner_acc_out"]
-               - res["planner"]["acc"][0]) < 1e-9
+    assert (
+        abs(
+            where["share"] * where["planner_acc_in"]
+            + (1 - where["share"]) * where["planner_acc_out"]
+            - res["planner"]["acc"][0]
+        )
+        < 1e-9
+    )
 
 
 def test_chained_heads_see_lower_levels_only():
     torch.manual_seed(0)
-    m = Planner(PlannerModelConfig(K=3, V=7, d_model=32, n_heads=4, n_layers=1, dropout=0.0, head_mode="chained")).eval()
+    m = Planner(
+        PlannerModelConfig(K=3, V=7, d_model=32, n_heads=4, n_layers=1, dropout=0.0, head_mode="chained")
+    ).eval()
     x = torch.randint(0, 7, (1, 4, 3))
     t1 = torch.randint(0, 7, (1, 4, 3))
     t2 = t1.clone()
@@ -223,7 +278,9 @@ def test_save_load_identical_and_seeded(workdir, pointer):
     assert probs.shape == (2, 5) and torch.allclose(probs.sum(-1), torch.ones(2))
     assert runner.next_tuple(ctx, greedy=True) == probs.argmax(-1).tolist()
     # same seed, same training -> same weights
-    info2 = train_planner(resolve(PlannerTrainConfig, environ=tiny_env(STEPS=20, LOG_EVERY=10, OUT_DIR="out/again", POINTER=pointer)))
+    info2 = train_planner(
+        resolve(PlannerTrainConfig, environ=tiny_env(STEPS=20, LOG_EVERY=10, OUT_DIR="out/again", POINTER=pointer))
+    )
     sd2 = torch.load("out/again/sentence_lm.pt", weights_only=True)
     assert all(torch.equal(sd[k], sd2[k]) for k in sd)
     assert info2["best"] == info["best"]
@@ -253,7 +310,9 @@ def test_cli_end_to_end(workdir):
     write_trainsets(workdir, synthetic_docs(n_docs=20))
     r = run_script("05_train_sentence_lm.py", "--steps", "30", env=tiny_env(STEPS=5000), cwd=workdir)
     assert r.returncode == 0, r.stderr
-    assert "planner (" in r.stdout and json.loads(Path("out/sentence_lm/config.json").read_text())["train"]["steps"] == 30
+    assert (
+        "planner (" in r.stdout and json.loads(Path("out/sentence_lm/config.json").read_text())["train"]["steps"] == 30
+    )
     r = run_script("sent_lm_eval.py", env={"DEVICE": "cpu"}, cwd=workdir)
     assert r.returncode == 0, r.stderr
     assert "bigram" in r.stdout and "copy previous" in r.stdout and "most frequent" in r.stdout
@@ -278,10 +337,14 @@ def test_one_learning_rate_schedule():
 
 # ---------------------------------------------------------------------- embedding input (PLANNER_INPUT=emb)
 
+
 def test_embedding_input_is_causal():
     torch.manual_seed(0)
-    m = Planner(PlannerModelConfig(K=3, V=7, d_model=32, n_heads=4, n_layers=2, dropout=0.0, max_len=8, emb_dim=6,
-                                   copy_gate=True)).eval()
+    m = Planner(
+        PlannerModelConfig(
+            K=3, V=7, d_model=32, n_heads=4, n_layers=2, dropout=0.0, max_len=8, emb_dim=6, copy_gate=True
+        )
+    ).eval()
     x = torch.randint(0, 7, (2, 6, 3))
     e = torch.randn(2, 6, 6)
     e2 = e.clone()
@@ -303,20 +366,35 @@ def test_embedding_input_beats_every_baseline(workdir):
     assert info["planner_input"] == "emb" and info["model"]["emb_dim"] == 8
     rep = eval_planner(resolve(PlannerEvalConfig, environ={"DEVICE": "cpu"}))
     res, sm = rep["results"], rep["summary"]
-    assert set(res) == {"planner", "planner (PLAN_DEEP=levels)", "most frequent", "copy previous", "bigram", "retrieval"}
+    assert set(res) == {
+        "planner",
+        "planner (PLAN_DEEP=levels)",
+        "most frequent",
+        "copy previous",
+        "bigram",
+        "retrieval",
+    }
     assert rep["plan_deep"] == "mean" and res["planner"]["acc"][0] == res["planner (PLAN_DEEP=levels)"]["acc"][0]
     assert not any(sm[f"{k}_best_baseline_name"].startswith("planner") for k in ("l0_top1", "cos_next"))
     for name in ("most frequent", "copy previous", "bigram", "retrieval"):
         assert res["planner"]["acc"][0] > res[name]["acc"][0] + 0.3, (name, res[name]["acc"])
-    assert sm["l0_top1"] >= 1.3 * sm["l0_top1_best_baseline"] and sm["l0_top5"] >= sm["l0_top5_best_baseline"]  # V=5: top-5 is every code
+    assert (
+        sm["l0_top1"] >= 1.3 * sm["l0_top1_best_baseline"] and sm["l0_top5"] >= sm["l0_top5_best_baseline"]
+    )  # V=5: top-5 is every code
     for key in ("cos_next", "contrastive_acc"):  # every model is scored on every measure
         assert all(0 <= abs(m[key]) <= 1 for m in res.values()) and f"{key}_best_baseline" in sm
     # the tuple-only planner, same budget, cannot see h: it stays near chance
-    train_planner(resolve(PlannerTrainConfig, environ=tiny_env(PLANNER_INPUT="codes", STEPS=400, OUT_DIR="out/codes_only")))
-    rep2 = eval_planner(resolve(PlannerEvalConfig, environ={"DEVICE": "cpu", "OUT_DIR": "out/codes_only", "OUT_JSON": "out/e2.json"}))
+    train_planner(
+        resolve(PlannerTrainConfig, environ=tiny_env(PLANNER_INPUT="codes", STEPS=400, OUT_DIR="out/codes_only"))
+    )
+    rep2 = eval_planner(
+        resolve(PlannerEvalConfig, environ={"DEVICE": "cpu", "OUT_DIR": "out/codes_only", "OUT_JSON": "out/e2.json"})
+    )
     assert rep2["results"]["planner"]["acc"][0] < res["planner"]["acc"][0] - 0.3
     # PLAN_DEEP=levels: the rows swap, the summary follows the named tuple
-    rep3 = eval_planner(resolve(PlannerEvalConfig, environ={"DEVICE": "cpu", "PLAN_DEEP": "levels", "OUT_JSON": "out/e3.json"}))
+    rep3 = eval_planner(
+        resolve(PlannerEvalConfig, environ={"DEVICE": "cpu", "PLAN_DEEP": "levels", "OUT_JSON": "out/e3.json"})
+    )
     assert rep3["results"]["planner"] == res["planner (PLAN_DEEP=levels)"]
     assert rep3["results"]["planner (PLAN_DEEP=mean)"] == res["planner"]
     assert rep3["summary"]["cos_next"] == round(res["planner (PLAN_DEEP=levels)"]["cos_next"], 4)
@@ -332,7 +410,10 @@ def test_embedding_planner_save_load_and_runner(workdir):
     assert torch.equal(m1(x, emb=e), m2(x, emb=e))
     runner = PlannerRunner(m1, info["context_sents"])
     ctx, vecs = [[1, 2], [3, 4]], np.random.default_rng(0).normal(size=(2, 8)).astype("float32")
-    assert runner.next_tuple(ctx, greedy=True, embeddings=vecs) == runner.distributions(ctx, embeddings=vecs).argmax(-1).tolist()
+    assert (
+        runner.next_tuple(ctx, greedy=True, embeddings=vecs)
+        == runner.distributions(ctx, embeddings=vecs).argmax(-1).tolist()
+    )
     with pytest.raises(NextSpeedError, match="PLANNER_INPUT=emb"):
         runner.next_tuple(ctx, greedy=True)
     # the vectors matter: other embeddings, other distribution
@@ -345,21 +426,42 @@ def test_extra_data_joins_training_not_validation(workdir):
     more, more_emb = hidden_docs(n_docs=40, seed=5)
     write_sentences(workdir / "other", more, more_emb, tag="o")
     base = train_planner(resolve(PlannerTrainConfig, environ=tiny_env(PLANNER_INPUT="emb", STEPS=10, LOG_EVERY=10)))
-    info = train_planner(resolve(PlannerTrainConfig, environ=tiny_env(PLANNER_INPUT="emb", STEPS=10, LOG_EVERY=10,
-                                                                      EXTRA_DATA="other", OUT_DIR="out/more")))
+    info = train_planner(
+        resolve(
+            PlannerTrainConfig,
+            environ=tiny_env(PLANNER_INPUT="emb", STEPS=10, LOG_EVERY=10, EXTRA_DATA="other", OUT_DIR="out/more"),
+        )
+    )
     assert info["extra_rows"] == 40 * 8 and info["train_rows"] == base["train_rows"] + 40 * 8
     # documents this run already has (a training one, a validation one) are left out, the others join
     mixed = workdir / "mixed"
-    write_sentences(mixed, more + [docs[0], docs[15]], np.concatenate([more_emb, emb[:8], emb[15 * 8 : 16 * 8]]), tag="o")
+    write_sentences(
+        mixed, more + [docs[0], docs[15]], np.concatenate([more_emb, emb[:8], emb[15 * 8 : 16 * 8]]), tag="o"
+    )
     with open(mixed / "sentences.jsonl") as fh:
         lines = fh.read().splitlines()
-    lines[-16:] = [json.dumps({"doc": 40 + j // 8, "pos": j % 8, "text": f"s doc {d} sentence {j % 8}"}) for j, d in
-                   zip(range(16), [0] * 8 + [15] * 8)]
+    lines[-16:] = [
+        json.dumps({"doc": 40 + j // 8, "pos": j % 8, "text": f"s doc {d} sentence {j % 8}"})
+        for j, d in zip(range(16), [0] * 8 + [15] * 8)
+    ]
     (mixed / "sentences.jsonl").write_text("\n".join(lines) + "\n")
-    write_json(mixed / "emb_meta.json", make_meta("embeddings", {}, outputs={"embeddings": mixed / "embeddings.npy"},
-                                                  counts={"rows": 40 * 8 + 16}, model="tiny-encoder", dim=8))
-    info = train_planner(resolve(PlannerTrainConfig, environ=tiny_env(PLANNER_INPUT="emb", STEPS=10, LOG_EVERY=10,
-                                                                      EXTRA_DATA="mixed", OUT_DIR="out/mixed")))
+    write_json(
+        mixed / "emb_meta.json",
+        make_meta(
+            "embeddings",
+            {},
+            outputs={"embeddings": mixed / "embeddings.npy"},
+            counts={"rows": 40 * 8 + 16},
+            model="tiny-encoder",
+            dim=8,
+        ),
+    )
+    info = train_planner(
+        resolve(
+            PlannerTrainConfig,
+            environ=tiny_env(PLANNER_INPUT="emb", STEPS=10, LOG_EVERY=10, EXTRA_DATA="mixed", OUT_DIR="out/mixed"),
+        )
+    )
     assert info["extra_rows"] == 40 * 8
     with pytest.raises(ConfigError, match="EXTRA_DATA: nowhere is not a folder"):
         train_planner(resolve(PlannerTrainConfig, environ=tiny_env(EXTRA_DATA="nowhere")))
@@ -383,7 +485,7 @@ def test_mean_detail_renders_the_expected_sentence():
     K, V = 3, 4
     books = torch.zeros(K, V, K * V)
     for k in range(K):
-        books[k, :, k * V:(k + 1) * V] = torch.eye(V) / 3 ** 0.5  # disjoint subspaces: a tuple's vector has unit norm
+        books[k, :, k * V : (k + 1) * V] = torch.eye(V) / 3**0.5  # disjoint subspaces: a tuple's vector has unit norm
     t = torch.tensor([[2, 1, 3]])
     sure = torch.nn.functional.one_hot(t, V).float()  # a planner certain of t renders t
     assert mean_detail(sure, torch.tensor([[2, 0, 0]]), books).tolist() == [[2, 1, 3]]
@@ -422,7 +524,9 @@ def test_runner_plan_deep(workdir, head_mode):
     def path_probs(c0: int):
         """(1, K, V): the planner's probabilities with level 0 set to c0 (chained heads condition on it)."""
         codes, emb = runner._inputs(ctx, True, None)
-        _, lg = model.next_logits_levelwise(codes, lambda k, l: torch.full(l.shape[:1], c0) if k == 0 else l.argmax(-1), emb)
+        _, lg = model.next_logits_levelwise(
+            codes, lambda k, l: torch.full(l.shape[:1], c0) if k == 0 else l.argmax(-1), emb
+        )
         return torch.softmax(lg.float(), -1)
 
     pinned = runner.next_tuple(ctx, greedy=True, deep="mean", fixed=[4])  # K=2: level 0 pinned, level 1 from the mean
@@ -437,4 +541,7 @@ def test_runner_plan_deep(workdir, head_mode):
     with pytest.raises(NextSpeedError, match="PLAN_DEEP=levels"):
         PlannerRunner(model, info["context_sents"]).next_tuple(ctx, greedy=True, deep="mean")
     # numpy codebooks are accepted as well as tensors
-    assert PlannerRunner(model, info["context_sents"], codebooks=books.numpy()).next_tuple(ctx, greedy=True, deep="mean") == mean
+    assert (
+        PlannerRunner(model, info["context_sents"], codebooks=books.numpy()).next_tuple(ctx, greedy=True, deep="mean")
+        == mean
+    )

@@ -36,7 +36,10 @@ def test_sentence_counts():
     assert q.complete_sentences('He said "it is done." Then he left.', _split) == 2
     assert q.complete_sentences("", _split) == 0
     assert q.ended_sentences("One. Two. Thr") == 2 and q.ended_sentences("One. Two.") == 1
-    assert q.first_sentences("First one here. Second one here. Third one.", 2, _split) == "First one here. Second one here."
+    assert (
+        q.first_sentences("First one here. Second one here. Third one.", 2, _split)
+        == "First one here. Second one here."
+    )
 
 
 def test_cosines_plan_gap_and_measures():
@@ -47,7 +50,11 @@ def test_cosines_plan_gap_and_measures():
     e = np.eye(3, dtype=np.float32)
     m = q.text_measures(["A b c. D e f.", ""], e[[0, 1]], e[[0, 2]], e[[0, 1]], asked=2, split=_split)
     assert m["coherence"] == 1.0 and m["ref_sim"] == 0.5 and m["sentences"] == 0.5 and m["empty"] == 1
-    assert q.embed_texts(lambda ts: np.ones((len(ts), 3), np.float32), ["x", " ", "y"]).tolist() == [[1, 1, 1], [0, 0, 0], [1, 1, 1]]
+    assert q.embed_texts(lambda ts: np.ones((len(ts), 3), np.float32), ["x", " ", "y"]).tolist() == [
+        [1, 1, 1],
+        [0, 0, 0],
+        [1, 1, 1],
+    ]
 
 
 def test_mauve_tells_same_from_different_distributions():
@@ -65,13 +72,17 @@ def test_mauve_tells_same_from_different_distributions():
 
 
 def test_prompt_sets(tmp_path):
-    rows = [{"doc": d, "pos": i, "target": f"Doc {d} sentence {i}."} for d, n in ((0, 6), (1, 3), (2, 5)) for i in range(n)]
+    rows = [
+        {"doc": d, "pos": i, "target": f"Doc {d} sentence {i}."} for d, n in ((0, 6), (1, 3), (2, 5)) for i in range(n)
+    ]
     path = tmp_path / "dec_val.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     items = q.main_prompt_set(str(path), 10, top_up=[("extra", [f"E{i}." for i in range(5)])])
     assert sorted(it.doc for it in items) == ["extra", "val:0", "val:2"]  # doc 1 is too short
     it = next(i for i in items if i.doc == "val:0")
-    assert it.prompt == "Doc 0 sentence 0. Doc 0 sentence 1." and it.reference_sents == [f"Doc 0 sentence {i}." for i in (2, 3, 4)]
+    assert it.prompt == "Doc 0 sentence 0. Doc 0 sentence 1." and it.reference_sents == [
+        f"Doc 0 sentence {i}." for i in (2, 3, 4)
+    ]
     text = " ".join(f"Sentence number {i} of the speech." for i in range(200))
     other = q.other_prompt_set([("a", text), ("b", text), ("c", "Too short.")], 5, _split, seed=1)
     assert len(other) == 2 and all(len(o.prompt_sents) == 2 and len(o.reference_sents) == 3 for o in other)
@@ -109,10 +120,28 @@ def test_contrastive_search_without_penalty_is_greedy(tiny_lm):
 
 def test_nucleus_baseline_and_features(tiny_lm):
     model, tok = tiny_lm
-    out = q.nucleus_sample_texts(model, tok, ["Cats are small.", "Rivers flow."], 2, seed=0, temp=0.5, top_p=0.9,
-                                 repetition_penalty=1.1, max_new_tokens=12)
-    assert len(out) == 2 and out == q.nucleus_sample_texts(model, tok, ["Cats are small.", "Rivers flow."], 2, seed=0,
-                                                           temp=0.5, top_p=0.9, repetition_penalty=1.1, max_new_tokens=12)
+    out = q.nucleus_sample_texts(
+        model,
+        tok,
+        ["Cats are small.", "Rivers flow."],
+        2,
+        seed=0,
+        temp=0.5,
+        top_p=0.9,
+        repetition_penalty=1.1,
+        max_new_tokens=12,
+    )
+    assert len(out) == 2 and out == q.nucleus_sample_texts(
+        model,
+        tok,
+        ["Cats are small.", "Rivers flow."],
+        2,
+        seed=0,
+        temp=0.5,
+        top_p=0.9,
+        repetition_penalty=1.1,
+        max_new_tokens=12,
+    )
     f = q.lm_features(model, tok, ["Cats are small.", "", "Rivers flow into the sea."], bs=2)
     assert f.shape == (3, model.config.hidden_size) and np.isfinite(f).all()
     # a text's feature does not depend on what it is batched with (right padding, its own last token)

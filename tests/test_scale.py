@@ -10,15 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, free_port
 
-from next_speed.core.artifacts import NpyRows, read_jsonl
+from next_speed.core.artifacts import NpyRows
 from next_speed.core.config import resolve
 from next_speed.data.embed import EmbedConfig, embed_sentences
-from next_speed.quant.rvq import RVQ, RVQConfig, fit_rvq
 from next_speed.data.sentences import SentencesConfig, make_sentences
 from next_speed.data.trainsets import TrainSetsConfig, build_training_sets
-
-from conftest import ROOT, free_port
+from next_speed.quant.rvq import RVQ, RVQConfig, fit_rvq
 
 
 def _setup(docs_file, encoder):
@@ -47,7 +46,9 @@ def test_chunked_rvq_encoding_equals_whole_array(workdir, docs_file, tiny_encode
     whole = rvq_mod.level_stats(x, rvq, rvq.encode(x))
     for a, b in zip(meta["levels"], whole):
         assert a["used"] == b["used"] and a["perplexity"] == pytest.approx(b["perplexity"])
-        assert a["rel_error"] == pytest.approx(b["rel_error"], rel=1e-5) and a["cosine"] == pytest.approx(b["cosine"], rel=1e-5)
+        assert a["rel_error"] == pytest.approx(b["rel_error"], rel=1e-5) and a["cosine"] == pytest.approx(
+            b["cosine"], rel=1e-5
+        )
     # FIT_SAMPLE: the codebooks come from a seeded sample, every vector is still encoded
     meta = fit_rvq(resolve(RVQConfig, environ={"K": "3", "V": "4", "NITER": "5", "FIT_SAMPLE": "40"}))
     assert meta["counts"]["fit_rows"] == 40 and meta["counts"]["rows"] == len(x) > 40
@@ -64,8 +65,15 @@ def test_streamed_trainsets_with_small_code_chunks(workdir, docs_file, tiny_enco
     fit_rvq(resolve(RVQConfig, environ={"K": "2", "V": "4", "NITER": "5"}))
     env = {"CONTEXT_SENTS": "2", "VAL_FRAC": "0.25"}
     build_training_sets(resolve(TrainSetsConfig, environ=env))
-    whole = {p: Path(p).read_text() for p in ("data/sent_lm_train.jsonl", "data/sent_lm_val.jsonl",
-                                               "data/decoder_train.jsonl", "data/decoder_val.jsonl")}
+    whole = {
+        p: Path(p).read_text()
+        for p in (
+            "data/sent_lm_train.jsonl",
+            "data/sent_lm_val.jsonl",
+            "data/decoder_train.jsonl",
+            "data/decoder_val.jsonl",
+        )
+    }
     monkeypatch.setattr(ts, "CODES_CHUNK", 5)
     build_training_sets(resolve(TrainSetsConfig, environ=env))
     assert all(Path(p).read_text() == text for p, text in whole.items())
@@ -79,8 +87,18 @@ def test_ray_path_equals_local_path(workdir, docs_file, tiny_encoder):
     pytest.importorskip("ray", reason="the optional 'ray' group is not installed (uv sync --extra ray)")
     make_sentences(resolve(SentencesConfig, environ={"DOCS_JSONL": str(docs_file), "NUM_PROC": "1"}))
     local = embed_sentences(resolve(EmbedConfig, environ={"EMB_MODEL": tiny_encoder, "DEVICE": "cpu"}))
-    ray_meta = embed_sentences(resolve(EmbedConfig, environ={"EMB_MODEL": tiny_encoder, "DEVICE": "cpu", "BACKEND": "ray",
-                                                           "OUT_EMB": "data/emb_ray.npy", "OUT_META": "data/emb_ray.json"}))
+    ray_meta = embed_sentences(
+        resolve(
+            EmbedConfig,
+            environ={
+                "EMB_MODEL": tiny_encoder,
+                "DEVICE": "cpu",
+                "BACKEND": "ray",
+                "OUT_EMB": "data/emb_ray.npy",
+                "OUT_META": "data/emb_ray.json",
+            },
+        )
+    )
     a, b = np.load("data/embeddings.npy"), np.load("data/emb_ray.npy")
     assert a.shape == b.shape and np.allclose(a, b, atol=1e-5), np.abs(a - b).max()
     assert ray_meta["ray_actors"] >= 1 and set(local) <= set(ray_meta)
@@ -93,8 +111,18 @@ def test_ray_path_equals_local_path(workdir, docs_file, tiny_encoder):
     codes = np.load("data/codes.npy")
     rvq_mod.ENCODE_CHUNK = 7
     try:
-        there = fit_rvq(resolve(RVQConfig, environ={**env, "BACKEND": "ray", "CODES_PATH": "data/codes_ray.npy",
-                                                    "RVQ_META": "out/rvq_ray.json", "RVQ_PATH": "out/rvq_ray.npz"}))
+        there = fit_rvq(
+            resolve(
+                RVQConfig,
+                environ={
+                    **env,
+                    "BACKEND": "ray",
+                    "CODES_PATH": "data/codes_ray.npy",
+                    "RVQ_META": "out/rvq_ray.json",
+                    "RVQ_PATH": "out/rvq_ray.npz",
+                },
+            )
+        )
     finally:
         rvq_mod.ENCODE_CHUNK = 65536
     assert np.array_equal(codes, np.load("data/codes_ray.npy")) and there["ray_actors"] >= 1
@@ -104,8 +132,17 @@ def test_ray_path_equals_local_path(workdir, docs_file, tiny_encoder):
 
 def _torchrun(n: int, script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}/src:{ROOT}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port", str(free_port()),
-           str(ROOT / script), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(n),
+        "--master-port",
+        str(free_port()),
+        str(ROOT / script),
+        *args,
+    ]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -131,9 +168,30 @@ def test_torchrun_decoder_matches_one_process(tiny_run, tmp_path):
     """Step 06 under torchrun (tiny decoder), 2 gloo processes against 1."""
     from safetensors.torch import load_file
 
-    args = ["--model", "cache/tiny/decoder", "--max-steps", "4", "--eval-every", "2", "--train-bs", "4", "--max-in", "64",
-            "--max-out", "24", "--val-rows", "8", "--lr", "0.001", "--warmup", "1", "--device", "cpu",
-            "--amp", "off"]  # fp32: bf16 products of other micro-batch shapes round differently
+    args = [
+        "--model",
+        "cache/tiny/decoder",
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--train-bs",
+        "4",
+        "--max-in",
+        "64",
+        "--max-out",
+        "24",
+        "--val-rows",
+        "8",
+        "--lr",
+        "0.001",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+        "--amp",
+        "off",
+    ]  # fp32: bf16 products of other micro-batch shapes round differently
     for n in (1, 2):
         r = _torchrun(n, "06_train_decoder.py", [*args, "--out-dir", str(tmp_path / f"d{n}")], tiny_run)
         assert r.returncode == 0, r.stderr[-3000:]

@@ -11,17 +11,23 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
+from conftest import ROOT, free_port, wait_healthy
 
 from next_speed.core.config import resolve
 from next_speed.core.errors import ConfigError
 from next_speed.generation.generate import GenerateConfig, SentenceGenerator, check_plan
 
-from conftest import ROOT, free_port, wait_healthy
-
-ENV = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "8", "N_CAND": "3", "REPEAT_COS": "1.01", "PLANS": "1", "UNPLANNED": "0"}
+ENV = {
+    "EMB_MODEL": "cache/tiny/encoder",
+    "DEVICE": "cpu",
+    "MAX_NEW_TOKENS": "8",
+    "N_CAND": "3",
+    "REPEAT_COS": "1.01",
+    "PLANS": "1",
+    "UNPLANNED": "0",
+}
 PROMPT = "Paris is the capital of France. It lies on the Seine."
 
 
@@ -41,11 +47,15 @@ def server(tiny_run):
     port = free_port()
     env = {**os.environ, **ENV, "PORT": str(port), "MAX_BODY_BYTES": "4096", "PYTHONPATH": f"{ROOT}/src:{ROOT}"}
     log = open(tiny_run / f"server-{port}.log", "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "09_server.py")], cwd=tiny_run, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "09_server.py")], cwd=tiny_run, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         status = wait_healthy(base, proc)
-        assert status == 200, f"server never became healthy (last status {status}): {(tiny_run / f'server-{port}.log').read_text()[-2000:]}"
+        assert status == 200, (
+            f"server never became healthy (last status {status}): {(tiny_run / f'server-{port}.log').read_text()[-2000:]}"
+        )
         yield base
     finally:
         proc.terminate()
@@ -60,8 +70,12 @@ def _client(base):
 
 
 def _post(base, path, body, raw: bytes | None = None, headers=None):
-    req = urllib.request.Request(base + path, method="POST", data=raw if raw is not None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        base + path,
+        method="POST",
+        data=raw if raw is not None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.loads(r.read())
@@ -79,13 +93,25 @@ def _get(base, path):
 
 # ---------------------------------------------------------------------- Python API
 
+
 def test_check_plan_entries():
     assert check_plan(None, 3, 8) is None
-    assert check_plan([[1], None, [1, 2, 3], "An example.", {"example": "Another.", "levels": 2}, {"codes": [4]}], 3, 8) == [
-        [1], None, [1, 2, 3], {"example": "An example.", "levels": 3}, {"example": "Another.", "levels": 2}, [4]]
-    bad = [([[8]], "plan[0][0]"), ([[1, 2, 3, 4]], "plan[0]"), ([[]], "plan[0]"), ([[True]], "plan[0][0]"), ("x", "plan:"),
-           ([{"example": "A.", "levels": 0}], "plan[0].levels"), ([{"codes": [1], "example": "A."}], "plan[0]"),
-           ([{"nope": 1}], "plan[0]"), ([""], "plan[0]"), ([3.5], "plan[0]"), ([[1.0]], "plan[0][0]")]
+    assert check_plan(
+        [[1], None, [1, 2, 3], "An example.", {"example": "Another.", "levels": 2}, {"codes": [4]}], 3, 8
+    ) == [[1], None, [1, 2, 3], {"example": "An example.", "levels": 3}, {"example": "Another.", "levels": 2}, [4]]
+    bad = [
+        ([[8]], "plan[0][0]"),
+        ([[1, 2, 3, 4]], "plan[0]"),
+        ([[]], "plan[0]"),
+        ([[True]], "plan[0][0]"),
+        ("x", "plan:"),
+        ([{"example": "A.", "levels": 0}], "plan[0].levels"),
+        ([{"codes": [1], "example": "A."}], "plan[0]"),
+        ([{"nope": 1}], "plan[0]"),
+        ([""], "plan[0]"),
+        ([3.5], "plan[0]"),
+        ([[1.0]], "plan[0][0]"),
+    ]
     for plan, where in bad:
         with pytest.raises(ConfigError, match=r"^" + where.replace("[", r"\[").replace("]", r"\]")):
             check_plan(plan, 3, 8)
@@ -94,6 +120,7 @@ def test_check_plan_entries():
 @pytest.fixture()
 def distinct(sgen, monkeypatch):
     """A stand-in decoder whose candidates are distinct sentences of 4 tokens (the loop never stops early)."""
+
     def render_jobs(jobs):
         for j in jobs:
             j.out = [{"text": f"Sentence {j.seed} number {i} here.", "ended": True, "tokens": 4} for i in range(j.n)]
@@ -148,7 +175,9 @@ def test_token_budget_and_stop_strings(sgen, distinct):
     sgen.render_jobs = real
     free = sgen.run(PROMPT, 3, seed=2)
     cut = sgen.run(PROMPT, 3, seed=2, stop=["number"])
-    assert cut.stop_reason == "stop" and cut.sentences == [free.sentences[0][: free.sentences[0].find("number")].rstrip()]
+    assert cut.stop_reason == "stop" and cut.sentences == [
+        free.sentences[0][: free.sentences[0].find("number")].rstrip()
+    ]
     span = sgen.run(PROMPT, 3, seed=2, stop=["here. Sentence"])  # stop strings match within a sentence
     assert span.stop_reason == "steps" and span.text == free.text
     with pytest.raises(ConfigError, match="max_tokens"):
@@ -161,8 +190,10 @@ def test_repl_plan_commands_and_code_browser(sgen):
     from next_speed.serving.chat import chat_loop
 
     V = sgen.rvq.V
-    inp = io.StringIO(f"/pin 1 ; - \n/steer levels=1 Cats sleep a lot.\n/plan\n/pin {V}\n/code 0 1\n/code 0 {V}\n/codes Hello there.\n"
-                      f"{PROMPT}\n/plan\n/quit\n")
+    inp = io.StringIO(
+        f"/pin 1 ; - \n/steer levels=1 Cats sleep a lot.\n/plan\n/pin {V}\n/code 0 1\n/code 0 {V}\n/codes Hello there.\n"
+        f"{PROMPT}\n/plan\n/quit\n"
+    )
     out = io.StringIO()
     assert chat_loop(sgen, inp, out, interactive=False) == 0
     text = out.getvalue()
@@ -179,6 +210,7 @@ def test_repl_plan_commands_and_code_browser(sgen):
 
 # ---------------------------------------------------------------------- the live server
 
+
 def test_openai_client_completions(server):
     import openai
 
@@ -188,7 +220,9 @@ def test_openai_client_completions(server):
     K = models.data[0].model_extra["next_speed"]["K"]
     V = models.data[0].model_extra["next_speed"]["V"]
     pin = [V - 1] * K
-    c = client.completions.create(model="next-speed", prompt=PROMPT, seed=4, extra_body={"max_sentences": 2, "plan": [pin, [0]]})
+    c = client.completions.create(
+        model="next-speed", prompt=PROMPT, seed=4, extra_body={"max_sentences": 2, "plan": [pin, [0]]}
+    )
     assert c.object == "text_completion" and len(c.choices) == 1
     ch = c.choices[0]
     assert ch.finish_reason in ("stop", "length") and isinstance(ch.text, str)
@@ -198,14 +232,27 @@ def test_openai_client_completions(server):
     assert ch.text == "".join(" " + s["text"] for s in sents)
     assert c.usage.completion_tokens == sum(s["tokens"] for s in sents) and c.usage.prompt_tokens > 0
     # streamed: one event per sentence, then the final chunk with finish_reason and usage
-    chunks = list(client.completions.create(model="next-speed", prompt=PROMPT, seed=4, stream=True,
-                                            extra_body={"max_sentences": 2, "plan": [pin, [0]], "return_candidates": True}))
+    chunks = list(
+        client.completions.create(
+            model="next-speed",
+            prompt=PROMPT,
+            seed=4,
+            stream=True,
+            extra_body={"max_sentences": 2, "plan": [pin, [0]], "return_candidates": True},
+        )
+    )
     deltas = [x.choices[0].text for x in chunks if x.choices[0].finish_reason is None]
     assert "".join(deltas) == ch.text and len(deltas) == len(sents)
     last = chunks[-1]
-    assert last.choices[0].finish_reason == ch.finish_reason and last.usage.completion_tokens == c.usage.completion_tokens
+    assert (
+        last.choices[0].finish_reason == ch.finish_reason and last.usage.completion_tokens == c.usage.completion_tokens
+    )
     first = chunks[0].choices[0].model_extra["sentence"]
-    assert first["planned"] == pin and len(first["candidates"]) == 3 and {"codes", "prefix", "cosine"} <= set(first["candidates"][0])
+    assert (
+        first["planned"] == pin
+        and len(first["candidates"]) == 3
+        and {"codes", "prefix", "cosine"} <= set(first["candidates"][0])
+    )
     # n choices, each seeded seed + i: choice 1 equals a single request with seed + 1
     two = client.completions.create(model="next-speed", prompt=PROMPT, seed=4, n=2, max_tokens=12)
     one = client.completions.create(model="next-speed", prompt=PROMPT, seed=5, max_tokens=12)
@@ -217,7 +264,9 @@ def test_openai_client_completions(server):
         client.completions.create(model="next-speed", prompt=PROMPT, extra_body={"plan": [[V]]})
     with pytest.raises(openai.BadRequestError, match="plan_deep"):
         client.completions.create(model="next-speed", prompt=PROMPT, extra_body={"plan_deep": "median"})
-    levels = client.completions.create(model="next-speed", prompt=PROMPT, seed=4, max_tokens=12, extra_body={"plan_deep": "levels"})
+    levels = client.completions.create(
+        model="next-speed", prompt=PROMPT, seed=4, max_tokens=12, extra_body={"plan_deep": "levels"}
+    )
     assert levels.choices[0].text
     with pytest.raises(openai.BadRequestError, match="logprobs"):
         client.completions.create(model="next-speed", prompt=PROMPT, logprobs=2)
@@ -230,11 +279,17 @@ def test_openai_client_chat(server):
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     content = r.choices[0].message.content
     assert content == " ".join(s["text"] for s in r.choices[0].model_extra["sentences"])
-    stream = list(client.chat.completions.create(model="next-speed", messages=msgs, seed=3, stream=True,
-                                                 extra_body={"max_sentences": 2}))
+    stream = list(
+        client.chat.completions.create(
+            model="next-speed", messages=msgs, seed=3, stream=True, extra_body={"max_sentences": 2}
+        )
+    )
     assert stream[0].choices[0].delta.role == "assistant"
     assert "".join(x.choices[0].delta.content or "" for x in stream) == content
-    assert stream[-1].choices[0].finish_reason == r.choices[0].finish_reason and stream[-1].usage.total_tokens == r.usage.total_tokens
+    assert (
+        stream[-1].choices[0].finish_reason == r.choices[0].finish_reason
+        and stream[-1].usage.total_tokens == r.usage.total_tokens
+    )
     # steering by example from the API: the example's codes are the plan
     ex = "Rivers flow toward an ocean or a lake."
     status, enc = _post(server, "/v1/codes/encode", {"text": ex})
@@ -246,25 +301,47 @@ def test_openai_client_chat(server):
 def test_bad_requests_get_the_error_envelope_and_the_server_keeps_serving(server):
     ok = {"model": "next-speed", "prompt": PROMPT, "max_sentences": 1}
     cases = [
-        ("/v1/completions", {**ok, "prompt": 5}, 400, "prompt"), ("/v1/completions", {**ok, "max_tokens": "10"}, 400, "max_tokens"),
-        ("/v1/completions", {**ok, "temperature": 3}, 400, "temperature"), ("/v1/completions", {**ok, "n": 99}, 400, "n"),
-        ("/v1/completions", {**ok, "n_cand": 1000}, 400, "n_cand"), ("/v1/completions", {**ok, "max_sentences": 99}, 400, "max_sentences"),
-        ("/v1/completions", {**ok, "plan": [[999]]}, 400, "plan[0][0]"), ("/v1/completions", {**ok, "plan": "x"}, 400, "plan"),
+        ("/v1/completions", {**ok, "prompt": 5}, 400, "prompt"),
+        ("/v1/completions", {**ok, "max_tokens": "10"}, 400, "max_tokens"),
+        ("/v1/completions", {**ok, "temperature": 3}, 400, "temperature"),
+        ("/v1/completions", {**ok, "n": 99}, 400, "n"),
+        ("/v1/completions", {**ok, "n_cand": 1000}, 400, "n_cand"),
+        ("/v1/completions", {**ok, "max_sentences": 99}, 400, "max_sentences"),
+        ("/v1/completions", {**ok, "plan": [[999]]}, 400, "plan[0][0]"),
+        ("/v1/completions", {**ok, "plan": "x"}, 400, "plan"),
         ("/v1/completions", {**ok, "plan": [{"example": "A b.", "levels": 99}]}, 400, "plan[0].levels"),
-        ("/v1/completions", {**ok, "stop": ["a"] * 5}, 400, "stop"), ("/v1/completions", {**ok, "wat": 1}, 400, "wat"),
-        ("/v1/completions", {**ok, "prompt": ["a", "b"]}, 400, "prompt"), ("/v1/completions", {**ok, "prompt": "  "}, 400, "prompt"),
-        ("/v1/completions", {**ok, "top_p": 0}, 400, "top_p"), ("/v1/completions", {**ok, "model": "nope"}, 404, "model"),
+        ("/v1/completions", {**ok, "stop": ["a"] * 5}, 400, "stop"),
+        ("/v1/completions", {**ok, "wat": 1}, 400, "wat"),
+        ("/v1/completions", {**ok, "prompt": ["a", "b"]}, 400, "prompt"),
+        ("/v1/completions", {**ok, "prompt": "  "}, 400, "prompt"),
+        ("/v1/completions", {**ok, "top_p": 0}, 400, "top_p"),
+        ("/v1/completions", {**ok, "model": "nope"}, 404, "model"),
         ("/v1/chat/completions", {"model": "next-speed", "messages": []}, 400, "messages"),
-        ("/v1/chat/completions", {"model": "next-speed", "messages": [{"role": "robot", "content": "Hi."}]}, 400, "messages"),
-        ("/v1/chat/completions", {"model": "next-speed", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
+        (
+            "/v1/chat/completions",
+            {"model": "next-speed", "messages": [{"role": "robot", "content": "Hi."}]},
+            400,
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "next-speed", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            400,
+            "messages",
+        ),
         ("/v1/codes/encode", {"text": 3}, 400, "text"),
         ("/v1/completions", {**ok, "plan": [{"codes": "A b."}]}, 400, "plan[0].codes"),
-        ("/v1/completions", {**ok, "plan": [None, None]}, 400, "plan"), ("/v1/completions", {**ok, "temperature": 0.001}, 400, "temperature"),
+        ("/v1/completions", {**ok, "plan": [None, None]}, 400, "plan"),
+        ("/v1/completions", {**ok, "temperature": 0.001}, 400, "temperature"),
         ("/v1/completions", {**ok, "stream": True, "n_cand": "4"}, 400, "n_cand"),
         ("/v1/completions", {**ok, "stream": True, "plan": [[999]]}, 400, "plan[0][0]"),
         ("/v1/completions", {**ok, "stream_options": {"nope": 1}}, 400, "stream_options.nope"),
-        ("/v1/chat/completions", {"model": "next-speed", "messages": [{"role": "user", "content": "Hi.", "tool_calls": []}]}, 400,
-         "messages[0].tool_calls"),
+        (
+            "/v1/chat/completions",
+            {"model": "next-speed", "messages": [{"role": "user", "content": "Hi.", "tool_calls": []}]},
+            400,
+            "messages[0].tool_calls",
+        ),
     ]
     for path, body, status, param in cases:
         got, err = _post(server, path, body)
@@ -280,8 +357,14 @@ def test_bad_requests_get_the_error_envelope_and_the_server_keeps_serving(server
         assert got == 413 and err["error"]["type"] == "invalid_request_error", (path, err)
     got, err = _post(server, "/generate", {"prompt": "x" * 5000})
     assert got == 413 and "MAX_BODY_BYTES" in err["error"]  # the spec's endpoint keeps its own error shape
-    for path, status in (("/v1/codes/0/9999", 404), ("/v1/codes/99/0", 404), ("/v1/codes/x/1", 400), ("/v1/codes/0/1?n=0", 400),
-                         ("/v1/models/other", 404), ("/v1/nothing", 404)):
+    for path, status in (
+        ("/v1/codes/0/9999", 404),
+        ("/v1/codes/99/0", 404),
+        ("/v1/codes/x/1", 400),
+        ("/v1/codes/0/1?n=0", 400),
+        ("/v1/models/other", 404),
+        ("/v1/nothing", 404),
+    ):
         got, text = _get(server, path)
         assert got == status and "error" in json.loads(text), (path, text)
     assert _get(server, "/health")[0] == 200
@@ -299,8 +382,12 @@ def test_code_browser_and_metrics(server):
         status, text = _get(server, "/metrics")
         assert status == 200
         fams = {f.name: f for f in text_string_to_metric_families(text)}
-        total = lambda name, **lab: sum(x.value for x in fams[name].samples if x.name == name + "_total"  # noqa: E731
-                                        and all(x.labels.get(k) == v for k, v in lab.items()))
+        total = lambda name, **lab: sum(
+            x.value
+            for x in fams[name].samples
+            if x.name == name + "_total"  # noqa: E731
+            and all(x.labels.get(k) == v for k, v in lab.items())
+        )
         return fams, total
 
     _, before = scrape()
@@ -308,10 +395,22 @@ def test_code_browser_and_metrics(server):
     assert status == 200 and len(body["sentences"]) == 1 and body["planned"][0][0] == 1
     assert _post(server, "/generate", {"prompt": 5})[0] == 422
     fams, after = scrape()
-    assert {"nextspeed_requests", "nextspeed_errors", "nextspeed_sentences", "nextspeed_tokens", "nextspeed_queue_length",
-            "nextspeed_stage_seconds"} <= set(fams)
-    assert after("nextspeed_requests", endpoint="/generate", status="200") == before("nextspeed_requests", endpoint="/generate", status="200") + 1
-    assert after("nextspeed_errors", endpoint="/generate", status="422") == before("nextspeed_errors", endpoint="/generate", status="422") + 1
+    assert {
+        "nextspeed_requests",
+        "nextspeed_errors",
+        "nextspeed_sentences",
+        "nextspeed_tokens",
+        "nextspeed_queue_length",
+        "nextspeed_stage_seconds",
+    } <= set(fams)
+    assert (
+        after("nextspeed_requests", endpoint="/generate", status="200")
+        == before("nextspeed_requests", endpoint="/generate", status="200") + 1
+    )
+    assert (
+        after("nextspeed_errors", endpoint="/generate", status="422")
+        == before("nextspeed_errors", endpoint="/generate", status="422") + 1
+    )
     assert after("nextspeed_sentences") >= before("nextspeed_sentences") + 1
     assert after("nextspeed_tokens") > before("nextspeed_tokens")
     assert [x.value for x in fams["nextspeed_queue_length"].samples] == [0.0]
@@ -352,7 +451,10 @@ def test_web_page_in_headless_chromium(server):
         wait.until(lambda d: d.find_element(By.ID, "status").text.startswith(("done", "error")))
         assert drv.find_element(By.ID, "status").text.startswith("done"), drv.find_element(By.ID, "status").text
         rows = drv.find_elements(By.CSS_SELECTOR, "tr.sentence-row")
-        assert rows and rows[0].find_elements(By.CSS_SELECTOR, "td")[2].find_elements(By.CSS_SELECTOR, ".code")[0].text == "1"
+        assert (
+            rows
+            and rows[0].find_elements(By.CSS_SELECTOR, "td")[2].find_elements(By.CSS_SELECTOR, ".code")[0].text == "1"
+        )
         assert rows[0].find_elements(By.CSS_SELECTOR, ".code.pinned")  # the pinned level is marked
         assert len(drv.find_elements(By.CSS_SELECTOR, "#output .sentence")) == len(rows)
         rows[0].find_element(By.CSS_SELECTOR, "button.show-cands").click()

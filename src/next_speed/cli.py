@@ -11,8 +11,9 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from next_speed.core import config as C
 from next_speed.core.errors import NextSpeedError
@@ -34,8 +35,10 @@ def print_generation(log_obj: dict) -> None:
         print(f"> {r['prompt']}")
         print(r["text"] if r["text"] else "(nothing generated)")
         t = r["timings"]
-        print(f"  [{len(r['sentences'])} sentences, stop: {r['stop_reason']}; planner {t['planner']:.2f}s, "
-              f"decoder {t['decoder']:.2f}s, rerank {t['rerank']:.2f}s, total {t['total']:.2f}s]")
+        print(
+            f"  [{len(r['sentences'])} sentences, stop: {r['stop_reason']}; planner {t['planner']:.2f}s, "
+            f"decoder {t['decoder']:.2f}s, rerank {t['rerank']:.2f}s, total {t['total']:.2f}s]"
+        )
     print(f"log: {log_obj['out_path']}")
 
 
@@ -48,8 +51,10 @@ def _print_counts(meta: dict) -> None:
 def _print_rvq(meta: dict) -> None:
     _print_counts(meta)
     lv = meta["levels"][-1]
-    print(f"K={meta['K']} V={meta['V']}: relative error {lv['rel_error']:.4f}, cosine {lv['cosine']:.4f} "
-          f"after {meta['K']} levels; fit {meta['fit_seconds']}s")
+    print(
+        f"K={meta['K']} V={meta['V']}: relative error {lv['rel_error']:.4f}, cosine {lv['cosine']:.4f} "
+        f"after {meta['K']} levels; fit {meta['fit_seconds']}s"
+    )
 
 
 def _print_rvq_report(rep: dict) -> None:
@@ -61,9 +66,11 @@ def _print_rvq_report(rep: dict) -> None:
 def _print_planner(info: dict) -> None:
     b = info["best"]
     acc = b.get("val_acc")
-    print(f"planner ({info['num_params']:,} parameters) trained {info['train']['steps']} steps in {info['seconds']}s "
-          f"({info['train_seq_per_s']} seq/s); best step {b['step']}: val loss {b['val_loss']:.3f}"
-          + (f", level-0 accuracy {acc[0]:.3f}, exact tuple {b['val_exact']:.3f}" if acc else ""))
+    print(
+        f"planner ({info['num_params']:,} parameters) trained {info['train']['steps']} steps in {info['seconds']}s "
+        f"({info['train_seq_per_s']} seq/s); best step {b['step']}: val loss {b['val_loss']:.3f}"
+        + (f", level-0 accuracy {acc[0]:.3f}, exact tuple {b['val_exact']:.3f}" if acc else "")
+    )
     print(f"wrote {info['train']['out_dir']}/sentence_lm.pt, config.json, curve.png")
 
 
@@ -76,13 +83,21 @@ def _print_planner_eval(rep: dict) -> None:
 def _print_decoder(info: dict) -> None:
     if info.get("pretokenize_only"):
         c = info["cache"]
-        print(f"tokenized {info['train_rows']} train / {info['val_rows']} val rows"
-              + (f"; cache {'reused' if c['hit'] else 'written'}: {c['cache']}" if c.get("cache") else " (CACHE_TOKENIZED=0: nothing kept)"))
+        print(
+            f"tokenized {info['train_rows']} train / {info['val_rows']} val rows"
+            + (
+                f"; cache {'reused' if c['hit'] else 'written'}: {c['cache']}"
+                if c.get("cache")
+                else " (CACHE_TOKENIZED=0: nothing kept)"
+            )
+        )
         return
     b, sel = info["best"], info["selection"]
-    print(f"decoder {info['base_model']} ({info['train']['code_mode']} codes): {info['steps']} steps in {info['seconds']}s "
-          f"(stopped by {info['stopped_by']}), {sel['trainable_params']:,} of {sel['total_params']:,} parameters trained; "
-          f"val loss {info['val_loss_before']:.3f} -> {b['val_loss']:.3f} (best step {b['step']})")
+    print(
+        f"decoder {info['base_model']} ({info['train']['code_mode']} codes): {info['steps']} steps in {info['seconds']}s "
+        f"(stopped by {info['stopped_by']}), {sel['trainable_params']:,} of {sel['total_params']:,} parameters trained; "
+        f"val loss {info['val_loss_before']:.3f} -> {b['val_loss']:.3f} (best step {b['step']})"
+    )
     print(f"wrote {info['train']['out_dir']}/ (safetensors, tokenizer, config.json, curve.png)")
 
 
@@ -106,36 +121,123 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
-COMMANDS: dict[str, Command] = {c.name: c for c in [
-    Command("export", "next_speed.data.corpus", "ExportConfig", "export_docs",
-            "stream a Wikipedia dump from the Hugging Face hub into data/raw/docs.jsonl (needs network)", _print_counts),
-    Command("sentences", "next_speed.data.sentences", "SentencesConfig", "make_sentences",
-            "step 01: split the corpus into sentences", _print_counts),
-    Command("embed", "next_speed.data.embed", "EmbedConfig", "embed_sentences",
-            "step 02: embed sentences with the sentence encoder", _print_counts),
-    Command("rvq", "next_speed.quant.rvq", "RVQConfig", "fit_rvq", "step 03: fit RVQ codebooks and encode every sentence",
-            _print_rvq),
-    Command("rvq-eval", "next_speed.quant.rvq", "RVQEvalConfig", "rvq_report",
-            "RVQ reconstruction error, codebook usage and tuple sharing", _print_rvq_report),
-    Command("train-planner", "next_speed.training.train_planner", "PlannerTrainConfig", "train_planner",
-            "step 05: train the Sentence-LM planner", lambda i: _print_planner(i)),
-    Command("eval-planner", "next_speed.evals.planner_eval", "PlannerEvalConfig", "eval_planner",
-            "planner accuracy against baselines on the validation split", lambda r: _print_planner_eval(r)),
-    Command("train-decoder", "next_speed.training.train_decoder", "DecoderTrainConfig", "train_decoder",
-            "step 06: train the decoder (context + codes -> sentence)", lambda i: _print_decoder(i)),
-    Command("eval-decoder", "next_speed.training.train_decoder", "DecoderEvalConfig", "eval_decoder",
-            "decoder validation loss with true codes, shuffled codes, and a no-codes decoder", lambda r: _print_decoder_eval(r)),
-    Command("generate", "next_speed.generation.generate", "GenerateConfig", "run_generate",
-            "step 07: generate sentence by sentence and write a JSON log", lambda r: _print_generate(r)),
-    Command("code-agreement", "next_speed.evals.agreement", "AgreementConfig", "code_agreement",
-            "planned vs realized codes, rerank off/on, several N_CAND", lambda r: _print_agreement(r)),
-    Command("run", "next_speed.pipeline", "RunConfig", "run_pipeline",
-            "the main job: steps 01-07 with a preset, skipping up-to-date stages", None),
-    Command("report", "next_speed.evals.report", "ReportConfig", "make_report",
-            "run the evaluations and write out/report/report.md with plots", lambda r: print(f"wrote {r['report']}")),
-    Command("trainsets", "next_speed.data.trainsets", "TrainSetsConfig", "build_training_sets",
-            "step 04: planner and decoder training sets, split by document", _print_counts),
-]}
+COMMANDS: dict[str, Command] = {
+    c.name: c
+    for c in [
+        Command(
+            "export",
+            "next_speed.data.corpus",
+            "ExportConfig",
+            "export_docs",
+            "stream a Wikipedia dump from the Hugging Face hub into data/raw/docs.jsonl (needs network)",
+            _print_counts,
+        ),
+        Command(
+            "sentences",
+            "next_speed.data.sentences",
+            "SentencesConfig",
+            "make_sentences",
+            "step 01: split the corpus into sentences",
+            _print_counts,
+        ),
+        Command(
+            "embed",
+            "next_speed.data.embed",
+            "EmbedConfig",
+            "embed_sentences",
+            "step 02: embed sentences with the sentence encoder",
+            _print_counts,
+        ),
+        Command(
+            "rvq",
+            "next_speed.quant.rvq",
+            "RVQConfig",
+            "fit_rvq",
+            "step 03: fit RVQ codebooks and encode every sentence",
+            _print_rvq,
+        ),
+        Command(
+            "rvq-eval",
+            "next_speed.quant.rvq",
+            "RVQEvalConfig",
+            "rvq_report",
+            "RVQ reconstruction error, codebook usage and tuple sharing",
+            _print_rvq_report,
+        ),
+        Command(
+            "train-planner",
+            "next_speed.training.train_planner",
+            "PlannerTrainConfig",
+            "train_planner",
+            "step 05: train the Sentence-LM planner",
+            lambda i: _print_planner(i),
+        ),
+        Command(
+            "eval-planner",
+            "next_speed.evals.planner_eval",
+            "PlannerEvalConfig",
+            "eval_planner",
+            "planner accuracy against baselines on the validation split",
+            lambda r: _print_planner_eval(r),
+        ),
+        Command(
+            "train-decoder",
+            "next_speed.training.train_decoder",
+            "DecoderTrainConfig",
+            "train_decoder",
+            "step 06: train the decoder (context + codes -> sentence)",
+            lambda i: _print_decoder(i),
+        ),
+        Command(
+            "eval-decoder",
+            "next_speed.training.train_decoder",
+            "DecoderEvalConfig",
+            "eval_decoder",
+            "decoder validation loss with true codes, shuffled codes, and a no-codes decoder",
+            lambda r: _print_decoder_eval(r),
+        ),
+        Command(
+            "generate",
+            "next_speed.generation.generate",
+            "GenerateConfig",
+            "run_generate",
+            "step 07: generate sentence by sentence and write a JSON log",
+            lambda r: _print_generate(r),
+        ),
+        Command(
+            "code-agreement",
+            "next_speed.evals.agreement",
+            "AgreementConfig",
+            "code_agreement",
+            "planned vs realized codes, rerank off/on, several N_CAND",
+            lambda r: _print_agreement(r),
+        ),
+        Command(
+            "run",
+            "next_speed.pipeline",
+            "RunConfig",
+            "run_pipeline",
+            "the main job: steps 01-07 with a preset, skipping up-to-date stages",
+            None,
+        ),
+        Command(
+            "report",
+            "next_speed.evals.report",
+            "ReportConfig",
+            "make_report",
+            "run the evaluations and write out/report/report.md with plots",
+            lambda r: print(f"wrote {r['report']}"),
+        ),
+        Command(
+            "trainsets",
+            "next_speed.data.trainsets",
+            "TrainSetsConfig",
+            "build_training_sets",
+            "step 04: planner and decoder training sets, split by document",
+            _print_counts,
+        ),
+    ]
+}
 
 
 def register(cmd: Command) -> None:
@@ -151,8 +253,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="next-speed", description="Sentence-step text generation with RVQ codes.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    order = ["run", "export", "sentences", "embed", "rvq", "trainsets", "train-planner", "train-decoder", "generate",
-             "rvq-eval", "eval-planner", "eval-decoder", "code-agreement", "report"]
+    order = [
+        "run",
+        "export",
+        "sentences",
+        "embed",
+        "rvq",
+        "trainsets",
+        "train-planner",
+        "train-decoder",
+        "generate",
+        "rvq-eval",
+        "eval-planner",
+        "eval-decoder",
+        "code-agreement",
+        "report",
+    ]
     for cmd in sorted(COMMANDS.values(), key=lambda c: order.index(c.name) if c.name in order else len(order)):
         sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         cls, _ = _load(cmd)
@@ -214,7 +330,9 @@ def guarded(fn: Callable[[], Any]) -> int:
         if os.environ.get("NEXT_SPEED_DEBUG"):
             raise
         msg = (str(e).splitlines() or [""])[0][:300]
-        print(f"error: unexpected {type(e).__name__}: {msg} (set NEXT_SPEED_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"error: unexpected {type(e).__name__}: {msg} (set NEXT_SPEED_DEBUG=1 for the traceback)", file=sys.stderr
+        )
         return 1
 
 

@@ -13,9 +13,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from next_speed.core.artifacts import clean_stale_temporaries, read_jsonl, sha256_path, write_json
 from next_speed.core.config import knob, resolve, to_dict
@@ -37,8 +38,18 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "planner": {"d_model": 128, "n_layers": 2, "n_heads": 4, "drop": 0.3, "steps": 800, "log_every": 100, "bs": 64},
         # The plan reaches the decoder as its code tokens plus the two training sentences that match
         # it best, written into the prompt (README, "How the plan reaches the text").
-        "decoder": {"code_mode": "special", "exemplars": 2, "time_budget": 7.0, "train_layers": "4", "train_bs": 8,
-                    "lr": 3e-4, "eval_every": 40, "val_rows": 64, "max_in": 160, "max_out": 48},
+        "decoder": {
+            "code_mode": "special",
+            "exemplars": 2,
+            "time_budget": 7.0,
+            "train_layers": "4",
+            "train_bs": 8,
+            "lr": 3e-4,
+            "eval_every": 40,
+            "val_rows": 64,
+            "max_in": 160,
+            "max_out": 48,
+        },
         "generate": {"gen_steps": 3, "n_cand": 4},
     },
     # Seconds, with random-init stand-in models built on the spot: for tests and smoke checks.
@@ -48,8 +59,19 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "rvq": {"k": 2, "v": 8, "niter": 5},
         "trainsets": {"context_sents": 3, "val_frac": 0.2},
         "planner": {"d_model": 32, "n_heads": 2, "n_layers": 1, "steps": 30, "log_every": 10, "warmup": 5},
-        "decoder": {"model": TINY_DECODER, "code_mode": "special", "exemplars": 2, "max_steps": 4, "eval_every": 2, "val_rows": 8,
-                    "train_bs": 4, "max_in": 64, "max_out": 24, "train_layers": "all", "lr": 1e-3},
+        "decoder": {
+            "model": TINY_DECODER,
+            "code_mode": "special",
+            "exemplars": 2,
+            "max_steps": 4,
+            "eval_every": 2,
+            "val_rows": 8,
+            "train_bs": 4,
+            "max_in": 64,
+            "max_out": 24,
+            "train_layers": "all",
+            "lr": 1e-3,
+        },
         # The random-init stand-in encoder puts every sentence near every other: no semantic repeat rule.
         "generate": {"gen_steps": 2, "n_cand": 2, "max_new_tokens": 12, "emb_model": TINY_ENCODER, "repeat_cos": 1.01},
     },
@@ -59,9 +81,26 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "embed": {"bs": 256},
         "rvq": {"k": 6, "v": 256, "niter": 25},
         "trainsets": {"context_sents": 8, "val_frac": 0.05},
-        "planner": {"d_model": 512, "n_heads": 8, "n_layers": 8, "steps": 20000, "log_every": 500, "bs": 256, "lr": 6e-4},
-        "decoder": {"code_mode": "special", "exemplars": 2, "num_epochs": 1.0, "train_layers": "all", "train_bs": 32, "lr": 1e-4,
-                    "eval_every": 500, "val_rows": 500, "max_in": 192},
+        "planner": {
+            "d_model": 512,
+            "n_heads": 8,
+            "n_layers": 8,
+            "steps": 20000,
+            "log_every": 500,
+            "bs": 256,
+            "lr": 6e-4,
+        },
+        "decoder": {
+            "code_mode": "special",
+            "exemplars": 2,
+            "num_epochs": 1.0,
+            "train_layers": "all",
+            "train_bs": 32,
+            "lr": 1e-4,
+            "eval_every": 500,
+            "val_rows": 500,
+            "max_in": 192,
+        },
         "generate": {"gen_steps": 5, "n_cand": 8},
     },
 }
@@ -72,39 +111,60 @@ ROWS_FORMAT = {"trainsets": 2}
 
 # Environment variables that name different things in different stages: in one process they
 # would silently apply to both, so `next-speed run` refuses them.
-AMBIGUOUS = {"BS": "02 (embedding batch) and 05 (planner batch)", "LR": "05 and 06", "OUT_DIR": "05 and 06",
-             "WARMUP": "05 and 06", "OUT_PATH": "the export tool and 07", "OUT_META": "the export tool and 02"}
+AMBIGUOUS = {
+    "BS": "02 (embedding batch) and 05 (planner batch)",
+    "LR": "05 and 06",
+    "OUT_DIR": "05 and 06",
+    "WARMUP": "05 and 06",
+    "OUT_PATH": "the export tool and 07",
+    "OUT_META": "the export tool and 02",
+}
 
 
 @dataclass
 class RunConfig:
     """`next-speed run` knobs."""
 
-    preset: str = knob("cpu", env="PRESET", choices=tuple(PRESETS), help="cpu (2 cores, ~16 min), tiny (seconds), full (GPU)")
-    from_stage: str | None = knob(None, env="FROM_STAGE", choices=STAGES, flag="--from", help="rerun from this stage on")
+    preset: str = knob(
+        "cpu", env="PRESET", choices=tuple(PRESETS), help="cpu (2 cores, ~16 min), tiny (seconds), full (GPU)"
+    )
+    from_stage: str | None = knob(
+        None, env="FROM_STAGE", choices=STAGES, flag="--from", help="rerun from this stage on"
+    )
     force: bool = knob(False, env="FORCE", help="rerun every stage")
     stamps: str = knob("out/.stamps", env="STAMPS_DIR", help="where stage stamps live")
 
 
 def _stage_table():
     from next_speed.data.embed import EmbedConfig, embed_sentences
+    from next_speed.data.sentences import SentencesConfig, make_sentences
+    from next_speed.data.trainsets import TrainSetsConfig, build_training_sets
     from next_speed.generation.generate import GenerateConfig, run_generate
     from next_speed.quant.rvq import RVQConfig, fit_rvq
-    from next_speed.data.sentences import SentencesConfig, make_sentences
     from next_speed.training.train_decoder import DecoderTrainConfig, train_decoder
     from next_speed.training.train_planner import PlannerTrainConfig, extra_folders, train_planner
-    from next_speed.data.trainsets import TrainSetsConfig, build_training_sets
 
     return {
-        "sentences": (SentencesConfig, make_sentences, lambda c: [c.docs_jsonl] if c.docs_jsonl else [],
-                      lambda c: [c.sent_path, c.sent_meta]),
+        "sentences": (
+            SentencesConfig,
+            make_sentences,
+            lambda c: [c.docs_jsonl] if c.docs_jsonl else [],
+            lambda c: [c.sent_path, c.sent_meta],
+        ),
         "embed": (EmbedConfig, embed_sentences, lambda c: [c.sent_path], lambda c: [c.out_emb, c.out_meta]),
         "rvq": (RVQConfig, fit_rvq, lambda c: [c.emb_path], lambda c: [c.rvq_path, c.codes_path, c.rvq_meta]),
-        "trainsets": (TrainSetsConfig, build_training_sets, lambda c: [c.sent_path, c.codes_path],
-                      lambda c: [c.out_lm, c.out_lm_val, c.out_dec, c.out_dec_val, c.train_meta]),
-        "planner": (PlannerTrainConfig, train_planner,
-                    lambda c: [c.out_lm, c.out_lm_val] + [str(Path(f) / "embeddings.npy") for f in extra_folders(c)],
-                    lambda c: [c.out_dir]),
+        "trainsets": (
+            TrainSetsConfig,
+            build_training_sets,
+            lambda c: [c.sent_path, c.codes_path],
+            lambda c: [c.out_lm, c.out_lm_val, c.out_dec, c.out_dec_val, c.train_meta],
+        ),
+        "planner": (
+            PlannerTrainConfig,
+            train_planner,
+            lambda c: [c.out_lm, c.out_lm_val] + [str(Path(f) / "embeddings.npy") for f in extra_folders(c)],
+            lambda c: [c.out_dir],
+        ),
         "decoder": (DecoderTrainConfig, train_decoder, lambda c: [c.out_dec, c.out_dec_val], lambda c: [c.out_dir]),
         "generate": (GenerateConfig, run_generate, lambda c: [c.planner_dir, c.decoder_dir, c.rvq_path], lambda c: []),
     }
@@ -142,8 +202,8 @@ def _summary(stage: str, res: Any, cfg: Any) -> str:
         c = res["counts"]
         return f"{c['train_rows']} train / {c['val_rows']} val rows ({c['val_docs']} of {c['docs']} documents held out)"
     if stage == "planner":
-        from next_speed.models.planner import load_rows
         from next_speed.evals.planner_eval import baselines
+        from next_speed.models.planner import load_rows
 
         b = res["best"]
         acc = b.get("val_acc", [float("nan")])[0]
@@ -155,8 +215,10 @@ def _summary(stage: str, res: Any, cfg: Any) -> str:
             vs = ""
         return f"level-0 accuracy {acc:.3f}{vs}; val loss {b['val_loss']:.3f} (step {b['step']})"
     if stage == "decoder":
-        return (f"val loss {res['val_loss_before']:.3f} -> {res['best']['val_loss']:.3f} in {res['steps']} steps "
-                f"({res['selection']['trainable_params']:,} parameters trained)")
+        return (
+            f"val loss {res['val_loss_before']:.3f} -> {res['best']['val_loss']:.3f} in {res['steps']} steps "
+            f"({res['selection']['trainable_params']:,} parameters trained)"
+        )
     return ""
 
 
@@ -165,8 +227,10 @@ def run_pipeline(rcfg: RunConfig, environ: dict[str, str] | None = None, echo: C
     environ = dict(os.environ if environ is None else environ)
     for var, where in AMBIGUOUS.items():
         if var in environ:
-            raise ConfigError(f"{var} is set, but it means different knobs in stages {where}; `next-speed run` cannot "
-                              f"tell which you mean: unset it and use the stage scripts (or a stage flag) instead")
+            raise ConfigError(
+                f"{var} is set, but it means different knobs in stages {where}; `next-speed run` cannot "
+                f"tell which you mean: unset it and use the stage scripts (or a stage flag) instead"
+            )
     preset = PRESETS[rcfg.preset]
     table = _stage_table()
     cfgs = {name: resolve(cls, environ=environ, base=preset.get(name, {})) for name, (cls, *_rest) in table.items()}
@@ -202,8 +266,16 @@ def run_pipeline(rcfg: RunConfig, environ: dict[str, str] | None = None, echo: C
                 echo(f"  > {r['prompt']}")
                 echo(f"    {r['text'] or '(nothing generated)'}")
             continue
-        write_json(stamp, {"stage": name, "config": conf, "inputs": _hashes(inputs), "outputs": _hashes(outputs),
-                           "seconds": round(dt, 1)})
+        write_json(
+            stamp,
+            {
+                "stage": name,
+                "config": conf,
+                "inputs": _hashes(inputs),
+                "outputs": _hashes(outputs),
+                "seconds": round(dt, 1),
+            },
+        )
         echo(f"[{i + 1}/7] {name}: {_summary(name, res, cfg)} ({dt:.1f}s)")
     echo(f"done in {time.perf_counter() - t_all:.1f}s")
     return results

@@ -16,9 +16,10 @@ import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from importlib import metadata as _im
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +45,7 @@ STEP_HINT = {
 
 
 # --------------------------------------------------------------------------- atomic writes
+
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -183,6 +185,7 @@ def read_json(path: str | Path) -> Any:
 
 # --------------------------------------------------------------------------- hashing
 
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -203,6 +206,7 @@ def sha256_path(path: str | Path) -> str:
 
 
 # --------------------------------------------------------------------------- metadata
+
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
@@ -227,7 +231,7 @@ def make_meta(
     return {
         "kind": kind,
         "format_version": FORMAT_VERSION,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "config": config,
         "seed": config.get("seed"),
         "versions": versions(),
@@ -239,16 +243,18 @@ def make_meta(
     }
 
 
-def write_checkpoint_meta(folder: Path, kind: str, config: dict[str, Any], inputs: dict[str, str | Path],
-                          **extra: Any) -> dict[str, Any]:
+def write_checkpoint_meta(
+    folder: Path, kind: str, config: dict[str, Any], inputs: dict[str, str | Path], **extra: Any
+) -> dict[str, Any]:
     """`meta.json` of a checkpoint folder (planner, decoder), in the form every other artifact's
     metadata has (format version, config, seed, versions, inputs with their roles and hashes); its
     outputs are the folder's files by name with their hashes. Called on the temporary folder,
     after every other file is written."""
     folder = Path(folder)
     meta = make_meta(kind, config, inputs=inputs, **extra)
-    meta["outputs"] = {f.name: {"sha256": sha256_path(f)} for f in sorted(folder.iterdir())
-                       if f.is_file() and f.name != "meta.json"}
+    meta["outputs"] = {
+        f.name: {"sha256": sha256_path(f)} for f in sorted(folder.iterdir()) if f.is_file() and f.name != "meta.json"
+    }
     write_json(folder / "meta.json", meta)
     return meta
 
@@ -269,8 +275,10 @@ def load_meta(meta_path: str | Path, kind: str, data_path: str | Path | None = N
     if meta.get("kind") != kind:
         raise StaleInputError(f"{meta_path} describes a {meta.get('kind')!r} artifact, expected {kind!r}: rerun {hint}")
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise StaleInputError(f"{meta_path} has format version {meta.get('format_version')}, newer than this "
-                              f"next-speed understands ({FORMAT_VERSION}): upgrade, or rerun {hint}")
+        raise StaleInputError(
+            f"{meta_path} has format version {meta.get('format_version')}, newer than this "
+            f"next-speed understands ({FORMAT_VERSION}): upgrade, or rerun {hint}"
+        )
     if data_path is not None:
         rec = meta.get("outputs", {}).get(str(data_path))
         if rec is None:
@@ -281,7 +289,9 @@ def load_meta(meta_path: str | Path, kind: str, data_path: str | Path | None = N
         if rec is None:
             raise StaleInputError(f"{meta_path} does not describe {data_path}: rerun {hint}")
         if rec["sha256"] != sha256_path(data_path):
-            raise StaleInputError(f"{data_path} does not match its metadata {meta_path} (changed or half-written): rerun {hint}")
+            raise StaleInputError(
+                f"{data_path} does not match its metadata {meta_path} (changed or half-written): rerun {hint}"
+            )
     return meta
 
 
@@ -297,7 +307,9 @@ class NpyRows:
         try:
             with open(self.path, "rb") as fh:
                 version = np.lib.format.read_magic(fh)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
                 shape, fortran, dtype = read_header(fh)
                 self.offset = fh.tell()
         except (OSError, ValueError) as e:

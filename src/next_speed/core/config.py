@@ -13,7 +13,8 @@ import math
 import os
 import types
 import typing
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from next_speed.core.errors import ConfigError
 
@@ -193,8 +194,14 @@ def describe(cls: type) -> list[dict[str, Any]]:
     """Knob table for docs: name, env, flag, default, help."""
     rows = []
     for f, tp, _ in fields_of(cls):
-        rows.append({
-            "field": f.name, "env": f.metadata.get("env"), "flag": flag_name(f),
-            "default": f.default, "type": tp.__name__, "help": f.metadata.get("help", ""),
-        })
+        rows.append(
+            {
+                "field": f.name,
+                "env": f.metadata.get("env"),
+                "flag": flag_name(f),
+                "default": f.default,
+                "type": tp.__name__,
+                "help": f.metadata.get("help", ""),
+            }
+        )
     return rows

@@ -99,8 +99,11 @@ def onednn_linear_available() -> bool:
     import torch
 
     try:
-        return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise") \
+        return (
+            bool(torch.backends.mkldnn.is_available())
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        )
     except (AttributeError, RuntimeError):
         return False
 
@@ -128,9 +131,16 @@ def _packed_linear_class():
 
         def forward(self, x):
             w = self.weight
-            if (x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu" or w.device.type != "cpu"
-                    or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
-                                                     or (self.bias is not None and self.bias.requires_grad)))):
+            if (
+                x.dtype != torch.float32
+                or w.dtype != torch.float32
+                or x.device.type != "cpu"
+                or w.device.type != "cpu"
+                or (
+                    torch.is_grad_enabled()
+                    and (x.requires_grad or w.requires_grad or (self.bias is not None and self.bias.requires_grad))
+                )
+            ):
                 return F.linear(x, w, self.bias)
             if self.packed_from != (w.data_ptr(), w._version):
                 self.repack()
@@ -160,13 +170,18 @@ def pack_linears(model, rows: int = 4) -> int:
     import torch.nn.functional as F
 
     cls = _packed_linear_class()
-    mods = [m for m in model.modules()
-            if type(m) in (torch.nn.Linear, cls) and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
+    mods = [
+        m
+        for m in model.modules()
+        if type(m) in (torch.nn.Linear, cls) and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
+    ]
     if not mods:
         return 0
     if not onednn_linear_available():
-        log.warning("PACK_WEIGHTS: this torch build has no oneDNN linear; the decoder runs unpacked (PACK_WEIGHTS=0 "
-                    "silences this)")
+        log.warning(
+            "PACK_WEIGHTS: this torch build has no oneDNN linear; the decoder runs unpacked (PACK_WEIGHTS=0 "
+            "silences this)"
+        )
         return 0
     try:
         with torch.no_grad():
@@ -174,13 +189,19 @@ def pack_linears(model, rows: int = 4) -> int:
             # one product checked against nn.Linear's: a torch whose private op changed fails here, once
             m = mods[0]
             x = torch.randn(3, m.in_features, generator=torch.Generator().manual_seed(0))
-            ok = torch.allclose(torch.ops.mkldnn._linear_pointwise(x, packed[0], m.bias, "none", [], ""),
-                                F.linear(x, m.weight, m.bias), rtol=1e-4, atol=1e-4)
+            ok = torch.allclose(
+                torch.ops.mkldnn._linear_pointwise(x, packed[0], m.bias, "none", [], ""),
+                F.linear(x, m.weight, m.bias),
+                rtol=1e-4,
+                atol=1e-4,
+            )
     except (RuntimeError, TypeError, AttributeError):
         ok = False
     if not ok:
-        log.warning("PACK_WEIGHTS: oneDNN's packed linear of this torch build fails its check against nn.Linear; "
-                    "the decoder runs unpacked (PACK_WEIGHTS=0 silences this)")
+        log.warning(
+            "PACK_WEIGHTS: oneDNN's packed linear of this torch build fails its check against nn.Linear; "
+            "the decoder runs unpacked (PACK_WEIGHTS=0 silences this)"
+        )
         return 0
     for mod, w in zip(mods, packed):
         mod.__class__ = cls
@@ -249,7 +270,9 @@ def ray_session(address: str | None):
         except Exception as e:  # noqa: BLE001 - a cluster that cannot be reached is the user's to fix
             from next_speed.core.errors import NextSpeedError
 
-            raise NextSpeedError(f"RAY_ADDRESS={address!r}: could not start or join Ray ({str(e).splitlines()[0][:200]})") from None
+            raise NextSpeedError(
+                f"RAY_ADDRESS={address!r}: could not start or join Ray ({str(e).splitlines()[0][:200]})"
+            ) from None
         started = True
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:

@@ -10,19 +10,21 @@ import csv
 import importlib.util
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-from next_speed.core.artifacts import make_meta, read_jsonl, write_json, atomic_path
+from next_speed.core.artifacts import atomic_path, make_meta, read_jsonl, write_json
 from next_speed.core.config import SEED_MAX, knob, to_dict
 from next_speed.core.errors import NextSpeedError
 
 log = logging.getLogger(__name__)
 
 BUILTIN = ("wiki", "sotu")
-OFFLINE_HINT = ("the built-in offline corpora are CORPUS=wiki (Wikipedia lead sections, the default) "
-                "and CORPUS=sotu (State of the Union speeches), or set DOCS_JSONL to a local file")
+OFFLINE_HINT = (
+    "the built-in offline corpora are CORPUS=wiki (Wikipedia lead sections, the default) "
+    "and CORPUS=sotu (State of the Union speeches), or set DOCS_JSONL to a local file"
+)
 
 
 def _package_dir(name: str) -> Path:
@@ -129,7 +131,9 @@ def hf_docs(name: str, config: str | None, split: str) -> Iterator[dict]:
             yield {"id": str(row.get("id", i)), "title": str(row.get("title", "")), "text": row["text"]}
 
 
-def iter_docs(corpus: str, docs_jsonl: str | None, hf_dataset: str, hf_config: str | None, hf_split: str) -> Iterator[dict]:
+def iter_docs(
+    corpus: str, docs_jsonl: str | None, hf_dataset: str, hf_config: str | None, hf_split: str
+) -> Iterator[dict]:
     """Dispatch to the configured source. DOCS_JSONL, when set, wins (as the spec says)."""
     if docs_jsonl:
         return jsonl_docs(docs_jsonl)
@@ -143,6 +147,7 @@ def iter_docs(corpus: str, docs_jsonl: str | None, hf_dataset: str, hf_config: s
 
 
 # --------------------------------------------------------------------------- export tool
+
 
 @dataclass
 class ExportConfig:
@@ -170,7 +175,11 @@ def export_docs(cfg: ExportConfig, rows=None) -> dict:
     if rows is None:
         rows = _load_hf(cfg.hf_dataset, cfg.hf_config, cfg.hf_split, streaming=cfg.streaming)
         if cfg.shuffle_buffer > 0:
-            rows = rows.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer) if cfg.streaming else rows.shuffle(seed=cfg.seed)
+            rows = (
+                rows.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
+                if cfg.streaming
+                else rows.shuffle(seed=cfg.seed)
+            )
     seen = kept = 0
     with atomic_path(cfg.out_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for row in progress(rows, desc="export", unit="doc"):
@@ -178,16 +187,26 @@ def export_docs(cfg: ExportConfig, rows=None) -> dict:
             text = (row.get("text") or "").strip()
             if len(text) < cfg.min_chars:
                 continue
-            fh.write(json.dumps({"id": str(row.get("id", seen - 1)), "title": row.get("title", ""), "text": text},
-                                ensure_ascii=False) + "\n")
+            fh.write(
+                json.dumps(
+                    {"id": str(row.get("id", seen - 1)), "title": row.get("title", ""), "text": text},
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
             kept += 1
             if kept >= cfg.max_docs:
                 break
     if kept == 0:
         Path(cfg.out_path).unlink(missing_ok=True)
         raise NextSpeedError(f"no document of at least MIN_CHARS={cfg.min_chars} characters was found in {seen} rows")
-    meta = make_meta("docs", to_dict(cfg), outputs={"docs": cfg.out_path}, counts={"rows_seen": seen, "docs": kept},
-                     source={"dataset": cfg.hf_dataset, "config": cfg.hf_config, "split": cfg.hf_split})
+    meta = make_meta(
+        "docs",
+        to_dict(cfg),
+        outputs={"docs": cfg.out_path},
+        counts={"rows_seen": seen, "docs": kept},
+        source={"dataset": cfg.hf_dataset, "config": cfg.hf_config, "split": cfg.hf_split},
+    )
     write_json(cfg.out_meta, meta)
     log.info("exported %d of %d documents to %s", kept, seen, cfg.out_path)
     return meta

@@ -10,9 +10,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -30,8 +30,11 @@ _PACKAGED = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "mini
 class EmbedConfig:
     """Step 02 knobs."""
 
-    emb_model: str = knob(DEFAULT_ENCODER, env="EMB_MODEL",
-                          help="sentence encoder: all-MiniLM-L6-v2 (packaged, offline), a local folder, or a hub id")
+    emb_model: str = knob(
+        DEFAULT_ENCODER,
+        env="EMB_MODEL",
+        help="sentence encoder: all-MiniLM-L6-v2 (packaged, offline), a local folder, or a hub id",
+    )
     bs: int = knob(64, env="BS", min=1, help="encoding batch size")
     maxlen: int = knob(128, env="MAXLEN", min=8, help="encoder max tokens per sentence (longer is truncated)")
     sent_path: str = knob("data/sentences.jsonl", env="SENT_PATH", help="input sentences (step 01)")
@@ -41,11 +44,20 @@ class EmbedConfig:
     device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
     seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="random seed")
     deterministic: bool = knob(True, env="DETERMINISTIC", help="deterministic torch kernels")
-    backend: str = knob("local", env="BACKEND", choices=("local", "ray"),
-                        help="local: this process; ray: Ray Data map_batches over shards, one encoder per actor (pip install 'next-speed[ray]')")
-    ray_address: str | None = knob(None, env="RAY_ADDRESS",
-                                   help="Ray cluster to join (e.g. ray://head:10001 or auto); unset starts a local Ray instance")
-    ray_actors: int = knob(0, env="RAY_ACTORS", min=0, help="encoder actors (0 = one per CPU of the cluster, or per GPU with DEVICE=cuda)")
+    backend: str = knob(
+        "local",
+        env="BACKEND",
+        choices=("local", "ray"),
+        help="local: this process; ray: Ray Data map_batches over shards, one encoder per actor (pip install 'next-speed[ray]')",
+    )
+    ray_address: str | None = knob(
+        None,
+        env="RAY_ADDRESS",
+        help="Ray cluster to join (e.g. ray://head:10001 or auto); unset starts a local Ray instance",
+    )
+    ray_actors: int = knob(
+        0, env="RAY_ACTORS", min=0, help="encoder actors (0 = one per CPU of the cluster, or per GPU with DEVICE=cuda)"
+    )
 
 
 def resolve_encoder_path(name: str) -> str:
@@ -72,7 +84,8 @@ def load_encoder(name: str, device: str = "cpu", maxlen: int | None = None):
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise NextSpeedError(
             f"EMB_MODEL={name!r} could not be loaded ({first}). Offline, use the packaged default "
-            f"EMB_MODEL={DEFAULT_ENCODER} or a local sentence-transformers folder") from None
+            f"EMB_MODEL={DEFAULT_ENCODER} or a local sentence-transformers folder"
+        ) from None
     if maxlen:
         model.max_seq_length = maxlen
     return model
@@ -95,8 +108,13 @@ def embed_shard(model, texts: Sequence[str], out: np.ndarray, bs: int = 64, show
     bar = progress(total=len(texts), desc="02 embed", unit="sent", disable=None if show_progress else True)
     with torch.inference_mode():
         for idx in batches:
-            emb = model.encode([texts[i] for i in idx], batch_size=bs, convert_to_numpy=True,
-                               normalize_embeddings=True, show_progress_bar=False)
+            emb = model.encode(
+                [texts[i] for i in idx],
+                batch_size=bs,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
             out[idx] = emb.astype(np.float32, copy=False)
             bar.update(len(idx))
     bar.close()
@@ -116,8 +134,13 @@ class RayEncoder:
         import torch
 
         with torch.inference_mode():
-            emb = self.model.encode([str(t) for t in batch["text"]], batch_size=self.bs, convert_to_numpy=True,
-                                    normalize_embeddings=True, show_progress_bar=False)
+            emb = self.model.encode(
+                [str(t) for t in batch["text"]],
+                batch_size=self.bs,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
         return {"id": np.asarray(batch["id"], dtype=np.int64), "emb": emb.astype(np.float32, copy=False)}
 
 
@@ -138,11 +161,21 @@ def embed_with_ray(cfg: EmbedConfig, n_rows: int, out: np.ndarray, device: str) 
         per_actor = max((cpus - 0.25) / actors, 0.1)
         ds = ray.data.read_json(str(Path(cfg.sent_path).resolve()), lines=True, num_cpus=0.25)
         # (no select_columns: it would be a separate 1-CPU operator, starved the same way)
-        ds = ds.map_batches(RayEncoder, fn_constructor_kwargs={"emb_model": cfg.emb_model, "maxlen": cfg.maxlen,
-                                                                "device": "cuda" if gpu else "cpu", "bs": cfg.bs,
-                                                                "threads": max(int(per_actor), 1)},
-                            batch_size=cfg.bs * 16, batch_format="numpy", concurrency=actors,
-                            num_gpus=1 if gpu else 0, num_cpus=0 if gpu else per_actor)
+        ds = ds.map_batches(
+            RayEncoder,
+            fn_constructor_kwargs={
+                "emb_model": cfg.emb_model,
+                "maxlen": cfg.maxlen,
+                "device": "cuda" if gpu else "cpu",
+                "bs": cfg.bs,
+                "threads": max(int(per_actor), 1),
+            },
+            batch_size=cfg.bs * 16,
+            batch_format="numpy",
+            concurrency=actors,
+            num_gpus=1 if gpu else 0,
+            num_cpus=0 if gpu else per_actor,
+        )
         from next_speed.core.runtime import progress
 
         seen = 0
@@ -150,8 +183,10 @@ def embed_with_ray(cfg: EmbedConfig, n_rows: int, out: np.ndarray, device: str) 
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 ids = batch["id"]
                 if ids.size and (ids.min() < 0 or ids.max() >= n_rows):
-                    raise NextSpeedError(f"{cfg.sent_path}: sentence ids must be the row numbers 0..{n_rows - 1} "
-                                         f"(as step 01 writes them); got {int(ids.max())}")
+                    raise NextSpeedError(
+                        f"{cfg.sent_path}: sentence ids must be the row numbers 0..{n_rows - 1} "
+                        f"(as step 01 writes them); got {int(ids.max())}"
+                    )
                 out[ids] = batch["emb"]
                 seen += len(ids)
                 bar.update(len(ids))
@@ -175,7 +210,11 @@ def embed_sentences(cfg: EmbedConfig, model=None) -> dict:
     device = pick_device(cfg.device)
     if model is None:
         model = load_encoder(cfg.emb_model, device=device, maxlen=cfg.maxlen)
-    dim = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") else model.get_sentence_embedding_dimension()
+    dim = (
+        model.get_embedding_dimension()
+        if hasattr(model, "get_embedding_dimension")
+        else model.get_sentence_embedding_dimension()
+    )
     t_load = time.perf_counter() - t0
     extra = {}
     n_rows = len(texts)
@@ -188,11 +227,21 @@ def embed_sentences(cfg: EmbedConfig, model=None) -> dict:
         arr.flush()
         del arr
     elapsed = time.perf_counter() - t0
-    meta = make_meta("embeddings", to_dict(cfg), inputs={"sentences": cfg.sent_path}, outputs={"embeddings": cfg.out_emb},
-                     counts={"rows": n_rows, "dim": int(dim)}, model=cfg.emb_model,
-                     model_path=resolve_encoder_path(cfg.emb_model), dim=int(dim), normalized=True,
-                     seconds=round(elapsed, 2), load_seconds=round(t_load, 2),
-                     sentences_per_s=round(n_rows / max(elapsed - t_load, 1e-9), 1), **extra)
+    meta = make_meta(
+        "embeddings",
+        to_dict(cfg),
+        inputs={"sentences": cfg.sent_path},
+        outputs={"embeddings": cfg.out_emb},
+        counts={"rows": n_rows, "dim": int(dim)},
+        model=cfg.emb_model,
+        model_path=resolve_encoder_path(cfg.emb_model),
+        dim=int(dim),
+        normalized=True,
+        seconds=round(elapsed, 2),
+        load_seconds=round(t_load, 2),
+        sentences_per_s=round(n_rows / max(elapsed - t_load, 1e-9), 1),
+        **extra,
+    )
     write_json(cfg.out_meta, meta)
     log.info("02: %d x %d embeddings in %.1fs -> %s", len(texts), dim, elapsed, cfg.out_emb)
     return meta
@@ -205,8 +254,10 @@ def open_embeddings(emb_path: str, emb_meta: str):
     meta = load_meta(emb_meta, "embeddings", emb_path)
     rows = NpyRows(emb_path)
     if rows.shape[0] != meta["counts"]["rows"] or rows.dtype != np.float32:
-        raise NextSpeedError(f"{emb_path} has shape {rows.shape} ({rows.dtype}), metadata says {meta['counts']['rows']} float32 rows: "
-                             "rerun step 02")
+        raise NextSpeedError(
+            f"{emb_path} has shape {rows.shape} ({rows.dtype}), metadata says {meta['counts']['rows']} float32 rows: "
+            "rerun step 02"
+        )
     return rows, meta
 
 
@@ -221,5 +272,7 @@ def load_embeddings(emb_path: str, emb_meta: str, sent_path: str | None = None) 
             raise NextSpeedError(f"{emb_path} was embedded from another sentence file than {sent_path}: rerun step 02")
     x = np.load(emb_path, mmap_mode="r")
     if x.ndim != 2 or x.shape[0] != meta["counts"]["rows"]:
-        raise NextSpeedError(f"{emb_path} has shape {x.shape}, metadata says {meta['counts']['rows']} rows: rerun step 02")
+        raise NextSpeedError(
+            f"{emb_path} has shape {x.shape}, metadata says {meta['counts']['rows']} rows: rerun step 02"
+        )
     return np.ascontiguousarray(x, dtype=np.float32), meta

@@ -8,15 +8,15 @@ import multiprocessing as mp
 import os
 import re
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from next_speed.core.artifacts import atomic_path, make_meta, write_json
 from next_speed.core.config import SEED_MAX, knob, to_dict
-from next_speed.data.corpus import OFFLINE_HINT, iter_docs
 from next_speed.core.errors import ConfigError, NextSpeedError
 from next_speed.core.runtime import progress
+from next_speed.data.corpus import OFFLINE_HINT, iter_docs
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,15 @@ _WS = re.compile(r"\s+")
 class SentencesConfig:
     """Step 01 knobs."""
 
-    corpus: str = knob("wiki", env="CORPUS", choices=("wiki", "sotu", "hf"),
-                       help="built-in offline corpus (wiki, sotu) or hf for HF_DATASET")
-    docs_jsonl: str | None = knob(None, env="DOCS_JSONL", help="local docs JSONL (one {'text':...} per line); wins when set")
+    corpus: str = knob(
+        "wiki",
+        env="CORPUS",
+        choices=("wiki", "sotu", "hf"),
+        help="built-in offline corpus (wiki, sotu) or hf for HF_DATASET",
+    )
+    docs_jsonl: str | None = knob(
+        None, env="DOCS_JSONL", help="local docs JSONL (one {'text':...} per line); wins when set"
+    )
     hf_dataset: str = knob("wikitext", env="HF_DATASET", help="Hugging Face dataset (with CORPUS=hf; needs network)")
     hf_config: str | None = knob("wikitext-2-raw-v1", env="HF_CONFIG", help="Hugging Face dataset config")
     hf_split: str = knob("train", env="HF_SPLIT", help="Hugging Face dataset split")
@@ -38,7 +44,11 @@ class SentencesConfig:
     sent_meta: str = knob("data/sentences.meta.json", env="SENT_META", help="output metadata JSON")
     min_len: int = knob(20, env="MIN_LEN", min=1, help="drop sentences shorter than this many characters")
     max_len: int = knob(400, env="MAX_LEN", min=1, help="drop sentences longer than this many characters")
-    lang: str = knob("en", env="LANG", help="pysbd language code; a locale value such as en_US.UTF-8 means en, C/POSIX mean the default")
+    lang: str = knob(
+        "en",
+        env="LANG",
+        help="pysbd language code; a locale value such as en_US.UTF-8 means en, C/POSIX mean the default",
+    )
     num_proc: int = knob(0, env="NUM_PROC", min=0, help="worker processes for splitting (0 = all cores)")
     seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="random seed (recorded; splitting is deterministic)")
 
@@ -51,7 +61,9 @@ class SentencesConfig:
         explicit = getattr(self, "_explicit", frozenset())
         hub = sorted(k.upper() for k in explicit & {"hf_dataset", "hf_config", "hf_split"})
         if hub and "corpus" not in explicit:
-            self.corpus = "hf"  # naming a dataset, config or split means using the hub, never silently the default corpus
+            self.corpus = (
+                "hf"  # naming a dataset, config or split means using the hub, never silently the default corpus
+            )
         elif hub and self.corpus != "hf" and not self.docs_jsonl:
             raise ConfigError(f"{hub[0]} is set but CORPUS={self.corpus}: the HF_* knobs apply to CORPUS=hf only")
 
@@ -98,7 +110,9 @@ def check_lang(lang: str) -> None:
     except ValueError:
         from pysbd.languages import LANGUAGE_CODES
 
-        raise ConfigError(f"LANG={lang!r} is not a pysbd language: choose one of {', '.join(sorted(LANGUAGE_CODES))}") from None
+        raise ConfigError(
+            f"LANG={lang!r} is not a pysbd language: choose one of {', '.join(sorted(LANGUAGE_CODES))}"
+        ) from None
 
 
 def segment_docs(docs: Iterable[dict], lang: str, num_proc: int, chunk: int = 2048) -> Iterator[tuple[dict, list[str]]]:
@@ -128,15 +142,25 @@ def make_sentences(cfg: SentencesConfig) -> dict:
     docs = iter_docs(cfg.corpus, cfg.docs_jsonl, cfg.hf_dataset, cfg.hf_config, cfg.hf_split)
     if cfg.max_docs:
         docs = itertools.islice(docs, cfg.max_docs)
-    source = cfg.docs_jsonl or (f"hf:{cfg.hf_dataset}/{cfg.hf_config}/{cfg.hf_split}" if cfg.corpus == "hf" else cfg.corpus)
-    counts = {"docs": 0, "sentences_raw": 0, "dropped_short": 0, "dropped_long": 0,
-              "sentences": 0, "docs_with_sentences": 0}
+    source = cfg.docs_jsonl or (
+        f"hf:{cfg.hf_dataset}/{cfg.hf_config}/{cfg.hf_split}" if cfg.corpus == "hf" else cfg.corpus
+    )
+    counts = {
+        "docs": 0,
+        "sentences_raw": 0,
+        "dropped_short": 0,
+        "dropped_long": 0,
+        "sentences": 0,
+        "docs_with_sentences": 0,
+    }
     with atomic_path(cfg.sent_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         import json
 
         doc_out = 0
         # streamed: documents in, sentences out, one chunk of documents in memory
-        for doc, sents in progress(segment_docs(docs, cfg.lang, cfg.num_proc), total=cfg.max_docs, desc="01 split", unit="doc"):
+        for doc, sents in progress(
+            segment_docs(docs, cfg.lang, cfg.num_proc), total=cfg.max_docs, desc="01 split", unit="doc"
+        ):
             counts["docs"] += 1
             pos = 0
             for s in sents:
@@ -147,8 +171,13 @@ def make_sentences(cfg: SentencesConfig) -> dict:
                 if len(s) > cfg.max_len:
                     counts["dropped_long"] += 1
                     continue
-                fh.write(json.dumps({"id": counts["sentences"], "doc": doc_out, "doc_id": doc["id"],
-                                     "pos": pos, "text": s}, ensure_ascii=False) + "\n")
+                fh.write(
+                    json.dumps(
+                        {"id": counts["sentences"], "doc": doc_out, "doc_id": doc["id"], "pos": pos, "text": s},
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
                 counts["sentences"] += 1
                 pos += 1
             if pos:
@@ -159,11 +188,19 @@ def make_sentences(cfg: SentencesConfig) -> dict:
         if counts["sentences"] == 0:
             raise NextSpeedError(
                 f"no sentences left from {source}: {counts['sentences_raw']} split, {counts['dropped_short']} shorter "
-                f"than MIN_LEN={cfg.min_len}, {counts['dropped_long']} longer than MAX_LEN={cfg.max_len}")
+                f"than MIN_LEN={cfg.min_len}, {counts['dropped_long']} longer than MAX_LEN={cfg.max_len}"
+            )
     inputs = {"docs": cfg.docs_jsonl} if cfg.docs_jsonl else {}
     elapsed = time.perf_counter() - t0
-    meta = make_meta("sentences", to_dict(cfg), inputs=inputs, outputs={"sentences": cfg.sent_path}, counts=counts,
-                     source=source, seconds=round(elapsed, 2))
+    meta = make_meta(
+        "sentences",
+        to_dict(cfg),
+        inputs=inputs,
+        outputs={"sentences": cfg.sent_path},
+        counts=counts,
+        source=source,
+        seconds=round(elapsed, 2),
+    )
     write_json(cfg.sent_meta, meta)
     log.info("01: %d sentences from %d documents in %.1fs -> %s", counts["sentences"], doc_out, elapsed, cfg.sent_path)
     return meta

@@ -71,7 +71,9 @@ def build_training_sets(cfg: TrainSetsConfig) -> dict:
     load_meta(cfg.sent_meta, "sentences", cfg.sent_path)
     rvq_meta = check_codes(cfg.codes_path, cfg.rvq_meta, cfg.k, cfg.v)
     if rvq_meta.get("sentences_sha256") and rvq_meta["sentences_sha256"] != sha256_path(cfg.sent_path):
-        raise StaleInputError(f"{cfg.codes_path} was built from another sentence file than {cfg.sent_path}: rerun steps 02-03")
+        raise StaleInputError(
+            f"{cfg.codes_path} was built from another sentence file than {cfg.sent_path}: rerun steps 02-03"
+        )
     codes = NpyRows(cfg.codes_path)
     n, docs = 0, []
     for r in read_jsonl(cfg.sent_path, required=("doc", "pos", "text")):
@@ -79,7 +81,9 @@ def build_training_sets(cfg: TrainSetsConfig) -> dict:
             docs.append(r["doc"])
         n += 1
     if n != len(codes):
-        raise StaleInputError(f"{cfg.sent_path} has {n} sentences but {cfg.codes_path} has {len(codes)} rows: rerun steps 02-03")
+        raise StaleInputError(
+            f"{cfg.sent_path} has {n} sentences but {cfg.codes_path} has {len(codes)} rows: rerun steps 02-03"
+        )
     if not n:
         raise NextSpeedError(f"{cfg.sent_path} has no sentences: rerun step 01")
     doc_ids = np.asarray(docs)
@@ -87,12 +91,19 @@ def build_training_sets(cfg: TrainSetsConfig) -> dict:
 
     c = cfg.context_sents
     counts = {"train": 0, "val": 0}
-    paths = {("lm", "train"): cfg.out_lm, ("lm", "val"): cfg.out_lm_val, ("dec", "train"): cfg.out_dec, ("dec", "val"): cfg.out_dec_val}
+    paths = {
+        ("lm", "train"): cfg.out_lm,
+        ("lm", "val"): cfg.out_lm_val,
+        ("dec", "train"): cfg.out_dec,
+        ("dec", "val"): cfg.out_dec_val,
+    }
     with contextlib.ExitStack() as stack:
         # entered in reverse: the stack publishes last-in first, so the files appear in the order
         # of `paths` (planner train, planner val, decoder train, decoder val), as before streaming
-        out = {key: stack.enter_context(open(stack.enter_context(atomic_path(path)), "w", encoding="utf-8"))
-               for key, path in reversed(list(paths.items()))}
+        out = {
+            key: stack.enter_context(open(stack.enter_context(atomic_path(path)), "w", encoding="utf-8"))
+            for key, path in reversed(list(paths.items()))
+        }
         texts: deque = deque(maxlen=c or 1)
         ctx_codes: deque = deque(maxlen=c or 1)
         chunk, chunk_start, doc, start = None, 0, None, 0
@@ -107,10 +118,27 @@ def build_training_sets(cfg: TrainSetsConfig) -> dict:
             target = chunk[i - chunk_start].tolist()
             ctx_t = list(texts) if c else []
             ctx_c = list(ctx_codes) if c else []
-            out["lm", side].write(json.dumps({"doc": r["doc"], "pos": i - start, "sid": i, "context": ctx_c, "target": target},
-                                             ensure_ascii=False) + "\n")
-            out["dec", side].write(json.dumps({"doc": r["doc"], "pos": i - start, "sid": i, "context": " ".join(ctx_t),
-                                              "codes": target, "target": r["text"]}, ensure_ascii=False) + "\n")
+            out["lm", side].write(
+                json.dumps(
+                    {"doc": r["doc"], "pos": i - start, "sid": i, "context": ctx_c, "target": target},
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
+            out["dec", side].write(
+                json.dumps(
+                    {
+                        "doc": r["doc"],
+                        "pos": i - start,
+                        "sid": i,
+                        "context": " ".join(ctx_t),
+                        "codes": target,
+                        "target": r["text"],
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
             counts[side] += 1
             texts.append(r["text"])
             ctx_codes.append(target)
@@ -119,15 +147,29 @@ def build_training_sets(cfg: TrainSetsConfig) -> dict:
     lm = {"train": range(counts["train"]), "val": range(counts["val"])}
     n_docs = len(np.unique(doc_ids))
     meta = make_meta(
-        "trainsets", to_dict(cfg),
+        "trainsets",
+        to_dict(cfg),
         inputs={"sentences": cfg.sent_path, "codes": cfg.codes_path},
-        outputs={"lm_train": cfg.out_lm, "lm_val": cfg.out_lm_val, "dec_train": cfg.out_dec, "dec_val": cfg.out_dec_val},
+        outputs={
+            "lm_train": cfg.out_lm,
+            "lm_val": cfg.out_lm_val,
+            "dec_train": cfg.out_dec,
+            "dec_val": cfg.out_dec_val,
+        },
         counts={"docs": n_docs, "val_docs": len(val_docs), "train_rows": len(lm["train"]), "val_rows": len(lm["val"])},
-        K=rvq_meta["K"], V=rvq_meta["V"], rvq_path=rvq_meta["config"]["rvq_path"],
+        K=rvq_meta["K"],
+        V=rvq_meta["V"],
+        rvq_path=rvq_meta["config"]["rvq_path"],
         rvq_sha256=rvq_meta["outputs"].get(rvq_meta["config"]["rvq_path"], {}).get("sha256"),
         emb_path=rvq_meta["config"].get("emb_path"),
         emb_sha256=rvq_meta.get("inputs", {}).get(rvq_meta["config"].get("emb_path"), {}).get("sha256"),
     )
     write_json(cfg.train_meta, meta)
-    log.info("04: %d train / %d val rows (%d of %d documents held out)", len(lm["train"]), len(lm["val"]), len(val_docs), n_docs)
+    log.info(
+        "04: %d train / %d val rows (%d of %d documents held out)",
+        len(lm["train"]),
+        len(lm["val"]),
+        len(val_docs),
+        n_docs,
+    )
     return meta

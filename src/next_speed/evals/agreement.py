@@ -23,7 +23,15 @@ import numpy as np
 from next_speed.core.artifacts import read_jsonl, write_json
 from next_speed.core.config import knob
 from next_speed.core.errors import ConfigError, NextSpeedError
-from next_speed.generation.generate import GenerateConfig, SentenceGenerator, normalize_text, copy_ids, params_from, select_candidate, word_spans
+from next_speed.generation.generate import (
+    GenerateConfig,
+    SentenceGenerator,
+    copy_ids,
+    normalize_text,
+    params_from,
+    select_candidate,
+    word_spans,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +41,12 @@ class AgreementConfig(GenerateConfig):
     """Knobs of code_agreement_eval.py (plus the generation knobs)."""
 
     eval_positions: int = knob(200, env="EVAL_POSITIONS", min=1, help="validation positions scored")
-    eval_steps: int = knob(3, env="EVAL_STEPS", min=1, help="at most this many positions per document (spreads them over documents)")
-    eval_docs: int | None = knob(None, env="EVAL_DOCS", min=1, help="at most this many validation documents (default: as many as needed)")
+    eval_steps: int = knob(
+        3, env="EVAL_STEPS", min=1, help="at most this many positions per document (spreads them over documents)"
+    )
+    eval_docs: int | None = knob(
+        None, env="EVAL_DOCS", min=1, help="at most this many validation documents (default: as many as needed)"
+    )
     n_cands: str = knob("1,2,4", env="N_CANDS", help="candidate counts compared (comma-separated)")
     out_dec_val: str = knob("data/decoder_val.jsonl", env="OUT_DEC_VAL", help="validation rows (step 04)")
     out_json: str = knob("out/code_agreement.json", env="OUT_JSON", help="where to write the report JSON")
@@ -71,8 +83,11 @@ def _positions(cfg: AgreementConfig) -> list[tuple[list[dict], int]]:
             if len(out) >= cfg.eval_positions:
                 return out
     if len(out) < cfg.eval_positions:
-        log.warning("code agreement: only %d validation positions available (EVAL_POSITIONS=%d); raise EVAL_STEPS or VAL_FRAC",
-                    len(out), cfg.eval_positions)
+        log.warning(
+            "code agreement: only %d validation positions available (EVAL_POSITIONS=%d); raise EVAL_STEPS or VAL_FRAC",
+            len(out),
+            cfg.eval_positions,
+        )
     return out
 
 
@@ -100,15 +115,31 @@ def code_agreement(cfg: AgreementConfig, generator: SentenceGenerator | None = N
         prev_emb = gen.embed(prev)
         # a planner that reads embeddings gets the previous sentences' vectors, as generation does (i >= 1)
         ctx_emb = prev_emb if gen.planner.reads_embeddings else None
-        planned = gen.planner.next_tuple(ctx_codes, greedy=p.plan_temp <= 0, temperature=p.plan_temp,
-                                         top_k=p.plan_top_k, generator=g, at_doc_start=rows[0]["pos"] == 0,
-                                         embeddings=ctx_emb, deep=p.plan_deep)
+        planned = gen.planner.next_tuple(
+            ctx_codes,
+            greedy=p.plan_temp <= 0,
+            temperature=p.plan_temp,
+            top_k=p.plan_top_k,
+            generator=g,
+            at_doc_start=rows[0]["pos"] == 0,
+            embeddings=ctx_emb,
+            deep=p.plan_deep,
+        )
         # the exemplars generation would pick after these sentences (same exclusions and guard)
-        exemplars = gen.exemplars_for(planned, exclude=set(prev), avoid=prev_emb if prev else None, avoid_cos=p.repeat_cos)
+        exemplars = gen.exemplars_for(
+            planned, exclude=set(prev), avoid=prev_emb if prev else None, avoid_cos=p.repeat_cos
+        )
         # rendered and judged as generation does: the same copy ban, stop rules and selection rule
         spans = set().union(*(word_spans(s, p.repeat_span) for s in prev))
-        job = gen.make_job(ctx_text, planned, p, seed=cfg.seed * 100_000 + j, exemplars=exemplars, copy_spans=spans,
-                           earlier_ids=copy_ids(gen.tok, prev) if p.no_copy_ngram > 0 else None)
+        job = gen.make_job(
+            ctx_text,
+            planned,
+            p,
+            seed=cfg.seed * 100_000 + j,
+            exemplars=exemplars,
+            copy_spans=spans,
+            earlier_ids=copy_ids(gen.tok, prev) if p.no_copy_ngram > 0 else None,
+        )
         with gen._lock:
             gen.render_jobs([job])
         scored, x = gen.judge(planned, job.out, prev_emb, {normalize_text(s) for s in prev}, spans, p)
@@ -131,36 +162,65 @@ def code_agreement(cfg: AgreementConfig, generator: SentenceGenerator | None = N
         pl = np.asarray([a for a, *_ in items])
         re_ = np.asarray([b for _, b, *_ in items])
         hit = pl == re_
-        rows_out.append({"rerank": mode, "n_cand": n, "per_level": hit.mean(0).round(4).tolist(),
-                         "exact": float(hit.all(1).mean()), "prefix": float(np.cumprod(hit, 1).sum(1).mean()),
-                         "cos_plan": round(float(np.mean([c for *_, c, _ in items])), 4),
-                         "cos_next": round(float(np.mean([c for *_, c in items])), 4), "n": len(items),
-                         "all_refused": refused[(mode, n)]})
+        rows_out.append(
+            {
+                "rerank": mode,
+                "n_cand": n,
+                "per_level": hit.mean(0).round(4).tolist(),
+                "exact": float(hit.all(1).mean()),
+                "prefix": float(np.cumprod(hit, 1).sum(1).mean()),
+                "cos_plan": round(float(np.mean([c for *_, c, _ in items])), 4),
+                "cos_next": round(float(np.mean([c for *_, c in items])), 4),
+                "n": len(items),
+                "all_refused": refused[(mode, n)],
+            }
+        )
     by = {(r["rerank"], r["n_cand"]): r for r in rows_out}
     n4 = 4 if 4 in ns else max(ns)
-    summary = {"positions": len(positions), "l0_norerank": by[("off", ns[0])]["per_level"][0],
-               f"l0_rerank_n{n4}": by[("on", n4)]["per_level"][0],
-               "cos_plan_norerank": by[("off", ns[0])]["cos_plan"], f"cos_plan_rerank_n{n4}": by[("on", n4)]["cos_plan"],
-               "cos_next_norerank": by[("off", ns[0])]["cos_next"], f"cos_next_rerank_n{n4}": by[("on", n4)]["cos_next"],
-               "cos_plan_vs_next": round(float(np.mean(plan_vs_next)), 4),
-               "cos_recon_vs_next": round(float(np.mean(recon_vs_next)), 4)}
-    report = {"K": gen.rvq.K, "V": gen.rvq.V, "docs": len({id(r) for r, _ in positions}), "positions": len(positions),
-              "code_mode": gen.cond.code_mode, "decoder": gen.cfg.decoder_dir, "dtype": gen.dtype, "results": rows_out,
-              "summary": summary}
+    summary = {
+        "positions": len(positions),
+        "l0_norerank": by[("off", ns[0])]["per_level"][0],
+        f"l0_rerank_n{n4}": by[("on", n4)]["per_level"][0],
+        "cos_plan_norerank": by[("off", ns[0])]["cos_plan"],
+        f"cos_plan_rerank_n{n4}": by[("on", n4)]["cos_plan"],
+        "cos_next_norerank": by[("off", ns[0])]["cos_next"],
+        f"cos_next_rerank_n{n4}": by[("on", n4)]["cos_next"],
+        "cos_plan_vs_next": round(float(np.mean(plan_vs_next)), 4),
+        "cos_recon_vs_next": round(float(np.mean(recon_vs_next)), 4),
+    }
+    report = {
+        "K": gen.rvq.K,
+        "V": gen.rvq.V,
+        "docs": len({id(r) for r, _ in positions}),
+        "positions": len(positions),
+        "code_mode": gen.cond.code_mode,
+        "decoder": gen.cfg.decoder_dir,
+        "dtype": gen.dtype,
+        "results": rows_out,
+        "summary": summary,
+    }
     write_json(cfg.out_json, report)
     return report
 
 
 def format_agreement(rep: dict) -> str:
     K = rep["K"]
-    lines = [f"code agreement, planned vs chosen sentence's codes ({rep['positions']} positions in {rep['docs']} validation docs)",
-             f"{'rerank':<7}{'N':>3}" + "".join(f" {'L' + str(k):>6}" for k in range(K))
-             + f" {'prefix':>7} {'exact':>6} {'cos plan':>9} {'cos next':>9}"]
+    lines = [
+        f"code agreement, planned vs chosen sentence's codes ({rep['positions']} positions in {rep['docs']} validation docs)",
+        f"{'rerank':<7}{'N':>3}"
+        + "".join(f" {'L' + str(k):>6}" for k in range(K))
+        + f" {'prefix':>7} {'exact':>6} {'cos plan':>9} {'cos next':>9}",
+    ]
     for r in rep["results"]:
-        lines.append(f"{r['rerank']:<7}{r['n_cand']:>3}" + "".join(f" {a:>6.3f}" for a in r["per_level"])
-                     + f" {r['prefix']:>7.3f} {r['exact']:>6.3f} {r['cos_plan']:>9.3f} {r['cos_next']:>9.3f}")
+        lines.append(
+            f"{r['rerank']:<7}{r['n_cand']:>3}"
+            + "".join(f" {a:>6.3f}" for a in r["per_level"])
+            + f" {r['prefix']:>7.3f} {r['exact']:>6.3f} {r['cos_plan']:>9.3f} {r['cos_next']:>9.3f}"
+        )
     s = rep.get("summary", {})
     if "cos_plan_vs_next" in s:
-        lines.append(f"references: the plan's reconstruction vs the true next sentence {s['cos_plan_vs_next']:.3f}; "
-                     f"the true next sentence's own RVQ reconstruction {s['cos_recon_vs_next']:.3f}")
+        lines.append(
+            f"references: the plan's reconstruction vs the true next sentence {s['cos_plan_vs_next']:.3f}; "
+            f"the true next sentence's own RVQ reconstruction {s['cos_recon_vs_next']:.3f}"
+        )
     return "\n".join(lines)

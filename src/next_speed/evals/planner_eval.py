@@ -21,8 +21,18 @@ from next_speed.models.planner import load_planner, load_rows, mean_detail, tens
 from next_speed.training.loop import check_trainsets
 
 
-def evaluate_model(model, inp, tgt, last, device: str = "cpu", bs: int = 512, ids=None, table=None,
-                   return_pred: bool = False, codebooks=None) -> dict:
+def evaluate_model(
+    model,
+    inp,
+    tgt,
+    last,
+    device: str = "cpu",
+    bs: int = 512,
+    ids=None,
+    table=None,
+    return_pred: bool = False,
+    codebooks=None,
+) -> dict:
     """Score each row's own target: loss, per-head top-1/top-5, tuple exact match, matched prefix.
     A planner that reads embeddings gets them from `table` at the sentence ids `ids` (N, L).
     With `return_pred`, the greedy tuples (N, K) come back under "pred" (a numpy array), with "gold"
@@ -76,7 +86,12 @@ def tuple_metrics(pred: np.ndarray, gold: np.ndarray, top5_hit: np.ndarray | Non
     """Per-level accuracy, tuple exact match and mean matched prefix (levels right from level 0)."""
     hit = pred == gold  # (N, K)
     prefix = np.cumprod(hit, axis=1).sum(1)
-    out = {"acc": hit.mean(0).tolist(), "exact": float(hit.all(1).mean()), "prefix": float(prefix.mean()), "n": int(len(gold))}
+    out = {
+        "acc": hit.mean(0).tolist(),
+        "exact": float(hit.all(1).mean()),
+        "prefix": float(prefix.mean()),
+        "n": int(len(gold)),
+    }
     out["top5"] = (top5_hit if top5_hit is not None else hit).mean(0).tolist()
     return out
 
@@ -124,7 +139,9 @@ def baselines(train_rows: list[dict], val_rows: list[dict], K: int, V: int, emb=
     return out
 
 
-def retrieval_baseline(train_rows: list[dict], val_rows: list[dict], emb, freq_top: np.ndarray, depth: int = 50) -> dict:
+def retrieval_baseline(
+    train_rows: list[dict], val_rows: list[dict], emb, freq_top: np.ndarray, depth: int = 50
+) -> dict:
     """Nearest neighbour by embedding: find the training sentence most similar (inner product of
     the encoder's vectors) to the current sentence, and predict the tuple of the sentence that
     followed it. Top-5 at each level: the distinct codes of the followers of the nearest `depth`
@@ -143,7 +160,9 @@ def retrieval_baseline(train_rows: list[dict], val_rows: list[dict], emb, freq_t
         follow = np.asarray([r["target"] for r in keys])  # (M, K)
         index = faiss.IndexFlatIP(kv.shape[1])
         index.add(kv)
-        qv = np.ascontiguousarray(np.asarray(emb[np.asarray([val_rows[i]["sid"] - 1 for i in q_rows])], dtype=np.float32))
+        qv = np.ascontiguousarray(
+            np.asarray(emb[np.asarray([val_rows[i]["sid"] - 1 for i in q_rows])], dtype=np.float32)
+        )
         _, nn = index.search(qv, min(depth, len(keys)))  # (Q, depth)
         for qi, i in enumerate(q_rows):
             cand = follow[nn[qi]]  # (depth, K)
@@ -164,8 +183,11 @@ def in_context(pred0: np.ndarray, val_rows: list[dict]) -> dict:
     gold = np.asarray([r["target"][0] for r in val_rows])
     seen = np.asarray([g in {c[0] for c in r["context"]} for g, r in zip(gold, val_rows)], dtype=bool)
     hit = pred0 == gold
-    return {"share": float(seen.mean()), "planner_acc_in": float(hit[seen].mean()) if seen.any() else None,
-            "planner_acc_out": float(hit[~seen].mean()) if (~seen).any() else None}
+    return {
+        "share": float(seen.mean()),
+        "planner_acc_in": float(hit[seen].mean()) if seen.any() else None,
+        "planner_acc_out": float(hit[~seen].mean()) if (~seen).any() else None,
+    }
 
 
 def lcm_metrics(pred: np.ndarray, nxt: np.ndarray, decode, batch: int = 64, seed: int = 0) -> dict:
@@ -189,8 +211,12 @@ def lcm_metrics(pred: np.ndarray, nxt: np.ndarray, decode, batch: int = 64, seed
         other = np.where(np.eye(len(b), dtype=bool), -np.inf, sim).max(1)
         hits += int((own > other).sum())
         n += len(b)
-    return {"cos_next": float(cos.mean()), "l2_next": float(l2.mean()), "contrastive_acc": hits / max(n, 1),
-            "contrastive_batch": batch}
+    return {
+        "cos_next": float(cos.mean()),
+        "l2_next": float(l2.mean()),
+        "contrastive_acc": hits / max(n, 1),
+        "contrastive_batch": batch,
+    }
 
 
 @dataclass
@@ -201,22 +227,29 @@ class PlannerEvalConfig:
     out_lm: str = knob("data/sent_lm_train.jsonl", env="OUT_LM", help="training rows (for the baselines)")
     out_lm_val: str = knob("data/sent_lm_val.jsonl", env="OUT_LM_VAL", help="validation rows")
     train_meta: str = knob("data/train_meta.json", env="TRAIN_META", help="training sets metadata")
-    emb_meta: str = knob("data/emb_meta.json", env="EMB_META", help="embeddings metadata (step 02): the true next sentences' vectors")
+    emb_meta: str = knob(
+        "data/emb_meta.json", env="EMB_META", help="embeddings metadata (step 02): the true next sentences' vectors"
+    )
     contrast_batch: int = knob(64, env="CONTRAST_BATCH", min=2, help="rows per batch for contrastive accuracy")
     out_json: str = knob("out/sent_lm_eval.json", env="OUT_JSON", help="where to write the report JSON")
     device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
     seed: int = knob(0, env="SEED", min=0, help="seed of the contrastive batches")
-    plan_deep: str = knob("mean", env="PLAN_DEEP", choices=("mean", "levels"),
-                          help="the planner's levels 1..K-1, as generation chooses them (greedy level 0): mean = MBR "
-                               "under cosine, levels = each level's argmax; both are reported, the summary uses this one")
+    plan_deep: str = knob(
+        "mean",
+        env="PLAN_DEEP",
+        choices=("mean", "levels"),
+        help="the planner's levels 1..K-1, as generation chooses them (greedy level 0): mean = MBR "
+        "under cosine, levels = each level's argmax; both are reported, the summary uses this one",
+    )
 
 
 SUMMARY_KEYS = ("l0_top1", "l0_top5", "cos_next", "contrastive_acc")
 LOOKAHEAD = 4  # distances reported by lookahead_accuracy (generation's PARALLEL=4)
 
 
-def lookahead_accuracy(runner, val_rows: list[dict], emb, codebooks, ahead: int = LOOKAHEAD, max_rows: int = 300,
-                       plan_deep: str = "mean") -> list[float | None]:
+def lookahead_accuracy(
+    runner, val_rows: list[dict], emb, codebooks, ahead: int = LOOKAHEAD, max_rows: int = 300, plan_deep: str = "mean"
+) -> list[float | None]:
     """Level-0 top-1 accuracy of the plan `d` sentences ahead, d = 1..`ahead`, as PARALLEL plans:
     the planner reads the true sentences before position t-d+1, plans the d-1 sentences after
     them greedily, each fed back as its codes and their unit RVQ reconstruction, then predicts
@@ -238,12 +271,22 @@ def lookahead_accuracy(runner, val_rows: list[dict], emb, codebooks, ahead: int 
                 start = t - d + 1
                 ctx, ctx_emb = codes[:start], list(vecs[:start])
                 for _ in range(d - 1):
-                    pl = runner.next_tuple(ctx, greedy=True, at_doc_start=True, embeddings=np.asarray(ctx_emb).reshape(len(ctx), books.shape[-1]),
-                                           deep=plan_deep)
+                    pl = runner.next_tuple(
+                        ctx,
+                        greedy=True,
+                        at_doc_start=True,
+                        embeddings=np.asarray(ctx_emb).reshape(len(ctx), books.shape[-1]),
+                        deep=plan_deep,
+                    )
                     rec = sum(books[k][c] for k, c in enumerate(pl))
                     ctx, ctx_emb = ctx + [pl], ctx_emb + [rec / max(float(np.linalg.norm(rec)), 1e-12)]
-                pred = runner.next_tuple(ctx, greedy=True, at_doc_start=True, embeddings=np.asarray(ctx_emb).reshape(len(ctx), books.shape[-1]),
-                                         deep="levels")
+                pred = runner.next_tuple(
+                    ctx,
+                    greedy=True,
+                    at_doc_start=True,
+                    embeddings=np.asarray(ctx_emb).reshape(len(ctx), books.shape[-1]),
+                    deep="levels",
+                )
                 hits += int(pred[0] == codes[t][0])
                 n += 1
         out.append(round(hits / n, 4) if n else None)
@@ -254,9 +297,9 @@ def eval_planner(cfg: PlannerEvalConfig) -> dict:
     """Planner against the four baselines on the validation split, per level and in embedding space."""
     import torch
 
+    from next_speed.core.runtime import pick_device
     from next_speed.models.planner import EmbeddingTable, input_sids, open_sentence_embeddings
     from next_speed.quant.rvq import load_rvq
-    from next_speed.core.runtime import pick_device
 
     model, info = load_planner(cfg.out_dir, device := pick_device(cfg.device))
     tmeta = check_trainsets(cfg.train_meta, [cfg.out_lm, cfg.out_lm_val], info["K"], info["V"])
@@ -272,26 +315,35 @@ def eval_planner(cfg: PlannerEvalConfig) -> dict:
     table, ids = None, None
     if model.cfg.emb_dim:
         table = EmbeddingTable(model.cfg.emb_dim)
-        ids = table.add(emb, input_sids(val_rows, inp.shape[1], cfg.out_lm_val), tmeta.get("emb_path", "the embeddings"))
+        ids = table.add(
+            emb, input_sids(val_rows, inp.shape[1], cfg.out_lm_val), tmeta.get("emb_path", "the embeddings")
+        )
     with torch.no_grad():
-        pm = evaluate_model(model, inp, tgt, last, device=device, ids=ids, table=table, return_pred=True,
-                            codebooks=rvq.codebooks)
+        pm = evaluate_model(
+            model, inp, tgt, last, device=device, ids=ids, table=table, return_pred=True, codebooks=rvq.codebooks
+        )
     # The tuple generation would plan greedily: level 0 the argmax, the deeper levels by PLAN_DEEP.
     # Both choices are reported; per-level accuracy is the tuple's own.
     gold, t5 = pm.pop("gold"), pm.pop("top5_hit")
     mean = pm.pop("pred_mean")
     pm_mean = {"loss": pm["loss"], **tuple_metrics(mean, gold, t5), "pred": mean}
     other = "levels" if cfg.plan_deep == "mean" else "mean"
-    res = {"planner": pm_mean if cfg.plan_deep == "mean" else pm,
-           f"planner (PLAN_DEEP={other})": pm if cfg.plan_deep == "mean" else pm_mean}
+    res = {
+        "planner": pm_mean if cfg.plan_deep == "mean" else pm,
+        f"planner (PLAN_DEEP={other})": pm if cfg.plan_deep == "mean" else pm_mean,
+    }
     where = in_context(pm["pred"][:, 0], val_rows)
     res.update(baselines(load_rows(cfg.out_lm), val_rows, K, V, emb=emb))
     nxt = np.asarray(emb[np.asarray([r["sid"] for r in val_rows])], dtype=np.float32)
     for m in res.values():
         m.update(lcm_metrics(m.pop("pred"), nxt, rvq.decode, cfg.contrast_batch, cfg.seed))
     summary = {}
-    for key, get in (("l0_top1", lambda m: m["acc"][0]), ("l0_top5", lambda m: m["top5"][0]),
-                     ("cos_next", lambda m: m["cos_next"]), ("contrastive_acc", lambda m: m["contrastive_acc"])):
+    for key, get in (
+        ("l0_top1", lambda m: m["acc"][0]),
+        ("l0_top5", lambda m: m["top5"][0]),
+        ("cos_next", lambda m: m["cos_next"]),
+        ("contrastive_acc", lambda m: m["contrastive_acc"]),
+    ):
         best_name, best = max(((n, get(m)) for n, m in res.items() if not n.startswith("planner")), key=lambda t: t[1])
         summary[key] = round(get(res["planner"]), 4)
         summary[f"{key}_best_baseline"] = round(best, 4)
@@ -303,9 +355,17 @@ def eval_planner(cfg: PlannerEvalConfig) -> dict:
     ahead = lookahead_accuracy(runner, val_rows, emb, rvq.codebooks, plan_deep=cfg.plan_deep)
     for d, acc in enumerate(ahead, start=1):
         summary[f"l0_top1_ahead_{d}"] = acc
-    report = {"K": K, "V": V, "val_rows": len(val_rows), "head_mode": info["model"]["head_mode"],
-              "planner_input": info.get("planner_input", "codes"), "plan_deep": cfg.plan_deep, "results": res,
-              "level0_in_context": where, "summary": summary}
+    report = {
+        "K": K,
+        "V": V,
+        "val_rows": len(val_rows),
+        "head_mode": info["model"]["head_mode"],
+        "planner_input": info.get("planner_input", "codes"),
+        "plan_deep": cfg.plan_deep,
+        "results": res,
+        "level0_in_context": where,
+        "summary": summary,
+    }
     write_json(cfg.out_json, report)
     return report
 
@@ -313,25 +373,41 @@ def eval_planner(cfg: PlannerEvalConfig) -> dict:
 def format_eval(rep: dict) -> str:
     K = rep["K"]
     w = max(14, *(len(n) for n in rep["results"]))
-    head = (f"{'model':<{w}}" + "".join(f" {'L' + str(k) + '@1':>7}" for k in range(K)) +
-            f" {'L0@5':>6} {'exact':>6} {'prefix':>6} {'cos':>6} {'L2':>6} {'contr':>6}")
-    lines = [f"planner evaluation on {rep['val_rows']} validation sentences (K={K}, V={rep['V']}, {rep['head_mode']} heads, "
-             f"input: {rep.get('planner_input', 'codes')}, levels 1..K-1: PLAN_DEEP={rep.get('plan_deep', 'levels')})", head]
+    head = (
+        f"{'model':<{w}}"
+        + "".join(f" {'L' + str(k) + '@1':>7}" for k in range(K))
+        + f" {'L0@5':>6} {'exact':>6} {'prefix':>6} {'cos':>6} {'L2':>6} {'contr':>6}"
+    )
+    lines = [
+        f"planner evaluation on {rep['val_rows']} validation sentences (K={K}, V={rep['V']}, {rep['head_mode']} heads, "
+        f"input: {rep.get('planner_input', 'codes')}, levels 1..K-1: PLAN_DEEP={rep.get('plan_deep', 'levels')})",
+        head,
+    ]
     for name, m in rep["results"].items():
-        lines.append(f"{name:<{w}}" + "".join(f" {a:>7.3f}" for a in m["acc"]) + f" {m['top5'][0]:>6.3f} {m['exact']:>6.3f} "
-                     f"{m['prefix']:>6.2f} {m.get('cos_next', float('nan')):>6.3f} {m.get('l2_next', float('nan')):>6.3f} "
-                     f"{m.get('contrastive_acc', float('nan')):>6.3f}")
+        lines.append(
+            f"{name:<{w}}" + "".join(f" {a:>7.3f}" for a in m["acc"]) + f" {m['top5'][0]:>6.3f} {m['exact']:>6.3f} "
+            f"{m['prefix']:>6.2f} {m.get('cos_next', float('nan')):>6.3f} {m.get('l2_next', float('nan')):>6.3f} "
+            f"{m.get('contrastive_acc', float('nan')):>6.3f}"
+        )
     where = rep.get("level0_in_context")
     if where and where["planner_acc_in"] is not None and where["planner_acc_out"] is not None:
-        lines.append(f"next level-0 code among the context's: {where['share']:.1%} of rows; planner level-0 accuracy "
-                     f"{where['planner_acc_in']:.3f} there, {where['planner_acc_out']:.3f} elsewhere")
+        lines.append(
+            f"next level-0 code among the context's: {where['share']:.1%} of rows; planner level-0 accuracy "
+            f"{where['planner_acc_in']:.3f} there, {where['planner_acc_out']:.3f} elsewhere"
+        )
     sm = rep.get("summary", {})
     ahead = [sm.get(f"l0_top1_ahead_{d}") for d in range(1, LOOKAHEAD + 1)]
     if any(a is not None for a in ahead):
-        lines.append("level-0 top-1 planning ahead (PARALLEL), sentences 1.." + str(LOOKAHEAD) + " ahead: "
-                     + ", ".join("-" if a is None else f"{a:.3f}" for a in ahead))
+        lines.append(
+            "level-0 top-1 planning ahead (PARALLEL), sentences 1.."
+            + str(LOOKAHEAD)
+            + " ahead: "
+            + ", ".join("-" if a is None else f"{a:.3f}" for a in ahead)
+        )
     for key in SUMMARY_KEYS:
         if key in sm:
-            lines.append(f"{key}: planner {sm[key]:.3f}, best baseline ({sm[key + '_best_baseline_name']}) "
-                         f"{sm[key + '_best_baseline']:.3f}, ratio {sm[key + '_ratio']}")
+            lines.append(
+                f"{key}: planner {sm[key]:.3f}, best baseline ({sm[key + '_best_baseline_name']}) "
+                f"{sm[key + '_best_baseline']:.3f}, ratio {sm[key + '_ratio']}"
+            )
     return "\n".join(lines)

@@ -27,8 +27,8 @@ import logging
 import random
 import re
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -73,7 +73,10 @@ class TextOut:
 
 # ---------------------------------------------------------------------- prompt sets
 
-def windows(doc_sents: Sequence[str], n_prompt: int, n_ref: int, rng: random.Random | None = None) -> tuple[list, list] | None:
+
+def windows(
+    doc_sents: Sequence[str], n_prompt: int, n_ref: int, rng: random.Random | None = None
+) -> tuple[list, list] | None:
     """(prompt sentences, reference sentences) of one document: its first `n_prompt` sentences and
     the `n_ref` after them, or with `rng` a window at a random place (long documents); None when the
     document is too short."""
@@ -84,8 +87,9 @@ def windows(doc_sents: Sequence[str], n_prompt: int, n_ref: int, rng: random.Ran
     return list(doc_sents[start : start + n_prompt]), list(doc_sents[start + n_prompt : start + need])
 
 
-def main_prompt_set(dec_val: str, n: int, seed: int = 0, n_prompt: int = 2, n_ref: int = 3,
-                    top_up: Iterable[tuple[str, list[str]]] = ()) -> list[PromptItem]:
+def main_prompt_set(
+    dec_val: str, n: int, seed: int = 0, n_prompt: int = 2, n_ref: int = 3, top_up: Iterable[tuple[str, list[str]]] = ()
+) -> list[PromptItem]:
     """Prompts from the validation documents of step 04 (`dec_val`, never trained on) with at least
     `n_prompt + n_ref` sentences, in a seeded order; when they are fewer than `n`, documents of
     `top_up` ((id, sentences) pairs the run never read) fill the set."""
@@ -107,13 +111,24 @@ def main_prompt_set(dec_val: str, n: int, seed: int = 0, n_prompt: int = 2, n_re
                 if len(items) >= n:
                     break
     if len(items) < n:
-        log.warning("only %d held-out documents with %d sentences for the main prompt set (asked %d)",
-                    len(items), n_prompt + n_ref, n)
+        log.warning(
+            "only %d held-out documents with %d sentences for the main prompt set (asked %d)",
+            len(items),
+            n_prompt + n_ref,
+            n,
+        )
     return items[:n]
 
 
-def other_prompt_set(docs: Sequence[tuple[str, str]], n: int, split: Callable[[str], list[str]], seed: int = 0,
-                     n_prompt: int = 2, n_ref: int = 3, excerpt: int = 3000) -> list[PromptItem]:
+def other_prompt_set(
+    docs: Sequence[tuple[str, str]],
+    n: int,
+    split: Callable[[str], list[str]],
+    seed: int = 0,
+    n_prompt: int = 2,
+    n_ref: int = 3,
+    excerpt: int = 3000,
+) -> list[PromptItem]:
     """Prompts from another corpus (no training on it): from `n` documents ((id, text) pairs) in a
     seeded order, one window each at a seeded random place. Only an excerpt of `excerpt`
     characters is split (long documents), and its first and last sentences, which the cut may
@@ -134,6 +149,7 @@ def other_prompt_set(docs: Sequence[tuple[str, str]], n: int, split: Callable[[s
 
 
 # ---------------------------------------------------------------------- measures
+
 
 def rep_n(texts: Sequence[str], n: int) -> float:
     """SimCTG's rep-n: 1 - unique n-grams / all n-grams, whitespace tokens, pooled over the texts
@@ -194,7 +210,9 @@ def lm_features(model, tok, texts: Sequence[str], max_len: int = 256, bs: int = 
     try:
         for i in range(0, len(texts), bs):
             chunk = [t if t.strip() else (tok.eos_token or " ") for t in texts[i : i + bs]]
-            enc = tok(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_len, add_special_tokens=False)
+            enc = tok(
+                chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_len, add_special_tokens=False
+            )
             with torch.inference_mode():
                 out = model(**enc, output_hidden_states=True)
             last = enc["attention_mask"].sum(1) - 1  # (B,)
@@ -216,22 +234,36 @@ def mauve_score(p_feats: np.ndarray, q_feats: np.ndarray, seed: int = 0, buckets
     if n < 8:
         raise NextSpeedError(f"MAUVE needs at least 8 texts per side, got {n}")
     k = buckets or max(4, n // 5)
-    out = mauve.compute_mauve(p_features=p_feats, q_features=q_feats, num_buckets=k, seed=seed, device_id=-1,
-                              verbose=False)
+    out = mauve.compute_mauve(
+        p_features=p_feats, q_features=q_feats, num_buckets=k, seed=seed, device_id=-1, verbose=False
+    )
     return {"mauve": round(float(out.mauve), 4), "p": len(p_feats), "q": len(q_feats), "buckets": k}
 
 
-def text_measures(texts: Sequence[str], prompts_emb: np.ndarray, refs_emb: np.ndarray, texts_emb: np.ndarray,
-                  asked: int, split: Callable[[str], list[str]]) -> dict:
+def text_measures(
+    texts: Sequence[str],
+    prompts_emb: np.ndarray,
+    refs_emb: np.ndarray,
+    texts_emb: np.ndarray,
+    asked: int,
+    split: Callable[[str], list[str]],
+) -> dict:
     """Every per-system measure but MAUVE and speed, over texts aligned with their prompts' and
     references' embeddings."""
     coh = cosines(prompts_emb, texts_emb)
     ref = cosines(texts_emb, refs_emb)
     delivered = [min(asked, complete_sentences(t, split)) / asked for t in texts]
-    return {"coherence": round(float(coh.mean()), 4), "ref_sim": round(float(ref.mean()), 4),
-            "rep2": round(rep_n(texts, 2), 4), "rep3": round(rep_n(texts, 3), 4), "rep4": round(rep_n(texts, 4), 4),
-            "diversity": round(diversity(texts), 4), "sentences": round(float(np.mean(delivered)), 4),
-            "empty": sum(1 for t in texts if not t.strip()), "n": len(texts)}
+    return {
+        "coherence": round(float(coh.mean()), 4),
+        "ref_sim": round(float(ref.mean()), 4),
+        "rep2": round(rep_n(texts, 2), 4),
+        "rep3": round(rep_n(texts, 3), 4),
+        "rep4": round(rep_n(texts, 4), 4),
+        "diversity": round(diversity(texts), 4),
+        "sentences": round(float(np.mean(delivered)), 4),
+        "empty": sum(1 for t in texts if not t.strip()),
+        "n": len(texts),
+    }
 
 
 def plan_gap(oracle_ref: float, loop_ref: float, base_ref: float) -> float:
@@ -242,6 +274,7 @@ def plan_gap(oracle_ref: float, loop_ref: float, base_ref: float) -> float:
 
 # ---------------------------------------------------------------------- token-level baselines
 
+
 def plain_decoder_sampling(gen, prompt: str, n_tokens: int, seed: int) -> tuple[int, float]:
     """The speed baseline of the loop's benchmarks: plain token-level sampling from the
     generator's own decoder (`generate`, the loop's TEMP and TOP_P, no plan, no rerank), exactly
@@ -251,8 +284,15 @@ def plain_decoder_sampling(gen, prompt: str, n_tokens: int, seed: int) -> tuple[
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = gen.model.generate(**ids, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=True,
-                                 top_p=gen.params.top_p, temperature=gen.params.temp, pad_token_id=gen.tok.pad_token_id)
+        out = gen.model.generate(
+            **ids,
+            max_new_tokens=n_tokens,
+            min_new_tokens=n_tokens,
+            do_sample=True,
+            top_p=gen.params.top_p,
+            temperature=gen.params.temp,
+            pad_token_id=gen.tok.pad_token_id,
+        )
     return out.shape[1] - ids["input_ids"].shape[1], time.perf_counter() - t0
 
 
@@ -270,8 +310,18 @@ def _sentence_stop(tok, start: int, n_sents: int):
     return EnoughSentences()
 
 
-def nucleus_sample_texts(model, tok, prompts: Sequence[str], n_sents: int, seed: int, *, temp: float, top_p: float,
-                         repetition_penalty: float, max_new_tokens: int) -> list[str]:
+def nucleus_sample_texts(
+    model,
+    tok,
+    prompts: Sequence[str],
+    n_sents: int,
+    seed: int,
+    *,
+    temp: float,
+    top_p: float,
+    repetition_penalty: float,
+    max_new_tokens: int,
+) -> list[str]:
     """Plain nucleus sampling of continuations of a batch of prompts (left-padded), each stopped
     once it has written `n_sents` sentences and begun another; the raw continuations."""
     import torch
@@ -280,10 +330,17 @@ def nucleus_sample_texts(model, tok, prompts: Sequence[str], n_sents: int, seed:
     enc = _left_padded(tok, prompts)
     torch.manual_seed(seed)
     with torch.inference_mode():
-        out = model.generate(**enc, do_sample=True, temperature=temp, top_p=top_p, top_k=0,
-                             repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
-                             pad_token_id=tok.pad_token_id,
-                             stopping_criteria=StoppingCriteriaList([_sentence_stop(tok, enc["input_ids"].shape[1], n_sents)]))
+        out = model.generate(
+            **enc,
+            do_sample=True,
+            temperature=temp,
+            top_p=top_p,
+            top_k=0,
+            repetition_penalty=repetition_penalty,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            stopping_criteria=StoppingCriteriaList([_sentence_stop(tok, enc["input_ids"].shape[1], n_sents)]),
+        )
     return tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
@@ -296,8 +353,9 @@ def _left_padded(tok, prompts: Sequence[str]) -> dict:
         tok.padding_side = old
 
 
-def contrastive_search(model, tok, prompts: Sequence[str], n_sents: int, *, alpha: float = 0.6, k: int = 4,
-                       max_new_tokens: int = 144) -> list[str]:
+def contrastive_search(
+    model, tok, prompts: Sequence[str], n_sents: int, *, alpha: float = 0.6, k: int = 4, max_new_tokens: int = 144
+) -> list[str]:
     """Contrastive search (Su et al. 2022, eq. 5) for a batch of prompts, deterministic: at each
     step the top-`k` tokens are each run one step further (the batch's cache repeated k times),
     and the token maximizing (1 - alpha) p(v | x) - alpha max_j cos(h_v, h_j) is kept, h_j the
@@ -325,9 +383,14 @@ def contrastive_search(model, tok, prompts: Sequence[str], n_sents: int, *, alph
             past.batch_repeat_interleave(k)
             m = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], 1)
             step_pos = mask.sum(-1, keepdim=True)  # (B, 1): the new token's position
-            o = model(input_ids=top_i.reshape(B * k, 1), attention_mask=m.repeat_interleave(k, 0),
-                      position_ids=step_pos.repeat_interleave(k, 0), cache=past, use_cache=True,
-                      output_hidden_states=True)
+            o = model(
+                input_ids=top_i.reshape(B * k, 1),
+                attention_mask=m.repeat_interleave(k, 0),
+                position_ids=step_pos.repeat_interleave(k, 0),
+                cache=past,
+                use_cache=True,
+                output_hidden_states=True,
+            )
             h = F.normalize(o.hidden_states[-1][:, -1].float(), dim=-1).view(B, k, -1)  # (B, k, H)
             sim = torch.einsum("bkh,bth->bkt", h, ctx_h).masked_fill(~ctx_ok[:, None, :], -1.0).amax(-1)  # (B, k)
             best = ((1 - alpha) * top_p - alpha * sim).argmax(-1)  # (B,)

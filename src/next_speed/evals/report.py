@@ -34,12 +34,12 @@ def _plt():
 
 
 def make_report(cfg: ReportConfig, environ: dict | None = None) -> dict:
+    import os
+
     from next_speed.evals.agreement import AgreementConfig, code_agreement, format_agreement
+    from next_speed.evals.planner_eval import PlannerEvalConfig, eval_planner, format_eval
     from next_speed.quant.rvq import RVQEvalConfig, format_report, rvq_report
     from next_speed.training.train_decoder import DecoderEvalConfig, eval_decoder, format_decoder_eval
-    from next_speed.evals.planner_eval import PlannerEvalConfig, eval_planner, format_eval
-
-    import os
 
     env = dict(os.environ if environ is None else environ)
     out = Path(cfg.out_dir)
@@ -67,14 +67,22 @@ def make_report(cfg: ReportConfig, environ: dict | None = None) -> dict:
 
     plan = eval_planner(resolve(PlannerEvalConfig, {"device": cfg.device}, environ=env))
     md += ["## Planner against baselines (validation split)", "", "```", format_eval(plan), "```", ""]
-    measures = [("level-0 top-1", lambda m: m["acc"][0]), ("level-0 top-5", lambda m: m["top5"][0]),
-                ("cosine to next", lambda m: m["cos_next"]), ("contrastive acc.", lambda m: m["contrastive_acc"])]
+    measures = [
+        ("level-0 top-1", lambda m: m["acc"][0]),
+        ("level-0 top-5", lambda m: m["top5"][0]),
+        ("cosine to next", lambda m: m["cos_next"]),
+        ("contrastive acc.", lambda m: m["contrastive_acc"]),
+    ]
     models = list(plan["results"])
     fig, ax = plt.subplots(figsize=(9, 3.5))
     width = 0.8 / len(models)
     for j, name in enumerate(models):
-        ax.bar([i + j * width for i in range(len(measures))], [get(plan["results"][name]) for _, get in measures],
-               width, label=name)
+        ax.bar(
+            [i + j * width for i in range(len(measures))],
+            [get(plan["results"][name]) for _, get in measures],
+            width,
+            label=name,
+        )
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(measures))], [n for n, _ in measures])
     ax.set_title("planner against baselines (LCM measures: the plan's RVQ reconstruction vs the true next sentence)")
     ax.legend(fontsize=7)
@@ -82,17 +90,25 @@ def make_report(cfg: ReportConfig, environ: dict | None = None) -> dict:
     fig.savefig(out / "planner.png", dpi=100)
     plt.close(fig)
     md += ["![planner and baselines on every measure](planner.png)", ""]
-    for name, src in (("planner_curve.png", Path(plan.get("out_dir", "out/sentence_lm")) / "curve.png"),
-                      ("decoder_curve.png", Path("out/decoder/curve.png"))):
+    for name, src in (
+        ("planner_curve.png", Path(plan.get("out_dir", "out/sentence_lm")) / "curve.png"),
+        ("decoder_curve.png", Path("out/decoder/curve.png")),
+    ):
         if src.is_file():
             shutil.copyfile(src, out / name)
             md += [f"![{name[:-4]}]({name})", ""]
 
     try:
-        dec = eval_decoder(resolve(DecoderEvalConfig, {"val_rows": cfg.decoder_rows, "device": cfg.device}, environ=env))
+        dec = eval_decoder(
+            resolve(DecoderEvalConfig, {"val_rows": cfg.decoder_rows, "device": cfg.device}, environ=env)
+        )
         md += ["## What codes buy the decoder", "", "```", format_decoder_eval(dec), "```", ""]
-        names = [("true codes", "loss_true", "tab:green"), ("shuffled codes", "loss_shuffled", "tab:orange"),
-                 ("no-codes decoder", "loss_none", "tab:gray"), ("oracle exemplars", "loss_oracle_exemplars", "tab:blue")]
+        names = [
+            ("true codes", "loss_true", "tab:green"),
+            ("shuffled codes", "loss_shuffled", "tab:orange"),
+            ("no-codes decoder", "loss_none", "tab:gray"),
+            ("oracle exemplars", "loss_oracle_exemplars", "tab:blue"),
+        ]
         vals = [(n, dec["summary"][k], c) for n, k, c in names if dec["summary"].get(k) is not None]
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.bar([n for n, _, _ in vals], [v for _, v, _ in vals], color=[c for _, _, c in vals])
@@ -109,7 +125,9 @@ def make_report(cfg: ReportConfig, environ: dict | None = None) -> dict:
         dec = None
         md += ["## What codes buy the decoder", "", f"skipped: {e}", ""]
 
-    agr = code_agreement(resolve(AgreementConfig, {"eval_positions": cfg.eval_positions, "device": cfg.device}, environ=env))
+    agr = code_agreement(
+        resolve(AgreementConfig, {"eval_positions": cfg.eval_positions, "device": cfg.device}, environ=env)
+    )
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     for mode, style in (("off", "--"), ("on", "-")):
         rows = [r for r in agr["results"] if r["rerank"] == mode]
@@ -119,8 +137,10 @@ def make_report(cfg: ReportConfig, environ: dict | None = None) -> dict:
         ax[1].plot(ns, [r["cos_plan"] for r in rows], style, marker="o", label=f"to the plan, rerank {mode}")
         ax[1].plot(ns, [r["cos_next"] for r in rows], style, marker="s", label=f"to the true next, rerank {mode}")
     ax[1].axhline(agr["summary"]["cos_plan_vs_next"], color="gray", lw=0.8, label="plan vs true next")
-    for a, title, ylab in ((ax[0], "code agreement", "share of positions"),
-                           (ax[1], "round trip (LCM): cosine of the chosen sentence", "cosine")):
+    for a, title, ylab in (
+        (ax[0], "code agreement", "share of positions"),
+        (ax[1], "round trip (LCM): cosine of the chosen sentence", "cosine"),
+    ):
         a.set_xscale("log", base=2)
         a.set_xlabel("N_CAND")
         a.set_ylabel(ylab)
@@ -129,7 +149,15 @@ def make_report(cfg: ReportConfig, environ: dict | None = None) -> dict:
     fig.tight_layout()
     fig.savefig(out / "agreement.png", dpi=100)
     plt.close(fig)
-    md += ["## Code agreement: planned vs realized tuples", "", "```", format_agreement(agr), "```", "",
-           "![agreement and round-trip cosine against N_CAND](agreement.png)", ""]
+    md += [
+        "## Code agreement: planned vs realized tuples",
+        "",
+        "```",
+        format_agreement(agr),
+        "```",
+        "",
+        "![agreement and round-trip cosine against N_CAND](agreement.png)",
+        "",
+    ]
     (out / "report.md").write_text("\n".join(md) + "\n")
     return {"report": str(out / "report.md"), "rvq": rvq, "planner": plan, "decoder": dec, "agreement": agr}

@@ -28,10 +28,11 @@ reference (transformers' `generate` on the whole prompt) and serves seq2seq deco
 from __future__ import annotations
 
 import contextlib
-import re
 import logging
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def _roomy_layer_class():
         `update` (the engine never keeps one). No offloading."""
 
         @classmethod
-        def of(cls, keys, values, room: int, rows: int | None = None) -> "RoomyLayer":
+        def of(cls, keys, values, room: int, rows: int | None = None) -> RoomyLayer:
             layer = cls()
             layer.device, layer.is_initialized = keys.device, True
             layer._set(keys, values, room, rows)
@@ -107,8 +108,11 @@ def _roomy_layer_class():
 
         def batch_repeat_interleave(self, repeats: int) -> None:
             if self.is_initialized:
-                self._set(self.keys.repeat_interleave(repeats, dim=0), self.values.repeat_interleave(repeats, dim=0),
-                          self._kb.shape[-2] - self._n)
+                self._set(
+                    self.keys.repeat_interleave(repeats, dim=0),
+                    self.values.repeat_interleave(repeats, dim=0),
+                    self._kb.shape[-2] - self._n,
+                )
 
         def move_rows(self, dst, src, rows: int) -> None:
             """Copy rows `src` into rows `dst` (index tensors), then keep the first `rows` rows:
@@ -199,7 +203,7 @@ class PrefixPool:
 
     def put(self, cache: PromptCache | None) -> None:
         if cache is not None and cache.kv is not None and all(c is not cache for c in self.caches):
-            self.caches = (self.caches + [cache])[-self.size:]
+            self.caches = (self.caches + [cache])[-self.size :]
 
 
 @dataclass
@@ -249,8 +253,12 @@ class _KeepColumn:
         return scores
 
 
-def sentence_processors(p: Any, earlier_ids: Sequence[int] | None = None, end_id: int | None = None,
-                        written_ids: Sequence[int] | None = None) -> list:
+def sentence_processors(
+    p: Any,
+    earlier_ids: Sequence[int] | None = None,
+    end_id: int | None = None,
+    written_ids: Sequence[int] | None = None,
+) -> list:
     """HF's repetition penalty and no-repeat-n-gram processors, applied to the sentence being
     written only (the processors get the sentence's own tokens): the prompt (context, exemplars)
     is meant to be echoed, a loop within the sentence is not ("Canada, Canada, Canada, ...").
@@ -262,7 +270,11 @@ def sentence_processors(p: Any, earlier_ids: Sequence[int] | None = None, end_id
     words an earlier one also ends with is no copy, and banning the end made the decoder append
     a stray token to a finished sentence ("... region.LEGATO")."""
     import torch
-    from transformers import EncoderNoRepeatNGramLogitsProcessor, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+    from transformers import (
+        EncoderNoRepeatNGramLogitsProcessor,
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+    )
 
     procs = []
     if p.repetition_penalty > 1.0:
@@ -275,7 +287,9 @@ def sentence_processors(p: Any, earlier_ids: Sequence[int] | None = None, end_id
     if getattr(p, "no_repeat_written", 0) > 0 and written_ids:
         # the same ban with a shorter run over the generated sentences alone (the prompt exempt):
         # a text that restates its own sentence openings ("He was a German ... He was a German")
-        ban = EncoderNoRepeatNGramLogitsProcessor(p.no_repeat_written, torch.tensor([list(written_ids)], dtype=torch.long))
+        ban = EncoderNoRepeatNGramLogitsProcessor(
+            p.no_repeat_written, torch.tensor([list(written_ids)], dtype=torch.long)
+        )
         procs.append(ban if end_id is None else _KeepColumn(ban, end_id))
     return procs
 
@@ -354,10 +368,19 @@ class DecodeEngine:
         elif c.kv.get_seq_length() > L:
             c.kv.crop(L - c.kv.get_seq_length())  # a negative count: tokens removed from the end
         inj = self._injector()
-        plan = inj.plan([job.planned], [job.plan_start]) if inj is not None and job.plan_start is not None else contextlib.nullcontext()
+        plan = (
+            inj.plan([job.planned], [job.plan_start])
+            if inj is not None and job.plan_start is not None
+            else contextlib.nullcontext()
+        )
         with plan:
-            out = self.model(input_ids=torch.tensor([ids[L:]], device=self.device), cache=c.kv, use_cache=True,
-                             position_ids=torch.arange(L, len(ids), device=self.device)[None], logits_to_keep=1)
+            out = self.model(
+                input_ids=torch.tensor([ids[L:]], device=self.device),
+                cache=c.kv,
+                use_cache=True,
+                position_ids=torch.arange(L, len(ids), device=self.device)[None],
+                logits_to_keep=1,
+            )
         c.ids = list(ids)
         c.clean = job.plan_start if job.plan_start is not None else len(ids)
         c.reused += L
@@ -383,9 +406,13 @@ class DecodeEngine:
         elif c.kv.get_seq_length() > L:
             c.kv.crop(L - c.kv.get_seq_length())
         with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([list(ids[L:])], device=self.device), cache=c.kv, use_cache=True,
-                             position_ids=torch.arange(L, len(ids), device=self.device)[None],
-                             logits_to_keep=len(ids) - start + 1)
+            out = self.model(
+                input_ids=torch.tensor([list(ids[L:])], device=self.device),
+                cache=c.kv,
+                use_cache=True,
+                position_ids=torch.arange(L, len(ids), device=self.device)[None],
+                logits_to_keep=len(ids) - start + 1,
+            )
             lp = torch.log_softmax(out.logits[0, :-1].float(), -1)  # positions start-1 .. len-2
             tgt = torch.tensor(list(ids[start:]), device=lp.device)
             vals = lp.gather(1, tgt[:, None])[:, 0].tolist()
@@ -413,7 +440,7 @@ class DecodeEngine:
             return logits.argmax(-1)
         return nucleus_sample(logits / p.temp, p.top_p, gen).to(logits.device)
 
-    def batch(self) -> "DecodeBatch":
+    def batch(self) -> DecodeBatch:
         """An empty persistent batch that jobs join and leave between tokens (the server's)."""
         return DecodeBatch(self)
 
@@ -444,27 +471,42 @@ class DecodeEngine:
                     return self.inner(input_ids[:, start:], scores)
 
             p = j.params
-            kw = dict(max_new_tokens=p.max_new_tokens, do_sample=p.do_sample,
-                      logits_processor=LogitsProcessorList([SentenceOnly(x) for x in sentence_processors(p, j.earlier_ids, self.tok.eos_token_id, j.written_ids)]),
-                      pad_token_id=self.tok.pad_token_id, eos_token_id=self.stop_ids)
+            kw = dict(
+                max_new_tokens=p.max_new_tokens,
+                do_sample=p.do_sample,
+                logits_processor=LogitsProcessorList(
+                    [
+                        SentenceOnly(x)
+                        for x in sentence_processors(p, j.earlier_ids, self.tok.eos_token_id, j.written_ids)
+                    ]
+                ),
+                pad_token_id=self.tok.pad_token_id,
+                eos_token_id=self.stop_ids,
+            )
             if p.do_sample:
                 kw.update(top_p=p.top_p, temperature=p.temp)
             if len(self.bad):
                 kw["bad_words_ids"] = [[int(i)] for i in self.bad]
             inj = self._injector()
-            plan = inj.plan([j.planned], [j.plan_start]) if inj is not None and j.plan_start is not None else contextlib.nullcontext()
+            plan = (
+                inj.plan([j.planned], [j.plan_start])
+                if inj is not None and j.plan_start is not None
+                else contextlib.nullcontext()
+            )
             torch.manual_seed(int(j.seed))
             with torch.inference_mode(), plan:
                 out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
             if not seq2seq:
-                out = out[:, ids.shape[1]:]
+                out = out[:, ids.shape[1] :]
             res = []
             for row in out.tolist():
                 row = row[1:] if seq2seq else row  # the decoder start token
                 cut = next((i for i, t in enumerate(row) if t in self._stop_set), None)
                 body = row if cut is None else row[:cut] + ([row[cut]] if row[cut] != self.tok.eos_token_id else [])
                 vetoed = False
-                if j.veto is not None:  # where the engine would have stopped the candidate (a stop token is never checked)
+                if (
+                    j.veto is not None
+                ):  # where the engine would have stopped the candidate (a stop token is never checked)
                     seen = -1
                     for n in range(1, (len(row) if cut is None else cut) + 1):
                         vetoed, seen = veto_cut(self.tok, row[:n], j.veto, seen)
@@ -472,8 +514,14 @@ class DecodeEngine:
                             body, cut = row[:n], None
                             break
                 text = self.tok.decode(body, skip_special_tokens=True)
-                res.append({"text": text.split("\n")[0].strip(), "ended": cut is not None, "tokens": len(body),
-                            **({"vetoed": True} if vetoed else {})})
+                res.append(
+                    {
+                        "text": text.split("\n")[0].strip(),
+                        "ended": cut is not None,
+                        "tokens": len(body),
+                        **({"vetoed": True} if vetoed else {}),
+                    }
+                )
             j.out = res
 
 
@@ -560,7 +608,7 @@ class DecodeBatch:
             first = [e._prefill(j) for j in jobs]  # (1, V) each
             T_old = 0 if self.mask is None else self.mask.shape[1]
             T = max([T_old] + [len(j.prompt) for j in jobs])
-            if self.kv is not None and T == T_old:
+            if self.kv is not None and T_old == T:
                 # The prompts fit the batch's columns: their rows are written into the batch's
                 # buffers, right-aligned, and the rows already there are not copied.
                 for li, layer in enumerate(self.kv.layers):
@@ -586,16 +634,33 @@ class DecodeBatch:
                 kv.layers = layers
                 self.kv = kv
             masks = [] if self.mask is None else [F.pad(self.mask, (T - T_old, 0))]
-            masks += [torch.cat([torch.zeros(j.n, T - len(j.prompt), dtype=torch.long),
-                                 torch.ones(j.n, len(j.prompt), dtype=torch.long)], 1).to(e.device) for j in jobs]
+            masks += [
+                torch.cat(
+                    [
+                        torch.zeros(j.n, T - len(j.prompt), dtype=torch.long),
+                        torch.ones(j.n, len(j.prompt), dtype=torch.long),
+                    ],
+                    1,
+                ).to(e.device)
+                for j in jobs
+            ]
             pos = [] if self.pos is None else [self.pos]
             pos += [torch.full((j.n,), len(j.prompt), dtype=torch.long, device=e.device) for j in jobs]
             logits = [] if self.logits is None else [self.logits]
             logits += [f.expand(j.n, -1) for f, j in zip(first, jobs)]
             self.mask, self.pos, self.logits = torch.cat(masks), torch.cat(pos), torch.cat(logits)
         for j in jobs:
-            lv = _Live(j, torch.Generator().manual_seed(int(j.seed)), sentence_processors(j.params, j.earlier_ids, e.tok.eos_token_id, j.written_ids),
-                       [[] for _ in range(j.n)], [False] * j.n, j.n, [False] * j.n, [-1] * j.n, [0.0] * j.n)
+            lv = _Live(
+                j,
+                torch.Generator().manual_seed(int(j.seed)),
+                sentence_processors(j.params, j.earlier_ids, e.tok.eos_token_id, j.written_ids),
+                [[] for _ in range(j.n)],
+                [False] * j.n,
+                j.n,
+                [False] * j.n,
+                [-1] * j.n,
+                [0.0] * j.n,
+            )
             self.owner += [lv] * j.n
             self.cand += list(range(j.n))
 
@@ -612,7 +677,7 @@ class DecodeBatch:
         candidate order), so only the moved rows' keys and values are copied."""
         torch = self.e.torch
         R = len(keep)
-        if R == self.rows:
+        if self.rows == R:
             return list(range(R))
         if not keep:
             self.kv = self.mask = self.pos = self.logits = None
@@ -653,7 +718,9 @@ class DecodeBatch:
         with torch.inference_mode():
             nxt = torch.empty(self.rows, dtype=torch.long, device=e.device)
             for lv, rows in groups.values():
-                nxt[rows] = e._choose(lv.job, self.logits[rows], [lv.tokens[self.cand[b]] for b in rows], lv.gen, lv.procs)
+                nxt[rows] = e._choose(
+                    lv.job, self.logits[rows], [lv.tokens[self.cand[b]] for b in rows], lv.gen, lv.procs
+                )
             # the model's own log-probability of each sampled token (before temperature and the
             # repetition guards): the candidate's fluency, which the rerank may weigh
             lp = torch.log_softmax(self.logits.float(), -1).gather(1, nxt[:, None])[:, 0].tolist()
@@ -678,9 +745,16 @@ class DecodeBatch:
             done = [lv for lv, _ in groups.values() if lv.alive == 0]
             for lv in done:
                 texts = e.tok.batch_decode(lv.tokens, skip_special_tokens=True)
-                lv.job.out = [{"text": t.split("\n")[0].strip(), "ended": d, "tokens": len(k), "logprob": round(lp_, 4),
-                               **({"vetoed": True} if v else {})}
-                              for t, d, k, v, lp_ in zip(texts, lv.ended, lv.tokens, lv.vetoed, lv.logprob)]
+                lv.job.out = [
+                    {
+                        "text": t.split("\n")[0].strip(),
+                        "ended": d,
+                        "tokens": len(k),
+                        "logprob": round(lp_, 4),
+                        **({"vetoed": True} if v else {}),
+                    }
+                    for t, d, k, v, lp_ in zip(texts, lv.ended, lv.tokens, lv.vetoed, lv.logprob)
+                ]
             order = self._keep(keep)
             if self.rows:
                 nxt = nxt[torch.tensor(order, device=e.device)] if len(order) < len(nxt) else nxt
@@ -688,11 +762,19 @@ class DecodeBatch:
                 inj = e._injector()
                 plan = contextlib.nullcontext()
                 if inj is not None and any(lv.job.plan_start is not None for lv in self.owner):
-                    plan = inj.plan([lv.job.planned for lv in self.owner],
-                                    [lv.job.plan_start if lv.job.plan_start is not None else 1 << 60 for lv in self.owner])
+                    plan = inj.plan(
+                        [lv.job.planned for lv in self.owner],
+                        [lv.job.plan_start if lv.job.plan_start is not None else 1 << 60 for lv in self.owner],
+                    )
                 with plan:
-                    out = e.model(input_ids=nxt[:, None], attention_mask=self.mask, position_ids=self.pos[:, None],
-                                  cache=self.kv, use_cache=True, logits_to_keep=1)
+                    out = e.model(
+                        input_ids=nxt[:, None],
+                        attention_mask=self.mask,
+                        position_ids=self.pos[:, None],
+                        cache=self.kv,
+                        use_cache=True,
+                        logits_to_keep=1,
+                    )
                 self.logits = out.logits[:, -1].float()  # as the prefill's (a bf16 decoder gives bf16)
                 self.pos = self.pos + 1
         return [lv.job for lv in done]

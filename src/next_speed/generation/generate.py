@@ -15,8 +15,9 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -39,67 +40,153 @@ class GenParams:
 
     gen_steps: int = knob(3, env="GEN_STEPS", min=1, max=64, help="sentences to generate")
     n_cand: int = knob(4, env="N_CAND", min=1, max=32, help="decoder candidates per sentence")
-    rerank: bool = knob(True, env="RERANK", help="re-encode candidates and keep the best (code match, fit with the text so far, no repetition)")
+    rerank: bool = knob(
+        True,
+        env="RERANK",
+        help="re-encode candidates and keep the best (code match, fit with the text so far, no repetition)",
+    )
     do_sample: bool = knob(True, env="DO_SAMPLE", help="sample the decoder (else greedy/beam-free decoding)")
     top_p: float = knob(0.9, env="TOP_P", min=0.01, max=1.0, help="decoder nucleus sampling mass")
     temp: float = knob(0.5, env="TEMP", min=0.01, max=5.0, help="decoder sampling temperature")
     max_new_tokens: int = knob(48, env="MAX_NEW_TOKENS", min=1, max=512, help="token limit per sentence")
     plan_temp: float = knob(0.7, env="PLAN_TEMP", min=0.0, max=5.0, help="planner sampling temperature (0 = greedy)")
     plan_top_k: int = knob(20, env="PLAN_TOP_K", min=0, max=4096, help="planner top-k per level (0 = all)")
-    plan_deep: str = knob("mean", env="PLAN_DEEP", choices=("mean", "levels"),
-                          help="levels 1..K-1 of the plan: mean = the codes that best render the planner's expected next "
-                               "sentence after its level-0 choice (MBR under cosine); levels = each level's own argmax or sample")
-    repetition_penalty: float = knob(1.1, env="REPETITION_PENALTY", min=1.0, max=3.0,
-                                     help="penalty on tokens the sentence already used (1 = off; the prompt is exempt)")
-    no_repeat_ngram: int = knob(3, env="NO_REPEAT_NGRAM", min=0, max=16,
-                                help="a sentence never repeats an n-gram of its own of this size (0 = off; the prompt is exempt)")
-    repeat_cos: float = knob(0.9, env="REPEAT_COS", min=0.0, max=1.01,
-                             help="a candidate this close (cosine) to an earlier sentence counts as a repeat (LCM's stop rule; >1 = off)")
-    repeat_span: int = knob(8, env="REPEAT_SPAN", min=0, max=64,
-                            help="a candidate that copies this many consecutive words of an earlier sentence (the prompt's "
-                                 "included) counts as a repeat (0 = off)")
-    no_copy_ngram: int = knob(7, env="NO_COPY_NGRAM", min=0, max=64,
-                              help="a sentence never writes a run of this many tokens that an earlier sentence (the prompt's "
-                                   "included) holds: the decoder is steered off a copy instead of being refused for it (0 = off)")
-    rerank_plan: float = knob(0.5, env="RERANK_PLAN", min=0.0, max=10.0,
-                              help="with the weighed rerank (a RERANK_CONTEXT, _FLUENCY or _REPEAT weight set): the weight of "
-                                   "a candidate's cosine to its plan's reconstruction")
-    rerank_context: float = knob(2.0, env="RERANK_CONTEXT", min=0.0, max=10.0,
-                                 help="rerank weight of a candidate's cosine to the text so far (the mean of its last sentences' "
-                                      "embeddings); RERANK_CONTEXT, _FLUENCY and _REPEAT all 0 = the code match alone (levels "
-                                      "matched from level 0, then cosine)")
-    rerank_fluency: float = knob(0.0, env="RERANK_FLUENCY", min=0.0, max=10.0,
-                                 help="rerank weight of a candidate's mean token log-probability under the decoder")
-    rerank_repeat: float = knob(4.0, env="RERANK_REPEAT", min=0.0, max=10.0,
-                                help="rerank penalty on the share of a candidate's word pairs that the last sentences this call "
-                                     "wrote hold (repetition across sentences)")
-    plans: int = knob(2, env="PLANS", min=1, max=8,
-                      help="plans drawn per sentence, each rendered with N_CAND candidates in the same batch; the rerank "
-                           "chooses among all of them (1 = one plan, its renderings compared)")
-    unplanned: int = knob(4, env="UNPLANNED", min=0, max=32,
-                          help="candidates per sentence written without a plan by the packaged base model the decoder was "
-                               "fine-tuned from, continuing the text; the rerank weighs them like the plan's (a text the "
-                               "plan does not fit, e.g. another genre, keeps its own voice)")
-    retries: int = knob(2, env="RETRIES", min=0, max=8,
-                        help="a step whose candidates the stop rules all refuse is planned and rendered again (new plan draw, "
-                             "new seeds) up to this many times before the text ends there")
-    no_repeat_written: int = knob(3, env="NO_REPEAT_WRITTEN", min=0, max=64,
-                                  help="a sentence never repeats a run of this many tokens of the last 4 sentences this call "
-                                       "wrote (the prompt exempt: NO_COPY_NGRAM covers it; with PARALLEL, those written "
-                                       "before the draft's window); 0 = off")
-    parallel: int = knob(1, env="PARALLEL", min=1, max=16,
-                         help="plan-parallel rendering: the planner plans this many sentences ahead (each planned sentence fed "
-                              "back as its codes' reconstruction) and the decoder drafts them side by side in one batch, each "
-                              "draft's prompt holding the real text and the plan's exemplars for the sentences between; 1 = one "
-                              "sentence per step")
-    parallel_verify: bool = knob(True, env="PARALLEL_VERIFY",
-                                 help="with PARALLEL > 1, keep a draft only while it fits the real text before it as well as "
-                                      "the text it was drafted after (mean token log-likelihood under the decoder, within "
-                                      "VERIFY_TOL); the first rejected draft is written again after the real text (0 = keep "
-                                      "every draft the stop rules accept: fastest)")
-    verify_tol: float = knob(1.0, env="VERIFY_TOL", min=0.0, max=20.0,
-                             help="nats per token a draft's log-likelihood under the real text may fall below its "
-                                  "log-likelihood under the drafted context and still be kept (PARALLEL_VERIFY)")
+    plan_deep: str = knob(
+        "mean",
+        env="PLAN_DEEP",
+        choices=("mean", "levels"),
+        help="levels 1..K-1 of the plan: mean = the codes that best render the planner's expected next "
+        "sentence after its level-0 choice (MBR under cosine); levels = each level's own argmax or sample",
+    )
+    repetition_penalty: float = knob(
+        1.1,
+        env="REPETITION_PENALTY",
+        min=1.0,
+        max=3.0,
+        help="penalty on tokens the sentence already used (1 = off; the prompt is exempt)",
+    )
+    no_repeat_ngram: int = knob(
+        3,
+        env="NO_REPEAT_NGRAM",
+        min=0,
+        max=16,
+        help="a sentence never repeats an n-gram of its own of this size (0 = off; the prompt is exempt)",
+    )
+    repeat_cos: float = knob(
+        0.9,
+        env="REPEAT_COS",
+        min=0.0,
+        max=1.01,
+        help="a candidate this close (cosine) to an earlier sentence counts as a repeat (LCM's stop rule; >1 = off)",
+    )
+    repeat_span: int = knob(
+        8,
+        env="REPEAT_SPAN",
+        min=0,
+        max=64,
+        help="a candidate that copies this many consecutive words of an earlier sentence (the prompt's "
+        "included) counts as a repeat (0 = off)",
+    )
+    no_copy_ngram: int = knob(
+        7,
+        env="NO_COPY_NGRAM",
+        min=0,
+        max=64,
+        help="a sentence never writes a run of this many tokens that an earlier sentence (the prompt's "
+        "included) holds: the decoder is steered off a copy instead of being refused for it (0 = off)",
+    )
+    rerank_plan: float = knob(
+        0.5,
+        env="RERANK_PLAN",
+        min=0.0,
+        max=10.0,
+        help="with the weighed rerank (a RERANK_CONTEXT, _FLUENCY or _REPEAT weight set): the weight of "
+        "a candidate's cosine to its plan's reconstruction",
+    )
+    rerank_context: float = knob(
+        2.0,
+        env="RERANK_CONTEXT",
+        min=0.0,
+        max=10.0,
+        help="rerank weight of a candidate's cosine to the text so far (the mean of its last sentences' "
+        "embeddings); RERANK_CONTEXT, _FLUENCY and _REPEAT all 0 = the code match alone (levels "
+        "matched from level 0, then cosine)",
+    )
+    rerank_fluency: float = knob(
+        0.0,
+        env="RERANK_FLUENCY",
+        min=0.0,
+        max=10.0,
+        help="rerank weight of a candidate's mean token log-probability under the decoder",
+    )
+    rerank_repeat: float = knob(
+        4.0,
+        env="RERANK_REPEAT",
+        min=0.0,
+        max=10.0,
+        help="rerank penalty on the share of a candidate's word pairs that the last sentences this call "
+        "wrote hold (repetition across sentences)",
+    )
+    plans: int = knob(
+        2,
+        env="PLANS",
+        min=1,
+        max=8,
+        help="plans drawn per sentence, each rendered with N_CAND candidates in the same batch; the rerank "
+        "chooses among all of them (1 = one plan, its renderings compared)",
+    )
+    unplanned: int = knob(
+        4,
+        env="UNPLANNED",
+        min=0,
+        max=32,
+        help="candidates per sentence written without a plan by the packaged base model the decoder was "
+        "fine-tuned from, continuing the text; the rerank weighs them like the plan's (a text the "
+        "plan does not fit, e.g. another genre, keeps its own voice)",
+    )
+    retries: int = knob(
+        2,
+        env="RETRIES",
+        min=0,
+        max=8,
+        help="a step whose candidates the stop rules all refuse is planned and rendered again (new plan draw, "
+        "new seeds) up to this many times before the text ends there",
+    )
+    no_repeat_written: int = knob(
+        3,
+        env="NO_REPEAT_WRITTEN",
+        min=0,
+        max=64,
+        help="a sentence never repeats a run of this many tokens of the last 4 sentences this call "
+        "wrote (the prompt exempt: NO_COPY_NGRAM covers it; with PARALLEL, those written "
+        "before the draft's window); 0 = off",
+    )
+    parallel: int = knob(
+        1,
+        env="PARALLEL",
+        min=1,
+        max=16,
+        help="plan-parallel rendering: the planner plans this many sentences ahead (each planned sentence fed "
+        "back as its codes' reconstruction) and the decoder drafts them side by side in one batch, each "
+        "draft's prompt holding the real text and the plan's exemplars for the sentences between; 1 = one "
+        "sentence per step",
+    )
+    parallel_verify: bool = knob(
+        True,
+        env="PARALLEL_VERIFY",
+        help="with PARALLEL > 1, keep a draft only while it fits the real text before it as well as "
+        "the text it was drafted after (mean token log-likelihood under the decoder, within "
+        "VERIFY_TOL); the first rejected draft is written again after the real text (0 = keep "
+        "every draft the stop rules accept: fastest)",
+    )
+    verify_tol: float = knob(
+        1.0,
+        env="VERIFY_TOL",
+        min=0.0,
+        max=20.0,
+        help="nats per token a draft's log-likelihood under the real text may fall below its "
+        "log-likelihood under the drafted context and still be kept (PARALLEL_VERIFY)",
+    )
     seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="random seed: same seed and inputs give the same text")
 
 
@@ -107,8 +194,12 @@ class GenParams:
 class GenerateConfig(GenParams):
     """Step 07 knobs: GenParams plus where the models are and where the log goes."""
 
-    code_mode: str = knob("auto", env="CODE_MODE", choices=("auto", "inject", "special", "text", "none"),
-                          help="which decoder: auto = out/decoder as trained; text/none = out/decoder_<mode>; checked against the decoder")
+    code_mode: str = knob(
+        "auto",
+        env="CODE_MODE",
+        choices=("auto", "inject", "special", "text", "none"),
+        help="which decoder: auto = out/decoder as trained; text/none = out/decoder_<mode>; checked against the decoder",
+    )
     prompt: str | None = knob(None, env="PROMPT", help="prompt text (default: three built-in prompts)")
     run_id: str | None = knob(None, env="RUN_ID", help="name of the log (default: a timestamp)")
     out_path: str | None = knob(None, env="OUT_PATH", help="log path (default out/generate/<RUN_ID>.json)")
@@ -116,18 +207,31 @@ class GenerateConfig(GenParams):
     decoder_dir: str | None = knob(None, env="DECODER_DIR", help="trained decoder (default by CODE_MODE)")
     rvq_path: str = knob("out/rvq.npz", env="RVQ_PATH", help="RVQ codebooks (step 03)")
     rvq_meta: str = knob("out/rvq_meta.json", env="RVQ_META", help="RVQ metadata")
-    emb_model: str | None = knob(None, env="EMB_MODEL", help="encoder for prompts and reranking (default: the one of step 02)")
+    emb_model: str | None = knob(
+        None, env="EMB_MODEL", help="encoder for prompts and reranking (default: the one of step 02)"
+    )
     device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
     deterministic: bool = knob(True, env="DETERMINISTIC", help="deterministic torch kernels")
-    dtype: str = knob("auto", env="DTYPE", choices=("auto", "fp32", "bf16"),
-                      help="decoder weights at generation: auto = bf16 on CUDA GPUs that support it, fp32 elsewhere; bf16 on a CPU with AMX is "
-                           "faster, but a request's text may then depend on what it is batched with")
-    engine: str = knob("kv", env="ENGINE", choices=("kv", "hf"),
-                       help="kv: prompt cache kept across sentences, one prefill shared by the candidates, ended rows dropped; "
-                            "hf: transformers' generate on the whole prompt (the reference; seq2seq decoders always)")
-    pack_weights: bool = knob(True, env="PACK_WEIGHTS",
-                              help="on a CPU with fp32 weights, reorder the decoder's matrices once into oneDNN's layout: a decoding "
-                                   "step of 1 to 8 rows 1.4-2.2x faster, the decoder's weights held twice in memory")
+    dtype: str = knob(
+        "auto",
+        env="DTYPE",
+        choices=("auto", "fp32", "bf16"),
+        help="decoder weights at generation: auto = bf16 on CUDA GPUs that support it, fp32 elsewhere; bf16 on a CPU with AMX is "
+        "faster, but a request's text may then depend on what it is batched with",
+    )
+    engine: str = knob(
+        "kv",
+        env="ENGINE",
+        choices=("kv", "hf"),
+        help="kv: prompt cache kept across sentences, one prefill shared by the candidates, ended rows dropped; "
+        "hf: transformers' generate on the whole prompt (the reference; seq2seq decoders always)",
+    )
+    pack_weights: bool = knob(
+        True,
+        env="PACK_WEIGHTS",
+        help="on a CPU with fp32 weights, reorder the decoder's matrices once into oneDNN's layout: a decoding "
+        "step of 1 to 8 rows 1.4-2.2x faster, the decoder's weights held twice in memory",
+    )
 
     def check(self) -> None:
         if self.prompt is not None:
@@ -176,14 +280,18 @@ def check_plan(plan: Any, K: int, V: int, name: str = "plan") -> list | None:
         if isinstance(e, dict):
             unknown = sorted(set(e) - {"codes", "example", "levels"})
             if unknown:
-                raise ConfigError(f"{where}: unknown key {unknown[0]!r}; an entry has 'codes', or 'example' and optionally 'levels'")
+                raise ConfigError(
+                    f"{where}: unknown key {unknown[0]!r}; an entry has 'codes', or 'example' and optionally 'levels'"
+                )
             if ("codes" in e) == ("example" in e):
                 raise ConfigError(f"{where}: give exactly one of 'codes' or 'example'")
             if "codes" in e:
                 if "levels" in e:
                     raise ConfigError(f"{where}: 'levels' goes with 'example'; pin fewer levels by giving fewer codes")
                 if not isinstance(e["codes"], (list, tuple)):
-                    raise ConfigError(f"{where}.codes: expected a list of 1 to K={K} codes, got {type(e['codes']).__name__}")
+                    raise ConfigError(
+                        f"{where}.codes: expected a list of 1 to K={K} codes, got {type(e['codes']).__name__}"
+                    )
                 e = e["codes"]
             else:
                 levels = e.get("levels", K)
@@ -200,10 +308,14 @@ def check_plan(plan: Any, K: int, V: int, name: str = "plan") -> list | None:
                 raise ConfigError(f"{where}: expected 1 to K={K} codes (the first levels), got {len(e)}")
             for j, c in enumerate(e):
                 if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= int(c) < V:
-                    raise ConfigError(f"{where}[{j}]: code {c!r} is not a code of level {j}: expected a whole number from 0 to {V - 1}")
+                    raise ConfigError(
+                        f"{where}[{j}]: code {c!r} is not a code of level {j}: expected a whole number from 0 to {V - 1}"
+                    )
             out.append([int(c) for c in e])
         else:
-            raise ConfigError(f"{where}: expected null, a list of codes, an example sentence or an object, got {type(e).__name__}")
+            raise ConfigError(
+                f"{where}: expected null, a list of codes, an example sentence or an object, got {type(e).__name__}"
+            )
     return out
 
 
@@ -244,7 +356,9 @@ class Step:
     exemplars: list[str] = field(default_factory=list)
     pinned: int = 0  # levels of `planned` fixed by plan control (0: all chosen by the planner)
     tokens: int = 0  # decoder tokens of the chosen sentence
-    lookahead: int = 0  # PARALLEL: sentences between the real text and this one when it was drafted (0: after the real text)
+    lookahead: int = (
+        0  # PARALLEL: sentences between the real text and this one when it was drafted (0: after the real text)
+    )
     verify: dict | None = None  # PARALLEL_VERIFY: the draft's log-likelihoods under the real and the drafted context
 
 
@@ -286,8 +400,12 @@ def recorded_settings(rvq_meta: dict) -> dict:
         sent_meta = json.loads(Path(emb_meta["config"]["sent_meta"]).read_text())
         out["lang"] = sent_meta["config"].get("lang") or "en"
     except (OSError, TypeError, KeyError, ValueError) as e:
-        log.warning("could not read what steps 01-02 recorded via %s (%s): splitting prompts as 'en' with the "
-                    "encoder's own max length", emb_meta_path, e)
+        log.warning(
+            "could not read what steps 01-02 recorded via %s (%s): splitting prompts as 'en' with the "
+            "encoder's own max length",
+            emb_meta_path,
+            e,
+        )
     return out
 
 
@@ -374,8 +492,12 @@ def candidate_score(c: dict, p: GenParams) -> float:
     of the sentence counted as a token), minus RERANK_REPEAT times the share of its word pairs
     that the sentences written before it in this call hold."""
     fluency = c.get("logprob", 0.0) / (c.get("tokens", 0) + 1)
-    return (p.rerank_plan * c["cosine"] + p.rerank_context * c.get("context_cos", 0.0) + p.rerank_fluency * fluency
-            - p.rerank_repeat * c.get("pair_overlap", 0.0))
+    return (
+        p.rerank_plan * c["cosine"]
+        + p.rerank_context * c.get("context_cos", 0.0)
+        + p.rerank_fluency * fluency
+        - p.rerank_repeat * c.get("pair_overlap", 0.0)
+    )
 
 
 @dataclass
@@ -431,11 +553,11 @@ class SentenceGenerator:
     def _load(self) -> None:
         import torch
 
-        from next_speed.models.decoder_model import code_token_ids, load_decoder
-        from next_speed.data.embed import load_encoder
-        from next_speed.quant.rvq import load_rvq
         from next_speed.core.runtime import pick_device, seed_everything
+        from next_speed.data.embed import load_encoder
+        from next_speed.models.decoder_model import code_token_ids, load_decoder
         from next_speed.models.planner import PlannerRunner, load_planner
+        from next_speed.quant.rvq import load_rvq
 
         cfg = self.cfg
         seed_everything(cfg.seed, cfg.deterministic)  # per-call sampling is seeded again by `seed`
@@ -448,10 +570,14 @@ class SentenceGenerator:
         rvq_hash = sha256_path(cfg.rvq_path)
         planner, pinfo = load_planner(cfg.planner_dir, self.device)
         if (pinfo["K"], pinfo["V"]) != (self.rvq.K, self.rvq.V):
-            raise StaleInputError(f"the planner in {cfg.planner_dir} has K={pinfo['K']} V={pinfo['V']} but {cfg.rvq_path} has "
-                                  f"K={self.rvq.K} V={self.rvq.V}: rerun steps 04-05")
+            raise StaleInputError(
+                f"the planner in {cfg.planner_dir} has K={pinfo['K']} V={pinfo['V']} but {cfg.rvq_path} has "
+                f"K={self.rvq.K} V={self.rvq.V}: rerun steps 04-05"
+            )
         if pinfo.get("rvq_sha256") and pinfo["rvq_sha256"] != rvq_hash:
-            raise StaleInputError(f"the planner in {cfg.planner_dir} was trained on codes of another {cfg.rvq_path}: rerun steps 04-05")
+            raise StaleInputError(
+                f"the planner in {cfg.planner_dir} was trained on codes of another {cfg.rvq_path}: rerun steps 04-05"
+            )
         self.planner = PlannerRunner(planner, pinfo["context_sents"], codebooks=self.rvq.codebooks)
         self.context_sents = pinfo["context_sents"]
         self.model, self.tok, self.cond, dmeta = load_decoder(cfg.decoder_dir, self.device)
@@ -460,43 +586,67 @@ class SentenceGenerator:
         if self.dtype == "bf16":
             from next_speed.models.decoder_model import cast_decoder
 
-            cast_decoder(self.model, torch.bfloat16)  # the plan adapter (CODE_MODE=inject) stays fp32; its vector is cast
+            cast_decoder(
+                self.model, torch.bfloat16
+            )  # the plan adapter (CODE_MODE=inject) stays fp32; its vector is cast
         self.packed_linears = 0
         if cfg.pack_weights and self.device == "cpu" and self.dtype == "fp32":
             from next_speed.core.runtime import pack_linears
 
             self.packed_linears = pack_linears(self.model)  # 0, with a warning, where this torch cannot
         if cfg.code_mode != "auto" and self.cond.code_mode != cfg.code_mode:
-            raise StaleInputError(f"CODE_MODE={cfg.code_mode} but the decoder in {cfg.decoder_dir} was trained with "
-                                  f"CODE_MODE={self.cond.code_mode}: set CODE_MODE={self.cond.code_mode} or rerun step 06")
+            raise StaleInputError(
+                f"CODE_MODE={cfg.code_mode} but the decoder in {cfg.decoder_dir} was trained with "
+                f"CODE_MODE={self.cond.code_mode}: set CODE_MODE={self.cond.code_mode} or rerun step 06"
+            )
         if (self.cond.K, self.cond.V) != (self.rvq.K, self.rvq.V):
-            raise StaleInputError(f"the decoder in {cfg.decoder_dir} has K={self.cond.K} V={self.cond.V} but {cfg.rvq_path} has "
-                                  f"K={self.rvq.K} V={self.rvq.V}: rerun step 06 with these K and V")
+            raise StaleInputError(
+                f"the decoder in {cfg.decoder_dir} has K={self.cond.K} V={self.cond.V} but {cfg.rvq_path} has "
+                f"K={self.rvq.K} V={self.rvq.V}: rerun step 06 with these K and V"
+            )
         if dmeta.get("rvq_sha256") and dmeta["rvq_sha256"] != rvq_hash:
-            raise StaleInputError(f"the decoder in {cfg.decoder_dir} was trained on codes of another {cfg.rvq_path}: rerun steps 04 and 06")
+            raise StaleInputError(
+                f"the decoder in {cfg.decoder_dir} was trained on codes of another {cfg.rvq_path}: rerun steps 04 and 06"
+            )
         rec = recorded_settings(rvq_meta)
         self.beam = rec["beam"]
-        self.encoder = load_encoder(cfg.emb_model or rvq_meta.get("encoder") or "all-MiniLM-L6-v2", device=self.device,
-                                    maxlen=rec["maxlen"])
-        dim = self.encoder.get_embedding_dimension() if hasattr(self.encoder, "get_embedding_dimension") else self.encoder.get_sentence_embedding_dimension()
+        self.encoder = load_encoder(
+            cfg.emb_model or rvq_meta.get("encoder") or "all-MiniLM-L6-v2", device=self.device, maxlen=rec["maxlen"]
+        )
+        dim = (
+            self.encoder.get_embedding_dimension()
+            if hasattr(self.encoder, "get_embedding_dimension")
+            else self.encoder.get_sentence_embedding_dimension()
+        )
         if dim != self.rvq.D:
-            raise StaleInputError(f"the encoder gives {dim}-d vectors but {cfg.rvq_path} quantizes {self.rvq.D}-d ones: "
-                                  f"set EMB_MODEL to the encoder of step 02")
+            raise StaleInputError(
+                f"the encoder gives {dim}-d vectors but {cfg.rvq_path} quantizes {self.rvq.D}-d ones: "
+                f"set EMB_MODEL to the encoder of step 02"
+            )
         from next_speed.generation.engine import DecodeEngine
 
         self.engine = DecodeEngine(self.model, self.tok, code_token_ids(self.tok, self.cond), self.device)
         self.use_kv = cfg.engine == "kv" and self.cond.family == "causal"
         if cfg.engine == "kv" and not self.use_kv:
-            log.info("ENGINE=kv serves causal decoders; this %s decoder renders with transformers' generate (ENGINE=hf)",
-                     self.cond.family)
+            log.info(
+                "ENGINE=kv serves causal decoders; this %s decoder renders with transformers' generate (ENGINE=hf)",
+                self.cond.family,
+            )
         from next_speed.data.sentences import _init_worker
 
         _init_worker(rec["lang"])  # the prompt splitter of step 01, built once (not per call)
         self.load_seconds = time.perf_counter() - t0
         self.torch = torch
-        log.info("generator loaded in %.1fs on %s (K=%d, V=%d, %s codes, %s decoder%s)", self.load_seconds, self.device,
-                 self.rvq.K, self.rvq.V, self.cond.code_mode, self.dtype,
-                 f", {self.packed_linears} matrices packed for oneDNN" if self.packed_linears else "")
+        log.info(
+            "generator loaded in %.1fs on %s (K=%d, V=%d, %s codes, %s decoder%s)",
+            self.load_seconds,
+            self.device,
+            self.rvq.K,
+            self.rvq.V,
+            self.cond.code_mode,
+            self.dtype,
+            f", {self.packed_linears} matrices packed for oneDNN" if self.packed_linears else "",
+        )
 
     # ------------------------------------------------------------------ pieces
     def split(self, text: str) -> list[str]:
@@ -505,11 +655,16 @@ class SentenceGenerator:
         return split_text(text)
 
     def embed(self, sentences: Sequence[str]) -> np.ndarray:
-        return np.asarray(self.encoder.encode(list(sentences), normalize_embeddings=True, convert_to_numpy=True,
-                                              show_progress_bar=False), dtype=np.float32)
+        return np.asarray(
+            self.encoder.encode(
+                list(sentences), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+            ),
+            dtype=np.float32,
+        )
 
-    def exemplars_for(self, codes: Sequence[int], exclude: set[str] | None = None, avoid=None,
-                      avoid_cos: float = 1.01) -> list[str]:
+    def exemplars_for(
+        self, codes: Sequence[int], exclude: set[str] | None = None, avoid=None, avoid_cos: float = 1.01
+    ) -> list[str]:
         """The decoder's exemplars for a plan (empty for a decoder trained without EXEMPLARS):
         never a text of `exclude`; one within `avoid_cos` cosine of a vector of `avoid` (M, D) only
         when the search found nothing else."""
@@ -518,10 +673,17 @@ class SentenceGenerator:
         bank = exemplar_bank(self.model)
         if bank is None or not self.cond.exemplars:
             return []
-        return bank.lookup([list(codes)], self.cond.exemplars, exclude_texts=[exclude or set()],
-                           avoid=None if avoid is None else [avoid], avoid_cos=avoid_cos)[0]
+        return bank.lookup(
+            [list(codes)],
+            self.cond.exemplars,
+            exclude_texts=[exclude or set()],
+            avoid=None if avoid is None else [avoid],
+            avoid_cos=avoid_cos,
+        )[0]
 
-    def context_for(self, history: Sequence[str], start: int, codes: Sequence[int], exemplars: Sequence[str]) -> tuple[str, int]:
+    def context_for(
+        self, history: Sequence[str], start: int, codes: Sequence[int], exemplars: Sequence[str]
+    ) -> tuple[str, int]:
         """The context sentences, `history[start:]`, and the new `start`. The start moves forward
         only when the context no longer fits (more than CONTEXT_SENTS sentences, or more tokens
         than the prompt has room for), and then by enough to free half the room: the prompt keeps
@@ -534,8 +696,10 @@ class SentenceGenerator:
         room = context_room(self.tok, self.cond, codes, exemplars)
 
         def fits(s: int, frac: float) -> bool:
-            return (len(history) - s <= self.context_sents * frac
-                    and len(self.tok(" ".join(history[s:]) + "\n", add_special_tokens=False)["input_ids"]) <= room * frac)
+            return (
+                len(history) - s <= self.context_sents * frac
+                and len(self.tok(" ".join(history[s:]) + "\n", add_special_tokens=False)["input_ids"]) <= room * frac
+            )
 
         if not fits(start, 1.0):
             start = min(start + 1, len(history) - 1)  # the last sentence stays (cut from the left if too long)
@@ -543,9 +707,18 @@ class SentenceGenerator:
                 start += 1
         return " ".join(history[start:]), start
 
-    def make_job(self, context_text: str, codes: Sequence[int], p: GenParams, seed: int,
-                 exemplars: Sequence[str] | None = None, cache=None, copy_spans: set | None = None,
-                 earlier_ids: Sequence[int] | None = None, written_ids: Sequence[int] | None = None):
+    def make_job(
+        self,
+        context_text: str,
+        codes: Sequence[int],
+        p: GenParams,
+        seed: int,
+        exemplars: Sequence[str] | None = None,
+        cache=None,
+        copy_spans: set | None = None,
+        earlier_ids: Sequence[int] | None = None,
+        written_ids: Sequence[int] | None = None,
+    ):
         """One sentence step for the engine: the prompt of `codes` after `context_text`, with the
         plan's exemplars (looked up when not given), `p.n_cand` candidates. With `copy_spans` (the
         earlier sentences' runs of REPEAT_SPAN words) a candidate stops as soon as it copies one:
@@ -553,8 +726,8 @@ class SentenceGenerator:
         With `earlier_ids` (`copy_ids` of the earlier sentences) no candidate writes a run of
         NO_COPY_NGRAM tokens found there; with `written_ids` (those of the sentences this call
         wrote last) no run of NO_REPEAT_WRITTEN tokens of theirs."""
-        from next_speed.models.decoder_model import encode_example
         from next_speed.generation.engine import SentenceJob
+        from next_speed.models.decoder_model import encode_example
 
         if exemplars is None:
             exemplars = self.exemplars_for(codes)
@@ -563,10 +736,20 @@ class SentenceGenerator:
         if copy_spans and p.repeat_span > 0:
             spans, n = frozenset(copy_spans), p.repeat_span
             veto = lambda text: not spans.isdisjoint(word_spans(text, n))  # noqa: E731
-        return SentenceJob(prompt=ex["input_ids"], n=p.n_cand, params=p, seed=seed, planned=[int(c) for c in codes],
-                           plan_start=ex.get("plan_start"), cache=cache, context=context_text, exemplars=list(exemplars),
-                           veto=veto, earlier_ids=list(earlier_ids) if earlier_ids and p.no_copy_ngram > 0 else None,
-                           written_ids=list(written_ids) if written_ids and p.no_repeat_written > 0 else None)
+        return SentenceJob(
+            prompt=ex["input_ids"],
+            n=p.n_cand,
+            params=p,
+            seed=seed,
+            planned=[int(c) for c in codes],
+            plan_start=ex.get("plan_start"),
+            cache=cache,
+            context=context_text,
+            exemplars=list(exemplars),
+            veto=veto,
+            earlier_ids=list(earlier_ids) if earlier_ids and p.no_copy_ngram > 0 else None,
+            written_ids=list(written_ids) if written_ids and p.no_repeat_written > 0 else None,
+        )
 
     def decode_batch(self):
         """An empty persistent batch for this generator's engine (the server's scheduler keeps
@@ -591,8 +774,8 @@ class SentenceGenerator:
         """The engine of the packaged base model the decoder was fine-tuned from (UNPLANNED),
         loaded once on first use, its weights packed like the decoder's."""
         if self._base_engine is None:
-            from next_speed.models.decoder_model import load_base_model, load_base_tokenizer
             from next_speed.generation.engine import DecodeEngine
+            from next_speed.models.decoder_model import load_base_model, load_base_tokenizer
 
             name = self.decoder_meta.get("train", {}).get("model")
             if not name:
@@ -610,30 +793,43 @@ class SentenceGenerator:
             self._base_engine = DecodeEngine(model, tok, [], self.device)
         return self._base_engine
 
-    def unplanned_job(self, history: Sequence[str], p: GenParams, seed: int, cache, spans: set, earlier_ids, written_ids):
+    def unplanned_job(
+        self, history: Sequence[str], p: GenParams, seed: int, cache, spans: set, earlier_ids, written_ids
+    ):
         """A step's UNPLANNED candidates: the base model continues the text so far (its last
         sentences, at most MAX_IN tokens) by one sentence."""
         from next_speed.generation.engine import SentenceJob
 
         tok = self.base_engine().tok
-        text = " ".join(history[-(self.context_sents or len(history)):])
-        ids = tok(text, add_special_tokens=False)["input_ids"][-self.cond.max_in:]
+        text = " ".join(history[-(self.context_sents or len(history)) :])
+        ids = tok(text, add_special_tokens=False)["input_ids"][-self.cond.max_in :]
         veto = None
         if spans and p.repeat_span > 0:
             spans_, n = frozenset(spans), p.repeat_span
             veto = lambda t: not spans_.isdisjoint(word_spans(t, n))  # noqa: E731
-        return SentenceJob(prompt=ids, n=p.unplanned, params=p, seed=seed, cache=cache, context=text, veto=veto,
-                           earlier_ids=list(earlier_ids) if earlier_ids and p.no_copy_ngram > 0 else None,
-                           written_ids=list(written_ids) if written_ids and p.no_repeat_written > 0 else None,
-                           one_sentence=True, engine="base")
+        return SentenceJob(
+            prompt=ids,
+            n=p.unplanned,
+            params=p,
+            seed=seed,
+            cache=cache,
+            context=text,
+            veto=veto,
+            earlier_ids=list(earlier_ids) if earlier_ids and p.no_copy_ngram > 0 else None,
+            written_ids=list(written_ids) if written_ids and p.no_repeat_written > 0 else None,
+            one_sentence=True,
+            engine="base",
+        )
 
-    def render(self, context_text: str, codes: Sequence[int], p: GenParams, seed: int,
-               exemplars: Sequence[str] | None = None) -> list[str]:
+    def render(
+        self, context_text: str, codes: Sequence[int], p: GenParams, seed: int, exemplars: Sequence[str] | None = None
+    ) -> list[str]:
         """Decode `p.n_cand` candidate sentences for one planned tuple, in one batch."""
         return [c["text"] for c in self.render_candidates(context_text, codes, p, seed, exemplars)]
 
-    def render_candidates(self, context_text: str, codes: Sequence[int], p: GenParams, seed: int,
-                          exemplars: Sequence[str] | None = None) -> list[dict]:
+    def render_candidates(
+        self, context_text: str, codes: Sequence[int], p: GenParams, seed: int, exemplars: Sequence[str] | None = None
+    ) -> list[dict]:
         """As `render`, with whether each candidate ended its sentence (`ended` False: it hit
         MAX_NEW_TOKENS first, so it is truncated) and its token count."""
         job = self.make_job(context_text, codes, p, seed, exemplars)
@@ -641,8 +837,13 @@ class SentenceGenerator:
             self.render_jobs([job])
         return job.out
 
-    def score(self, planned: Sequence[int], candidates: Sequence[str], return_embeddings: bool = False,
-              embeddings: np.ndarray | None = None):
+    def score(
+        self,
+        planned: Sequence[int],
+        candidates: Sequence[str],
+        return_embeddings: bool = False,
+        embeddings: np.ndarray | None = None,
+    ):
         """Re-encode candidates: their tuples, matched prefix and cosine to the plan's reconstruction
         (and their unit embeddings, (N, D), with `return_embeddings`; pass `embeddings` when known)."""
         target = self.rvq.decode(np.asarray([planned]))[0]
@@ -655,23 +856,41 @@ class SentenceGenerator:
             out.append({"text": c, "codes": t.tolist(), "prefix": prefix, "cosine": round(cos, 4)})
         return (out, x) if return_embeddings else out
 
-    def sample_plans(self, ctx_codes: list, hist_emb: np.ndarray, pin: Sequence[int], p: GenParams, temp: float,
-                     gen) -> list[list[int]]:
+    def sample_plans(
+        self, ctx_codes: list, hist_emb: np.ndarray, pin: Sequence[int], p: GenParams, temp: float, gen
+    ) -> list[list[int]]:
         """PLANS distinct plans for the next sentence (pinned levels kept): the first drawn at
         `temp`, the others sampled (at temperature 1 when `temp` is greedy); a draw equal to an
         earlier one is dropped (it would render the same prompt again)."""
         plans: list[list[int]] = []
         for k in range(p.plans):
             t = temp if k == 0 or temp > 0 else RETRY_PLAN_TEMP
-            pl = self.planner.next_tuple(ctx_codes, greedy=t <= 0, temperature=t, top_k=p.plan_top_k, generator=gen,
-                                         at_doc_start=True, fixed=pin, embeddings=hist_emb, deep=p.plan_deep)
+            pl = self.planner.next_tuple(
+                ctx_codes,
+                greedy=t <= 0,
+                temperature=t,
+                top_k=p.plan_top_k,
+                generator=gen,
+                at_doc_start=True,
+                fixed=pin,
+                embeddings=hist_emb,
+                deep=p.plan_deep,
+            )
             if pl not in plans:
                 plans.append(pl)
         return plans
 
-    def judge(self, planned: Sequence[int], rendered: Sequence[dict], hist_emb: np.ndarray, seen: set[str],
-              spans: set, p: GenParams, pairs: set | None = None, embeddings: np.ndarray | None = None
-              ) -> tuple[list[dict], np.ndarray]:
+    def judge(
+        self,
+        planned: Sequence[int],
+        rendered: Sequence[dict],
+        hist_emb: np.ndarray,
+        seen: set[str],
+        spans: set,
+        p: GenParams,
+        pairs: set | None = None,
+        embeddings: np.ndarray | None = None,
+    ) -> tuple[list[dict], np.ndarray]:
         """One step's candidates (`SentenceJob.out`) judged against the plan and the text so far:
         `score`'s codes, prefix and cosine, plus `ended`, `tokens`, `logprob`, `repeat_cos` (nearest
         earlier sentence, `hist_emb` (M, D) unit rows), `context_cos` (cosine to the mean of the last
@@ -683,12 +902,17 @@ class SentenceGenerator:
         x = self.embed(cands) if embeddings is None else embeddings
         scored = self.score(planned, cands, embeddings=x)
         near = (x @ hist_emb.T).max(1) if len(hist_emb) else np.full(len(cands), -1.0)
-        ctx = hist_emb[-(self.context_sents or len(hist_emb)):].mean(0) if len(hist_emb) else np.zeros(x.shape[1])
+        ctx = hist_emb[-(self.context_sents or len(hist_emb)) :].mean(0) if len(hist_emb) else np.zeros(x.shape[1])
         ctx_cos = x @ ctx / max(float(np.linalg.norm(ctx)), 1e-12)
         for sc, r, cos, cc in zip(scored, rendered, near, ctx_cos):
-            sc.update(ended=r["ended"], repeat_cos=round(float(cos), 4), context_cos=round(float(cc), 4),
-                      tokens=r.get("tokens", 0), logprob=r.get("logprob", 0.0),
-                      copies=bool(word_spans(sc["text"], p.repeat_span) & spans) or bool(r.get("vetoed")))
+            sc.update(
+                ended=r["ended"],
+                repeat_cos=round(float(cos), 4),
+                context_cos=round(float(cc), 4),
+                tokens=r.get("tokens", 0),
+                logprob=r.get("logprob", 0.0),
+                copies=bool(word_spans(sc["text"], p.repeat_span) & spans) or bool(r.get("vetoed")),
+            )
             own = word_spans(sc["text"], 2)
             sc["pair_overlap"] = round(len(own & pairs) / len(own), 4) if pairs and own else 0.0
             sc["refused"] = refusal(sc, seen, p)
@@ -711,24 +935,48 @@ class SentenceGenerator:
         return self._browser
 
     # ------------------------------------------------------------------ the loop
-    def prepare(self, prompt: str, max_sentences: int | None = None, *, plan: Any = None, max_tokens: int | None = None,
-                stop: Any = None, **overrides: Any) -> dict:
+    def prepare(
+        self,
+        prompt: str,
+        max_sentences: int | None = None,
+        *,
+        plan: Any = None,
+        max_tokens: int | None = None,
+        stop: Any = None,
+        **overrides: Any,
+    ) -> dict:
         """Validate one call's arguments (ConfigError naming the bad one) into `steps()` keywords."""
-        p = update_params(self.params, {**({"gen_steps": max_sentences} if max_sentences is not None else {}), **overrides})
+        p = update_params(
+            self.params, {**({"gen_steps": max_sentences} if max_sentences is not None else {}), **overrides}
+        )
         check_prompt(prompt)
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        if max_tokens is not None and (
+            isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+        ):
             raise ConfigError(f"max_tokens: expected a whole number of at least 1, got {max_tokens!r}")
         plan = check_plan(plan, self.rvq.K, self.rvq.V)
         if p.parallel > 1 and p.parallel_verify and self.cond.family != "causal":
-            raise ConfigError(f"PARALLEL_VERIFY: verification scores drafts with a causal decoder; this {self.cond.family} "
-                              "decoder drafts with PARALLEL_VERIFY=0 only")
+            raise ConfigError(
+                f"PARALLEL_VERIFY: verification scores drafts with a causal decoder; this {self.cond.family} "
+                "decoder drafts with PARALLEL_VERIFY=0 only"
+            )
         if plan and len(plan) > p.gen_steps:
-            raise ConfigError(f"plan: {len(plan)} entries for at most {p.gen_steps} sentences (max_sentences): "
-                              "drop the extra entries or generate more sentences")
+            raise ConfigError(
+                f"plan: {len(plan)} entries for at most {p.gen_steps} sentences (max_sentences): "
+                "drop the extra entries or generate more sentences"
+            )
         return {"prompt": prompt, "p": p, "plan": plan, "max_tokens": max_tokens, "stop": check_stop(stop)}
 
-    def run(self, prompt: str, max_sentences: int | None = None, *, plan: Any = None, max_tokens: int | None = None,
-            stop: Any = None, **overrides: Any) -> GenerationResult:
+    def run(
+        self,
+        prompt: str,
+        max_sentences: int | None = None,
+        *,
+        plan: Any = None,
+        max_tokens: int | None = None,
+        stop: Any = None,
+        **overrides: Any,
+    ) -> GenerationResult:
         """Generate up to `max_sentences` sentences after `prompt`, with per-call parameter overrides.
 
         `plan` pins the codes of the next sentences (see `check_plan`): e.g. `plan=[[12, 40], None,
@@ -769,8 +1017,15 @@ class SentenceGenerator:
         except StopIteration as stop:
             return stop.value
 
-    def steps(self, prompt: str, p: GenParams, plan: list | None = None, max_tokens: int | None = None,
-              stop: Sequence[str] = (), on_step=None):
+    def steps(
+        self,
+        prompt: str,
+        p: GenParams,
+        plan: list | None = None,
+        max_tokens: int | None = None,
+        stop: Sequence[str] = (),
+        on_step=None,
+    ):
         """The generation loop as a Python generator: it yields each sentence step (a list of
         SentenceJobs: one per plan, the base model's unplanned candidates, and with PARALLEL > 1
         the lookahead drafts) for someone to render (`drive`, or the server's scheduler, which
@@ -786,10 +1041,16 @@ class SentenceGenerator:
             raise NextSpeedError("the prompt has no sentences")
         t0 = time.perf_counter()
         hist_emb = self.embed(sents)
-        text = _Text(history=list(sents), hist_emb=hist_emb, ctx_codes=self.rvq.encode(hist_emb, beam=self.beam).tolist(),
-                     seen={normalize_text(s) for s in sents},
-                     spans=set().union(*(word_spans(s, p.repeat_span) for s in sents)),  # copy guard: earlier sentences' word runs
-                     earlier=copy_ids(self.tok, sents) if p.no_copy_ngram > 0 else [])  # and their tokens, for NO_COPY_NGRAM
+        text = _Text(
+            history=list(sents),
+            hist_emb=hist_emb,
+            ctx_codes=self.rvq.encode(hist_emb, beam=self.beam).tolist(),
+            seen={normalize_text(s) for s in sents},
+            spans=set().union(
+                *(word_spans(s, p.repeat_span) for s in sents)
+            ),  # copy guard: earlier sentences' word runs
+            earlier=copy_ids(self.tok, sents) if p.no_copy_ngram > 0 else [],
+        )  # and their tokens, for NO_COPY_NGRAM
         t_prompt = time.perf_counter() - t0
         gen = torch.Generator().manual_seed(p.seed)
         res = GenerationResult(prompt=prompt, sentences=[], planned=[], realized=[], params=asdict(p))
@@ -844,22 +1105,44 @@ class SentenceGenerator:
                 pins = [self._pin(plan, step + j) for j in range(1, m)]  # plan control of the lookahead sentences
                 chain = self.plan_ahead(text, plans[0], pins, p, temp, gen)
                 t1 = time.perf_counter()
-                exemplars = [self.exemplars_for(pl, exclude=set(text.history), avoid=text.hist_emb, avoid_cos=p.repeat_cos)
-                             for pl in plans]
+                exemplars = [
+                    self.exemplars_for(pl, exclude=set(text.history), avoid=text.hist_emb, avoid_cos=p.repeat_cos)
+                    for pl in plans
+                ]
                 context_text, text.ctx_start = self.context_for(text.history, text.ctx_start, plans[0], exemplars[0])
                 ps = p if p.rerank else replace(p, n_cand=1)
                 if budget is not None and budget < ps.max_new_tokens:
                     ps = replace(ps, max_new_tokens=budget)
                 seed = p.seed * 1000 + step + RETRY_SEED_STRIDE * attempt
-                jobs = [self.make_job(context_text, pl, ps, seed=seed + PLAN_SEED_STRIDE * k, exemplars=ex, cache=caches[k],
-                                      copy_spans=text.spans, earlier_ids=text.earlier, written_ids=text.written)
-                        for k, (pl, ex) in enumerate(zip(plans, exemplars))]
+                jobs = [
+                    self.make_job(
+                        context_text,
+                        pl,
+                        ps,
+                        seed=seed + PLAN_SEED_STRIDE * k,
+                        exemplars=ex,
+                        cache=caches[k],
+                        copy_spans=text.spans,
+                        earlier_ids=text.earlier,
+                        written_ids=text.written,
+                    )
+                    for k, (pl, ex) in enumerate(zip(plans, exemplars))
+                ]
                 drafts = self.draft_jobs(text, plans[0], exemplars[0], chain, pins, ps, seed)
                 for job in jobs + [d["job"] for d in drafts]:
                     job.pool = pool
                 if pc.unplanned:
-                    jobs.append(self.unplanned_job(text.history, ps, seed + PLAN_SEED_STRIDE * 8, base_cache, text.spans,
-                                                   text.earlier, text.written))
+                    jobs.append(
+                        self.unplanned_job(
+                            text.history,
+                            ps,
+                            seed + PLAN_SEED_STRIDE * 8,
+                            base_cache,
+                            text.spans,
+                            text.earlier,
+                            text.written,
+                        )
+                    )
                 yield jobs + [d["job"] for d in drafts]
                 for k, job in enumerate(jobs[: len(plans)]):
                     caches[k] = job.cache
@@ -868,7 +1151,9 @@ class SentenceGenerator:
                 t2 = time.perf_counter()
                 scored, x, cands, owner = [], [], [], []
                 for k, job in enumerate(jobs):
-                    sc, xk = self.judge(plans[min(k, len(plans) - 1)], job.out, text.hist_emb, text.seen, text.spans, p, text.pairs)
+                    sc, xk = self.judge(
+                        plans[min(k, len(plans) - 1)], job.out, text.hist_emb, text.seen, text.spans, p, text.pairs
+                    )
                     if job.engine == "base":  # compared with the first plan; marked as written without one
                         sc = [dict(c, unplanned=True) for c in sc]
                     scored += [dict(c, plan=k) for c in sc] if len(jobs) > 1 else sc
@@ -896,8 +1181,20 @@ class SentenceGenerator:
             if chosen is None:
                 res.stop_reason = "empty" if all(not c for c in cands) else "repeat"  # every non-empty one repeats
                 break
-            if commit(Step(planned, scored, chosen, cands[chosen], scored[chosen]["codes"], timings, ex_chosen, len(pin),
-                           rendered[chosen]["tokens"]), x[chosen]):
+            if commit(
+                Step(
+                    planned,
+                    scored,
+                    chosen,
+                    cands[chosen],
+                    scored[chosen]["codes"],
+                    timings,
+                    ex_chosen,
+                    len(pin),
+                    rendered[chosen]["tokens"],
+                ),
+                x[chosen],
+            ):
                 break
             if drafts and self.keep_drafts(text, drafts, p, res, tot, pool, commit, lambda: budget):
                 break
@@ -909,8 +1206,10 @@ class SentenceGenerator:
         if pool is not None:
             res.timings.update(prompt_tokens_reused=pool.reused, prompt_tokens_prefilled=pool.prefilled)
         elif caches[0] is not None:
-            res.timings.update(prompt_tokens_reused=sum(c.reused for c in caches),
-                               prompt_tokens_prefilled=sum(c.prefilled for c in caches))
+            res.timings.update(
+                prompt_tokens_reused=sum(c.reused for c in caches),
+                prompt_tokens_prefilled=sum(c.prefilled for c in caches),
+            )
         return res
 
     def _pin(self, plan: list | None, i: int) -> list[int]:
@@ -921,8 +1220,9 @@ class SentenceGenerator:
         return pin or []
 
     # ------------------------------------------------------------------ plan-parallel rendering
-    def plan_ahead(self, text: "_Text", first: Sequence[int], pins: Sequence[Sequence[int]], p: GenParams, temp: float,
-                   gen) -> list[list[int]]:
+    def plan_ahead(
+        self, text: _Text, first: Sequence[int], pins: Sequence[Sequence[int]], p: GenParams, temp: float, gen
+    ) -> list[list[int]]:
         """PARALLEL: the plans of the sentences after `first`, one per entry of `pins`, drawn
         autoregressively in code space: each planned sentence joins the planner's context as its
         codes and, for a planner that reads embeddings, its codes' RVQ reconstruction (the vector
@@ -936,13 +1236,30 @@ class SentenceGenerator:
             rec = self.rvq.decode(np.asarray([prev]))[0]
             codes.append(prev)
             emb = np.concatenate([emb, (rec / max(float(np.linalg.norm(rec)), 1e-12))[None].astype(emb.dtype)])
-            prev = self.planner.next_tuple(codes, greedy=temp <= 0, temperature=temp, top_k=p.plan_top_k, generator=gen,
-                                           at_doc_start=True, fixed=pin, embeddings=emb, deep=p.plan_deep)
+            prev = self.planner.next_tuple(
+                codes,
+                greedy=temp <= 0,
+                temperature=temp,
+                top_k=p.plan_top_k,
+                generator=gen,
+                at_doc_start=True,
+                fixed=pin,
+                embeddings=emb,
+                deep=p.plan_deep,
+            )
             out.append(prev)
         return out
 
-    def draft_jobs(self, text: "_Text", first: Sequence[int], first_ex: Sequence[str], chain: Sequence[Sequence[int]],
-                   pins: Sequence[Sequence[int]], p: GenParams, seed: int) -> list[dict]:
+    def draft_jobs(
+        self,
+        text: _Text,
+        first: Sequence[int],
+        first_ex: Sequence[str],
+        chain: Sequence[Sequence[int]],
+        pins: Sequence[Sequence[int]],
+        p: GenParams,
+        seed: int,
+    ) -> list[dict]:
         """PARALLEL: one SentenceJob per lookahead plan, rendered in the same batch as the step's
         own. Draft j's prompt holds the real text, then a stand-in for each planned sentence
         before it (the first exemplar of its plan: the training sentence the plan is nearest),
@@ -953,20 +1270,33 @@ class SentenceGenerator:
         for j, (pl, pin) in enumerate(zip(chain, pins), start=1):
             if prev_ex:
                 stand_ins.append(prev_ex[0])
-            ex = self.exemplars_for(pl, exclude=set(text.history) | set(stand_ins), avoid=text.hist_emb, avoid_cos=p.repeat_cos)
+            ex = self.exemplars_for(
+                pl, exclude=set(text.history) | set(stand_ins), avoid=text.hist_emb, avoid_cos=p.repeat_cos
+            )
             ctx, start = self.context_for(text.history + stand_ins, text.ctx_start, pl, ex)
-            job = self.make_job(ctx, pl, p, seed=seed + LOOKAHEAD_SEED_STRIDE * j, exemplars=ex, copy_spans=text.spans,
-                                earlier_ids=text.earlier, written_ids=text.written)
+            job = self.make_job(
+                ctx,
+                pl,
+                p,
+                seed=seed + LOOKAHEAD_SEED_STRIDE * j,
+                exemplars=ex,
+                copy_spans=text.spans,
+                earlier_ids=text.earlier,
+                written_ids=text.written,
+            )
             # where the real text the draft is verified after begins: the same sentence as its
             # context's first when every planned sentence before it has a stand-in (then the kept
             # sentences take the stand-ins' places), else the first real sentence of its context
             real_start = start if len(stand_ins) == j else min(start, len(text.history) - 1)
-            out.append({"plan": pl, "exemplars": ex, "job": job, "start": real_start, "lookahead": j, "pinned": len(pin)})
+            out.append(
+                {"plan": pl, "exemplars": ex, "job": job, "start": real_start, "lookahead": j, "pinned": len(pin)}
+            )
             prev_ex = ex
         return out
 
-    def keep_drafts(self, text: "_Text", drafts: list[dict], p: GenParams, res: GenerationResult, tot: dict, pool, commit,
-                    budget) -> bool:
+    def keep_drafts(
+        self, text: _Text, drafts: list[dict], p: GenParams, res: GenerationResult, tot: dict, pool, commit, budget
+    ) -> bool:
         """PARALLEL: judge the drafts in order against the real text (the kept ones before them
         included), verify each (PARALLEL_VERIFY) and commit the longest accepted prefix; the next
         window starts at the first draft refused or rejected. True when a stop string ended the text."""
@@ -980,8 +1310,9 @@ class SentenceGenerator:
             out = d["job"].out
             res.drafts["drafted"] += 1
             t1 = time.perf_counter()
-            scored, x = self.judge(d["plan"], out, text.hist_emb, text.seen, text.spans, p, text.pairs,
-                                   embeddings=xs[at : at + len(out)])
+            scored, x = self.judge(
+                d["plan"], out, text.hist_emb, text.seen, text.spans, p, text.pairs, embeddings=xs[at : at + len(out)]
+            )
             at += len(out)
             self.refuse_token_repeats(scored, text, p)
             chosen = select_candidate(scored, p, truncated_ok=False)
@@ -996,21 +1327,35 @@ class SentenceGenerator:
             verify = self.verify_draft(text, d, out[chosen]["text"], pool, p) if p.parallel_verify else None
             tot["verify"] += time.perf_counter() - t2
             if verify is not None:
-                log.debug("draft %d ahead: ll_real %.3f ll_draft %.3f -> %s", d["lookahead"], verify["ll_real"],
-                          verify["ll_draft"], "kept" if verify["accepted"] else "rejected")
+                log.debug(
+                    "draft %d ahead: ll_real %.3f ll_draft %.3f -> %s",
+                    d["lookahead"],
+                    verify["ll_real"],
+                    verify["ll_draft"],
+                    "kept" if verify["accepted"] else "rejected",
+                )
             if verify is not None and not verify["accepted"]:
                 res.drafts["rejected"] += 1
                 break
             res.drafts["accepted"] += 1
-            st = Step(d["plan"], scored, chosen, out[chosen]["text"], scored[chosen]["codes"],
-                      {"planner": 0.0, "decoder": 0.0, "rerank": t2 - t1, "verify": time.perf_counter() - t2},
-                      d["exemplars"], d["pinned"], out[chosen]["tokens"], lookahead=d["lookahead"],
-                      verify=verify)
+            st = Step(
+                d["plan"],
+                scored,
+                chosen,
+                out[chosen]["text"],
+                scored[chosen]["codes"],
+                {"planner": 0.0, "decoder": 0.0, "rerank": t2 - t1, "verify": time.perf_counter() - t2},
+                d["exemplars"],
+                d["pinned"],
+                out[chosen]["tokens"],
+                lookahead=d["lookahead"],
+                verify=verify,
+            )
             if commit(st, x[chosen]):
                 return True
         return False
 
-    def refuse_token_repeats(self, scored: list[dict], text: "_Text", p: GenParams) -> None:
+    def refuse_token_repeats(self, scored: list[dict], text: _Text, p: GenParams) -> None:
         """A draft was decoded before the sentences now before it were written, so NO_COPY_NGRAM
         could not steer it off copying them: a candidate that holds a run of that many tokens of
         an earlier sentence is refused instead. (NO_REPEAT_WRITTEN's short runs only steer: a
@@ -1028,7 +1373,7 @@ class SentenceGenerator:
             if any(tuple(own[i : i + n]) in seen for n, seen in runs for i in range(len(own) - n + 1)):
                 c["refused"] = "repeat"
 
-    def verify_draft(self, text: "_Text", d: dict, draft: str, pool, p: GenParams) -> dict:
+    def verify_draft(self, text: _Text, d: dict, draft: str, pool, p: GenParams) -> dict:
         """Whether a draft still fits once the sentences before it are real: its mean token
         log-likelihood under the decoder after the real text (`ll_real`) against after the text it
         was drafted after, stand-ins included (`ll_draft`); kept when ll_real >= ll_draft -
@@ -1039,7 +1384,7 @@ class SentenceGenerator:
         bos = _prompt_parts(self.tok, self.cond, d["plan"], None)[0]
         tail = self.tok(" " + draft, add_special_tokens=False)["input_ids"]
         lls = []
-        for ctx in (" ".join(text.history[d["start"]:]), d["job"].context):
+        for ctx in (" ".join(text.history[d["start"] :]), d["job"].context):
             head = bos + self.tok(ctx, add_special_tokens=False)["input_ids"]
             if not head:
                 head = [self.tok.eos_token_id]
@@ -1061,9 +1406,14 @@ def run_generate(cfg: GenerateConfig, generator: SentenceGenerator | None = None
     run_id = cfg.run_id or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_path = cfg.out_path or f"out/generate/{run_id}.json"
     results = [gen.run(pr) for pr in prompts]
-    log_obj = {"run_id": run_id, "settings": to_dict(cfg), "device": gen.device, "dtype": gen.dtype,
-               "load_seconds": round(gen.load_seconds, 2),
-               "runs": [r.to_dict() for r in results]}
+    log_obj = {
+        "run_id": run_id,
+        "settings": to_dict(cfg),
+        "device": gen.device,
+        "dtype": gen.dtype,
+        "load_seconds": round(gen.load_seconds, 2),
+        "runs": [r.to_dict() for r in results],
+    }
     write_json(out_path, log_obj)
     log_obj["out_path"] = out_path
     return log_obj

@@ -24,9 +24,9 @@ import importlib.util
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from next_speed.core.artifacts import StaleInputError, atomic_dir, write_checkpoint_meta
 from next_speed.core.errors import ConfigError, NextSpeedError
@@ -93,8 +93,10 @@ def detect_family(config) -> str:
 
 def _load_failed(name: str, e: Exception) -> NextSpeedError:
     first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-    return NextSpeedError(f"MODEL={name!r} could not be loaded ({first}). Offline, use the packaged default "
-                          f"MODEL={DEFAULT_DECODER} (SmolLM2-135M-Instruct) or a local model folder")
+    return NextSpeedError(
+        f"MODEL={name!r} could not be loaded ({first}). Offline, use the packaged default "
+        f"MODEL={DEFAULT_DECODER} (SmolLM2-135M-Instruct) or a local model folder"
+    )
 
 
 def load_base_tokenizer(name: str):
@@ -153,8 +155,9 @@ def add_code_tokens_to_tokenizer(tok, cond: Conditioning) -> int:
     return tok.add_tokens([code_token(k, v, cond.V) for k in range(cond.K) for v in range(cond.V)], special_tokens=True)
 
 
-def init_code_embeddings(model, tok, cond: Conditioning, n_before: int,
-                         init_texts: dict[tuple[int, int], list[str]] | None = None) -> int:
+def init_code_embeddings(
+    model, tok, cond: Conditioning, n_before: int, init_texts: dict[tuple[int, int], list[str]] | None = None
+) -> int:
     """Resize the embeddings for the code tokens already in `tok` and initialize their rows.
 
     Each new row points from the embedding centre towards the mean embedding of the tokens of
@@ -190,7 +193,9 @@ def init_code_embeddings(model, tok, cond: Conditioning, n_before: int,
         else:
             dirs[~empty] -= mean
         empty = dirs.norm(dim=1) < 1e-6
-        dirs[empty] = torch.randn(int(empty.sum()), emb.shape[1], generator=torch.Generator().manual_seed(0)).to(emb.dtype)
+        dirs[empty] = torch.randn(int(empty.sum()), emb.shape[1], generator=torch.Generator().manual_seed(0)).to(
+            emb.dtype
+        )
         # each row sits as far from the centre as a typical real token, towards its sentences' content
         emb[n_before : n_before + len(tokens)] = mean + dirs / dirs.norm(dim=1, keepdim=True) * spread
         out = model.get_output_embeddings()
@@ -209,10 +214,19 @@ def code_token_ids(tok, cond: Conditioning) -> list[int]:
 def _prompt_parts(tok, cond: Conditioning, codes: Sequence[int], exemplars: Sequence[str] | None):
     """The prompt's fixed parts: BOS (causal models whose BOS is not their EOS), the exemplars'
     line (at most half of MAX_IN) and the code line."""
-    code_ids = tok((cond.codes_text(codes) + "\n") if cond.code_mode not in ("none", "inject") else "", add_special_tokens=False)["input_ids"]
-    ex_ids = tok(" ".join(exemplars) + "\n", add_special_tokens=False)["input_ids"][: cond.max_in // 2] \
-        if cond.exemplars and exemplars else []
-    bos = [tok.bos_token_id] if cond.family == "causal" and tok.bos_token_id is not None and tok.bos_token_id != tok.eos_token_id else []
+    code_ids = tok(
+        (cond.codes_text(codes) + "\n") if cond.code_mode not in ("none", "inject") else "", add_special_tokens=False
+    )["input_ids"]
+    ex_ids = (
+        tok(" ".join(exemplars) + "\n", add_special_tokens=False)["input_ids"][: cond.max_in // 2]
+        if cond.exemplars and exemplars
+        else []
+    )
+    bos = (
+        [tok.bos_token_id]
+        if cond.family == "causal" and tok.bos_token_id is not None and tok.bos_token_id != tok.eos_token_id
+        else []
+    )
     return bos, ex_ids, code_ids
 
 
@@ -222,8 +236,14 @@ def context_room(tok, cond: Conditioning, codes: Sequence[int], exemplars: Seque
     return max(0, cond.max_in - len(code_ids) - len(ex_ids) - len(bos))
 
 
-def encode_example(tok, cond: Conditioning, context: str, codes: Sequence[int], target: str | None,
-                   exemplars: Sequence[str] | None = None) -> dict:
+def encode_example(
+    tok,
+    cond: Conditioning,
+    context: str,
+    codes: Sequence[int],
+    target: str | None,
+    exemplars: Sequence[str] | None = None,
+) -> dict:
     """Token ids for one example. Causal: prompt = context + exemplars + codes, labels only on
     target + EOS. Seq2seq: the encoder gets the same prompt, labels are the target. The context is
     cut from the left; exemplars (the plan's nearest training sentences, one line) are kept whole.
@@ -231,8 +251,10 @@ def encode_example(tok, cond: Conditioning, context: str, codes: Sequence[int], 
     that receives the plan vector (the prompt's last token, whose output predicts the sentence)."""
     bos, ex_ids, code_ids = _prompt_parts(tok, cond, codes, exemplars)
     if len(code_ids) + 8 > cond.max_in:
-        raise ConfigError(f"MAX_IN={cond.max_in} is too small to hold the {len(code_ids)} code tokens and some context: "
-                          f"raise MAX_IN to at least {len(code_ids) + 8}")
+        raise ConfigError(
+            f"MAX_IN={cond.max_in} is too small to hold the {len(code_ids)} code tokens and some context: "
+            f"raise MAX_IN to at least {len(code_ids) + 8}"
+        )
     ctx_ids = tok((context + "\n") if context else "", add_special_tokens=False)["input_ids"]
     budget = cond.max_in - len(code_ids) - len(ex_ids) - len(bos)
     ctx_ids = ctx_ids[-budget:] if budget > 0 else []
@@ -241,8 +263,11 @@ def encode_example(tok, cond: Conditioning, context: str, codes: Sequence[int], 
         prompt = prompt + [tok.eos_token_id]
     if cond.family == "causal" and not prompt:  # the first target token needs a position to be predicted from
         prompt = [tok.eos_token_id]
-    plan = {"codes": [int(c) for c in codes], "plan_start": 0 if cond.family == "seq2seq" else len(prompt) - 1} \
-        if cond.code_mode == "inject" else {}
+    plan = (
+        {"codes": [int(c) for c in codes], "plan_start": 0 if cond.family == "seq2seq" else len(prompt) - 1}
+        if cond.code_mode == "inject"
+        else {}
+    )
     if target is None:
         return {"input_ids": prompt, **plan}
     tgt = tok(target, add_special_tokens=False)["input_ids"]
@@ -285,8 +310,11 @@ def token_losses(model, batch: dict, family: str, base_vocab: int | None = None)
     import torch.nn.functional as F
 
     inj = plan_injector(getattr(model, "module", model))  # unwrap DistributedDataParallel
-    with inj.plan(batch["codes"], batch["plan_start"], batch.get("keep")) if inj is not None and "codes" in batch \
-            else contextlib.nullcontext():
+    with (
+        inj.plan(batch["codes"], batch["plan_start"], batch.get("keep"))
+        if inj is not None and "codes" in batch
+        else contextlib.nullcontext()
+    ):
         labels = batch["labels"]
         if family == "causal":
             nxt = labels[:, 1:]
@@ -310,12 +338,15 @@ def token_losses(model, batch: dict, family: str, base_vocab: int | None = None)
         logits = out.logits.float()
         if base_vocab is not None and logits.shape[-1] > base_vocab:
             logits = logits[..., :base_vocab]
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none")
+        ce = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+        )
         ce = ce.view(labels.shape)
         return ce.sum(1), (labels != -100).sum(1)
 
 
 # ---------------------------------------------------------------------- the plan as a vector (CODE_MODE=inject)
+
 
 def block_list(model):
     """(name, ModuleList) of the model's main stack of transformer blocks (the decoder's, for
@@ -327,7 +358,9 @@ def block_list(model):
         if isinstance(mod, nn.ModuleList) and len(mod) > 0 and name.split(".")[-1] in ("layers", "block", "h", "layer"):
             best = (name, mod)  # the last registered stack: the decoder's in encoder-decoder models
     if best is None:
-        raise NextSpeedError("could not find the model's transformer blocks: use TRAIN_LAYERS=all with CODE_MODE=special/text/none")
+        raise NextSpeedError(
+            "could not find the model's transformer blocks: use TRAIN_LAYERS=all with CODE_MODE=special/text/none"
+        )
     return best
 
 
@@ -383,7 +416,9 @@ class PlanInjector:
     def __init__(self, model, adapter, layer: int):
         _, blocks = block_list(model)
         if not 0 <= layer < len(blocks):
-            raise NextSpeedError(f"the plan's injection block {layer} does not exist (the model has {len(blocks)} blocks)")
+            raise NextSpeedError(
+                f"the plan's injection block {layer} does not exist (the model has {len(blocks)} blocks)"
+            )
         self.adapter, self.layer = adapter, layer
         self._u = self._start = None
         self._handle = blocks[layer].register_forward_pre_hook(self._hook, with_kwargs=True)
@@ -445,12 +480,19 @@ def residual_rms(model, layer: int, batch: dict) -> float:
     hd = blocks[layer].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  **({"labels": batch["labels"]} if getattr(model.config, "is_encoder_decoder", False) else {}))
+            model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                **({"labels": batch["labels"]} if getattr(model.config, "is_encoder_decoder", False) else {}),
+            )
     finally:
         hd.remove()
     h = seen[0].float()
-    m = batch["attention_mask"].to(h.device).bool() if h.shape[1] == batch["attention_mask"].shape[1] else torch.ones(h.shape[:2], dtype=torch.bool)
+    m = (
+        batch["attention_mask"].to(h.device).bool()
+        if h.shape[1] == batch["attention_mask"].shape[1]
+        else torch.ones(h.shape[:2], dtype=torch.bool)
+    )
     return float(h[m].pow(2).mean().sqrt())
 
 
@@ -479,8 +521,11 @@ class ExemplarBank:
         self.codes = np.asarray(codes, dtype=np.int64).reshape(len(self.texts), -1)  # (N, K)
         self.emb = np.ascontiguousarray(emb, dtype=np.float32)  # (N, D), unit rows
         self.codebooks = np.ascontiguousarray(codebooks, dtype=np.float32)  # (K, V, D)
-        if not (len(self.texts) == len(self.docs) == len(self.emb) == len(self.codes)) \
-                or self.emb.shape[1] != self.codebooks.shape[2] or self.codes.shape[1] != self.codebooks.shape[0]:
+        if (
+            not (len(self.texts) == len(self.docs) == len(self.emb) == len(self.codes))
+            or self.emb.shape[1] != self.codebooks.shape[2]
+            or self.codes.shape[1] != self.codebooks.shape[0]
+        ):
             raise NextSpeedError("exemplar bank: texts, documents and embeddings do not line up: rerun step 06")
         self._index = None
 
@@ -500,9 +545,15 @@ class ExemplarBank:
         rec = self.codebooks[np.arange(K)[None, :], codes].sum(1)  # (B, D): the RVQ decode
         return rec / np.maximum(np.linalg.norm(rec, axis=1, keepdims=True), 1e-12)
 
-    def lookup(self, codes, k: int, exclude_docs: Sequence[int | None] | None = None,
-               exclude_texts: Sequence[set[str] | None] | None = None, avoid=None,
-               avoid_cos: float = 1.01) -> list[list[str]]:
+    def lookup(
+        self,
+        codes,
+        k: int,
+        exclude_docs: Sequence[int | None] | None = None,
+        exclude_texts: Sequence[set[str] | None] | None = None,
+        avoid=None,
+        avoid_cos: float = 1.01,
+    ) -> list[list[str]]:
         """For each plan (B, K), its k nearest bank sentences, best first. `avoid`: per plan, unit
         vectors (M, D) of text already written, or None; a bank sentence whose cosine to one of
         them reaches `avoid_cos` comes only after every other candidate of the search. Generation
@@ -528,8 +579,13 @@ class ExemplarBank:
                     order[b] = np.concatenate([row[~near], row[near]])
         return self._pick(order, k, exclude_docs, exclude_texts)
 
-    def nearest(self, vectors, k: int, exclude_docs: Sequence[int | None] | None = None,
-                exclude_texts: Sequence[set[str] | None] | None = None) -> list[list[str]]:
+    def nearest(
+        self,
+        vectors,
+        k: int,
+        exclude_docs: Sequence[int | None] | None = None,
+        exclude_texts: Sequence[set[str] | None] | None = None,
+    ) -> list[list[str]]:
         """For each unit vector (B, D), its k bank sentences of highest cosine. With the true next
         sentence's own embedding this is retrieval without the RVQ's loss: the exemplar channel's
         bound (`decoder_eval.py`, `loss_oracle_exemplars`)."""
@@ -549,7 +605,11 @@ class ExemplarBank:
             skip = exclude_texts[b] if exclude_texts else None
             got: list[str] = []
             for i in row:
-                if (doc is not None and self.docs[i] == doc) or (skip and self.texts[i] in skip) or self.texts[i] in got:
+                if (
+                    (doc is not None and self.docs[i] == doc)
+                    or (skip and self.texts[i] in skip)
+                    or self.texts[i] in got
+                ):
                     continue
                 got.append(self.texts[i])
                 if len(got) == k:
@@ -566,7 +626,7 @@ class ExemplarBank:
         (folder / BANK_FILES[1]).write_text("".join(json.dumps(t) + "\n" for t in self.texts))
 
     @classmethod
-    def load(cls, folder: str | Path) -> "ExemplarBank":
+    def load(cls, folder: str | Path) -> ExemplarBank:
         import numpy as np
 
         folder = Path(folder)
@@ -575,7 +635,9 @@ class ExemplarBank:
                 emb, docs, books, codes = z["emb"].astype(np.float32), z["docs"], z["codebooks"], z["codes"]
             texts = [json.loads(line) for line in (folder / BANK_FILES[1]).read_text().splitlines()]
         except (OSError, ValueError, KeyError) as e:
-            raise StaleInputError(f"{folder} has no readable exemplar bank ({type(e).__name__}): rerun step 06") from None
+            raise StaleInputError(
+                f"{folder} has no readable exemplar bank ({type(e).__name__}): rerun step 06"
+            ) from None
         return cls(texts=texts, docs=docs, emb=emb, codebooks=books, codes=codes)
 
 
@@ -590,31 +652,53 @@ def exemplar_bank(model) -> ExemplarBank | None:
 ADAPTER_FILE = "plan_adapter.safetensors"
 
 
-def save_decoder(model, tok, cond: Conditioning, out_dir: str | Path, info: dict, adapter=None, write_extra=None,
-                 bank: ExemplarBank | None = None) -> None:
+def save_decoder(
+    model,
+    tok,
+    cond: Conditioning,
+    out_dir: str | Path,
+    info: dict,
+    adapter=None,
+    write_extra=None,
+    bank: ExemplarBank | None = None,
+) -> None:
     """HF format (safetensors) with our metadata under `next_speed` in config.json; the plan
     adapter (CODE_MODE=inject) beside it. `write_extra(tmp_dir)` adds files (plots) before the
     folder is swapped in, so the folder appears complete or not at all."""
     model.config.next_speed = {"format": "next-speed-decoder/1", "conditioning": cond.__dict__, **info}
     if adapter is not None:
-        model.config.next_speed["adapter"] = {"K": adapter.K, "V": adapter.V, "D": adapter.D,
-                                              "width": adapter.inp.out_features, "hidden": adapter.out.out_features}
+        model.config.next_speed["adapter"] = {
+            "K": adapter.K,
+            "V": adapter.V,
+            "D": adapter.D,
+            "width": adapter.inp.out_features,
+            "hidden": adapter.out.out_features,
+        }
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         if adapter is not None:
             from safetensors.torch import save_file
 
-            save_file({k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}, str(tmp / ADAPTER_FILE))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}, str(tmp / ADAPTER_FILE)
+            )
         if bank is not None:
             bank.save(tmp)
         if write_extra is not None:
             write_extra(tmp)
         train = info.get("train", {})
         inputs = {"train": train.get("out_dec"), "val": train.get("out_dec_val"), "rvq": info.get("rvq_path")}
-        write_checkpoint_meta(tmp, "decoder", train, {r: p for r, p in inputs.items() if p and Path(p).is_file()},
-                              counts={"steps": info.get("steps"), "trained_params": info.get("selection", {}).get("trainable_params")},
-                              conditioning=cond.__dict__, best=info.get("best"), history=info.get("history"))
+        write_checkpoint_meta(
+            tmp,
+            "decoder",
+            train,
+            {r: p for r, p in inputs.items() if p and Path(p).is_file()},
+            counts={"steps": info.get("steps"), "trained_params": info.get("selection", {}).get("trainable_params")},
+            conditioning=cond.__dict__,
+            best=info.get("best"),
+            history=info.get("history"),
+        )
 
 
 def cast_decoder(model, dtype) -> None:
@@ -649,9 +733,13 @@ def load_decoder(out_dir: str | Path, device: str = "cpu"):
     try:
         cond = Conditioning(**meta["conditioning"])
     except TypeError as e:
-        raise StaleInputError(f"{d}/config.json has conditioning this version cannot read ({e}): rerun step 06") from None
+        raise StaleInputError(
+            f"{d}/config.json has conditioning this version cannot read ({e}): rerun step 06"
+        ) from None
     if cond.code_mode not in CODE_MODES:
-        raise StaleInputError(f"{d} was trained with CODE_MODE={cond.code_mode!r}, unknown to this version: rerun step 06")
+        raise StaleInputError(
+            f"{d} was trained with CODE_MODE={cond.code_mode!r}, unknown to this version: rerun step 06"
+        )
     config = AutoConfig.from_pretrained(d)
     cls = AutoModelForSeq2SeqLM if cond.family == "seq2seq" else AutoModelForCausalLM
     model = cls.from_pretrained(d, config=config, dtype=torch.float32).to(device).eval()

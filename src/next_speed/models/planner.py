@@ -22,15 +22,14 @@ a learned gate, since the next sentence's code is often one an earlier sentence 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import numpy as np
 
 from next_speed.core.artifacts import StaleInputError, read_jsonl
 from next_speed.core.errors import ConfigError, NextSpeedError
@@ -66,7 +65,9 @@ class Block(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(), nn.Linear(4 * cfg.d_model, cfg.d_model))
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(), nn.Linear(4 * cfg.d_model, cfg.d_model)
+        )
         self.drop = nn.Dropout(cfg.dropout)
         self.p_drop = cfg.dropout
 
@@ -133,13 +134,15 @@ class Planner(nn.Module):
         """(B, T, K) codes [+ (B, T, E) embeddings of the same sentences, zero at BOS/PAD] ->
         (B, T, D) causal hidden states."""
         B, T, K = codes.shape
-        if T > self.cfg.max_len:
+        if self.cfg.max_len < T:
             raise ValueError(f"sequence of {T} sentences is longer than the planner's max_len {self.cfg.max_len}")
         x = sum(self.code_emb[k](codes[:, :, k]) for k in range(K))  # (B, T, D)
         if self.cfg.emb_dim:
             if emb is None or emb.shape[:2] != codes.shape[:2] or emb.shape[-1] != self.cfg.emb_dim:
-                raise ValueError(f"this planner reads {self.cfg.emb_dim}-d sentence embeddings beside the codes "
-                                 f"(PLANNER_INPUT=emb); got {None if emb is None else tuple(emb.shape)}")
+                raise ValueError(
+                    f"this planner reads {self.cfg.emb_dim}-d sentence embeddings beside the codes "
+                    f"(PLANNER_INPUT=emb); got {None if emb is None else tuple(emb.shape)}"
+                )
             real = (codes < self.cfg.V).all(-1, keepdim=True)  # (B, T, 1)
             x = x + self.emb_proj(emb.to(x.dtype)) * real
         if self.cfg.codebook_dim:
@@ -194,8 +197,9 @@ class Planner(nn.Module):
         onehot = F.one_hot(prev.clamp(max=V - 1), V).to(logits.dtype)  # (..., K, V)
         return logits + onehot * bonus[..., None]
 
-    def add_pointer(self, logits: torch.Tensor, hs: torch.Tensor, codes: torch.Tensor,
-                    at: torch.Tensor | None = None) -> torch.Tensor:
+    def add_pointer(
+        self, logits: torch.Tensor, hs: torch.Tensor, codes: torch.Tensor, at: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Mix each level's distribution with a pointer over the context's codes. hs (B, T, D) and
         codes (B, T, K) are the whole input sequence; the outputs are asked at every position
         (`at` None: logits (B, T, K, V)) or at one position per row (`at` (B,): logits (B, K, V)).
@@ -214,7 +218,7 @@ class Planner(nn.Module):
         k = self.ptr_k(hs).view(B, T, K, P).transpose(1, 2)  # (B, K, S=T, P)
         real = (codes < V).all(-1)  # (B, S): a sentence, not BOS/PAD
         allowed = (torch.arange(T, device=codes.device)[None, None] <= t[..., None]) & real[:, None]  # (B, Q, S)
-        scores = ((q @ k.transpose(-1, -2)) / P ** 0.5).float()  # (B, K, Q, S)
+        scores = ((q @ k.transpose(-1, -2)) / P**0.5).float()  # (B, K, Q, S)
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
         some = allowed.any(-1)  # (B, Q): anything to point at
         # a softmax over a row of -inf only is NaN: such rows get zeros here and mixture weight 0 below
@@ -232,7 +236,9 @@ class Planner(nn.Module):
         out = torch.logaddexp(gen + log_not_g[..., None], p_ptr.clamp_min(1e-12).log() + log_g[..., None])
         return out if at is None else out[:, 0]
 
-    def outputs_at(self, hs: torch.Tensor, codes: torch.Tensor, at: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+    def outputs_at(
+        self, hs: torch.Tensor, codes: torch.Tensor, at: torch.Tensor, prefix: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits (B, K, V) for the tuple after position `at` (B,) of each sequence: heads (with
         `prefix` (B, K) for chained levels), copy gate and pointer. hs (B, T, D), codes (B, T, K)."""
         rows = torch.arange(len(at), device=at.device)
@@ -240,16 +246,22 @@ class Planner(nn.Module):
         logits = self.add_copy(self.head_logits(h, prefix), h, codes[rows, at])  # (B, K, V)
         return self.add_pointer(logits, hs, codes, at)
 
-    def forward(self, codes: torch.Tensor, targets: torch.Tensor | None = None, emb: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, codes: torch.Tensor, targets: torch.Tensor | None = None, emb: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, T, K) input codes [+ (B, T, E) embeddings] -> (B, T, K, V) logits for the next tuple
         at every position. In chained mode, `targets` (B, T, K) supply the teacher-forced lower levels."""
         h = self.hidden(codes, emb)
         if self.cfg.head_mode == "chained" and targets is not None:
-            return self.add_pointer(self.add_copy(self.head_logits(h, targets.clamp(0, self.cfg.V - 1)), h, codes), h, codes)
+            return self.add_pointer(
+                self.add_copy(self.head_logits(h, targets.clamp(0, self.cfg.V - 1)), h, codes), h, codes
+            )
         return self.add_pointer(self.add_copy(self.head_logits(h), h, codes), h, codes)
 
     @torch.no_grad()
-    def next_logits_levelwise(self, codes: torch.Tensor, choose, emb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_logits_levelwise(
+        self, codes: torch.Tensor, choose, emb: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Predict the next tuple after the last position of `codes` (B, T, K), level by level.
         `choose(level, logits (B, V)) -> (B,)` picks each level's code (greedy or sampled).
         Returns (chosen codes (B, K), logits (B, K, V))."""
@@ -274,6 +286,7 @@ class Planner(nn.Module):
 
 # ---------------------------------------------------------------------- rows and inference
 
+
 def load_rows(path: str) -> list[dict]:
     return list(read_jsonl(path, required=("context", "target", "pos")))
 
@@ -292,7 +305,9 @@ def tensorize(rows: Sequence[dict], K: int, V: int, path: str = "rows"):
         full = ctx + [target]
         arr = np.asarray(full, dtype=np.int64)
         if arr.ndim != 2 or arr.shape[1] != K:
-            raise StaleInputError(f"{path}: row {i + 1} has tuples of {arr.shape[-1] if arr.ndim == 2 else '?'} codes, expected K={K}: rerun step 04")
+            raise StaleInputError(
+                f"{path}: row {i + 1} has tuples of {arr.shape[-1] if arr.ndim == 2 else '?'} codes, expected K={K}: rerun step 04"
+            )
         if arr.min() < 0 or arr.max() >= V:
             raise StaleInputError(f"{path}: row {i + 1} has codes out of range [0, {V}): rerun step 04 with this V")
         at_start = r["pos"] == len(ctx)
@@ -314,7 +329,9 @@ def input_sids(rows: Sequence[dict], L: int, path: str = "rows"):
     out = torch.full((len(rows), L), -1, dtype=torch.long)
     for i, r in enumerate(rows):
         if "sid" not in r:
-            raise StaleInputError(f"{path}: row {i + 1} has no sentence id ('sid'), which PLANNER_INPUT=emb needs: rerun step 04")
+            raise StaleInputError(
+                f"{path}: row {i + 1} has no sentence id ('sid'), which PLANNER_INPUT=emb needs: rerun step 04"
+            )
         n = len(r["context"])
         ids = list(range(r["sid"] - n, r["sid"]))
         if r["pos"] == n or not ids:  # a BOS tuple comes first
@@ -341,7 +358,9 @@ class EmbeddingTable:
         sids = torch.as_tensor(sids)
         ids = np.unique(sids[sids >= 0].numpy())
         if len(ids) and ids[-1] >= len(emb):
-            raise StaleInputError(f"the rows name sentence {int(ids[-1])}, but {what} has {len(emb)} rows: rerun steps 02-04")
+            raise StaleInputError(
+                f"the rows name sentence {int(ids[-1])}, but {what} has {len(emb)} rows: rerun steps 02-04"
+            )
         if emb.shape[1] != self.dim:
             raise StaleInputError(f"{what} has {emb.shape[1]}-d vectors, expected {self.dim}-d")
         base = len(self.table)
@@ -361,19 +380,25 @@ def open_sentence_embeddings(emb_path: str, emb_meta: str, knob_name: str, elsew
     from next_speed.core.artifacts import load_meta, read_json, sha256_path
 
     if not Path(emb_meta).is_file():
-        raise StaleInputError(f"{emb_meta} is missing ({knob_name}): the planner's embedding input needs step 02's metadata")
+        raise StaleInputError(
+            f"{emb_meta} is missing ({knob_name}): the planner's embedding input needs step 02's metadata"
+        )
     if elsewhere:
         meta = read_json(emb_meta)
         recs = [r for p, r in meta.get("outputs", {}).items() if Path(p).name == Path(emb_path).name]
         if meta.get("kind") != "embeddings" or not recs:
             raise StaleInputError(f"{knob_name}: {emb_meta} does not describe {emb_path} (not step 02's metadata)")
         if recs[0]["sha256"] != sha256_path(emb_path):
-            raise StaleInputError(f"{knob_name}: {emb_path} does not match its metadata {emb_meta} (changed or half-written)")
+            raise StaleInputError(
+                f"{knob_name}: {emb_path} does not match its metadata {emb_meta} (changed or half-written)"
+            )
     else:
         meta = load_meta(emb_meta, "embeddings", emb_path)
     x = np.load(emb_path, mmap_mode="r")
     if x.ndim != 2 or x.shape[0] != meta["counts"]["rows"]:
-        raise StaleInputError(f"{emb_path} has shape {x.shape}, its metadata says {meta['counts']['rows']} rows: rerun step 02")
+        raise StaleInputError(
+            f"{emb_path} has shape {x.shape}, its metadata says {meta['counts']['rows']} rows: rerun step 02"
+        )
     return x, meta
 
 
@@ -389,8 +414,10 @@ def load_planner(out_dir: str, device: str = "cpu"):
     known = set(PlannerModelConfig.__dataclass_fields__)
     unknown = sorted(set(info.get("model", {})) - known)
     if unknown:
-        raise StaleInputError(f"{cfg_path} has model settings this next-speed does not know ({', '.join(unknown)}): "
-                              f"rerun step 05 with this version")
+        raise StaleInputError(
+            f"{cfg_path} has model settings this next-speed does not know ({', '.join(unknown)}): "
+            f"rerun step 05 with this version"
+        )
     model = Planner(PlannerModelConfig(**info["model"]))
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.to(device).eval(), info
@@ -419,7 +446,7 @@ class PlannerRunner:
 
         device = next(self.model.parameters()).device
         n = min(len(context), self.context_sents) if self.context_sents else 0
-        ctx = [list(t) for t in context][len(context) - n:] if n else []
+        ctx = [list(t) for t in context][len(context) - n :] if n else []
         start = at_doc_start and len(context) <= self.context_sents
         bos = start or not ctx
         seq = ([[self.V] * self.K] if bos else []) + ctx
@@ -428,11 +455,16 @@ class PlannerRunner:
         if not self.reads_embeddings:
             return codes, None
         if embeddings is None or len(embeddings) != len(context):
-            raise NextSpeedError(f"this planner reads the previous sentences' embeddings (PLANNER_INPUT=emb): pass one "
-                                 f"vector per context sentence ({len(context)}), got "
-                                 f"{'none' if embeddings is None else len(embeddings)}")
-        e = torch.as_tensor(np.asarray(embeddings, dtype=np.float32)[len(context) - n:] if n else
-                            np.zeros((0, self.model.cfg.emb_dim), np.float32))
+            raise NextSpeedError(
+                f"this planner reads the previous sentences' embeddings (PLANNER_INPUT=emb): pass one "
+                f"vector per context sentence ({len(context)}), got "
+                f"{'none' if embeddings is None else len(embeddings)}"
+            )
+        e = torch.as_tensor(
+            np.asarray(embeddings, dtype=np.float32)[len(context) - n :]
+            if n
+            else np.zeros((0, self.model.cfg.emb_dim), np.float32)
+        )
         if bos:
             e = torch.cat([torch.zeros(1, e.shape[-1]), e])
         return codes, e[cut:][None].to(device)
@@ -445,9 +477,19 @@ class PlannerRunner:
         _, logits = self.model.next_logits_levelwise(codes, lambda k, lg: lg.argmax(-1), emb)
         return torch.softmax(logits[0].float(), -1)
 
-    def next_tuple(self, context: Sequence[Sequence[int]], *, greedy: bool = False, temperature: float = 1.0,
-                   top_k: int = 0, generator=None, at_doc_start: bool = True, fixed: Sequence[int] = (),
-                   embeddings=None, deep: str = "levels") -> list[int]:
+    def next_tuple(
+        self,
+        context: Sequence[Sequence[int]],
+        *,
+        greedy: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        generator=None,
+        at_doc_start: bool = True,
+        fixed: Sequence[int] = (),
+        embeddings=None,
+        deep: str = "levels",
+    ) -> list[int]:
         """Choose the next tuple: greedy, or sampled per level with temperature and top-k. The
         first `len(fixed)` levels are pinned to `fixed` (plan control); a chained planner conditions
         the levels it still chooses on them. `embeddings`: the context sentences' vectors (one per
@@ -479,14 +521,19 @@ class PlannerRunner:
         if deep == "mean":
             # a sampled level 0 is a decision (the sample's diversity stays), a greedy one the planner's guess
             sampled = not (greedy or temperature <= 0)
-            return mean_detail(torch.softmax(logits.float().cpu(), -1), chosen.cpu(), self._books(),
-                               pinned=max(len(fixed), int(sampled)))[0].tolist()
+            return mean_detail(
+                torch.softmax(logits.float().cpu(), -1),
+                chosen.cpu(),
+                self._books(),
+                pinned=max(len(fixed), int(sampled)),
+            )[0].tolist()
         return chosen[0].tolist()
 
     def _books(self):
         if self.codebooks is None:
-            raise NextSpeedError("PLAN_DEEP=mean needs the RVQ codebooks: this planner was trained without them "
-                                 "(use PLAN_DEEP=levels)")
+            raise NextSpeedError(
+                "PLAN_DEEP=mean needs the RVQ codebooks: this planner was trained without them (use PLAN_DEEP=levels)"
+            )
         return self.codebooks
 
 

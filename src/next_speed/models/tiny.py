@@ -8,8 +8,8 @@ BPE tokenizer trained on the given texts.
 from __future__ import annotations
 
 import string
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 
 def _char_vocab() -> list[str]:
@@ -42,8 +42,14 @@ def build_tiny_encoder(path: str | Path, dim: int = 32, seed: int = 0) -> str:
     tok_dir.mkdir(parents=True, exist_ok=True)
     (tok_dir / "vocab.txt").write_text("\n".join(_char_vocab()) + "\n")
     tok = BertTokenizerFast(vocab_file=str(tok_dir / "vocab.txt"), do_lower_case=False)
-    cfg = BertConfig(vocab_size=len(_char_vocab()), hidden_size=dim, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=2 * dim, max_position_embeddings=256)
+    cfg = BertConfig(
+        vocab_size=len(_char_vocab()),
+        hidden_size=dim,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=2 * dim,
+        max_position_embeddings=256,
+    )
     bert = BertModel(cfg)
     hf_dir = path / "_hf"
     bert.save_pretrained(hf_dir)
@@ -62,16 +68,22 @@ def train_tiny_tokenizer(texts: Iterable[str], path: str | Path, vocab_size: int
     tk = Tokenizer(models.BPE(unk_token=None))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tk.train_from_iterator(list(texts), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<pad>"
+    )
     fast.save_pretrained(str(path))
     return fast
 
 
-def build_tiny_causal_lm(path: str | Path, texts: Iterable[str], hidden: int = 32, layers: int = 2, seed: int = 0) -> str:
+def build_tiny_causal_lm(
+    path: str | Path, texts: Iterable[str], hidden: int = 32, layers: int = 2, seed: int = 0
+) -> str:
     """Save a random-init tiny Llama causal LM with its own tokenizer to `path`; return the path."""
     if (Path(path) / "config.json").is_file():
         return str(path)
@@ -87,10 +99,19 @@ def build_tiny_causal_lm(path: str | Path, texts: Iterable[str], hidden: int = 3
         return str(path)
     torch.manual_seed(seed)
     tok = train_tiny_tokenizer(texts, path)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(cfg).save_pretrained(str(path))
     return str(path)
 
@@ -105,8 +126,17 @@ def build_tiny_seq2seq(path: str | Path, texts: Iterable[str], d_model: int = 32
         return str(path)
     torch.manual_seed(seed)
     tok = train_tiny_tokenizer(texts, path)
-    cfg = T5Config(vocab_size=len(tok), d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=1, num_decoder_layers=1,
-                   num_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                   decoder_start_token_id=tok.pad_token_id)
+    cfg = T5Config(
+        vocab_size=len(tok),
+        d_model=d_model,
+        d_kv=16,
+        d_ff=2 * d_model,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+    )
     T5ForConditionalGeneration(cfg).save_pretrained(str(path))
     return str(path)

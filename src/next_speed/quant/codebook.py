@@ -28,8 +28,10 @@ class CodeBrowser:
 
     def __init__(self, texts: list[str], codes: np.ndarray, emb: np.ndarray, rvq):
         if not (len(texts) == len(codes) == len(emb)):
-            raise NextSpeedError(f"code browser: {len(texts)} sentences, {len(codes)} code rows and {len(emb)} embeddings "
-                                 "do not match: rerun steps 02-03")
+            raise NextSpeedError(
+                f"code browser: {len(texts)} sentences, {len(codes)} code rows and {len(emb)} embeddings "
+                "do not match: rerun steps 02-03"
+            )
         self.texts, self.codes, self.emb, self.rvq = texts, np.asarray(codes), emb, rvq
         self.counts = np.stack([np.bincount(self.codes[:, k], minlength=rvq.V) for k in range(rvq.K)])  # (K, V)
         # rows carrying each code, without scanning the corpus per lookup: rows sorted by code, per level
@@ -37,14 +39,16 @@ class CodeBrowser:
         self.starts = np.concatenate([np.zeros((rvq.K, 1), dtype=np.int64), np.cumsum(self.counts, 1)], 1)  # (K, V+1)
 
     @classmethod
-    def from_rvq_meta(cls, rvq_meta_path: str, rvq) -> "CodeBrowser":
+    def from_rvq_meta(cls, rvq_meta_path: str, rvq) -> CodeBrowser:
         """Find the sentences, embeddings and codes of step 03 through its metadata."""
         try:
             cfg = json.loads(Path(rvq_meta_path).read_text())["config"]
             emb_cfg = json.loads(Path(cfg["emb_meta"]).read_text())["config"]
             paths = {"sentences": emb_cfg["sent_path"], "embeddings": cfg["emb_path"], "codes": cfg["codes_path"]}
         except (OSError, KeyError, TypeError, ValueError) as e:
-            raise NextSpeedError(f"code browser: cannot find the training sentences through {rvq_meta_path} ({e})") from e
+            raise NextSpeedError(
+                f"code browser: cannot find the training sentences through {rvq_meta_path} ({e})"
+            ) from e
         for role, path in paths.items():
             if not Path(path).is_file():
                 raise NextSpeedError(f"code browser: {path} ({role}) not found: rerun steps 01-03 here")
@@ -75,8 +79,15 @@ class CodeBrowser:
         word = books[level][index]
         cos = (x @ word) / (np.linalg.norm(x, axis=1) * np.linalg.norm(word) + 1e-12)
         best = np.argsort(-cos, kind="stable")[:n]
-        return [{"id": int(rows[i]), "text": self.texts[rows[i]], "codes": self.codes[rows[i]].tolist(),
-                 "cosine": round(float(cos[i]), 4)} for i in best]
+        return [
+            {
+                "id": int(rows[i]),
+                "text": self.texts[rows[i]],
+                "codes": self.codes[rows[i]].tolist(),
+                "cosine": round(float(cos[i]), 4),
+            }
+            for i in best
+        ]
 
     def lookup(self, level: int, index: int, n: int = 8, neighbours: int = 5) -> dict:
         """What code (level, index) means: its use, typical carriers and nearest codewords."""
@@ -87,9 +98,19 @@ class CodeBrowser:
         order = [int(j) for j in np.argsort(-sims, kind="stable") if j != index][:neighbours]
         total = len(self.codes)
         return {
-            "level": level, "index": index, "count": int(self.counts[level, index]),
-            "share": round(float(self.counts[level, index]) / max(total, 1), 6), "sentences_total": total,
+            "level": level,
+            "index": index,
+            "count": int(self.counts[level, index]),
+            "share": round(float(self.counts[level, index]) / max(total, 1), 6),
+            "sentences_total": total,
             "examples": self._typical(level, index, n),
-            "neighbours": [{"index": j, "cosine": round(float(sims[j]), 4), "count": int(self.counts[level, j]),
-                            "example": (self._typical(level, j, 1) or [{"text": None}])[0]["text"]} for j in order],
+            "neighbours": [
+                {
+                    "index": j,
+                    "cosine": round(float(sims[j]), 4),
+                    "count": int(self.counts[level, j]),
+                    "example": (self._typical(level, j, 1) or [{"text": None}])[0]["text"],
+                }
+                for j in order
+            ],
         }

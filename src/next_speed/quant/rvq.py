@@ -37,8 +37,18 @@ class RVQ:
 
     # ------------------------------------------------------------------ fit
     @classmethod
-    def fit(cls, x: np.ndarray, *, K: int, V: int, niter: int = 20, seed: int = 0, verbose: bool = False,
-            method: str = "spherical", refine: int = 2) -> "RVQ":
+    def fit(
+        cls,
+        x: np.ndarray,
+        *,
+        K: int,
+        V: int,
+        niter: int = 20,
+        seed: int = 0,
+        verbose: bool = False,
+        method: str = "spherical",
+        refine: int = 2,
+    ) -> RVQ:
         """Fit level by level on the running residual.
 
         `kmeans`: faiss k-means on the residuals themselves. Deeper residuals are nearly isotropic
@@ -56,7 +66,7 @@ class RVQ:
             raise ConfigError(f"RVQ_FIT={method!r}: choose spherical or kmeans")
         x = np.ascontiguousarray(x, dtype=np.float32)
         n, d = x.shape
-        if V > n:
+        if n < V:
             raise ConfigError(f"V={V} is larger than the number of sentences ({n}): lower V or use more data")
         resid = x.copy()
         books = np.zeros((K, V, d), dtype=np.float32)
@@ -69,20 +79,39 @@ class RVQ:
         def means(a: np.ndarray, prev: np.ndarray) -> np.ndarray:
             import torch  # index_add_: a segmented sum ~70x faster than np.add.at
 
-            sums = torch.zeros(V, d).index_add_(0, torch.from_numpy(a.astype(np.int64)), torch.from_numpy(resid)).numpy()
+            sums = (
+                torch.zeros(V, d).index_add_(0, torch.from_numpy(a.astype(np.int64)), torch.from_numpy(resid)).numpy()
+            )
             cnt = np.bincount(a, minlength=V)[:, None]
-            return np.where(cnt > 0, sums / np.maximum(cnt, 1), prev).astype(np.float32)  # an empty cluster keeps its codeword
+            return np.where(cnt > 0, sums / np.maximum(cnt, 1), prev).astype(
+                np.float32
+            )  # an empty cluster keeps its codeword
 
         for k in range(K):
             if method == "kmeans":
-                km = faiss.Kmeans(d, V, niter=niter, seed=seed + k, verbose=verbose, max_points_per_centroid=1 << 30,
-                                  min_points_per_centroid=1)
+                km = faiss.Kmeans(
+                    d,
+                    V,
+                    niter=niter,
+                    seed=seed + k,
+                    verbose=verbose,
+                    max_points_per_centroid=1 << 30,
+                    min_points_per_centroid=1,
+                )
                 km.train(resid)
                 books[k] = km.centroids
             else:
                 unit = resid / (np.linalg.norm(resid, axis=1, keepdims=True) + 1e-12)
-                km = faiss.Kmeans(d, V, niter=niter, seed=seed + k, verbose=verbose, spherical=True,
-                                  max_points_per_centroid=1 << 30, min_points_per_centroid=1)
+                km = faiss.Kmeans(
+                    d,
+                    V,
+                    niter=niter,
+                    seed=seed + k,
+                    verbose=verbose,
+                    spherical=True,
+                    max_points_per_centroid=1 << 30,
+                    min_points_per_centroid=1,
+                )
                 km.train(unit)
                 book = means(km.index.search(unit, 1)[1][:, 0], km.centroids)
                 for _ in range(refine):
@@ -154,12 +183,11 @@ class RVQ:
 
     # ------------------------------------------------------------------ io
     def save(self, path: str | Path) -> None:
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, codebooks=self.codebooks, K=self.K, V=self.V, D=self.D)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, codebooks=self.codebooks, K=self.K, V=self.V, D=self.D)
 
     @classmethod
-    def load(cls, path: str | Path) -> "RVQ":
+    def load(cls, path: str | Path) -> RVQ:
         try:
             with np.load(path, allow_pickle=False) as z:
                 return cls(codebooks=z["codebooks"])
@@ -186,22 +214,36 @@ class RVQConfig:
     rvq_meta: str = knob("out/rvq_meta.json", env="RVQ_META", help="output metadata JSON")
     codes_path: str = knob("data/codes.npy", env="CODES_PATH", help="output codes (N x K int)")
     seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="k-means seed")
-    backend: str = knob("local", env="BACKEND", choices=("local", "ray"),
-                        help="local: encode here; ray: the encoding pass as Ray Data map_batches over chunks (the fit stays here)")
-    ray_address: str | None = knob(None, env="RAY_ADDRESS", help="Ray cluster to join; unset starts a local Ray instance")
+    backend: str = knob(
+        "local",
+        env="BACKEND",
+        choices=("local", "ray"),
+        help="local: encode here; ray: the encoding pass as Ray Data map_batches over chunks (the fit stays here)",
+    )
+    ray_address: str | None = knob(
+        None, env="RAY_ADDRESS", help="Ray cluster to join; unset starts a local Ray instance"
+    )
     ray_actors: int = knob(0, env="RAY_ACTORS", min=0, help="encoding actors (0 = one per CPU of the cluster)")
-    rvq_fit: str = knob("spherical", env="RVQ_FIT", choices=("spherical", "kmeans"),
-                        help="spherical: cluster residual directions, codewords = cluster means (no level collapses); "
-                             "kmeans: plain k-means on the residuals (before; deep levels collapse)")
-    fit_sample: int = knob(200_000, env="FIT_SAMPLE", min=0,
-                           help="fit the codebooks on a seeded sample of this many vectors (0 = all); every vector is then "
-                                "encoded, in chunks, so memory does not grow with the corpus")
+    rvq_fit: str = knob(
+        "spherical",
+        env="RVQ_FIT",
+        choices=("spherical", "kmeans"),
+        help="spherical: cluster residual directions, codewords = cluster means (no level collapses); "
+        "kmeans: plain k-means on the residuals (before; deep levels collapse)",
+    )
+    fit_sample: int = knob(
+        200_000,
+        env="FIT_SAMPLE",
+        min=0,
+        help="fit the codebooks on a seeded sample of this many vectors (0 = all); every vector is then "
+        "encoded, in chunks, so memory does not grow with the corpus",
+    )
 
 
 class LevelStats:
     """Per-level quantization statistics accumulated over chunks of vectors (see `level_stats`)."""
 
-    def __init__(self, rvq: "RVQ"):
+    def __init__(self, rvq: RVQ):
         self.rvq = rvq
         self.err = np.zeros(rvq.K)
         self.cos = np.zeros(rvq.K)
@@ -233,8 +275,15 @@ class LevelStats:
         rows = []
         for k in range(self.rvq.K):
             p = self.counts[k][self.counts[k] > 0] / max(self.n, 1)
-            rows.append({"level": k, "rel_error": float(self.err[k] / self.xn), "cosine": float(self.cos[k] / self.n),
-                         "used": int((self.counts[k] > 0).sum()), "perplexity": float(np.exp(-(p * np.log(p)).sum()))})
+            rows.append(
+                {
+                    "level": k,
+                    "rel_error": float(self.err[k] / self.xn),
+                    "cosine": float(self.cos[k] / self.n),
+                    "used": int((self.counts[k] > 0).sum()),
+                    "perplexity": float(np.exp(-(p * np.log(p)).sum())),
+                }
+            )
         return rows
 
 
@@ -260,13 +309,20 @@ class RayChunkEncoder:
             acc.add(x, codes)
             padded = np.zeros((self.chunk, self.rvq.K), dtype=np.int32)
             padded[: len(codes)] = codes
-            for k, v in (("start", start), ("n", len(codes)), ("codes", padded), ("err", acc.err), ("cos", acc.cos),
-                         ("xn", acc.xn), ("counts", acc.counts)):
+            for k, v in (
+                ("start", start),
+                ("n", len(codes)),
+                ("codes", padded),
+                ("err", acc.err),
+                ("cos", acc.cos),
+                ("xn", acc.xn),
+                ("counts", acc.counts),
+            ):
                 out[k].append(v)
         return {k: np.asarray(v) for k, v in out.items()}
 
 
-def encode_with_ray(cfg: "RVQConfig", rvq: RVQ, n: int, codes: np.ndarray, acc: LevelStats) -> int:
+def encode_with_ray(cfg: RVQConfig, rvq: RVQ, n: int, codes: np.ndarray, acc: LevelStats) -> int:
     """Step 03's encoding pass on Ray Data: one task per chunk of ENCODE_CHUNK vectors over a pool
     of actors; the driver writes each chunk's codes in place and merges its stats. Returns the
     number of actors."""
@@ -278,10 +334,22 @@ def encode_with_ray(cfg: "RVQConfig", rvq: RVQ, n: int, codes: np.ndarray, acc: 
         per_actor = max((cpus - 0.25) / actors, 0.1)
         chunks = -(-n // ENCODE_CHUNK)
         # from_items, not range: range's read tasks would each want a whole CPU the actors hold
-        ds = ray.data.from_items([{"id": i} for i in range(chunks)], override_num_blocks=min(chunks, 4 * actors)).map_batches(
-            RayChunkEncoder, fn_constructor_kwargs={"codebooks": rvq.codebooks, "emb_path": str(Path(cfg.emb_path).resolve()),
-                                                    "beam": cfg.beam, "chunk": ENCODE_CHUNK, "threads": max(int(per_actor), 1)},
-            batch_size=1, batch_format="numpy", concurrency=actors, num_cpus=per_actor)
+        ds = ray.data.from_items(
+            [{"id": i} for i in range(chunks)], override_num_blocks=min(chunks, 4 * actors)
+        ).map_batches(
+            RayChunkEncoder,
+            fn_constructor_kwargs={
+                "codebooks": rvq.codebooks,
+                "emb_path": str(Path(cfg.emb_path).resolve()),
+                "beam": cfg.beam,
+                "chunk": ENCODE_CHUNK,
+                "threads": max(int(per_actor), 1),
+            },
+            batch_size=1,
+            batch_format="numpy",
+            concurrency=actors,
+            num_cpus=per_actor,
+        )
         done = 0
         with progress(total=n, desc="03 encode (ray)", unit="vec") as bar:
             for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -331,7 +399,7 @@ def fit_rvq(cfg: RVQConfig) -> dict:
     if N == 0:
         raise NextSpeedError(f"{cfg.emb_path} is empty: rerun steps 01-02")
     t0 = time.perf_counter()
-    if cfg.fit_sample and N > cfg.fit_sample:
+    if cfg.fit_sample and cfg.fit_sample < N:
         sample = np.sort(np.random.default_rng(cfg.seed).choice(N, cfg.fit_sample, replace=False))
         x_fit = rows.take(sample)
         log.info("03: fitting on a seeded sample of %d of %d vectors (FIT_SAMPLE)", len(sample), N)
@@ -358,18 +426,36 @@ def fit_rvq(cfg: RVQConfig) -> dict:
     t_enc = time.perf_counter() - t0 - t_fit
     stats = acc.result()
     rvq.save(cfg.rvq_path)
-    with atomic_path(cfg.codes_path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, codes)
-    meta = make_meta("rvq", to_dict(cfg), inputs={"embeddings": cfg.emb_path},
-                     outputs={"rvq": cfg.rvq_path, "codes": cfg.codes_path},
-                     counts={"rows": int(N), "dim": int(D), "fit_rows": int(fit_rows)}, K=cfg.k, V=cfg.v, dim=int(D),
-                     encoder=emb_meta.get("model"), sentences_sha256=_sentences_hash(emb_meta), fit_seconds=round(t_fit, 2), encode_seconds=round(t_enc, 2),
-                     levels=stats, shared_tuple_share=shared_tuple_share(codes), **extra)
+    with atomic_path(cfg.codes_path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, codes)
+    meta = make_meta(
+        "rvq",
+        to_dict(cfg),
+        inputs={"embeddings": cfg.emb_path},
+        outputs={"rvq": cfg.rvq_path, "codes": cfg.codes_path},
+        counts={"rows": int(N), "dim": int(D), "fit_rows": int(fit_rows)},
+        K=cfg.k,
+        V=cfg.v,
+        dim=int(D),
+        encoder=emb_meta.get("model"),
+        sentences_sha256=_sentences_hash(emb_meta),
+        fit_seconds=round(t_fit, 2),
+        encode_seconds=round(t_enc, 2),
+        levels=stats,
+        shared_tuple_share=shared_tuple_share(codes),
+        **extra,
+    )
     write_json(cfg.rvq_meta, meta)
     for r in collapsed_levels(stats, cfg.v):
         log.warning("03: level %d has collapsed: perplexity %.1f < V/10 = %g", r["level"], r["perplexity"], cfg.v / 10)
-    log.info("03: K=%d V=%d fit in %.1fs, final rel. error %.3f -> %s", cfg.k, cfg.v, t_fit, stats[-1]["rel_error"], cfg.rvq_path)
+    log.info(
+        "03: K=%d V=%d fit in %.1fs, final rel. error %.3f -> %s",
+        cfg.k,
+        cfg.v,
+        t_fit,
+        stats[-1]["rel_error"],
+        cfg.rvq_path,
+    )
     return meta
 
 
@@ -382,8 +468,10 @@ def load_rvq(rvq_path: str, rvq_meta: str) -> tuple[RVQ, dict]:
     """Load codebooks after checking them against their metadata."""
     meta = load_meta(rvq_meta, "rvq", rvq_path)
     rvq = RVQ.load(rvq_path)
-    if (rvq.K, rvq.V) != (meta["K"], meta["V"]):
-        raise StaleInputError(f"{rvq_path} has K={rvq.K} V={rvq.V} but {rvq_meta} says K={meta['K']} V={meta['V']}: rerun step 03")
+    if (meta["K"], meta["V"]) != (rvq.K, rvq.V):
+        raise StaleInputError(
+            f"{rvq_path} has K={rvq.K} V={rvq.V} but {rvq_meta} says K={meta['K']} V={meta['V']}: rerun step 03"
+        )
     return rvq, meta
 
 
@@ -392,12 +480,16 @@ def check_codes(codes_path: str, rvq_meta_path: str, k: int | None = None, v: in
     meta = load_meta(rvq_meta_path, "rvq", codes_path)
     for name, want, have in (("K", k, meta["K"]), ("V", v, meta["V"])):
         if want is not None and want != have:
-            raise StaleInputError(f"{name}={want} here, but {codes_path} was built with {name}={have}: "
-                                  f"rerun step 03 with {name}={want}, or set {name}={have}")
+            raise StaleInputError(
+                f"{name}={want} here, but {codes_path} was built with {name}={have}: "
+                f"rerun step 03 with {name}={want}, or set {name}={have}"
+            )
     return meta
 
 
-def load_codes(codes_path: str, rvq_meta_path: str, k: int | None = None, v: int | None = None) -> tuple[np.ndarray, dict]:
+def load_codes(
+    codes_path: str, rvq_meta_path: str, k: int | None = None, v: int | None = None
+) -> tuple[np.ndarray, dict]:
     """Load `codes.npy` checked against the RVQ metadata, and against the K/V asked for (if given)."""
     meta = check_codes(codes_path, rvq_meta_path, k, v)
     codes = np.load(codes_path, allow_pickle=False).astype(np.int64)
@@ -405,6 +497,7 @@ def load_codes(codes_path: str, rvq_meta_path: str, k: int | None = None, v: int
 
 
 # ---------------------------------------------------------------------- evaluation
+
 
 @dataclass
 class RVQEvalConfig:
@@ -427,9 +520,15 @@ def rvq_report(cfg: RVQEvalConfig) -> dict:
     if not _same_input(meta, cfg.emb_path):
         raise StaleInputError(f"{cfg.rvq_path} was fitted on other embeddings than {cfg.emb_path}: rerun step 03")
     codes = rvq.encode(x, beam=cfg.beam)
-    report = {"K": rvq.K, "V": rvq.V, "rows": int(len(x)), "beam": cfg.beam, "levels": level_stats(x, rvq, codes),
-              "shared_tuple_share": shared_tuple_share(codes),
-              "unique_tuples": int(len(np.unique(codes, axis=0)))}
+    report = {
+        "K": rvq.K,
+        "V": rvq.V,
+        "rows": int(len(x)),
+        "beam": cfg.beam,
+        "levels": level_stats(x, rvq, codes),
+        "shared_tuple_share": shared_tuple_share(codes),
+        "unique_tuples": int(len(np.unique(codes, axis=0))),
+    }
     for r in collapsed_levels(report["levels"], rvq.V):
         log.warning("RVQ level %d has collapsed: perplexity %.1f < V/10 = %g", r["level"], r["perplexity"], rvq.V / 10)
     write_json(cfg.out_json, report)
@@ -444,14 +543,22 @@ def _same_input(meta: dict, path: str) -> bool:
 
 
 def format_report(rep: dict) -> str:
-    lines = [f"RVQ K={rep['K']} V={rep['V']} on {rep['rows']} sentences (beam {rep['beam']})",
-             f"{'level':>5} {'rel.err':>8} {'cosine':>7} {'used':>6} {'perplex':>8}"]
+    lines = [
+        f"RVQ K={rep['K']} V={rep['V']} on {rep['rows']} sentences (beam {rep['beam']})",
+        f"{'level':>5} {'rel.err':>8} {'cosine':>7} {'used':>6} {'perplex':>8}",
+    ]
     for r in rep["levels"]:
-        lines.append(f"{r['level']:>5} {r['rel_error']:>8.4f} {r['cosine']:>7.4f} {r['used']:>6} {r['perplexity']:>8.1f}")
-    lines.append(f"unique tuples: {rep['unique_tuples']}; sentences sharing their full tuple: {100 * rep['shared_tuple_share']:.1f}%")
+        lines.append(
+            f"{r['level']:>5} {r['rel_error']:>8.4f} {r['cosine']:>7.4f} {r['used']:>6} {r['perplexity']:>8.1f}"
+        )
+    lines.append(
+        f"unique tuples: {rep['unique_tuples']}; sentences sharing their full tuple: {100 * rep['shared_tuple_share']:.1f}%"
+    )
     for r in collapsed_levels(rep["levels"], rep["V"]):
-        lines.append(f"warning: level {r['level']} has collapsed: perplexity {r['perplexity']:.1f} is below V/10 = {rep['V'] / 10:g} "
-                     "(most sentences share a few codes there; RVQ_FIT=spherical avoids it)")
+        lines.append(
+            f"warning: level {r['level']} has collapsed: perplexity {r['perplexity']:.1f} is below V/10 = {rep['V'] / 10:g} "
+            "(most sentences share a few codes there; RVQ_FIT=spherical avoids it)"
+        )
     return "\n".join(lines)
 
 

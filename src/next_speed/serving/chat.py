@@ -129,8 +129,10 @@ def plan_command(gen, cmd: str, arg: str, pins: list, out: TextIO) -> None:
         entry = {"example": text.strip(), "levels": levels}
         check_plan(pins + [entry], K, V, "steer")
         pins.append(entry)
-        print(f"steering sentence {len(pins)} by the example's first {levels} levels: {gen.codes_of(entry['example'], levels)}",
-              file=out)
+        print(
+            f"steering sentence {len(pins)} by the example's first {levels} levels: {gen.codes_of(entry['example'], levels)}",
+            file=out,
+        )
     elif cmd == "plan":
         print(f"pinned for the next turn: {pins}" if pins else "(no pins: the planner chooses)", file=out)
     elif cmd == "unpin":
@@ -150,7 +152,9 @@ def plan_command(gen, cmd: str, arg: str, pins: list, out: TextIO) -> None:
         for ex in info["examples"]:
             print(f"  {ex['text']}  {ex['codes']}", file=out)
         for nb in info["neighbours"]:
-            print(f"  near: code {nb['index']} (cos {nb['cosine']}, {nb['count']} sentences): {nb['example']}", file=out)
+            print(
+                f"  near: code {nb['index']} (cos {nb['cosine']}, {nb['count']} sentences): {nb['example']}", file=out
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from next_speed.cli import guarded
     from next_speed.core.config import add_arguments, from_namespace, resolve
-    from next_speed.generation.generate import GenerateConfig, SentenceGenerator
     from next_speed.core.runtime import setup_logging
+    from next_speed.generation.generate import GenerateConfig, SentenceGenerator
 
     ap = argparse.ArgumentParser(prog="08_chat.py", description="Chat with the sentence-step generator.")
     ap.add_argument("-p", dest="once", default=None, help="generate once for this text and exit (same as --prompt)")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
@@ -35,8 +35,21 @@ Number = Union[StrictInt, StrictFloat]
 PlanEntry = Union[None, list[StrictInt], StrictStr, dict[str, Any]]
 
 # fields of OpenAI's API that next-speed does not implement: refused by name, never ignored
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "logit_bias", "frequency_penalty",
-               "presence_penalty", "tools", "tool_choice", "functions", "function_call", "response_format")
+UNSUPPORTED = (
+    "logprobs",
+    "top_logprobs",
+    "echo",
+    "best_of",
+    "suffix",
+    "logit_bias",
+    "frequency_penalty",
+    "presence_penalty",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "response_format",
+)
 
 
 class _Common(BaseModel):
@@ -44,65 +57,86 @@ class _Common(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: StrictStr = Field(..., description="the served model's id (GET /v1/models)")
-    max_tokens: Optional[Annotated[StrictInt, Field(ge=1)]] = Field(None, description="decoder tokens of all sentences together")
-    temperature: Optional[Annotated[Number, Field(ge=0, le=2, allow_inf_nan=False)]] = Field(None, description="0 = greedy")
-    top_p: Optional[Annotated[Number, Field(gt=0, le=1, allow_inf_nan=False)]] = None
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        None, description="decoder tokens of all sentences together"
+    )
+    temperature: Annotated[Number, Field(ge=0, le=2, allow_inf_nan=False)] | None = Field(
+        None, description="0 = greedy"
+    )
+    top_p: Annotated[Number, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
     n: Annotated[StrictInt, Field(ge=1)] = Field(1, description="independent choices (choice i seeded seed + i)")
-    seed: Optional[StrictInt] = Field(None, description="default: the server's SEED")
-    stop: Optional[Union[StrictStr, list[StrictStr]]] = Field(None, description="up to 4 stop strings")
+    seed: StrictInt | None = Field(None, description="default: the server's SEED")
+    stop: StrictStr | list[StrictStr] | None = Field(None, description="up to 4 stop strings")
     stream: StrictBool = False
-    stream_options: Optional["StreamOptions"] = Field(None, description="include_usage is accepted; usage is always in the final chunk")
-    user: Optional[StrictStr] = None
+    stream_options: StreamOptions | None = Field(
+        None, description="include_usage is accepted; usage is always in the final chunk"
+    )
+    user: StrictStr | None = None
     # sentence-level extras
-    max_sentences: Optional[Annotated[StrictInt, Field(ge=1)]] = Field(None, description="sentences at most (default 3; the cap when max_tokens is set)")
-    n_cand: Optional[Annotated[StrictInt, Field(ge=1)]] = None
-    rerank: Optional[StrictBool] = None
-    plan: Optional[list[PlanEntry]] = Field(None, description="plan control: per sentence null, codes, an example sentence or an object")
-    plan_temp: Optional[Annotated[Number, Field(allow_inf_nan=False)]] = None
-    plan_top_k: Optional[StrictInt] = None
-    plan_deep: Optional[StrictStr] = Field(None, description="mean or levels: how the plan's levels 1..K-1 are chosen")
-    repetition_penalty: Optional[Annotated[Number, Field(allow_inf_nan=False)]] = None
-    no_repeat_ngram: Optional[StrictInt] = None
-    repeat_cos: Optional[Annotated[Number, Field(allow_inf_nan=False)]] = None
-    repeat_span: Optional[StrictInt] = None
-    parallel: Optional[Annotated[StrictInt, Field(ge=1, le=16)]] = Field(
-        None, description="plan-parallel rendering: sentences planned ahead and drafted side by side (1 = one at a time)")
-    parallel_verify: Optional[StrictBool] = Field(None, description="keep a draft only while it fits the real text before it")
+    max_sentences: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        None, description="sentences at most (default 3; the cap when max_tokens is set)"
+    )
+    n_cand: Annotated[StrictInt, Field(ge=1)] | None = None
+    rerank: StrictBool | None = None
+    plan: list[PlanEntry] | None = Field(
+        None, description="plan control: per sentence null, codes, an example sentence or an object"
+    )
+    plan_temp: Annotated[Number, Field(allow_inf_nan=False)] | None = None
+    plan_top_k: StrictInt | None = None
+    plan_deep: StrictStr | None = Field(None, description="mean or levels: how the plan's levels 1..K-1 are chosen")
+    repetition_penalty: Annotated[Number, Field(allow_inf_nan=False)] | None = None
+    no_repeat_ngram: StrictInt | None = None
+    repeat_cos: Annotated[Number, Field(allow_inf_nan=False)] | None = None
+    repeat_span: StrictInt | None = None
+    parallel: Annotated[StrictInt, Field(ge=1, le=16)] | None = Field(
+        None,
+        description="plan-parallel rendering: sentences planned ahead and drafted side by side (1 = one at a time)",
+    )
+    parallel_verify: StrictBool | None = Field(
+        None, description="keep a draft only while it fits the real text before it"
+    )
     return_candidates: StrictBool = False
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    include_usage: Optional[StrictBool] = None
+    include_usage: StrictBool | None = None
 
 
 _Common.model_rebuild()
 
 
 class CompletionRequest(_Common):
-    prompt: Union[StrictStr, list[StrictStr]] = Field(..., description="the text to continue (one prompt)")
+    prompt: StrictStr | list[StrictStr] = Field(..., description="the text to continue (one prompt)")
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[StrictStr, list[dict[str, Any]]]
-    name: Optional[StrictStr] = None
+    content: StrictStr | list[dict[str, Any]]
+    name: StrictStr | None = None
 
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: Optional[Annotated[StrictInt, Field(ge=1)]] = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
 
 
 class ApiError(Exception):
     """An error answered in OpenAI's envelope: {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
-             429: "rate_limit_error", 503: "server_error", 500: "server_error"}
+    TYPES = {
+        400: "invalid_request_error",
+        404: "not_found_error",
+        413: "invalid_request_error",
+        429: "rate_limit_error",
+        503: "server_error",
+        500: "server_error",
+    }
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
@@ -111,8 +145,14 @@ class ApiError(Exception):
 
 
 def envelope(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": ApiError.TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
+    return {
+        "error": {
+            "message": message,
+            "type": ApiError.TYPES.get(status, "invalid_request_error"),
+            "param": param,
+            "code": code,
+        }
+    }
 
 
 def chat_prompt(messages: list[ChatMessage]) -> str:
@@ -125,7 +165,9 @@ def chat_prompt(messages: list[ChatMessage]) -> str:
             texts = []
             for j, part in enumerate(content):
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ApiError(400, f"messages[{i}].content[{j}]: only text parts are supported", f"messages[{i}].content")
+                    raise ApiError(
+                        400, f"messages[{i}].content[{j}]: only text parts are supported", f"messages[{i}].content"
+                    )
                 texts.append(part["text"])
             content = " ".join(texts)
         if content.strip():
@@ -142,23 +184,39 @@ def generation_kwargs(req: _Common, default_seed: int, max_sentences_cap: int) -
         if req.temperature == 0:
             kw["do_sample"] = False
         elif req.temperature < 0.01:
-            raise ApiError(400, f"temperature: {req.temperature} is too small: 0 (greedy) or at least 0.01", "temperature")
+            raise ApiError(
+                400, f"temperature: {req.temperature} is too small: 0 (greedy) or at least 0.01", "temperature"
+            )
         else:
             kw.update(temp=req.temperature, do_sample=True)
     if req.top_p is not None:
         if req.top_p < 0.01:
             raise ApiError(400, f"top_p: {req.top_p} is too small: at least 0.01", "top_p")
         kw["top_p"] = req.top_p
-    for name in ("n_cand", "rerank", "plan_temp", "plan_top_k", "plan_deep", "repetition_penalty", "no_repeat_ngram", "repeat_cos",
-                 "repeat_span", "parallel", "parallel_verify"):
+    for name in (
+        "n_cand",
+        "rerank",
+        "plan_temp",
+        "plan_top_k",
+        "plan_deep",
+        "repetition_penalty",
+        "no_repeat_ngram",
+        "repeat_cos",
+        "repeat_span",
+        "parallel",
+        "parallel_verify",
+    ):
         if getattr(req, name) is not None:
             kw[name] = getattr(req, name)
     max_tokens = req.max_tokens
     if isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
         max_tokens = req.max_completion_tokens
     if req.max_sentences is not None and req.max_sentences > max_sentences_cap:
-        raise ApiError(400, f"max_sentences: {req.max_sentences} is over the limit of {max_sentences_cap} (MAX_SENTENCES_CAP)",
-                       "max_sentences")
+        raise ApiError(
+            400,
+            f"max_sentences: {req.max_sentences} is over the limit of {max_sentences_cap} (MAX_SENTENCES_CAP)",
+            "max_sentences",
+        )
     max_sentences = req.max_sentences or (max_sentences_cap if max_tokens else min(3, max_sentences_cap))
     shared = {"max_sentences": max_sentences, "plan": req.plan, "max_tokens": max_tokens, "stop": req.stop, **kw}
     seed = default_seed if req.seed is None else req.seed
@@ -176,8 +234,15 @@ def sentence_info(step, with_candidates: bool) -> dict:
         if not m:
             break
         agreement += 1
-    d = {"text": step.sentence, "planned": step.planned, "realized": step.realized, "agreement": agreement,
-         "levels_matched": matched, "pinned": step.pinned, "tokens": step.tokens}
+    d = {
+        "text": step.sentence,
+        "planned": step.planned,
+        "realized": step.realized,
+        "agreement": agreement,
+        "levels_matched": matched,
+        "pinned": step.pinned,
+        "tokens": step.tokens,
+    }
     if step.lookahead:  # drafted ahead of the real text (PARALLEL), and how it was verified
         d["lookahead"] = step.lookahead
         if step.verify is not None:
@@ -200,28 +265,50 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def completion_object(kind: str, rid: str, model: str, results: list, prompt_tokens: int, with_candidates: bool) -> dict:
+def completion_object(
+    kind: str, rid: str, model: str, results: list, prompt_tokens: int, with_candidates: bool
+) -> dict:
     """The whole response of /v1/completions (`kind` "text") or /v1/chat/completions ("chat")."""
     choices = []
     for i, res in enumerate(results):
-        c: dict[str, Any] = {"index": i, "finish_reason": FINISH.get(res.stop_reason, "stop"), "stop_reason": res.stop_reason,
-                             "sentences": choice_sentences(res, with_candidates), "timings": res.timings}
+        c: dict[str, Any] = {
+            "index": i,
+            "finish_reason": FINISH.get(res.stop_reason, "stop"),
+            "stop_reason": res.stop_reason,
+            "sentences": choice_sentences(res, with_candidates),
+            "timings": res.timings,
+        }
         if kind == "chat":
             c["message"] = {"role": "assistant", "content": res.text}
         else:
             c.update(text="".join(" " + s for s in res.sentences), logprobs=None)
         choices.append(c)
     done = sum(completion_tokens(r) for r in results)
-    return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": int(time.time()),
-            "model": model, "choices": choices, "usage": usage(prompt_tokens, done)}
+    return {
+        "id": rid,
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": usage(prompt_tokens, done),
+    }
 
 
 def usage(prompt_tokens: int, completion: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
-def chunk(kind: str, rid: str, model: str, created: int, index: int, delta: str | None, finish: str | None = None,
-          extra: dict | None = None, role: bool = False) -> dict:
+def chunk(
+    kind: str,
+    rid: str,
+    model: str,
+    created: int,
+    index: int,
+    delta: str | None,
+    finish: str | None = None,
+    extra: dict | None = None,
+    role: bool = False,
+) -> dict:
     """One streamed chunk: a sentence's text delta, or (delta None) a choice's final chunk."""
     if kind == "chat":
         d: dict[str, Any] = {}
@@ -233,5 +320,10 @@ def chunk(kind: str, rid: str, model: str, created: int, index: int, delta: str 
     else:
         c = {"index": index, "text": delta or "", "finish_reason": finish, "logprobs": None}
     c.update(extra or {})
-    return {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion", "created": created,
-            "model": model, "choices": [c]}
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [c],
+    }

@@ -133,7 +133,9 @@ class BatchScheduler:
         """A decoder forward failed (a bug or an out-of-memory): the open batch is dropped and
         each affected request's step is rendered alone from a fresh prompt cache (its seed gives
         the same text), so one bad request fails only itself. Returns the requests rendered."""
-        log.warning("a batched decoder step failed (%s: %s); rendering its requests one by one", type(err).__name__, err)
+        log.warning(
+            "a batched decoder step failed (%s: %s); rendering its requests one by one", type(err).__name__, err
+        )
         self._batch = None
         ok = []
         for r in reqs:
@@ -159,7 +161,10 @@ class BatchScheduler:
                     lost, self._waiting, self._active = self._waiting + self._active, [], []
                 self._batch = None  # its rows belonged to the requests just failed
                 for r in lost:
-                    _settle(r.future, exc=WorkerError(f"internal error ({type(e).__name__}); the server log has the details"))
+                    _settle(
+                        r.future,
+                        exc=WorkerError(f"internal error ({type(e).__name__}); the server log has the details"),
+                    )
 
     def _round(self) -> bool:
         """Admit, let pending steps join the batch, decode one token, advance the requests whose
@@ -214,7 +219,9 @@ class BatchScheduler:
                 batch.add([j for r in join for j in r.jobs if j.engine != "base"])
                 rows = batch.rows
                 # a request's step ends once all of its jobs have
-                ended = list({id(r): r for r in (owner[id(j)] for j in batch.step() if id(j) in owner) if r.rendered}.values())
+                ended = list(
+                    {id(r): r for r in (owner[id(j)] for j in batch.step() if id(j) in owner) if r.rendered}.values()
+                )
                 self.batches += 1
                 self.rows += rows
             except Exception as e:  # noqa: BLE001 - a bug or an out-of-memory: logged, handed to the requests
@@ -229,6 +236,7 @@ class BatchScheduler:
             with self._cv:
                 # finished requests leave; the ones that move on go behind the others (round robin
                 # at sentence granularity when the batch is full, as MAX_BATCH_ROWS=1 shows)
-                self._active = [r for r in self._active if r not in ended and r not in done] + \
-                    [r for r in ended if r not in done]
+                self._active = [r for r in self._active if r not in ended and r not in done] + [
+                    r for r in ended if r not in done
+                ]
         return True

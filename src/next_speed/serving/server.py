@@ -19,8 +19,9 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
@@ -50,15 +51,22 @@ def request_models(max_n_cand: int, max_new_tokens_cap: int, max_sentences_cap: 
         m = f.metadata
         hi = m.get("max") if f.name not in caps else min(caps[f.name], m.get("max") or caps[f.name])
         extra = {"allow_inf_nan": False} if tp is float else {}
-        fields[f.name] = (Optional[Annotated[tp, Field(strict=True, ge=m.get("min"), le=hi, description=m.get("help"), **extra)]], None)
+        fields[f.name] = (
+            Optional[Annotated[tp, Field(strict=True, ge=m.get("min"), le=hi, description=m.get("help"), **extra)]],
+            None,
+        )
 
     def no_gen_steps(cls, data):
         if isinstance(data, dict) and "gen_steps" in data:
             raise ValueError("gen_steps: set the number of sentences with max_sentences")
         return data
 
-    Params = create_model("GenerationParams", __config__=ConfigDict(extra="forbid"),
-                          __validators__={"no_gen_steps": model_validator(mode="before")(no_gen_steps)}, **fields)
+    Params = create_model(
+        "GenerationParams",
+        __config__=ConfigDict(extra="forbid"),
+        __validators__={"no_gen_steps": model_validator(mode="before")(no_gen_steps)},
+        **fields,
+    )
 
     class GenerateRequest(BaseModel):
         """Body of POST /generate."""
@@ -67,25 +75,41 @@ def request_models(max_n_cand: int, max_new_tokens_cap: int, max_sentences_cap: 
         prompt: str = Field(..., strict=True, description="text to continue (one or more sentences)")
         max_sentences: int = Field(3, strict=True, ge=1, le=max_sentences_cap, description="sentences to generate")
         params: Params = Field(default_factory=Params, description="per-call overrides of the generation knobs")
-        plan: Optional[list[Any]] = Field(None, description="plan control: per sentence null, codes, an example sentence or an object")
+        plan: list[Any] | None = Field(
+            None, description="plan control: per sentence null, codes, an example sentence or an object"
+        )
 
     return GenerateRequest
+
+
 @dataclass
 class ServerConfig:
     """09 knobs (the generation knobs of step 07 apply too)."""
 
     host: str = knob("127.0.0.1", env="HOST", help="address to bind")
     port: int = knob(8000, env="PORT", min=1, max=65535, help="port to bind")
-    model_name: str = knob("next-speed", env="MODEL_NAME", help="the model id of the OpenAI-compatible API (GET /v1/models)")
+    model_name: str = knob(
+        "next-speed", env="MODEL_NAME", help="the model id of the OpenAI-compatible API (GET /v1/models)"
+    )
     max_prompt_chars: int = knob(4000, env="MAX_PROMPT_CHARS", min=1, help="longest accepted prompt")
-    max_body_bytes: int = knob(65536, env="MAX_BODY_BYTES", min=1024, help="largest accepted request body (413 over it)")
+    max_body_bytes: int = knob(
+        65536, env="MAX_BODY_BYTES", min=1024, help="largest accepted request body (413 over it)"
+    )
     max_sentences_cap: int = knob(8, env="MAX_SENTENCES_CAP", min=1, help="largest accepted max_sentences")
     max_n_cand: int = knob(16, env="MAX_N_CAND", min=1, help="largest accepted params.n_cand")
     max_new_tokens_cap: int = knob(128, env="MAX_NEW_TOKENS_CAP", min=1, help="largest accepted params.max_new_tokens")
-    max_choices: int = knob(4, env="MAX_CHOICES", min=1, help="largest accepted n (choices) of the OpenAI-compatible API")
-    max_queue: int = knob(32, env="MAX_QUEUE", min=1, help="requests in flight at most; over it, an immediate 503 with Retry-After")
-    max_batch_rows: int = knob(64, env="MAX_BATCH_ROWS", min=1,
-                               help="candidate rows per decoder batch across concurrent requests (continuous batching)")
+    max_choices: int = knob(
+        4, env="MAX_CHOICES", min=1, help="largest accepted n (choices) of the OpenAI-compatible API"
+    )
+    max_queue: int = knob(
+        32, env="MAX_QUEUE", min=1, help="requests in flight at most; over it, an immediate 503 with Retry-After"
+    )
+    max_batch_rows: int = knob(
+        64,
+        env="MAX_BATCH_ROWS",
+        min=1,
+        help="candidate rows per decoder batch across concurrent requests (continuous batching)",
+    )
     retry_after: int = knob(2, env="RETRY_AFTER", min=1, help="seconds a refused client is told to wait (Retry-After)")
 
 
@@ -150,9 +174,19 @@ class _Guard:
                 more = msg.get("more_body", False)
                 too_big = len(body) > self.limit
             if too_big:
-                payload = _json.dumps(_error_body(path, 413, f"request body is over the limit of {self.limit} bytes (MAX_BODY_BYTES)")).encode()
-                await send({"type": "http.response.start", "status": 413,
-                            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+                payload = _json.dumps(
+                    _error_body(path, 413, f"request body is over the limit of {self.limit} bytes (MAX_BODY_BYTES)")
+                ).encode()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 413,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode()),
+                        ],
+                    }
+                )
                 await send({"type": "http.response.body", "body": payload})
                 self.count(path if path in _BODY_ROUTES else "other", 413)  # bounded labels: routes, never raw paths
                 return
@@ -182,15 +216,23 @@ class _Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = reg = CollectorRegistry()
-        self.requests = Counter("nextspeed_requests", "HTTP requests answered, by route and status", ["endpoint", "status"], registry=reg)
-        self.errors = Counter("nextspeed_errors", "HTTP requests answered with a 4xx or 5xx status", ["endpoint", "status"], registry=reg)
+        self.requests = Counter(
+            "nextspeed_requests", "HTTP requests answered, by route and status", ["endpoint", "status"], registry=reg
+        )
+        self.errors = Counter(
+            "nextspeed_errors", "HTTP requests answered with a 4xx or 5xx status", ["endpoint", "status"], registry=reg
+        )
         self.sentences = Counter("nextspeed_sentences", "sentences generated", registry=reg)
         self.tokens = Counter("nextspeed_tokens", "decoder tokens of the generated sentences", registry=reg)
         self.queue = Gauge("nextspeed_queue_length", "generation requests in flight (waiting or running)", registry=reg)
         self.queue.set_function(queue_len)
-        self.stage = Histogram("nextspeed_stage_seconds", "latency per stage: prompt, planner, decoder and rerank per sentence "
-                               "step; queued and total per generation", ["stage"], registry=reg,
-                               buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.stage = Histogram(
+            "nextspeed_stage_seconds",
+            "latency per stage: prompt, planner, decoder and rerank per sentence step; queued and total per generation",
+            ["stage"],
+            registry=reg,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        )
 
     def count(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint, str(status)).inc()
@@ -263,28 +305,44 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        return JSONResponse(status_code=exc.status_code, content=_error_body(request.url.path, exc.status_code, str(exc.detail)),
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            status_code=exc.status_code,
+            content=_error_body(request.url.path, exc.status_code, str(exc.detail)),
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         loc = [x for x in first.get("loc", ()) if x not in ("body", "path", "query")]
         # a union's members show up in the location (e.g. "list[int]"): keep names and indices only
-        loc = [x for x in loc if isinstance(x, int) or ("[" not in str(x) and not str(x)[:1].isupper() and str(x) not in ("str", "int", "float", "bool", "none"))]
+        loc = [
+            x
+            for x in loc
+            if isinstance(x, int)
+            or (
+                "[" not in str(x) and not str(x)[:1].isupper() and str(x) not in ("str", "int", "float", "bool", "none")
+            )
+        ]
         where = ""
         for x in loc:  # plan[0][1] and messages[2].role, as check_plan names them
             where += f"[{x}]" if isinstance(x, int) else (f".{x}" if where else str(x))
         msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
         v1 = request.url.path.startswith("/v1")
         if first.get("type") == "json_invalid":
-            where, msg = "body", f"invalid JSON ({first.get('ctx', {}).get('error', 'cannot parse')} at character {loc[0] if loc else 0})"
+            where, msg = (
+                "body",
+                f"invalid JSON ({first.get('ctx', {}).get('error', 'cannot parse')} at character {loc[0] if loc else 0})",
+            )
         if first.get("type") == "extra_forbidden":
             from next_speed.serving.openai_api import UNSUPPORTED
 
             msg = "not supported by next-speed" if loc and loc[-1] in UNSUPPORTED else "unknown field"
-        knob = {"params.n_cand": "MAX_N_CAND", "params.max_new_tokens": "MAX_NEW_TOKENS_CAP",
-                "max_sentences": "MAX_SENTENCES_CAP"}.get(where)
+        knob = {
+            "params.n_cand": "MAX_N_CAND",
+            "params.max_new_tokens": "MAX_NEW_TOKENS_CAP",
+            "max_sentences": "MAX_SENTENCES_CAP",
+        }.get(where)
         if knob and first.get("type") == "less_than_equal":
             msg += f" ({knob})"
         if v1:
@@ -295,8 +353,12 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
     async def _unexpected(request: Request, exc: Exception):
         # A bug, not bad input: log it with its traceback, answer JSON, keep serving.
         log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-        return JSONResponse(status_code=500, content=_error_body(request.url.path, 500,
-                                                                 f"internal error ({type(exc).__name__}); the server log has the details"))
+        return JSONResponse(
+            status_code=500,
+            content=_error_body(
+                request.url.path, 500, f"internal error ({type(exc).__name__}); the server log has the details"
+            ),
+        )
 
     @app.get("/health")
     async def health():  # async: answered on the event loop, never queued behind generations
@@ -326,7 +388,10 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
         from next_speed.generation.generate import check_prompt
 
         if len(req.prompt) > scfg.max_prompt_chars:
-            return error(413, f"prompt: {len(req.prompt)} characters is over the limit of {scfg.max_prompt_chars} (MAX_PROMPT_CHARS)")
+            return error(
+                413,
+                f"prompt: {len(req.prompt)} characters is over the limit of {scfg.max_prompt_chars} (MAX_PROMPT_CHARS)",
+            )
         try:
             check_prompt(req.prompt)
         except NextSpeedError as e:
@@ -334,22 +399,32 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
         params = req.params.model_dump(exclude_none=True)
         gen = state["gen"]
         if gen is None:
-            return error(503, "models are still loading" if not state["error"] else f"models failed to load: {state['error']}")
+            return error(
+                503, "models are still loading" if not state["error"] else f"models failed to load: {state['error']}"
+            )
         from next_speed.serving.scheduler import QueueFull, ShuttingDown
 
         try:
             fut = state["sched"].submit(req.prompt, req.max_sentences, plan=req.plan, **params)
             got = await _await_or_disconnect(request, [fut])
         except (QueueFull, ShuttingDown) as e:
-            return JSONResponse(status_code=503, content={"error": str(e)}, headers={"Retry-After": str(scfg.retry_after)})
+            return JSONResponse(
+                status_code=503, content={"error": str(e)}, headers={"Retry-After": str(scfg.retry_after)}
+            )
         except NextSpeedError as e:
             return error(422, str(e))
         if got is None:
             return error(499, "the client closed the connection")
         res = got[0]
         metrics.record(res)
-        return {"text": res.text, "sentences": res.sentences, "planned": res.planned, "realized": res.realized,
-                "stop_reason": res.stop_reason, "timings": res.timings}
+        return {
+            "text": res.text,
+            "sentences": res.sentences,
+            "planned": res.planned,
+            "realized": res.realized,
+            "stop_reason": res.stop_reason,
+            "timings": res.timings,
+        }
 
     # ------------------------------------------------------------------ OpenAI-compatible API
     def ready():
@@ -360,11 +435,20 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
         return gen
 
     def model_card(gen) -> dict:
-        return {"id": scfg.model_name, "object": "model", "created": started,
-                "owned_by": "next-speed",
-                "next_speed": {"K": gen.rvq.K, "V": gen.rvq.V, "code_mode": gen.cond.code_mode,
-                               "max_sentences_cap": scfg.max_sentences_cap, "max_n_cand": scfg.max_n_cand,
-                               "defaults": asdict(gen.params)}}
+        return {
+            "id": scfg.model_name,
+            "object": "model",
+            "created": started,
+            "owned_by": "next-speed",
+            "next_speed": {
+                "K": gen.rvq.K,
+                "V": gen.rvq.V,
+                "code_mode": gen.cond.code_mode,
+                "max_sentences_cap": scfg.max_sentences_cap,
+                "max_n_cand": scfg.max_n_cand,
+                "defaults": asdict(gen.params),
+            },
+        }
 
     @app.get("/v1/models")
     async def list_models():
@@ -374,7 +458,12 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
     async def get_model(model_id: str):
         gen = ready()
         if model_id != scfg.model_name:
-            raise ApiError(404, f"model {model_id!r} does not exist; this server serves {scfg.model_name!r}", "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"model {model_id!r} does not exist; this server serves {scfg.model_name!r}",
+                "model",
+                "model_not_found",
+            )
         return model_card(gen)
 
     def config_error(e: NextSpeedError) -> ApiError:
@@ -398,8 +487,17 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
         try:
             for i, kw in enumerate(kws):
                 kw = dict(kw)
-                futs.append(state["sched"].submit(prompt, kw.pop("max_sentences"), plan=kw.pop("plan"), max_tokens=kw.pop("max_tokens"),
-                                                  stop=kw.pop("stop"), on_step=on_step(i) if on_step else None, **kw))
+                futs.append(
+                    state["sched"].submit(
+                        prompt,
+                        kw.pop("max_sentences"),
+                        plan=kw.pop("plan"),
+                        max_tokens=kw.pop("max_tokens"),
+                        stop=kw.pop("stop"),
+                        on_step=on_step(i) if on_step else None,
+                        **kw,
+                    )
+                )
         except (QueueFull, ShuttingDown) as e:
             for f in futs:
                 f.cancel()
@@ -413,10 +511,19 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
     async def complete(kind: str, req, prompt: str, request: Request):
         gen = ready()
         if req.model != scfg.model_name:
-            raise ApiError(404, f"model {req.model!r} does not exist; this server serves {scfg.model_name!r}", "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"model {req.model!r} does not exist; this server serves {scfg.model_name!r}",
+                "model",
+                "model_not_found",
+            )
         if len(prompt) > scfg.max_prompt_chars:
-            raise ApiError(400, f"prompt: {len(prompt)} characters is over the limit of {scfg.max_prompt_chars} (MAX_PROMPT_CHARS)",
-                           "messages" if kind == "chat" else "prompt", "context_length_exceeded")
+            raise ApiError(
+                400,
+                f"prompt: {len(prompt)} characters is over the limit of {scfg.max_prompt_chars} (MAX_PROMPT_CHARS)",
+                "messages" if kind == "chat" else "prompt",
+                "context_length_exceeded",
+            )
         if req.n > scfg.max_choices:
             raise ApiError(400, f"n: {req.n} is over the limit of {scfg.max_choices} (MAX_CHOICES)", "n")
         if req.n_cand is not None and req.n_cand > scfg.max_n_cand:
@@ -444,7 +551,7 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
             except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
                 pass
 
-        futs = submit_all(kws, prompt, on_step=lambda i: (lambda st: put((i, st))))
+        futs = submit_all(kws, prompt, on_step=lambda i: lambda st: put((i, st)))
         for i, f in enumerate(futs):
             f.add_done_callback(lambda f, i=i: put((i, None)))
         created = int(time.time())
@@ -464,8 +571,17 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
                         if st.chosen is not None and st.sentence:
                             sep = "" if kind == "chat" and not written[i] else " "
                             written[i] += 1
-                            yield sse(oa.chunk(kind, rid, scfg.model_name, created, i, sep + st.sentence,
-                                               extra={"sentence": oa.sentence_info(st, req.return_candidates)}))
+                            yield sse(
+                                oa.chunk(
+                                    kind,
+                                    rid,
+                                    scfg.model_name,
+                                    created,
+                                    i,
+                                    sep + st.sentence,
+                                    extra={"sentence": oa.sentence_info(st, req.return_candidates)},
+                                )
+                            )
                         continue
                     pending.discard(i)
                     f = futs[i]
@@ -477,7 +593,9 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
                             err = config_error(exc)
                         else:
                             log.error("a streamed generation failed", exc_info=exc)
-                            err = ApiError(500, f"internal error ({type(exc).__name__}); the server log has the details")
+                            err = ApiError(
+                                500, f"internal error ({type(exc).__name__}); the server log has the details"
+                            )
                         metrics.errors.labels("stream", str(err.status)).inc()
                         yield sse(err.body())
                         continue
@@ -485,7 +603,9 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
                     metrics.record(res)
                     tokens += oa.completion_tokens(res)
                     extra = {"stop_reason": res.stop_reason, "timings": res.timings}
-                    body = oa.chunk(kind, rid, scfg.model_name, created, i, None, oa.FINISH.get(res.stop_reason, "stop"), extra)
+                    body = oa.chunk(
+                        kind, rid, scfg.model_name, created, i, None, oa.FINISH.get(res.stop_reason, "stop"), extra
+                    )
                     if not pending:
                         body["usage"] = oa.usage(prompt_tokens, tokens)
                     yield sse(body)
@@ -494,15 +614,18 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
                 for f in futs:
                     f.cancel()  # the client went away: its generations leave the batch
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     @app.post("/v1/completions")
     async def completions(req: oa.CompletionRequest, request: Request):
         prompt = req.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
-                raise ApiError(400, f"prompt: one prompt per request (got {len(prompt)}); use n for several choices", "prompt")
+                raise ApiError(
+                    400, f"prompt: one prompt per request (got {len(prompt)}); use n for several choices", "prompt"
+                )
             prompt = prompt[0]
         from next_speed.generation.generate import check_prompt
 
@@ -525,11 +648,17 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
 
     # ------------------------------------------------------------------ the code browser
     @app.get("/v1/codes/{level}/{index}")
-    async def code_info(level: int, index: int, n: int = Query(8, ge=1, le=100), neighbours: int = Query(5, ge=0, le=50)):
+    async def code_info(
+        level: int, index: int, n: int = Query(8, ge=1, le=100), neighbours: int = Query(5, ge=0, le=50)
+    ):
         gen = ready()
         if not (0 <= level < gen.rvq.K and 0 <= index < gen.rvq.V):
-            raise ApiError(404, f"no code ({level}, {index}): levels are 0 to {gen.rvq.K - 1}, codes 0 to {gen.rvq.V - 1}",
-                           "level" if not 0 <= level < gen.rvq.K else "index", "code_not_found")
+            raise ApiError(
+                404,
+                f"no code ({level}, {index}): levels are 0 to {gen.rvq.K - 1}, codes 0 to {gen.rvq.V - 1}",
+                "level" if not 0 <= level < gen.rvq.K else "index",
+                "code_not_found",
+            )
         try:
             browser = await run_in_threadpool(gen.browser)
         except NextSpeedError as e:
@@ -550,7 +679,9 @@ def create_app(load: Callable[[], Any], scfg: ServerConfig | None = None, backgr
         except NextSpeedError as e:
             raise ApiError(400, str(e), "text") from e
         if len(req.text) > scfg.max_prompt_chars:
-            raise ApiError(400, f"text: over the limit of {scfg.max_prompt_chars} characters (MAX_PROMPT_CHARS)", "text")
+            raise ApiError(
+                400, f"text: over the limit of {scfg.max_prompt_chars} characters (MAX_PROMPT_CHARS)", "text"
+            )
 
         def run():
             with gen._lock:
@@ -568,8 +699,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from next_speed.cli import guarded
     from next_speed.core.config import add_arguments, from_namespace, resolve
-    from next_speed.generation.generate import GenerateConfig, SentenceGenerator
     from next_speed.core.runtime import setup_logging
+    from next_speed.generation.generate import GenerateConfig, SentenceGenerator
 
     ap = argparse.ArgumentParser(prog="09_server.py", description="Serve the sentence-step generator over HTTP.")
     add_arguments(ap, ServerConfig)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from next_speed.core.artifacts import StaleInputError, load_meta
 
@@ -29,8 +29,10 @@ def check_trainsets(train_meta: str, paths: Sequence[str], k: int | None, v: int
     assert meta is not None
     for name, want, have in (("K", k, meta["K"]), ("V", v, meta["V"])):
         if want is not None and want != have:
-            raise StaleInputError(f"{name}={want} here, but the training sets were built with {name}={have}: "
-                                  f"rerun steps 03-04 with {name}={want}, or set {name}={have}")
+            raise StaleInputError(
+                f"{name}={want} here, but the training sets were built with {name}={have}: "
+                f"rerun steps 03-04 with {name}={want}, or set {name}={have}"
+            )
     return meta
 
 
@@ -56,6 +58,7 @@ def plot_curve(history: list[dict], path: Path, title: str) -> None:
 
 
 # ---------------------------------------------------------------------- several processes (torchrun)
+
 
 @dataclass
 class Dist:

@@ -18,11 +18,26 @@ from pathlib import Path
 
 from next_speed.core.artifacts import atomic_dir, read_jsonl, sha256_path, versions, write_json
 from next_speed.core.config import SEED_MAX, knob, to_dict
-from next_speed.models.decoder_model import (CODE_MODES, DEFAULT_DECODER, Conditioning, ExemplarBank, PlanInjector,
-                            add_code_tokens_to_tokenizer, attach_injector, block_list, build_plan_adapter, collate,
-                            encode_example, init_code_embeddings, load_base_model, load_base_tokenizer, residual_rms,
-                            save_decoder, token_losses)
 from next_speed.core.errors import ConfigError, NextSpeedError
+from next_speed.models.decoder_model import (
+    CODE_MODES,
+    DEFAULT_DECODER,
+    Conditioning,
+    ExemplarBank,
+    PlanInjector,
+    add_code_tokens_to_tokenizer,
+    attach_injector,
+    block_list,
+    build_plan_adapter,
+    collate,
+    encode_example,
+    init_code_embeddings,
+    load_base_model,
+    load_base_tokenizer,
+    residual_rms,
+    save_decoder,
+    token_losses,
+)
 from next_speed.training.loop import check_trainsets, cosine_lr, plot_curve
 
 log = logging.getLogger(__name__)
@@ -39,14 +54,26 @@ def default_decoder_dir(code_mode: str | None) -> str:
 class DecoderTrainConfig:
     """Step 06 knobs."""
 
-    model: str = knob(DEFAULT_DECODER, env="MODEL", help="base LM: smollm2-135m (packaged), a local folder, or a hub id (t5-small, ...)")
+    model: str = knob(
+        DEFAULT_DECODER,
+        env="MODEL",
+        help="base LM: smollm2-135m (packaged), a local folder, or a hub id (t5-small, ...)",
+    )
     max_in: int = knob(160, env="MAX_IN", min=8, help="max input tokens (context cut from the left, codes kept)")
     max_out: int = knob(64, env="MAX_OUT", min=2, help="max target tokens (sentence + end marker)")
-    code_mode: str = knob("special", env="CODE_MODE", choices=CODE_MODES,
-                          help="special tokens, text codes, none (ablation), or inject: the plan as a vector added at a block")
+    code_mode: str = knob(
+        "special",
+        env="CODE_MODE",
+        choices=CODE_MODES,
+        help="special tokens, text codes, none (ablation), or inject: the plan as a vector added at a block",
+    )
     k: int | None = knob(None, env="K", min=1, help="RVQ levels (checked against the training sets)")
     v: int | None = knob(None, env="V", min=2, help="codewords per level (checked against the training sets)")
-    add_special_tokens: bool = knob(True, env="ADD_SPECIAL_TOKENS", help="special mode: add the K*V code tokens to the vocabulary (0: tokenize them as plain text)")
+    add_special_tokens: bool = knob(
+        True,
+        env="ADD_SPECIAL_TOKENS",
+        help="special mode: add the K*V code tokens to the vocabulary (0: tokenize them as plain text)",
+    )
     num_epochs: float = knob(1.0, env="NUM_EPOCHS", min=0.01, help="passes over the (MAX_ROWS-limited) training rows")
     lr: float = knob(2e-4, env="LR", min=0.0, help="peak learning rate (AdamW)")
     train_bs: int = knob(8, env="TRAIN_BS", min=1, help="batch size")
@@ -54,44 +81,77 @@ class DecoderTrainConfig:
     max_rows: int | None = knob(None, env="MAX_ROWS", min=1, help="use at most this many training rows (seeded sample)")
     max_steps: int | None = knob(None, env="MAX_STEPS", min=1, help="stop after this many optimizer steps")
     time_budget: float | None = knob(None, env="TIME_BUDGET", min=0.05, help="stop training after this many minutes")
-    train_layers: str = knob("4", env="TRAIN_LAYERS", help="'all', or N: train the top N blocks + final norm + code embeddings")
-    train_code_emb: bool = knob(False, env="TRAIN_CODE_EMB",
-                                help="with TRAIN_LAYERS=N, also train the code-token rows (backprop then runs through every block)")
-    inject_layer: int | None = knob(None, env="INJECT_LAYER", min=0,
-                                    help="inject: block that receives the plan vector (default: the first trainable one; 0 with TRAIN_LAYERS=all)")
+    train_layers: str = knob(
+        "4", env="TRAIN_LAYERS", help="'all', or N: train the top N blocks + final norm + code embeddings"
+    )
+    train_code_emb: bool = knob(
+        False,
+        env="TRAIN_CODE_EMB",
+        help="with TRAIN_LAYERS=N, also train the code-token rows (backprop then runs through every block)",
+    )
+    inject_layer: int | None = knob(
+        None,
+        env="INJECT_LAYER",
+        min=0,
+        help="inject: block that receives the plan vector (default: the first trainable one; 0 with TRAIN_LAYERS=all)",
+    )
     adapter_width: int = knob(512, env="ADAPTER_WIDTH", min=8, help="inject: hidden width of the plan adapter MLP")
-    adapter_lr: float | None = knob(None, env="ADAPTER_LR", min=0.0, help="inject: the adapter's learning rate (default: 3 x LR)")
-    exemplars: int = knob(0, env="EXEMPLARS", min=0, max=8,
-                          help="write the N training sentences nearest to the plan's RVQ reconstruction into the prompt (0 = off)")
-    code_drop: float = knob(0.0, env="CODE_DROP", min=0.0, max=1.0,
-                            help="share of training rows whose plan keeps only its first j levels (j random): tolerance of planner errors")
-    amp: str = knob("auto", env="AMP", choices=("auto", "bf16", "off"),
-                    help="bf16 mixed precision for training: auto = on CUDA and on CPUs with native bf16 (AMX, AVX512-BF16), off elsewhere")
+    adapter_lr: float | None = knob(
+        None, env="ADAPTER_LR", min=0.0, help="inject: the adapter's learning rate (default: 3 x LR)"
+    )
+    exemplars: int = knob(
+        0,
+        env="EXEMPLARS",
+        min=0,
+        max=8,
+        help="write the N training sentences nearest to the plan's RVQ reconstruction into the prompt (0 = off)",
+    )
+    code_drop: float = knob(
+        0.0,
+        env="CODE_DROP",
+        min=0.0,
+        max=1.0,
+        help="share of training rows whose plan keeps only its first j levels (j random): tolerance of planner errors",
+    )
+    amp: str = knob(
+        "auto",
+        env="AMP",
+        choices=("auto", "bf16", "off"),
+        help="bf16 mixed precision for training: auto = on CUDA and on CPUs with native bf16 (AMX, AVX512-BF16), off elsewhere",
+    )
     warmup: int = knob(20, env="WARMUP", min=0, help="warmup steps")
     eval_every: int = knob(50, env="EVAL_EVERY", min=1, help="validate every N steps")
     val_rows: int = knob(200, env="VAL_ROWS", min=1, help="validation rows used for the loss")
     num_proc: int = knob(1, env="NUM_PROC", min=1, help="processes for tokenization")
-    cache_tokenized: bool = knob(False, env="CACHE_TOKENIZED", help="keep tokenized rows on disk, keyed by tokenizer, knobs and input hash")
+    cache_tokenized: bool = knob(
+        False, env="CACHE_TOKENIZED", help="keep tokenized rows on disk, keyed by tokenizer, knobs and input hash"
+    )
     map_batch_size: int = knob(1000, env="MAP_BATCH_SIZE", min=1, help="rows per tokenization batch")
     pretokenize_only: bool = knob(False, env="PRETOKENIZE_ONLY", help="build the tokenization cache and exit")
     cache_dir: str = knob("cache/tokenized", env="CACHE_DIR", help="tokenization cache folder")
     out_dec: str = knob("data/decoder_train.jsonl", env="OUT_DEC", help="training rows (step 04)")
     out_dec_val: str = knob("data/decoder_val.jsonl", env="OUT_DEC_VAL", help="validation rows (step 04)")
     train_meta: str = knob("data/train_meta.json", env="TRAIN_META", help="training sets metadata (step 04)")
-    out_dir: str | None = knob(None, env="OUT_DIR", help="output folder (default out/decoder, or out/decoder_<CODE_MODE>)")
+    out_dir: str | None = knob(
+        None, env="OUT_DIR", help="output folder (default out/decoder, or out/decoder_<CODE_MODE>)"
+    )
     device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
     seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="random seed")
     deterministic: bool = knob(True, env="DETERMINISTIC", help="deterministic torch kernels")
 
     def check(self) -> None:
         if self.pretokenize_only and not self.cache_tokenized:
-            raise ConfigError("PRETOKENIZE_ONLY=1 builds the tokenization cache, so it needs CACHE_TOKENIZED=1 "
-                              "(without it the tokens would be thrown away)")
+            raise ConfigError(
+                "PRETOKENIZE_ONLY=1 builds the tokenization cache, so it needs CACHE_TOKENIZED=1 "
+                "(without it the tokens would be thrown away)"
+            )
         if self.train_layers != "all":
             try:
                 n = int(self.train_layers)
             except ValueError:
-                raise ConfigError(f"TRAIN_LAYERS={self.train_layers!r} is not valid: use 'all' or a number of top blocks") from None
+                raise ConfigError(
+                    f"TRAIN_LAYERS={self.train_layers!r} is not valid: use 'all' or a number of top blocks"
+                ) from None
             if n < 0:
                 raise ConfigError(f"TRAIN_LAYERS={n} must be 'all' or at least 0")
         if self.code_mode != "inject":
@@ -99,12 +159,15 @@ class DecoderTrainConfig:
                 if val != default:
                     raise ConfigError(f"{name}={val} applies to CODE_MODE=inject only (CODE_MODE={self.code_mode})")
         if self.exemplars and self.code_mode == "none":
-            raise ConfigError(f"EXEMPLARS={self.exemplars} needs codes to retrieve by: CODE_MODE=none decoders take EXEMPLARS=0")
+            raise ConfigError(
+                f"EXEMPLARS={self.exemplars} needs codes to retrieve by: CODE_MODE=none decoders take EXEMPLARS=0"
+            )
         if self.out_dir is None:
             self.out_dir = default_decoder_dir(self.code_mode)
 
 
 # ---------------------------------------------------------------------- tokenization (+ cache)
+
 
 def _tokenizer_hash(tok) -> str:
     try:
@@ -114,7 +177,9 @@ def _tokenizer_hash(tok) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def tokenize_rows(rows: list[dict], tok, cond: Conditioning, num_proc: int = 1, map_batch_size: int = 1000) -> list[dict]:
+def tokenize_rows(
+    rows: list[dict], tok, cond: Conditioning, num_proc: int = 1, map_batch_size: int = 1000
+) -> list[dict]:
     """Encode rows with `datasets.map` (batched, optionally in several processes)."""
     import datasets
 
@@ -122,30 +187,56 @@ def tokenize_rows(rows: list[dict], tok, cond: Conditioning, num_proc: int = 1, 
 
     def fn(batch):
         exs = batch["exemplars"] if "exemplars" in batch else [None] * len(batch["target"])
-        enc = [encode_example(tok, cond, c, k, t, e) for c, k, t, e in zip(batch["context"], batch["codes"], batch["target"], exs)]
+        enc = [
+            encode_example(tok, cond, c, k, t, e)
+            for c, k, t, e in zip(batch["context"], batch["codes"], batch["target"], exs)
+        ]
         out = {"input_ids": [e["input_ids"] for e in enc], "labels": [e["labels"] for e in enc]}
         if cond.code_mode == "inject":
             out["codes"] = [e["codes"] for e in enc]
             out["plan_start"] = [e["plan_start"] for e in enc]
         return out
 
-    cols = {"context": [r["context"] for r in rows], "codes": [r["codes"] for r in rows], "target": [r["target"] for r in rows]}
+    cols = {
+        "context": [r["context"] for r in rows],
+        "codes": [r["codes"] for r in rows],
+        "target": [r["target"] for r in rows],
+    }
     if cond.exemplars:
         cols["exemplars"] = [r.get("exemplars") or [] for r in rows]
     ds = datasets.Dataset.from_dict(cols)
-    ds = ds.map(fn, batched=True, batch_size=map_batch_size, num_proc=num_proc if num_proc > 1 and len(rows) > map_batch_size else None,
-                remove_columns=list(cols))
+    ds = ds.map(
+        fn,
+        batched=True,
+        batch_size=map_batch_size,
+        num_proc=num_proc if num_proc > 1 and len(rows) > map_batch_size else None,
+        remove_columns=list(cols),
+    )
     return ds
 
 
-def cached_tokenize(rows: list[dict], tok, cond: Conditioning, cfg: DecoderTrainConfig, source: str, split: str,
-                    subset_key: str, extra_key: dict | None = None) -> tuple[object, dict]:
+def cached_tokenize(
+    rows: list[dict],
+    tok,
+    cond: Conditioning,
+    cfg: DecoderTrainConfig,
+    source: str,
+    split: str,
+    subset_key: str,
+    extra_key: dict | None = None,
+) -> tuple[object, dict]:
     """Tokenized rows, from the cache when its key (tokenizer, conditioning, input hash, subset)
     matches; else built (and saved when CACHE_TOKENIZED=1). Returns (dataset, info)."""
     import datasets
 
-    key_src = {"format": CACHE_FORMAT, "tokenizer": _tokenizer_hash(tok), "cond": cond.__dict__,
-               "input": sha256_path(source), "subset": subset_key, **(extra_key or {})}
+    key_src = {
+        "format": CACHE_FORMAT,
+        "tokenizer": _tokenizer_hash(tok),
+        "cond": cond.__dict__,
+        "input": sha256_path(source),
+        "subset": subset_key,
+        **(extra_key or {}),
+    }
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cfg.cache_dir) / f"{split}-{key}"
     if cfg.cache_tokenized and (path / "cache_meta.json").is_file():
@@ -170,6 +261,7 @@ def cached_tokenize(rows: list[dict], tok, cond: Conditioning, cfg: DecoderTrain
 
 
 # ---------------------------------------------------------------------- parameter selection
+
 
 def select_trainable(model, train_layers: str, n_vocab_before: int, train_code_emb: bool = True) -> dict:
     """Freeze what TRAIN_LAYERS says; return a summary. Code-token rows stay trainable via a
@@ -199,18 +291,27 @@ def select_trainable(model, train_layers: str, n_vocab_before: int, train_code_e
         mask = torch.zeros(emb.shape[0], 1)
         mask[n_vocab_before:] = 1.0
         emb.register_hook(lambda g: g * mask.to(g.device, g.dtype))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) - (emb.numel() - n_new * emb.shape[1] if n_new > 0 else 0)
-    return {"train_layers": n_top, "trainable_params": int(trainable), "total_params": sum(p.numel() for p in model.parameters()),
-            "code_rows": int(max(n_new, 0))}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) - (
+        emb.numel() - n_new * emb.shape[1] if n_new > 0 else 0
+    )
+    return {
+        "train_layers": n_top,
+        "trainable_params": int(trainable),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "code_rows": int(max(n_new, 0)),
+    }
 
 
 # ---------------------------------------------------------------------- training
+
 
 def _rows(path: str) -> list[dict]:
     return list(read_jsonl(path, required=("context", "codes", "target")))
 
 
-def evaluate_loss(model, data, pad_id: int, family: str, device: str, bs: int = 16, base_vocab: int | None = None) -> float:
+def evaluate_loss(
+    model, data, pad_id: int, family: str, device: str, bs: int = 16, base_vocab: int | None = None
+) -> float:
     """Mean per-token loss over `data` (tokenized examples)."""
     import torch
 
@@ -218,7 +319,10 @@ def evaluate_loss(model, data, pad_id: int, family: str, device: str, bs: int = 
     tot, n = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(data), bs):
-            batch = {k: v.to(device) for k, v in collate([data[j] for j in range(i, min(i + bs, len(data)))], pad_id, family).items()}
+            batch = {
+                k: v.to(device)
+                for k, v in collate([data[j] for j in range(i, min(i + bs, len(data)))], pad_id, family).items()
+            }
             s, c = token_losses(model, batch, family, base_vocab)
             tot += s.sum().item()
             n += c.sum().item()
@@ -258,8 +362,13 @@ def build_bank(cfg: DecoderTrainConfig, tmeta: dict, rows: list[dict]) -> Exempl
     if tmeta.get("rvq_sha256") and sha256_path(rvq_path) != tmeta["rvq_sha256"]:
         raise NextSpeedError(f"{rvq_path} is not the file the training sets were built from: rerun steps 03-04")
     vec = sentence_vectors(tmeta, rows, cfg.out_dec)
-    bank = ExemplarBank(texts=[r["target"] for r in rows], docs=[r["doc"] for r in rows], emb=vec,
-                        codebooks=RVQ.load(rvq_path).codebooks, codes=[r["codes"] for r in rows])
+    bank = ExemplarBank(
+        texts=[r["target"] for r in rows],
+        docs=[r["doc"] for r in rows],
+        emb=vec,
+        codebooks=RVQ.load(rvq_path).codebooks,
+        codes=[r["codes"] for r in rows],
+    )
     log.info("06: exemplar bank of %d training sentences", len(rows))
     return bank
 
@@ -299,24 +408,36 @@ def _make_adapter(model, cfg: DecoderTrainConfig, cond: Conditioning, tmeta: dic
     if layer >= n_blocks:
         raise ConfigError(f"INJECT_LAYER={layer} is past the model's last block ({n_blocks - 1})")
     if cfg.train_layers != "all" and layer < n_blocks - int(cfg.train_layers):
-        log.warning("06: INJECT_LAYER=%d is below the trainable blocks: gradients to the plan adapter pass through "
-                    "frozen blocks (slower steps)", layer)
+        log.warning(
+            "06: INJECT_LAYER=%d is below the trainable blocks: gradients to the plan adapter pass through "
+            "frozen blocks (slower steps)",
+            layer,
+        )
     rvq_path = tmeta.get("rvq_path") or "out/rvq.npz"
     if not Path(rvq_path).is_file():
-        raise NextSpeedError(f"CODE_MODE=inject reads the RVQ codebooks of step 03, but {rvq_path} is missing: rerun step 03")
+        raise NextSpeedError(
+            f"CODE_MODE=inject reads the RVQ codebooks of step 03, but {rvq_path} is missing: rerun step 03"
+        )
     if tmeta.get("rvq_sha256") and sha256_path(rvq_path) != tmeta["rvq_sha256"]:
         raise NextSpeedError(f"{rvq_path} is not the RVQ the training sets were built with: rerun steps 03-04")
     rvq = RVQ.load(rvq_path)
     if (rvq.K, rvq.V) != (cond.K, cond.V):
-        raise NextSpeedError(f"{rvq_path} has K={rvq.K} V={rvq.V}, the training sets K={cond.K} V={cond.V}: rerun steps 03-04")
+        raise NextSpeedError(
+            f"{rvq_path} has K={rvq.K} V={rvq.V}, the training sets K={cond.K} V={cond.V}: rerun steps 03-04"
+        )
     calib = collate([val_ds[i] for i in range(min(8, len(val_ds)))], pad_id, family)
     scale = residual_rms(model, layer, calib)
     hidden = model.get_input_embeddings().weight.shape[1]
     adapter = build_plan_adapter(rvq.codebooks, hidden, cfg.adapter_width, scale)
     attach_injector(model, PlanInjector(model, adapter, layer))
     cond.inject_layer, cond.adapter_width = layer, cfg.adapter_width
-    log.info("06: plan adapter (%s parameters) injects at block %d of %d (residual RMS %.2f)",
-             f"{sum(p.numel() for p in adapter.parameters()):,}", layer, n_blocks, scale)
+    log.info(
+        "06: plan adapter (%s parameters) injects at block %d of %d (residual RMS %.2f)",
+        f"{sum(p.numel() for p in adapter.parameters()):,}",
+        layer,
+        n_blocks,
+        scale,
+    )
     return adapter
 
 
@@ -340,7 +461,9 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict | None:
     for path, rows in ((cfg.out_dec, train_rows), (cfg.out_dec_val, val_rows)):
         for i, r in enumerate(rows[:1000]):
             if len(r["codes"]) != K or min(r["codes"]) < 0 or max(r["codes"]) >= V:
-                raise NextSpeedError(f"{path}: row {i + 1} has codes {r['codes']} that do not fit K={K} V={V}: rerun step 04")
+                raise NextSpeedError(
+                    f"{path}: row {i + 1} has codes {r['codes']} that do not fit K={K} V={V}: rerun step 04"
+                )
     bank = build_bank(cfg, tmeta, train_rows) if cfg.exemplars else None
     rng = random.Random(cfg.seed)
     if cfg.max_rows and cfg.max_rows < len(train_rows):
@@ -350,10 +473,21 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict | None:
     seed_everything(cfg.seed, cfg.deterministic)
     dd, device = dist_init(pick_device(cfg.device))
     if cfg.train_bs < dd.world:
-        raise ConfigError(f"TRAIN_BS={cfg.train_bs} is smaller than the {dd.world} processes: each needs at least one row")
+        raise ConfigError(
+            f"TRAIN_BS={cfg.train_bs} is smaller than the {dd.world} processes: each needs at least one row"
+        )
     tok, family, base_path = load_base_tokenizer(cfg.model)
-    cond = Conditioning(K=K, V=V, code_mode=cfg.code_mode, add_special_tokens=cfg.add_special_tokens,
-                        max_in=cfg.max_in, max_out=cfg.max_out, family=family, base_vocab=len(tok), exemplars=cfg.exemplars)
+    cond = Conditioning(
+        K=K,
+        V=V,
+        code_mode=cfg.code_mode,
+        add_special_tokens=cfg.add_special_tokens,
+        max_in=cfg.max_in,
+        max_out=cfg.max_out,
+        family=family,
+        base_vocab=len(tok),
+        exemplars=cfg.exemplars,
+    )
     extra_key = {}
     if bank is not None:
         train_rows = add_exemplars(bank, train_rows, cfg.exemplars)
@@ -363,8 +497,9 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict | None:
     add_code_tokens_to_tokenizer(tok, cond)
     subset = f"max_rows={cfg.max_rows};seed={cfg.seed}"
     train_ds, cache_info = cached_tokenize(train_rows, tok, cond, cfg, cfg.out_dec, "train", subset, extra_key)
-    val_ds, _ = cached_tokenize(val_rows, tok, cond, cfg, cfg.out_dec_val, "val", f"val_rows={cfg.val_rows};seed={cfg.seed}",
-                                extra_key)
+    val_ds, _ = cached_tokenize(
+        val_rows, tok, cond, cfg, cfg.out_dec_val, "val", f"val_rows={cfg.val_rows};seed={cfg.seed}", extra_key
+    )
     if cfg.pretokenize_only:
         log.info("06: tokenized %d train / %d val rows; PRETOKENIZE_ONLY=1, stopping", len(train_ds), len(val_ds))
         return {"pretokenize_only": True, "train_rows": len(train_ds), "val_rows": len(val_ds), "cache": cache_info}
@@ -396,7 +531,10 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict | None:
     emb = model.get_input_embeddings().weight
     decay = [p for p in params if p.dim() >= 2 and p is not emb]
     no_decay = [p for p in params if not (p.dim() >= 2 and p is not emb)]
-    groups = [{"params": decay, "weight_decay": 0.01, "base_lr": cfg.lr}, {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr}]
+    groups = [
+        {"params": decay, "weight_decay": 0.01, "base_lr": cfg.lr},
+        {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr},
+    ]
     if adapter is not None:
         a_lr = cfg.adapter_lr if cfg.adapter_lr is not None else 3 * cfg.lr
         groups.append({"params": list(adapter.parameters()), "weight_decay": 0.0, "base_lr": a_lr})
@@ -419,13 +557,25 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict | None:
     def snapshot():
         sd = model.state_dict()
         snap = {n: sd[n].detach().to("cpu", copy=True) for n in trainable_names if n in sd}
-        ad = {k: v.detach().to("cpu", copy=True) for k, v in adapter.state_dict().items()} if adapter is not None else None
+        ad = (
+            {k: v.detach().to("cpu", copy=True) for k, v in adapter.state_dict().items()}
+            if adapter is not None
+            else None
+        )
         return snap, ad
 
     val0 = evaluate_loss(model, val_ds, pad_id, family, device, base_vocab=n_before) if dd.main else float("nan")
     history.append({"step": 0, "train_loss": float("nan"), "val_loss": val0})
-    log.info("06: %s (%s), %d code tokens added, %s of %s parameters trained, AMP %s; val loss before training %.3f",
-             cfg.model, family, added, f"{sel['trainable_params']:,}", f"{sel['total_params']:,}", sel["amp"], val0)
+    log.info(
+        "06: %s (%s), %d code tokens added, %s of %s parameters trained, AMP %s; val loss before training %.3f",
+        cfg.model,
+        family,
+        added,
+        f"{sel['trainable_params']:,}",
+        f"{sel['total_params']:,}",
+        sel["amp"],
+        val0,
+    )
     t0 = time.perf_counter()
     bar = progress(total=total, desc="06 decoder", unit="step", disable=True if not dd.main else None)
     step, run_loss, tokens = 0, [], 0
@@ -465,13 +615,23 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict | None:
         bar.update(1)
         elapsed = time.perf_counter() - t0
         if cfg.time_budget and step == 3:  # re-plan the schedule to what fits in the budget (rank 0 decides)
-            total = int(broadcast_flags([max(step + 1, min(total, int(cfg.time_budget * 60 / (elapsed / step))))], dd)[0])
+            total = int(
+                broadcast_flags([max(step + 1, min(total, int(cfg.time_budget * 60 / (elapsed / step))))], dd)[0]
+            )
             bar.total = total
-        out_of_time = cfg.time_budget is not None and bool(broadcast_flags([float(elapsed > cfg.time_budget * 60)], dd)[0])
+        out_of_time = cfg.time_budget is not None and bool(
+            broadcast_flags([float(elapsed > cfg.time_budget * 60)], dd)[0]
+        )
         if dd.main and (step % cfg.eval_every == 0 or step == total or out_of_time):
             vl = evaluate_loss(model, val_ds, pad_id, family, device, base_vocab=n_before)
-            rec = {"step": step, "train_loss": sum(run_loss) / len(run_loss), "val_loss": vl, "lr": lr,
-                   "seconds": round(time.perf_counter() - t0, 1), "tokens_per_s": round(tokens / (time.perf_counter() - t0), 1)}
+            rec = {
+                "step": step,
+                "train_loss": sum(run_loss) / len(run_loss),
+                "val_loss": vl,
+                "lr": lr,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "tokens_per_s": round(tokens / (time.perf_counter() - t0), 1),
+            }
             history.append(rec)
             run_loss = []
             bar.set_postfix(train=f"{rec['train_loss']:.3f}", val=f"{vl:.3f}")
@@ -491,24 +651,56 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict | None:
         if adapter is not None:
             adapter.load_state_dict(best_state[1])
     elapsed = time.perf_counter() - t0
-    info = {"kind": "decoder", "base_model": cfg.model, "base_path": base_path, "train": to_dict(cfg), "K": K, "V": V,
-            "selection": sel, "code_tokens_added": added, "best": best, "history": history, "steps": step,
-            "stopped_by": stopped, "seconds": round(elapsed, 1), "val_loss_before": val0, "world_size": dd.world,
-            "inputs": {p: {"sha256": sha256_path(p)} for p in (cfg.out_dec, cfg.out_dec_val)},
-            "rvq_sha256": tmeta.get("rvq_sha256"), "rvq_path": tmeta.get("rvq_path"), "versions": versions(),
-            "tokenization_cache": cache_info}
+    info = {
+        "kind": "decoder",
+        "base_model": cfg.model,
+        "base_path": base_path,
+        "train": to_dict(cfg),
+        "K": K,
+        "V": V,
+        "selection": sel,
+        "code_tokens_added": added,
+        "best": best,
+        "history": history,
+        "steps": step,
+        "stopped_by": stopped,
+        "seconds": round(elapsed, 1),
+        "val_loss_before": val0,
+        "world_size": dd.world,
+        "inputs": {p: {"sha256": sha256_path(p)} for p in (cfg.out_dec, cfg.out_dec_val)},
+        "rvq_sha256": tmeta.get("rvq_sha256"),
+        "rvq_path": tmeta.get("rvq_path"),
+        "versions": versions(),
+        "tokenization_cache": cache_info,
+    }
     model.to("cpu")
     if adapter is not None:
         adapter.to("cpu")
     curve = [h for h in history if h["step"] > 0] or history
-    save_decoder(model, tok, cond, cfg.out_dir, info, adapter=adapter, bank=bank,
-                 write_extra=lambda tmp: plot_curve(curve, Path(tmp) / "curve.png", f"decoder ({cfg.code_mode})"))
-    log.info("06: %d steps in %.0fs, best val loss %.3f (from %.3f) -> %s", step, elapsed, best["val_loss"], val0, cfg.out_dir)
+    save_decoder(
+        model,
+        tok,
+        cond,
+        cfg.out_dir,
+        info,
+        adapter=adapter,
+        bank=bank,
+        write_extra=lambda tmp: plot_curve(curve, Path(tmp) / "curve.png", f"decoder ({cfg.code_mode})"),
+    )
+    log.info(
+        "06: %d steps in %.0fs, best val loss %.3f (from %.3f) -> %s",
+        step,
+        elapsed,
+        best["val_loss"],
+        val0,
+        cfg.out_dir,
+    )
     dist_close(dd)
     return info
 
 
 # ---------------------------------------------------------------------- what codes buy
+
 
 @dataclass
 class DecoderEvalConfig:
@@ -516,8 +708,11 @@ class DecoderEvalConfig:
 
     out_dir: str = knob("out/decoder", env="OUT_DIR", help="decoder trained with codes")
     none_dir: str = knob("out/decoder_none", env="NONE_DIR", help="decoder trained with CODE_MODE=none, same budget")
-    train_none: bool = knob(True, env="TRAIN_NONE",
-                            help="train the no-codes decoder with the main decoder's recorded settings when it is missing or differs")
+    train_none: bool = knob(
+        True,
+        env="TRAIN_NONE",
+        help="train the no-codes decoder with the main decoder's recorded settings when it is missing or differs",
+    )
     out_dec_val: str = knob("data/decoder_val.jsonl", env="OUT_DEC_VAL", help="validation rows (step 04)")
     val_rows: int = knob(300, env="VAL_ROWS", min=1, help="validation rows scored")
     out_json: str = knob("out/decoder_eval.json", env="OUT_JSON", help="where to write the report JSON")
@@ -527,15 +722,38 @@ class DecoderEvalConfig:
 
 # Settings that define the budget and the data of a decoder run; a no-codes decoder is comparable
 # to a codes decoder when all of these agree.
-_BUDGET_KEYS = ("model", "max_in", "max_out", "num_epochs", "lr", "train_bs", "grad_accum", "max_rows", "max_steps",
-                "time_budget", "train_layers", "amp", "warmup", "eval_every", "val_rows", "out_dec", "out_dec_val", "seed")
+_BUDGET_KEYS = (
+    "model",
+    "max_in",
+    "max_out",
+    "num_epochs",
+    "lr",
+    "train_bs",
+    "grad_accum",
+    "max_rows",
+    "max_steps",
+    "time_budget",
+    "train_layers",
+    "amp",
+    "warmup",
+    "eval_every",
+    "val_rows",
+    "out_dec",
+    "out_dec_val",
+    "seed",
+)
 
 
 def none_config_for(meta: dict, none_dir: str) -> dict:
     """The step-06 settings of a CODE_MODE=none decoder with the same budget as the decoder of `meta`."""
-    return {**{k: meta["train"][k] for k in _BUDGET_KEYS if k in meta["train"]}, "code_mode": "none", "out_dir": none_dir,
-            "device": meta["train"].get("device", "auto"), "deterministic": meta["train"].get("deterministic", True),
-            "train_meta": meta["train"].get("train_meta", "data/train_meta.json")}
+    return {
+        **{k: meta["train"][k] for k in _BUDGET_KEYS if k in meta["train"]},
+        "code_mode": "none",
+        "out_dir": none_dir,
+        "device": meta["train"].get("device", "auto"),
+        "deterministic": meta["train"].get("deterministic", True),
+        "train_meta": meta["train"].get("train_meta", "data/train_meta.json"),
+    }
 
 
 def _none_mismatch(meta: dict, none_meta: dict) -> str | None:
@@ -561,7 +779,11 @@ def ensure_none_decoder(meta: dict, none_dir: str, train: bool = True) -> str | 
     why = "missing"
     if (Path(none_dir) / "config.json").is_file():
         _, _, _, nmeta = load_decoder(none_dir, "cpu")
-        why = _none_mismatch(meta, nmeta) if nmeta.get("train", {}).get("code_mode") == "none" else "not a CODE_MODE=none decoder"
+        why = (
+            _none_mismatch(meta, nmeta)
+            if nmeta.get("train", {}).get("code_mode") == "none"
+            else "not a CODE_MODE=none decoder"
+        )
     if why and train:
         log.info("training the no-codes decoder in %s (%s) with the codes decoder's settings", none_dir, why)
         train_decoder(resolve(DecoderTrainConfig, cli=none_config_for(meta, none_dir), environ={}))
@@ -573,8 +795,8 @@ def eval_decoder(cfg: DecoderEvalConfig) -> dict:
     """Codes are worth something only if the true-code loss is clearly below the other two. The
     no-codes decoder is trained here (same recorded settings and budget) when it is missing or
     not comparable, unless TRAIN_NONE=0."""
-    from next_speed.models.decoder_model import load_decoder
     from next_speed.core.runtime import pick_device
+    from next_speed.models.decoder_model import load_decoder
 
     device = pick_device(cfg.device)
     rows = _rows(cfg.out_dec_val)
@@ -583,7 +805,9 @@ def eval_decoder(cfg: DecoderEvalConfig) -> dict:
     rows = random.Random(cfg.seed).sample(rows, min(cfg.val_rows, len(rows)))
     model, tok, cond, meta = load_decoder(cfg.out_dir, device)
     if cond.code_mode == "none":
-        raise NextSpeedError(f"{cfg.out_dir} was trained with CODE_MODE=none: point OUT_DIR at a decoder trained with codes")
+        raise NextSpeedError(
+            f"{cfg.out_dir} was trained with CODE_MODE=none: point OUT_DIR at a decoder trained with codes"
+        )
     shuffled = [r["codes"] for r in rows]
     random.Random(cfg.seed + 1).shuffle(shuffled)
 
@@ -592,14 +816,25 @@ def eval_decoder(cfg: DecoderEvalConfig) -> dict:
 
         bank = exemplar_bank(m)
         if exemplars is None:
-            exemplars = [e.get("exemplars") for e in add_exemplars(bank, rows, c.exemplars, codes_list)] \
-                if bank is not None else [None] * len(rows)
-        data = [encode_example(t, c, r["context"], codes, r["target"], e) for r, codes, e in zip(rows, codes_list, exemplars)]
+            exemplars = (
+                [e.get("exemplars") for e in add_exemplars(bank, rows, c.exemplars, codes_list)]
+                if bank is not None
+                else [None] * len(rows)
+            )
+        data = [
+            encode_example(t, c, r["context"], codes, r["target"], e)
+            for r, codes, e in zip(rows, codes_list, exemplars)
+        ]
         return evaluate_loss(m, data, t.pad_token_id, c.family, device, base_vocab=c.base_vocab)
 
-    res = {"rows": len(rows), "code_mode": cond.code_mode, "exemplars": cond.exemplars, "decoder": cfg.out_dir,
-           "true_codes": loss(model, tok, cond, [r["codes"] for r in rows]),
-           "shuffled_codes": loss(model, tok, cond, shuffled)}
+    res = {
+        "rows": len(rows),
+        "code_mode": cond.code_mode,
+        "exemplars": cond.exemplars,
+        "decoder": cfg.out_dir,
+        "true_codes": loss(model, tok, cond, [r["codes"] for r in rows]),
+        "shuffled_codes": loss(model, tok, cond, shuffled),
+    }
     oracle, why_not = _oracle_exemplars(model, cond, meta, rows, cfg.out_dec_val)
     res["oracle_exemplars"] = loss(model, tok, cond, [r["codes"] for r in rows], oracle) if oracle is not None else None
     if why_not:
@@ -609,23 +844,34 @@ def eval_decoder(cfg: DecoderEvalConfig) -> dict:
     if why is None:
         m2, t2, c2, meta2 = load_decoder(cfg.none_dir, device)
         res["no_codes_decoder"] = loss(m2, t2, c2, [r["codes"] for r in rows])
-        res["budgets"] = {"codes": {"steps": meta["steps"], "seconds": meta["seconds"]},
-                          "none": {"steps": meta2["steps"], "seconds": meta2["seconds"]}}
+        res["budgets"] = {
+            "codes": {"steps": meta["steps"], "seconds": meta["seconds"]},
+            "none": {"steps": meta2["steps"], "seconds": meta2["seconds"]},
+        }
     else:
         res["no_codes_decoder"] = None
-        res["note"] = (f"no comparable CODE_MODE=none decoder in {cfg.none_dir} ({why}): rerun with TRAIN_NONE=1 or "
-                       f"train one with `CODE_MODE=none uv run python 06_train_decoder.py` and the same settings")
+        res["note"] = (
+            f"no comparable CODE_MODE=none decoder in {cfg.none_dir} ({why}): rerun with TRAIN_NONE=1 or "
+            f"train one with `CODE_MODE=none uv run python 06_train_decoder.py` and the same settings"
+        )
     lt, ls, ln, lo = res["true_codes"], res["shuffled_codes"], res["no_codes_decoder"], res["oracle_exemplars"]
-    res["summary"] = {"loss_true": round(lt, 4), "loss_shuffled": round(ls, 4), "loss_none": None if ln is None else round(ln, 4),
-                      "rows": len(rows), "ratio_shuffled": round(lt / ls, 4),
-                      "ratio_none": None if ln is None else round(lt / ln, 4),
-                      "loss_oracle_exemplars": None if lo is None else round(lo, 4),
-                      "ratio_oracle_none": None if lo is None or ln is None else round(lo / ln, 4)}
+    res["summary"] = {
+        "loss_true": round(lt, 4),
+        "loss_shuffled": round(ls, 4),
+        "loss_none": None if ln is None else round(ln, 4),
+        "rows": len(rows),
+        "ratio_shuffled": round(lt / ls, 4),
+        "ratio_none": None if ln is None else round(lt / ln, 4),
+        "loss_oracle_exemplars": None if lo is None else round(lo, 4),
+        "ratio_oracle_none": None if lo is None or ln is None else round(lo / ln, 4),
+    }
     write_json(cfg.out_json, res)
     return res
 
 
-def _oracle_exemplars(model, cond: Conditioning, meta: dict, rows: list[dict], rows_path: str) -> tuple[list | None, str | None]:
+def _oracle_exemplars(
+    model, cond: Conditioning, meta: dict, rows: list[dict], rows_path: str
+) -> tuple[list | None, str | None]:
     """The exemplar channel's bound: for each row, the bank sentences nearest to the true next
     sentence's own embedding (retrieval keyed without the RVQ's loss; same exclusions as the plan's
     lookup). (None, why) when the decoder has no bank or step 02's embeddings are not at hand."""
@@ -645,16 +891,21 @@ def _oracle_exemplars(model, cond: Conditioning, meta: dict, rows: list[dict], r
         vec = sentence_vectors(tmeta, rows, rows_path)
     except NextSpeedError as e:
         return None, f"no oracle-exemplar bound: {e}"
-    return bank.nearest(vec, cond.exemplars, exclude_docs=[r.get("doc") for r in rows],
-                        exclude_texts=[{r["target"]} for r in rows]), None
+    return bank.nearest(
+        vec, cond.exemplars, exclude_docs=[r.get("doc") for r in rows], exclude_texts=[{r["target"]} for r in rows]
+    ), None
 
 
 def format_decoder_eval(res: dict) -> str:
     import math as _m
 
     lines = [f"decoder per-token validation loss on {res['rows']} rows (perplexity in brackets)"]
-    for name, key in (("true codes", "true_codes"), ("shuffled codes", "shuffled_codes"), ("no-codes decoder", "no_codes_decoder"),
-                      ("oracle exemplars", "oracle_exemplars")):
+    for name, key in (
+        ("true codes", "true_codes"),
+        ("shuffled codes", "shuffled_codes"),
+        ("no-codes decoder", "no_codes_decoder"),
+        ("oracle exemplars", "oracle_exemplars"),
+    ):
         if key == "oracle_exemplars" and res.get(key) is None:
             continue  # a decoder without exemplars
         v = res.get(key)
@@ -665,8 +916,10 @@ def format_decoder_eval(res: dict) -> str:
     if res.get("oracle_note"):
         lines.append("  " + res["oracle_note"])
     if sm.get("ratio_oracle_none") is not None:
-        lines.append(f"  oracle exemplars (retrieved by the true next sentence's embedding) / no-codes {sm['ratio_oracle_none']:.3f}: "
-                     f"the bound of the exemplar channel")
+        lines.append(
+            f"  oracle exemplars (retrieved by the true next sentence's embedding) / no-codes {sm['ratio_oracle_none']:.3f}: "
+            f"the bound of the exemplar channel"
+        )
     if res.get("note"):
         lines.append("  " + res["note"])
     return "\n".join(lines)

@@ -14,16 +14,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from next_speed.core.artifacts import StaleInputError, atomic_dir, sha256_path, write_checkpoint_meta, write_json
 from next_speed.core.config import SEED_MAX, knob, to_dict
 from next_speed.core.errors import ConfigError, NextSpeedError
-from next_speed.models.planner import FORMAT, load_rows, tensorize
 from next_speed.evals.planner_eval import evaluate_model
+from next_speed.models.planner import FORMAT, load_rows, tensorize
 from next_speed.training.loop import check_trainsets, plot_curve
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -34,26 +32,48 @@ class PlannerTrainConfig:
     n_layers: int = knob(4, env="N_LAYERS", min=1, help="transformer blocks")
     n_heads: int = knob(4, env="N_HEADS", min=1, help="attention heads (must divide D_MODEL)")
     drop: float = knob(0.3, env="DROP", min=0.0, max=0.9, help="dropout")
-    head_mode: str = knob("independent", env="HEAD_MODE", choices=("independent", "chained"),
-                          help="independent K heads (spec) or chained: level k sees levels < k")
-    codebook_features: bool = knob(True, env="CODEBOOK_FEATURES",
-                                   help="feed RVQ codewords into the input and heads (needs RVQ_PATH)")
+    head_mode: str = knob(
+        "independent",
+        env="HEAD_MODE",
+        choices=("independent", "chained"),
+        help="independent K heads (spec) or chained: level k sees levels < k",
+    )
+    codebook_features: bool = knob(
+        True, env="CODEBOOK_FEATURES", help="feed RVQ codewords into the input and heads (needs RVQ_PATH)"
+    )
     rvq_path: str = knob("out/rvq.npz", env="RVQ_PATH", help="RVQ codebooks (step 03), for CODEBOOK_FEATURES")
     copy_gate: bool = knob(True, env="COPY_GATE", help="learned bonus for repeating the previous sentence's codes")
-    pointer: bool = knob(True, env="POINTER",
-                         help="pointer-generator output: each level's distribution is mixed with attention over the codes "
-                              "of every context sentence (0: the generated distribution and the copy gate only)")
-    planner_input: str = knob("emb", env="PLANNER_INPUT", choices=("codes", "emb"),
-                              help="what the planner reads of each previous sentence: its code tuple (the spec's planner), "
-                                   "or the tuple and its encoder embedding")
-    emb_meta: str = knob("data/emb_meta.json", env="EMB_META", help="embeddings metadata (step 02), for PLANNER_INPUT=emb")
-    recon_input: float = knob(0.25, env="RECON_INPUT", min=0.0, max=1.0,
-                              help="with PLANNER_INPUT=emb, the share of training positions that read their codes' RVQ "
-                                   "reconstruction instead of the sentence's embedding: what the planner reads of a sentence "
-                                   "it planned itself when it plans several ahead (generation's PARALLEL)")
-    extra_data: str = knob("", env="EXTRA_DATA",
-                           help="comma-separated folders holding other step 01-02 outputs (sentences.jsonl, embeddings.npy, "
-                                "emb_meta.json): their sentences, quantized with this RVQ, join the training rows")
+    pointer: bool = knob(
+        True,
+        env="POINTER",
+        help="pointer-generator output: each level's distribution is mixed with attention over the codes "
+        "of every context sentence (0: the generated distribution and the copy gate only)",
+    )
+    planner_input: str = knob(
+        "emb",
+        env="PLANNER_INPUT",
+        choices=("codes", "emb"),
+        help="what the planner reads of each previous sentence: its code tuple (the spec's planner), "
+        "or the tuple and its encoder embedding",
+    )
+    emb_meta: str = knob(
+        "data/emb_meta.json", env="EMB_META", help="embeddings metadata (step 02), for PLANNER_INPUT=emb"
+    )
+    recon_input: float = knob(
+        0.25,
+        env="RECON_INPUT",
+        min=0.0,
+        max=1.0,
+        help="with PLANNER_INPUT=emb, the share of training positions that read their codes' RVQ "
+        "reconstruction instead of the sentence's embedding: what the planner reads of a sentence "
+        "it planned itself when it plans several ahead (generation's PARALLEL)",
+    )
+    extra_data: str = knob(
+        "",
+        env="EXTRA_DATA",
+        help="comma-separated folders holding other step 01-02 outputs (sentences.jsonl, embeddings.npy, "
+        "emb_meta.json): their sentences, quantized with this RVQ, join the training rows",
+    )
     bs: int = knob(64, env="BS", min=1, help="batch size (rows)")
     lr: float = knob(1e-3, env="LR", min=0.0, help="peak learning rate (AdamW)")
     weight_decay: float = knob(0.1, env="WEIGHT_DECAY", min=0.0, help="AdamW weight decay")
@@ -76,8 +96,8 @@ class PlannerTrainConfig:
             raise ConfigError(f"D_MODEL={self.d_model} is not divisible by N_HEADS={self.n_heads}")
 
 
-
 # ---------------------------------------------------------------------- data
+
 
 def extra_folders(cfg: PlannerTrainConfig) -> list[str]:
     """The folders named by EXTRA_DATA."""
@@ -99,11 +119,21 @@ def planner_data(cfg: PlannerTrainConfig, tmeta: dict, train_rows: list[dict], v
         val.append(_no_ids(val[0]))
     emb = None
     if cfg.planner_input == "emb" or extra_folders(cfg):
-        emb, emb_meta = open_sentence_embeddings(tmeta.get("emb_path") or "data/embeddings.npy", cfg.emb_meta, "EMB_META")
-        if tmeta.get("emb_sha256") and emb_meta["outputs"].get(tmeta.get("emb_path"), {}).get("sha256") not in (None, tmeta["emb_sha256"]):
-            raise StaleInputError(f"the training sets were built from other embeddings than {tmeta.get('emb_path')}: rerun steps 03-04")
-        encoder = {"model": emb_meta.get("model"), "maxlen": emb_meta.get("config", {}).get("maxlen"),
-                   "normalized": emb_meta.get("normalized")}
+        emb, emb_meta = open_sentence_embeddings(
+            tmeta.get("emb_path") or "data/embeddings.npy", cfg.emb_meta, "EMB_META"
+        )
+        if tmeta.get("emb_sha256") and emb_meta["outputs"].get(tmeta.get("emb_path"), {}).get("sha256") not in (
+            None,
+            tmeta["emb_sha256"],
+        ):
+            raise StaleInputError(
+                f"the training sets were built from other embeddings than {tmeta.get('emb_path')}: rerun steps 03-04"
+            )
+        encoder = {
+            "model": emb_meta.get("model"),
+            "maxlen": emb_meta.get("config", {}).get("maxlen"),
+            "normalized": emb_meta.get("normalized"),
+        }
     if cfg.planner_input == "emb":
         what = tmeta.get("emb_path", "the embeddings")
         table = EmbeddingTable(int(emb.shape[1]))
@@ -118,7 +148,9 @@ def planner_data(cfg: PlannerTrainConfig, tmeta: dict, train_rows: list[dict], v
             continue
         xx, yy, _ = tensorize(rows, K, V, folder)
         ii = table.add(xemb, input_sids(rows, xx.shape[1], folder), folder) if table is not None else _no_ids(xx)
-        x_tr, y_tr, ids_tr = (_cat_padded(a, b, pad) for a, b, pad in ((x_tr, xx, V + 1), (y_tr, yy, -100), (ids_tr, ii, -1)))
+        x_tr, y_tr, ids_tr = (
+            _cat_padded(a, b, pad) for a, b, pad in ((x_tr, xx, V + 1), (y_tr, yy, -100), (ids_tr, ii, -1))
+        )
         extra += len(rows)
         log.info("05: %d training rows from %s", len(rows), folder)
     return {"train": (x_tr, y_tr, ids_tr), "val": val, "table": table, "encoder": encoder, "extra_rows": extra}
@@ -157,18 +189,26 @@ def extra_rows(folder: str, tmeta: dict, encoder: dict | None, own: set[str]):
 
     d = Path(folder)
     if not d.is_dir():
-        raise ConfigError(f"EXTRA_DATA: {folder} is not a folder (expected one holding sentences.jsonl, embeddings.npy, emb_meta.json)")
+        raise ConfigError(
+            f"EXTRA_DATA: {folder} is not a folder (expected one holding sentences.jsonl, embeddings.npy, emb_meta.json)"
+        )
     for name in ("sentences.jsonl", "embeddings.npy", "emb_meta.json"):
         if not (d / name).is_file():
             raise ConfigError(f"EXTRA_DATA: {d / name} is missing (run steps 01-02 with that folder as their output)")
-    emb, meta = open_sentence_embeddings(str(d / "embeddings.npy"), str(d / "emb_meta.json"), "EXTRA_DATA", elsewhere=True)
+    emb, meta = open_sentence_embeddings(
+        str(d / "embeddings.npy"), str(d / "emb_meta.json"), "EXTRA_DATA", elsewhere=True
+    )
     if encoder is not None:
-        for what, theirs, ours in (("the encoder", meta.get("model"), encoder.get("model")),
-                                   ("MAXLEN", meta.get("config", {}).get("maxlen"), encoder.get("maxlen")),
-                                   ("normalization", meta.get("normalized"), encoder.get("normalized"))):
+        for what, theirs, ours in (
+            ("the encoder", meta.get("model"), encoder.get("model")),
+            ("MAXLEN", meta.get("config", {}).get("maxlen"), encoder.get("maxlen")),
+            ("normalization", meta.get("normalized"), encoder.get("normalized")),
+        ):
             if theirs != ours:
-                raise ConfigError(f"EXTRA_DATA: {folder} was embedded with {what} {theirs}, this run with {ours}: "
-                                  f"its vectors live in another space")
+                raise ConfigError(
+                    f"EXTRA_DATA: {folder} was embedded with {what} {theirs}, this run with {ours}: "
+                    f"its vectors live in another space"
+                )
     rvq_meta_path = tmeta["config"].get("rvq_meta", "out/rvq_meta.json")
     rvq, rvq_meta = load_rvq(tmeta.get("rvq_path") or "out/rvq.npz", rvq_meta_path)
     if emb.shape[1] != rvq.D:
@@ -176,11 +216,16 @@ def extra_rows(folder: str, tmeta: dict, encoder: dict | None, own: set[str]):
     beam = int(rvq_meta.get("config", {}).get("beam", 1) or 1)
     sents = list(read_jsonl(d / "sentences.jsonl", required=("doc", "pos", "text")))
     if len(sents) != len(emb):
-        raise StaleInputError(f"EXTRA_DATA: {d / 'sentences.jsonl'} has {len(sents)} sentences, {d / 'embeddings.npy'} "
-                              f"{len(emb)} rows: rerun step 02 there")
+        raise StaleInputError(
+            f"EXTRA_DATA: {d / 'sentences.jsonl'} has {len(sents)} sentences, {d / 'embeddings.npy'} "
+            f"{len(emb)} rows: rerun step 02 there"
+        )
     bad_docs = {s["doc"] for s in sents if s["text"] in own}
-    codes = np.concatenate([rvq.encode(np.asarray(emb[i:i + 65536]), beam=beam) for i in range(0, len(emb), 65536)]) \
-        if len(emb) else np.zeros((0, rvq.K), np.int64)
+    codes = (
+        np.concatenate([rvq.encode(np.asarray(emb[i : i + 65536]), beam=beam) for i in range(0, len(emb), 65536)])
+        if len(emb)
+        else np.zeros((0, rvq.K), np.int64)
+    )
     c = tmeta["config"]["context_sents"]
     rows, doc, start = [], None, 0
     for i, s in enumerate(sents):
@@ -189,7 +234,9 @@ def extra_rows(folder: str, tmeta: dict, encoder: dict | None, own: set[str]):
         if s["doc"] in bad_docs:
             continue
         lo = max(start, i - c) if c else i
-        rows.append({"doc": s["doc"], "pos": i - start, "sid": i, "context": codes[lo:i].tolist(), "target": codes[i].tolist()})
+        rows.append(
+            {"doc": s["doc"], "pos": i - start, "sid": i, "context": codes[lo:i].tolist(), "target": codes[i].tolist()}
+        )
     if bad_docs:
         log.info("05: %d documents of %s share sentences with this run's: left out", len(bad_docs), folder)
     return rows, emb
@@ -203,6 +250,7 @@ def _own_texts(tmeta: dict) -> set[str]:
 
 
 # ---------------------------------------------------------------------- training
+
 
 def with_reconstructions(emb, codes, books, swap):
     """(B, L, E) inputs where the real positions that `swap` (B, L) marks read the unit RVQ
@@ -232,9 +280,9 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
     import torch
     import torch.nn.functional as F
 
+    from next_speed.core.runtime import pick_device, progress, seed_everything
     from next_speed.models.planner import Planner, PlannerModelConfig
     from next_speed.training.loop import cosine_lr, dist_close, dist_init, global_mean, shard
-    from next_speed.core.runtime import pick_device, progress, seed_everything
 
     tmeta = check_trainsets(cfg.train_meta, [cfg.out_lm, cfg.out_lm_val], cfg.k, cfg.v)
     K, V = tmeta["K"], tmeta["V"]
@@ -254,7 +302,9 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
 
         rvq = RVQ.load(cfg.rvq_path)
         if (rvq.K, rvq.V) != (K, V):
-            raise StaleInputError(f"{cfg.rvq_path} has K={rvq.K} V={rvq.V} but the training sets K={K} V={V}: rerun step 04")
+            raise StaleInputError(
+                f"{cfg.rvq_path} has K={rvq.K} V={rvq.V} but the training sets K={K} V={V}: rerun step 04"
+            )
         if tmeta.get("rvq_sha256") and tmeta["rvq_sha256"] != sha256_path(cfg.rvq_path):
             raise StaleInputError(f"the training sets were built from another {cfg.rvq_path}: rerun step 04")
         books = rvq.codebooks
@@ -262,11 +312,23 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
     if cfg.recon_input > 0 and table is not None:
         recon = torch.as_tensor(books, dtype=torch.float32)  # (K, V, D): for reconstruction inputs
         books = books if cfg.codebook_features else None
-    swap_gen = torch.Generator().manual_seed(cfg.seed + 1)  # its own stream: the batches drawn stay those of RECON_INPUT=0
-    mcfg = PlannerModelConfig(K=K, V=V, d_model=cfg.d_model, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
-                              dropout=cfg.drop, max_len=max_len, head_mode=cfg.head_mode,
-                              codebook_dim=books.shape[-1] if books is not None else 0, copy_gate=cfg.copy_gate, pointer=cfg.pointer,
-                              emb_dim=table.dim if table is not None else 0)
+    swap_gen = torch.Generator().manual_seed(
+        cfg.seed + 1
+    )  # its own stream: the batches drawn stay those of RECON_INPUT=0
+    mcfg = PlannerModelConfig(
+        K=K,
+        V=V,
+        d_model=cfg.d_model,
+        n_heads=cfg.n_heads,
+        n_layers=cfg.n_layers,
+        dropout=cfg.drop,
+        max_len=max_len,
+        head_mode=cfg.head_mode,
+        codebook_dim=books.shape[-1] if books is not None else 0,
+        copy_gate=cfg.copy_gate,
+        pointer=cfg.pointer,
+        emb_dim=table.dim if table is not None else 0,
+    )
     model = Planner(mcfg)
     if books is not None:
         model.set_codebooks(books)
@@ -280,8 +342,11 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
     tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in tables]
     no_decay = [p for p in model.parameters() if not (p.dim() >= 2 and id(p) not in tables)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(x_tr)
@@ -295,7 +360,9 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
         model.train()
         idx = torch.randint(0, n, (min(cfg.bs, n),), generator=gen)  # the global batch, the same on every rank
         # which positions read reconstructions: drawn for the global batch, so N processes train as one
-        swap = torch.rand((len(idx), x_tr.shape[1]), generator=swap_gen) < cfg.recon_input if recon is not None else None
+        swap = (
+            torch.rand((len(idx), x_tr.shape[1]), generator=swap_gen) < cfg.recon_input if recon is not None else None
+        )
         idx = shard(idx, dd)
         xb, yb = x_tr[idx].to(device), y_tr[idx].to(device)
         eb = table.lookup(ids_tr[idx]).to(device) if table is not None else None  # (B, L, E)
@@ -314,8 +381,12 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
         opt.step()
         seen += len(idx) * dd.world
         if dd.main and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
-            rec = {"step": step + 1, "train_loss": loss_mean.item(), "lr": opt.param_groups[0]["lr"],
-                   "seq_per_s": seen / (time.perf_counter() - t0)}
+            rec = {
+                "step": step + 1,
+                "train_loss": loss_mean.item(),
+                "lr": opt.param_groups[0]["lr"],
+                "seq_per_s": seen / (time.perf_counter() - t0),
+            }
             if val is not None:
                 m = evaluate_model(core, *val[:3], device=device, ids=val[3], table=table)
                 rec.update(val_loss=m["loss"], val_acc=m["acc"], val_exact=m["exact"])
@@ -325,8 +396,13 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
                 best = {"val_loss": score, "step": step + 1, **{k: v for k, v in rec.items() if k.startswith("val_")}}
                 best_state = {k: v.detach().to("cpu").clone() for k, v in core.state_dict().items()}
             bar.set_postfix(loss=f"{loss_mean.item():.3f}", val=f"{rec.get('val_loss', float('nan')):.3f}")
-            log.info("step %d: train %.3f val %s acc0 %s", step + 1, loss_mean.item(), f"{rec.get('val_loss', float('nan')):.3f}",
-                     f"{rec['val_acc'][0]:.3f}" if "val_acc" in rec else "-")
+            log.info(
+                "step %d: train %.3f val %s acc0 %s",
+                step + 1,
+                loss_mean.item(),
+                f"{rec.get('val_loss', float('nan')):.3f}",
+                f"{rec['val_acc'][0]:.3f}" if "val_acc" in rec else "-",
+            )
     elapsed = time.perf_counter() - t0
     model = core
     if not dd.main:  # rank 0 alone writes the checkpoint
@@ -335,25 +411,47 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
     assert best_state is not None
     out = Path(cfg.out_dir)
     info = {
-        "format": FORMAT, "kind": "planner", "model": mcfg.to_dict(), "train": to_dict(cfg), "K": K, "V": V,
-        "context_sents": tmeta["config"]["context_sents"], "planner_input": cfg.planner_input,
-        "encoder": (data["encoder"] or {}).get("model"), "train_rows": len(x_tr), "extra_rows": data["extra_rows"],
+        "format": FORMAT,
+        "kind": "planner",
+        "model": mcfg.to_dict(),
+        "train": to_dict(cfg),
+        "K": K,
+        "V": V,
+        "context_sents": tmeta["config"]["context_sents"],
+        "planner_input": cfg.planner_input,
+        "encoder": (data["encoder"] or {}).get("model"),
+        "train_rows": len(x_tr),
+        "extra_rows": data["extra_rows"],
         "inputs": {p: {"sha256": sha256_path(p)} for p in (cfg.out_lm, cfg.out_lm_val)},
-        "rvq_sha256": tmeta.get("rvq_sha256"), "rvq_path": tmeta.get("rvq_path"),
-        "best": best, "history": history, "seconds": round(elapsed, 1),
-        "train_seq_per_s": round(seen / elapsed, 1), "num_params": model.num_params(), "world_size": dd.world,
+        "rvq_sha256": tmeta.get("rvq_sha256"),
+        "rvq_path": tmeta.get("rvq_path"),
+        "best": best,
+        "history": history,
+        "seconds": round(elapsed, 1),
+        "train_seq_per_s": round(seen / elapsed, 1),
+        "num_params": model.num_params(),
+        "world_size": dd.world,
         "versions": __import__("next_speed.core.artifacts", fromlist=["versions"]).versions(),
     }
     with atomic_dir(out) as tmp:
         torch.save(best_state, tmp / "sentence_lm.pt")
         plot_curve(history, tmp / "curve.png", "planner")
         write_json(tmp / "config.json", info)
-        inputs = {"train": cfg.out_lm, "val": cfg.out_lm_val, "rvq": tmeta.get("rvq_path"),
-                  **{f"extra_{i}": str(Path(f) / "embeddings.npy") for i, f in enumerate(extra_folders(cfg))}}
-        write_checkpoint_meta(tmp, "planner", to_dict(cfg), {r: p for r, p in inputs.items() if p and Path(p).is_file()},
-                              counts={"steps": cfg.steps, "params": model.num_params()}, best=best, history=history)
+        inputs = {
+            "train": cfg.out_lm,
+            "val": cfg.out_lm_val,
+            "rvq": tmeta.get("rvq_path"),
+            **{f"extra_{i}": str(Path(f) / "embeddings.npy") for i, f in enumerate(extra_folders(cfg))},
+        }
+        write_checkpoint_meta(
+            tmp,
+            "planner",
+            to_dict(cfg),
+            {r: p for r, p in inputs.items() if p and Path(p).is_file()},
+            counts={"steps": cfg.steps, "params": model.num_params()},
+            best=best,
+            history=history,
+        )
     log.info("05: best val loss %.3f at step %d; %.0f seq/s -> %s", best["val_loss"], best["step"], seen / elapsed, out)
     dist_close(dd)
     return info
-
-
