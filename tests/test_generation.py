@@ -926,7 +926,7 @@ def test_server_batches_concurrent_requests(gen):
     alone = [gen.run(p["prompt"], p["max_sentences"], **p["params"]) for p in payloads]
     app = create_app(lambda: gen, ServerConfig(max_queue=8), background=False)
     with TestClient(app) as c:
-        sched = app.state.gen_state["sched"]
+        sched = app.state.server.sched
         with gen._lock:  # the worker waits, so the requests pile up and share batches from their first steps on
             threads, out = _post_all(c, payloads)
             deadline = time.time() + 30
@@ -949,7 +949,7 @@ def test_server_queue_limit(gen):
 
     app = create_app(lambda: gen, ServerConfig(max_queue=1, retry_after=3), background=False)
     with TestClient(app) as c:
-        sched = app.state.gen_state["sched"]
+        sched = app.state.server.sched
         with gen._lock:
             threads, out = _post_all(c, [{"prompt": "Paris is the capital of France.", "max_sentences": 1}])
             deadline = time.time() + 30

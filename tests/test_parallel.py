@@ -179,7 +179,7 @@ def test_server_batches_lookahead_rows(gen):
     alone = gen.run(PROMPT, 3, seed=4, n_cand=2, parallel=3, parallel_verify=False)
     app = create_app(lambda: gen, ServerConfig(max_queue=8), background=False)
     with TestClient(app) as c:
-        sched = app.state.gen_state["sched"]
+        sched = app.state.server.sched
         r = c.post(
             "/generate",
             json={

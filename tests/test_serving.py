@@ -492,7 +492,7 @@ def test_v1_queue_full_and_a_gone_client_frees_its_work(sgen):
     app = create_app(lambda: sgen, ServerConfig(max_queue=1, retry_after=3), background=False)
     body = {"model": "next-speed", "prompt": PROMPT, "max_sentences": 1}
     with TestClient(app) as c:
-        sched = app.state.gen_state["sched"]
+        sched = app.state.server.sched
         out = {}
         with sgen._lock:  # the worker cannot render: the first request stays in flight
             t = threading.Thread(target=lambda: out.setdefault("r", c.post("/v1/completions", json=body)))

@@ -32,6 +32,7 @@ from next_speed.generation.generate import (
     select_candidate,
     word_spans,
 )
+from next_speed.quant.rvq import levels_matched_rows
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def code_agreement(cfg: AgreementConfig, generator: SentenceGenerator | None = N
                 "n_cand": n,
                 "per_level": hit.mean(0).round(4).tolist(),
                 "exact": float(hit.all(1).mean()),
-                "prefix": float(np.cumprod(hit, 1).sum(1).mean()),
+                "prefix": float(levels_matched_rows(hit).mean()),
                 "cos_plan": round(float(np.mean([c for *_, c, _ in items])), 4),
                 "cos_next": round(float(np.mean([c for *_, c in items])), 4),
                 "n": len(items),

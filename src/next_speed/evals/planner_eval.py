@@ -18,6 +18,7 @@ from next_speed.core.artifacts import write_json
 from next_speed.core.config import knob
 from next_speed.core.errors import NextSpeedError
 from next_speed.models.planner import load_planner, load_rows, mean_detail, tensorize
+from next_speed.quant.rvq import levels_matched_rows
 from next_speed.training.loop import check_trainsets
 
 
@@ -85,7 +86,7 @@ def evaluate_model(
 def tuple_metrics(pred: np.ndarray, gold: np.ndarray, top5_hit: np.ndarray | None = None) -> dict:
     """Per-level accuracy, tuple exact match and mean matched prefix (levels right from level 0)."""
     hit = pred == gold  # (N, K)
-    prefix = np.cumprod(hit, axis=1).sum(1)
+    prefix = levels_matched_rows(hit)
     out = {
         "acc": hit.mean(0).tolist(),
         "exact": float(hit.all(1).mean()),

@@ -24,6 +24,7 @@ import numpy as np
 from next_speed.core.artifacts import StaleInputError, sha256_path, write_json
 from next_speed.core.config import SEED_MAX, knob, to_dict
 from next_speed.core.errors import ConfigError, NextSpeedError
+from next_speed.quant.rvq import levels_matched
 
 log = logging.getLogger(__name__)
 
@@ -435,12 +436,7 @@ def copy_ids(tok, sentences: Sequence[str]) -> list[int]:
 
 def match_score(planned: Sequence[int], realized: Sequence[int], cosine: float) -> tuple[int, float]:
     """Rerank key: (levels matched from level 0, cosine to the plan's reconstruction)."""
-    prefix = 0
-    for a, b in zip(planned, realized):
-        if a != b:
-            break
-        prefix += 1
-    return prefix, cosine
+    return levels_matched(planned, realized), cosine
 
 
 # A retried step samples its plan at least this hot (a greedy planner would repeat the refused plan)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from next_speed.core.artifacts import StaleInputError, atomic_dir, write_checkpoint_meta
 from next_speed.core.errors import ConfigError, NextSpeedError
+from next_speed.quant.rvq import levels_matched_rows
 
 log = logging.getLogger(__name__)
 
@@ -569,7 +570,7 @@ class ExemplarBank:
         order = []
         for b, row in enumerate(ids):
             row = row[row >= 0]
-            prefix = np.cumprod(self.codes[row] == plans[b][None, :], axis=1).sum(1)  # levels matched from level 0
+            prefix = levels_matched_rows(self.codes[row] == plans[b][None, :])
             order.append(row[np.lexsort((-sims[b][: len(row)], -prefix))])
         if avoid is not None:  # those last, not out: the decoder was trained on k exemplars a prompt
             for b, a in enumerate(avoid):

@@ -200,6 +200,23 @@ class RVQ:
 ENCODE_CHUNK = 65536  # vectors encoded per chunk by step 03 (memory: one chunk)
 
 
+def levels_matched(planned, realized) -> int:
+    """How many levels of two code tuples agree from level 0 on: RVQ levels refine the ones above,
+    so a deep code only means something beside its prefix (the measure every rerank, agreement
+    figure and API answer uses)."""
+    n = 0
+    for a, b in zip(planned, realized or ()):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def levels_matched_rows(hit: np.ndarray) -> np.ndarray:
+    """`levels_matched` over rows: hit (N, K) bool, level-wise equality -> (N,) levels matched from level 0."""
+    return np.cumprod(hit, axis=-1).sum(-1)
+
+
 @dataclass
 class RVQConfig:
     """Step 03 knobs."""

@@ -130,7 +130,8 @@ def plan_command(gen, cmd: str, arg: str, pins: list, out: TextIO) -> None:
         check_plan(pins + [entry], K, V, "steer")
         pins.append(entry)
         print(
-            f"steering sentence {len(pins)} by the example's first {levels} levels: {gen.codes_of(entry['example'], levels)}",
+            f"steering sentence {len(pins)} by the example's first {levels} levels: "
+            f"{gen.codes_of(entry['example'], levels)}",
             file=out,
         )
     elif cmd == "plan":

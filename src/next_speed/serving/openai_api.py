@@ -1,4 +1,4 @@
-"""The OpenAI-compatible surface of the server: request models and response objects.
+"""The OpenAI-compatible surface of the server: from request fields to generation, and response objects.
 
 `POST /v1/completions` and `POST /v1/chat/completions` (with `stream: true`: one server-sent event
 per generated sentence, then a final chunk with `finish_reason` and `usage`, then `data: [DONE]`),
@@ -27,132 +27,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal, Union
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
-
-Number = Union[StrictInt, StrictFloat]
-PlanEntry = Union[None, list[StrictInt], StrictStr, dict[str, Any]]
-
-# fields of OpenAI's API that next-speed does not implement: refused by name, never ignored
-UNSUPPORTED = (
-    "logprobs",
-    "top_logprobs",
-    "echo",
-    "best_of",
-    "suffix",
-    "logit_bias",
-    "frequency_penalty",
-    "presence_penalty",
-    "tools",
-    "tool_choice",
-    "functions",
-    "function_call",
-    "response_format",
-)
-
-
-class _Common(BaseModel):
-    """Fields shared by completions and chat completions."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: StrictStr = Field(..., description="the served model's id (GET /v1/models)")
-    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(
-        None, description="decoder tokens of all sentences together"
-    )
-    temperature: Annotated[Number, Field(ge=0, le=2, allow_inf_nan=False)] | None = Field(
-        None, description="0 = greedy"
-    )
-    top_p: Annotated[Number, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
-    n: Annotated[StrictInt, Field(ge=1)] = Field(1, description="independent choices (choice i seeded seed + i)")
-    seed: StrictInt | None = Field(None, description="default: the server's SEED")
-    stop: StrictStr | list[StrictStr] | None = Field(None, description="up to 4 stop strings")
-    stream: StrictBool = False
-    stream_options: StreamOptions | None = Field(
-        None, description="include_usage is accepted; usage is always in the final chunk"
-    )
-    user: StrictStr | None = None
-    # sentence-level extras
-    max_sentences: Annotated[StrictInt, Field(ge=1)] | None = Field(
-        None, description="sentences at most (default 3; the cap when max_tokens is set)"
-    )
-    n_cand: Annotated[StrictInt, Field(ge=1)] | None = None
-    rerank: StrictBool | None = None
-    plan: list[PlanEntry] | None = Field(
-        None, description="plan control: per sentence null, codes, an example sentence or an object"
-    )
-    plan_temp: Annotated[Number, Field(allow_inf_nan=False)] | None = None
-    plan_top_k: StrictInt | None = None
-    plan_deep: StrictStr | None = Field(None, description="mean or levels: how the plan's levels 1..K-1 are chosen")
-    repetition_penalty: Annotated[Number, Field(allow_inf_nan=False)] | None = None
-    no_repeat_ngram: StrictInt | None = None
-    repeat_cos: Annotated[Number, Field(allow_inf_nan=False)] | None = None
-    repeat_span: StrictInt | None = None
-    parallel: Annotated[StrictInt, Field(ge=1, le=16)] | None = Field(
-        None,
-        description="plan-parallel rendering: sentences planned ahead and drafted side by side (1 = one at a time)",
-    )
-    parallel_verify: StrictBool | None = Field(
-        None, description="keep a draft only while it fits the real text before it"
-    )
-    return_candidates: StrictBool = False
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: StrictBool | None = None
-
-
-_Common.model_rebuild()
-
-
-class CompletionRequest(_Common):
-    prompt: StrictStr | list[StrictStr] = Field(..., description="the text to continue (one prompt)")
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[dict[str, Any]]
-    name: StrictStr | None = None
-
-
-class ChatRequest(_Common):
-    messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's envelope: {"error": {"message", "type", "param", "code"}}."""
-
-    TYPES = {
-        400: "invalid_request_error",
-        404: "not_found_error",
-        413: "invalid_request_error",
-        429: "rate_limit_error",
-        503: "server_error",
-        500: "server_error",
-    }
-
-    def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
-
-    def body(self) -> dict:
-        return envelope(self.status, self.message, self.param, self.code)
-
-
-def envelope(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {
-        "error": {
-            "message": message,
-            "type": ApiError.TYPES.get(status, "invalid_request_error"),
-            "param": param,
-            "code": code,
-        }
-    }
+from next_speed.quant.rvq import levels_matched
+from next_speed.serving.errors import ApiError
+from next_speed.serving.protocol import ChatMessage, ChatRequest, CommonRequest
 
 
 def chat_prompt(messages: list[ChatMessage]) -> str:
@@ -177,7 +56,7 @@ def chat_prompt(messages: list[ChatMessage]) -> str:
     return " ".join(parts)
 
 
-def generation_kwargs(req: _Common, default_seed: int, max_sentences_cap: int) -> tuple[list[dict], dict]:
+def generation_kwargs(req: CommonRequest, default_seed: int, max_sentences_cap: int) -> tuple[list[dict], dict]:
     """The `SentenceGenerator.run` keywords of each of the request's `n` choices, and the shared ones."""
     kw: dict[str, Any] = {}
     if req.temperature is not None:
@@ -229,11 +108,7 @@ FINISH = {"steps": "length", "length": "length", "stop": "stop", "repeat": "stop
 def sentence_info(step, with_candidates: bool) -> dict:
     """One generated sentence as the API shows it: text, plan, realization, agreement."""
     matched = [a == b for a, b in zip(step.planned, step.realized or [])]
-    agreement = 0
-    for m in matched:
-        if not m:
-            break
-        agreement += 1
+    agreement = levels_matched(step.planned, step.realized)
     d = {
         "text": step.sentence,
         "planned": step.planned,
