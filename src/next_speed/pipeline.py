@@ -89,6 +89,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "log_every": 500,
             "bs": 256,
             "lr": 6e-4,
+            "amp": "auto",
         },
         "decoder": {
             "code_mode": "special",

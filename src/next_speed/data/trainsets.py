@@ -10,12 +10,24 @@ bank).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
-from next_speed.core.artifacts import StaleInputError, load_meta, make_meta, sha256_path, write_json
+from next_speed.core.artifacts import (
+    NpyRows,
+    StaleInputError,
+    atomic_path,
+    load_meta,
+    make_meta,
+    read_jsonl,
+    sha256_path,
+    write_json,
+)
 from next_speed.core.config import SEED_MAX, knob, to_dict
 from next_speed.core.errors import NextSpeedError
 from next_speed.quant.rvq import check_codes
@@ -56,41 +68,69 @@ def split_docs(doc_ids: np.ndarray, val_frac: float, seed: int) -> set[int]:
     return set(rng.permutation(docs)[:n_val].tolist())
 
 
-def build_training_sets(cfg: TrainSetsConfig) -> dict:
-    """Run step 04: sentences + codes -> four JSONL files + TRAIN_META.
-
-    Streamed: a first pass over the sentence file lists the documents (for the split), a second
-    writes every row as it reads it, keeping only the current document's last CONTEXT_SENTS
-    sentences and one chunk of codes in memory."""
-    import contextlib
-    import json
-    from collections import deque
-
-    from next_speed.core.artifacts import NpyRows, atomic_path, read_jsonl
-
+def _checked_inputs(cfg: TrainSetsConfig) -> tuple[dict, list]:
+    """Step 03's metadata, after checking the sentences and codes belong together, and the
+    documents in file order (a first pass over the sentence file)."""
     load_meta(cfg.sent_meta, "sentences", cfg.sent_path)
     rvq_meta = check_codes(cfg.codes_path, cfg.rvq_meta, cfg.k, cfg.v)
     if rvq_meta.get("sentences_sha256") and rvq_meta["sentences_sha256"] != sha256_path(cfg.sent_path):
         raise StaleInputError(
             f"{cfg.codes_path} was built from another sentence file than {cfg.sent_path}: rerun steps 02-03"
         )
-    codes = NpyRows(cfg.codes_path)
     n, docs = 0, []
     for r in read_jsonl(cfg.sent_path, required=("doc", "pos", "text")):
         if not docs or r["doc"] != docs[-1]:
             docs.append(r["doc"])
         n += 1
-    if n != len(codes):
+    rows = len(NpyRows(cfg.codes_path))
+    if n != rows:
         raise StaleInputError(
-            f"{cfg.sent_path} has {n} sentences but {cfg.codes_path} has {len(codes)} rows: rerun steps 02-03"
+            f"{cfg.sent_path} has {n} sentences but {cfg.codes_path} has {rows} rows: rerun steps 02-03"
         )
     if not n:
         raise NextSpeedError(f"{cfg.sent_path} has no sentences: rerun step 01")
+    return rvq_meta, docs
+
+
+def _write_rows(cfg: TrainSetsConfig, val_docs: set, out: dict) -> dict:
+    """Stream the sentence file once, writing each sentence's planner row and decoder row to its
+    side of the split; memory holds the document's last CONTEXT_SENTS sentences and one chunk of codes."""
+    c = cfg.context_sents
+    codes = NpyRows(cfg.codes_path)
+    counts = {"train": 0, "val": 0}
+    texts: deque = deque(maxlen=c or 1)
+    ctx_codes: deque = deque(maxlen=c or 1)
+    chunk, chunk_start, doc, start = None, 0, None, 0
+    for i, r in enumerate(read_jsonl(cfg.sent_path, required=("doc", "pos", "text"))):
+        if chunk is None or i >= chunk_start + len(chunk):
+            chunk_start, chunk = i, codes.read(i, i + CODES_CHUNK)
+        if r["doc"] != doc:
+            doc, start = r["doc"], i
+            texts.clear()
+            ctx_codes.clear()
+        side = "val" if r["doc"] in val_docs else "train"
+        target = chunk[i - chunk_start].tolist()
+        where = {"doc": r["doc"], "pos": i - start, "sid": i}
+        lm = {**where, "context": list(ctx_codes) if c else [], "target": target}
+        dec = {**where, "context": " ".join(texts) if c else "", "codes": target, "target": r["text"]}
+        out["lm", side].write(json.dumps(lm, ensure_ascii=False) + "\n")
+        out["dec", side].write(json.dumps(dec, ensure_ascii=False) + "\n")
+        counts[side] += 1
+        texts.append(r["text"])
+        ctx_codes.append(target)
+    if not counts["train"]:
+        raise NextSpeedError(f"VAL_FRAC={cfg.val_frac} leaves no training documents: lower VAL_FRAC")
+    return counts
+
+
+def build_training_sets(cfg: TrainSetsConfig) -> dict:
+    """Run step 04: sentences + codes -> four JSONL files + TRAIN_META.
+
+    Streamed: a first pass over the sentence file lists the documents (for the split), a second
+    writes every row as it reads it."""
+    rvq_meta, docs = _checked_inputs(cfg)
     doc_ids = np.asarray(docs)
     val_docs = split_docs(doc_ids, cfg.val_frac, cfg.seed)
-
-    c = cfg.context_sents
-    counts = {"train": 0, "val": 0}
     paths = {
         ("lm", "train"): cfg.out_lm,
         ("lm", "val"): cfg.out_lm_val,
@@ -99,53 +139,14 @@ def build_training_sets(cfg: TrainSetsConfig) -> dict:
     }
     with contextlib.ExitStack() as stack:
         # entered in reverse: the stack publishes last-in first, so the files appear in the order
-        # of `paths` (planner train, planner val, decoder train, decoder val), as before streaming
+        # of `paths` (planner train, planner val, decoder train, decoder val)
         out = {
             key: stack.enter_context(open(stack.enter_context(atomic_path(path)), "w", encoding="utf-8"))
             for key, path in reversed(list(paths.items()))
         }
-        texts: deque = deque(maxlen=c or 1)
-        ctx_codes: deque = deque(maxlen=c or 1)
-        chunk, chunk_start, doc, start = None, 0, None, 0
-        for i, r in enumerate(read_jsonl(cfg.sent_path, required=("doc", "pos", "text"))):
-            if chunk is None or i >= chunk_start + len(chunk):
-                chunk_start, chunk = i, codes.read(i, i + CODES_CHUNK)
-            if r["doc"] != doc:
-                doc, start = r["doc"], i
-                texts.clear()
-                ctx_codes.clear()
-            side = "val" if r["doc"] in val_docs else "train"
-            target = chunk[i - chunk_start].tolist()
-            ctx_t = list(texts) if c else []
-            ctx_c = list(ctx_codes) if c else []
-            out["lm", side].write(
-                json.dumps(
-                    {"doc": r["doc"], "pos": i - start, "sid": i, "context": ctx_c, "target": target},
-                    ensure_ascii=False,
-                )
-                + "\n"
-            )
-            out["dec", side].write(
-                json.dumps(
-                    {
-                        "doc": r["doc"],
-                        "pos": i - start,
-                        "sid": i,
-                        "context": " ".join(ctx_t),
-                        "codes": target,
-                        "target": r["text"],
-                    },
-                    ensure_ascii=False,
-                )
-                + "\n"
-            )
-            counts[side] += 1
-            texts.append(r["text"])
-            ctx_codes.append(target)
-        if not counts["train"]:
-            raise NextSpeedError(f"VAL_FRAC={cfg.val_frac} leaves no training documents: lower VAL_FRAC")
-    lm = {"train": range(counts["train"]), "val": range(counts["val"])}
+        counts = _write_rows(cfg, val_docs, out)
     n_docs = len(np.unique(doc_ids))
+    rvq_cfg = rvq_meta["config"]
     meta = make_meta(
         "trainsets",
         to_dict(cfg),
@@ -156,20 +157,15 @@ def build_training_sets(cfg: TrainSetsConfig) -> dict:
             "dec_train": cfg.out_dec,
             "dec_val": cfg.out_dec_val,
         },
-        counts={"docs": n_docs, "val_docs": len(val_docs), "train_rows": len(lm["train"]), "val_rows": len(lm["val"])},
+        counts={"docs": n_docs, "val_docs": len(val_docs), "train_rows": counts["train"], "val_rows": counts["val"]},
         K=rvq_meta["K"],
         V=rvq_meta["V"],
-        rvq_path=rvq_meta["config"]["rvq_path"],
-        rvq_sha256=rvq_meta["outputs"].get(rvq_meta["config"]["rvq_path"], {}).get("sha256"),
-        emb_path=rvq_meta["config"].get("emb_path"),
-        emb_sha256=rvq_meta.get("inputs", {}).get(rvq_meta["config"].get("emb_path"), {}).get("sha256"),
+        rvq_path=rvq_cfg["rvq_path"],
+        rvq_sha256=rvq_meta["outputs"].get(rvq_cfg["rvq_path"], {}).get("sha256"),
+        emb_path=rvq_cfg.get("emb_path"),
+        emb_sha256=rvq_meta.get("inputs", {}).get(rvq_cfg.get("emb_path"), {}).get("sha256"),
     )
     write_json(cfg.train_meta, meta)
-    log.info(
-        "04: %d train / %d val rows (%d of %d documents held out)",
-        len(lm["train"]),
-        len(lm["val"]),
-        len(val_docs),
-        n_docs,
-    )
+    log.info("04: %d train / %d val rows (%d of %d documents held out)", counts["train"], counts["val"],
+             len(val_docs), n_docs)  # fmt: skip
     return meta

@@ -92,6 +92,52 @@ def _positions(cfg: AgreementConfig) -> list[tuple[list[dict], int]]:
     return out
 
 
+def _render_position(gen: SentenceGenerator, cfg: AgreementConfig, p, rows: list[dict], i: int, j: int, g):
+    """Plan the sentence after rows[:i] (true previous codes) and render and judge its candidates
+    as generation does. Returns (plan, judged candidates, their cosines to the true next
+    sentence, cos(plan, next), cos(true codes' reconstruction, next))."""
+    ctx_codes = [r["codes"] for r in rows[:i]]
+    prev = [r["target"] for r in rows[:i]]
+    prev_emb = gen.embed(prev)
+    # a planner that reads embeddings gets the previous sentences' vectors, as generation does (i >= 1)
+    planned = gen.planner.next_tuple(ctx_codes, greedy=p.plan_temp <= 0, temperature=p.plan_temp, top_k=p.plan_top_k,
+                                     generator=g, at_doc_start=rows[0]["pos"] == 0, deep=p.plan_deep,
+                                     embeddings=prev_emb if gen.planner.reads_embeddings else None)  # fmt: skip
+    # the exemplars generation would pick after these sentences (same exclusions and guard)
+    exemplars = gen.exemplars_for(planned, exclude=set(prev), avoid=prev_emb if prev else None, avoid_cos=p.repeat_cos)
+    # rendered and judged as generation does: the same copy ban, stop rules and selection rule
+    spans = set().union(*(word_spans(s, p.repeat_span) for s in prev))
+    earlier = copy_ids(gen.tok, prev) if p.no_copy_ngram > 0 else None
+    # the context text is the true previous sentences, as in training
+    job = gen.make_job(rows[i]["context"], planned, p, seed=cfg.seed * 100_000 + j, exemplars=exemplars,
+                       copy_spans=spans, earlier_ids=earlier)  # fmt: skip
+    with gen._lock:
+        gen.render_jobs([job])
+    scored, x = gen.judge(planned, job.out, prev_emb, {normalize_text(s) for s in prev}, spans, p)
+    nxt = gen.embed([rows[i]["target"]])[0]
+    plan_vec = gen.rvq.decode(np.asarray([planned]))[0]
+    rec = gen.rvq.decode(np.asarray([rows[i]["codes"]]))[0]
+    cos = [float(v @ nxt / (np.linalg.norm(v) + 1e-12)) for v in (plan_vec, rec)]
+    return planned, scored, x @ nxt, cos[0], cos[1]
+
+
+def _setting_row(mode: str, n: int, items: list, refused: int) -> dict:
+    pl = np.asarray([a for a, *_ in items])
+    re_ = np.asarray([b for _, b, *_ in items])
+    hit = pl == re_
+    return {
+        "rerank": mode,
+        "n_cand": n,
+        "per_level": hit.mean(0).round(4).tolist(),
+        "exact": float(hit.all(1).mean()),
+        "prefix": float(levels_matched_rows(hit).mean()),
+        "cos_plan": round(float(np.mean([c for *_, c, _ in items])), 4),
+        "cos_next": round(float(np.mean([c for *_, c in items])), 4),
+        "n": len(items),
+        "all_refused": refused,
+    }
+
+
 def code_agreement(cfg: AgreementConfig, generator: SentenceGenerator | None = None) -> dict:
     """Score planned against realized codes over validation positions; write OUT_JSON."""
     import torch
@@ -110,46 +156,9 @@ def code_agreement(cfg: AgreementConfig, generator: SentenceGenerator | None = N
     g = torch.Generator().manual_seed(cfg.seed)
     plan_vs_next, recon_vs_next = [], []
     for j, (rows, i) in enumerate(progress(positions, desc="code agreement", unit="position")):
-        ctx_codes = [r["codes"] for r in rows[:i]]
-        ctx_text = rows[i]["context"]  # the true previous sentences, as in training
-        prev = [r["target"] for r in rows[:i]]
-        prev_emb = gen.embed(prev)
-        # a planner that reads embeddings gets the previous sentences' vectors, as generation does (i >= 1)
-        ctx_emb = prev_emb if gen.planner.reads_embeddings else None
-        planned = gen.planner.next_tuple(
-            ctx_codes,
-            greedy=p.plan_temp <= 0,
-            temperature=p.plan_temp,
-            top_k=p.plan_top_k,
-            generator=g,
-            at_doc_start=rows[0]["pos"] == 0,
-            embeddings=ctx_emb,
-            deep=p.plan_deep,
-        )
-        # the exemplars generation would pick after these sentences (same exclusions and guard)
-        exemplars = gen.exemplars_for(
-            planned, exclude=set(prev), avoid=prev_emb if prev else None, avoid_cos=p.repeat_cos
-        )
-        # rendered and judged as generation does: the same copy ban, stop rules and selection rule
-        spans = set().union(*(word_spans(s, p.repeat_span) for s in prev))
-        job = gen.make_job(
-            ctx_text,
-            planned,
-            p,
-            seed=cfg.seed * 100_000 + j,
-            exemplars=exemplars,
-            copy_spans=spans,
-            earlier_ids=copy_ids(gen.tok, prev) if p.no_copy_ngram > 0 else None,
-        )
-        with gen._lock:
-            gen.render_jobs([job])
-        scored, x = gen.judge(planned, job.out, prev_emb, {normalize_text(s) for s in prev}, spans, p)
-        nxt = gen.embed([rows[i]["target"]])[0]
-        plan_vec = gen.rvq.decode(np.asarray([planned]))[0]
-        plan_vs_next.append(float(plan_vec @ nxt / (np.linalg.norm(plan_vec) + 1e-12)))
-        rec = gen.rvq.decode(np.asarray([rows[i]["codes"]]))[0]
-        recon_vs_next.append(float(rec @ nxt / (np.linalg.norm(rec) + 1e-12)))
-        cos_next = x @ nxt  # (n_cand,)
+        planned, scored, cos_next, c_plan, c_rec = _render_position(gen, cfg, p, rows, i, j, g)
+        plan_vs_next.append(c_plan)
+        recon_vs_next.append(c_rec)
         for n in ns:
             for mode, q in (("off", p_off), ("on", p)):
                 # generation's own rule over the first n candidates; when the stop rules refuse all
@@ -158,24 +167,7 @@ def code_agreement(cfg: AgreementConfig, generator: SentenceGenerator | None = N
                 refused[(mode, n)] += pick is None
                 b = 0 if pick is None else pick
                 picks[(mode, n)].append((planned, scored[b]["codes"], scored[b]["cosine"], float(cos_next[b])))
-    rows_out = []
-    for (mode, n), items in picks.items():
-        pl = np.asarray([a for a, *_ in items])
-        re_ = np.asarray([b for _, b, *_ in items])
-        hit = pl == re_
-        rows_out.append(
-            {
-                "rerank": mode,
-                "n_cand": n,
-                "per_level": hit.mean(0).round(4).tolist(),
-                "exact": float(hit.all(1).mean()),
-                "prefix": float(levels_matched_rows(hit).mean()),
-                "cos_plan": round(float(np.mean([c for *_, c, _ in items])), 4),
-                "cos_next": round(float(np.mean([c for *_, c in items])), 4),
-                "n": len(items),
-                "all_refused": refused[(mode, n)],
-            }
-        )
+    rows_out = [_setting_row(mode, n, items, refused[(mode, n)]) for (mode, n), items in picks.items()]
     by = {(r["rerank"], r["n_cand"]): r for r in rows_out}
     n4 = 4 if 4 in ns else max(ns)
     summary = {

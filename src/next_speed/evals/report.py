@@ -4,12 +4,17 @@ codes-value losses when a no-codes decoder exists), as Markdown with PNG plots i
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from next_speed.core.config import knob, resolve
 from next_speed.core.errors import NextSpeedError
+from next_speed.evals.agreement import AgreementConfig, code_agreement, format_agreement
+from next_speed.evals.planner_eval import PlannerEvalConfig, eval_planner, format_eval
+from next_speed.quant.rvq import RVQEvalConfig, format_report, rvq_report
+from next_speed.training.train_decoder import DecoderEvalConfig, eval_decoder, format_decoder_eval
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +39,21 @@ def _plt():
 
 
 def make_report(cfg: ReportConfig, environ: dict | None = None) -> dict:
-    import os
-
-    from next_speed.evals.agreement import AgreementConfig, code_agreement, format_agreement
-    from next_speed.evals.planner_eval import PlannerEvalConfig, eval_planner, format_eval
-    from next_speed.quant.rvq import RVQEvalConfig, format_report, rvq_report
-    from next_speed.training.train_decoder import DecoderEvalConfig, eval_decoder, format_decoder_eval
-
+    """Run the evaluations and write out/report/report.md with its plots."""
     env = dict(os.environ if environ is None else environ)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plt = _plt()
     md = ["# next-speed evaluation report", ""]
+    rvq = _rvq_section(env, out, plt, md)
+    plan = _planner_section(cfg, env, out, plt, md)
+    dec = _decoder_section(cfg, env, out, plt, md)
+    agr = _agreement_section(cfg, env, out, plt, md)
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    return {"report": str(out / "report.md"), "rvq": rvq, "planner": plan, "decoder": dec, "agreement": agr}
 
+
+def _rvq_section(env: dict, out: Path, plt, md: list[str]) -> dict:
     rvq = rvq_report(resolve(RVQEvalConfig, environ=env))
     lv = rvq["levels"]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -65,6 +72,10 @@ def make_report(cfg: ReportConfig, environ: dict | None = None) -> dict:
     plt.close(fig)
     md += ["## RVQ", "", "```", format_report(rvq), "```", "", "![RVQ error and codebook usage](rvq.png)", ""]
 
+    return rvq
+
+
+def _planner_section(cfg: ReportConfig, env: dict, out: Path, plt, md: list[str]) -> dict:
     plan = eval_planner(resolve(PlannerEvalConfig, {"device": cfg.device}, environ=env))
     md += ["## Planner against baselines (validation split)", "", "```", format_eval(plan), "```", ""]
     measures = [
@@ -98,6 +109,10 @@ def make_report(cfg: ReportConfig, environ: dict | None = None) -> dict:
             shutil.copyfile(src, out / name)
             md += [f"![{name[:-4]}]({name})", ""]
 
+    return plan
+
+
+def _decoder_section(cfg: ReportConfig, env: dict, out: Path, plt, md: list[str]) -> dict | None:
     try:
         dec = eval_decoder(
             resolve(DecoderEvalConfig, {"val_rows": cfg.decoder_rows, "device": cfg.device}, environ=env)
@@ -125,6 +140,10 @@ def make_report(cfg: ReportConfig, environ: dict | None = None) -> dict:
         dec = None
         md += ["## What codes buy the decoder", "", f"skipped: {e}", ""]
 
+    return dec
+
+
+def _agreement_section(cfg: ReportConfig, env: dict, out: Path, plt, md: list[str]) -> dict:
     agr = code_agreement(
         resolve(AgreementConfig, {"eval_positions": cfg.eval_positions, "device": cfg.device}, environ=env)
     )
@@ -159,5 +178,4 @@ def make_report(cfg: ReportConfig, environ: dict | None = None) -> dict:
         "![agreement and round-trip cosine against N_CAND](agreement.png)",
         "",
     ]
-    (out / "report.md").write_text("\n".join(md) + "\n")
-    return {"report": str(out / "report.md"), "rvq": rvq, "planner": plan, "decoder": dec, "agreement": agr}
+    return agr

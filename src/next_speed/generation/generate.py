@@ -525,6 +525,85 @@ class _Text:
         self.ctx_codes.append(codes)
 
 
+@dataclass
+class _Window:
+    """One sentence step: the plans, their jobs (and drafts), and once rendered, the choice."""
+
+    plans: list
+    exemplars: list
+    jobs: list
+    drafts: list
+    unplanned: bool
+    timings: dict
+    t_rendered: float  # when planning ended and rendering began
+    chosen: int | None = None
+    planned: list = field(default_factory=list)
+    ex_chosen: list = field(default_factory=list)
+    scored: list = field(default_factory=list)
+    x: np.ndarray | None = None
+    cands: list = field(default_factory=list)
+    rendered: list = field(default_factory=list)
+
+
+@dataclass
+class _Run:
+    """One generation in progress: its text, result, timings, token budget and prompt caches."""
+
+    p: GenParams
+    text: _Text
+    res: GenerationResult
+    tot: dict
+    t_start: float
+    gen: Any  # the planner's torch.Generator
+    budget: int | None
+    stop: tuple
+    on_step: Any
+    pool: Any
+    caches: list
+    base_cache: Any
+    tok: Any
+
+    def left(self) -> int | None:
+        return self.budget
+
+    def record(self, st: Step) -> None:
+        self.res.steps.append(st)
+        if self.on_step is not None:
+            self.on_step(st)
+
+    def commit(self, st: Step, emb: np.ndarray) -> bool:
+        """Add a decided sentence to the result and the text; True when a stop string ended the text."""
+        cut = min((i for i in (st.sentence.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:  # a stop string: the text ends before it
+            st.sentence = st.sentence[:cut].rstrip()
+        if self.budget is not None:
+            self.budget -= st.tokens
+        self.record(st)
+        res = self.res
+        if cut < 0 or st.sentence:
+            res.sentences.append(st.sentence)
+            res.planned.append(st.planned)
+            res.realized.append(st.realized)
+        if cut >= 0:
+            res.stop_reason = "stop"
+            return True
+        self.text.add(st.sentence, emb, st.realized, self.p, self.tok)
+        return False
+
+    def finish(self) -> GenerationResult:
+        res, tot = self.res, self.tot
+        tot["total"] = time.perf_counter() - self.t_start
+        res.timings = {k: round(v, 4) for k, v in tot.items()}
+        if self.pool is not None:
+            res.timings.update(prompt_tokens_reused=self.pool.reused, prompt_tokens_prefilled=self.pool.prefilled)
+        elif self.caches[0] is not None:
+            res.timings.update(
+                prompt_tokens_reused=sum(c.reused for c in self.caches),
+                prompt_tokens_prefilled=sum(c.prefilled for c in self.caches),
+            )
+        return res
+
+
 class SentenceGenerator:
     """Planner + decoder + encoder + RVQ, loaded once; `generate()` for text, `run()` for details.
 
@@ -549,100 +628,87 @@ class SentenceGenerator:
     def _load(self) -> None:
         import torch
 
-        from next_speed.core.runtime import pick_device, seed_everything
-        from next_speed.data.embed import load_encoder
-        from next_speed.models.decoder_model import code_token_ids, load_decoder
-        from next_speed.models.planner import PlannerRunner, load_planner
+        from next_speed.core.runtime import pick_device, resolve_dtype, seed_everything
+        from next_speed.generation.engine import DecodeEngine
+        from next_speed.models.decoder_model import code_token_ids
         from next_speed.quant.rvq import load_rvq
 
         cfg = self.cfg
         seed_everything(cfg.seed, cfg.deterministic)  # per-call sampling is seeded again by `seed`
         self.device = pick_device(cfg.device)
-        from next_speed.core.runtime import resolve_dtype
-
         self.dtype = resolve_dtype(cfg.dtype, self.device)  # before loading anything: a bad choice fails at once
         t0 = time.perf_counter()
         self.rvq, rvq_meta = load_rvq(cfg.rvq_path, cfg.rvq_meta)
         rvq_hash = sha256_path(cfg.rvq_path)
+        self._load_planner(rvq_hash)
+        self._load_decoder(rvq_hash)
+        rec = recorded_settings(rvq_meta)
+        self.beam = rec["beam"]
+        self._load_encoder(rvq_meta, rec["maxlen"])
+        self.engine = DecodeEngine(self.model, self.tok, code_token_ids(self.tok, self.cond), self.device)
+        self.use_kv = cfg.engine == "kv" and self.cond.family == "causal"
+        if cfg.engine == "kv" and not self.use_kv:
+            log.info("ENGINE=kv serves causal decoders; this %s decoder renders with transformers' generate (ENGINE=hf)",
+                     self.cond.family)  # fmt: skip
+        from next_speed.data.sentences import _init_worker
+
+        _init_worker(rec["lang"])  # the prompt splitter of step 01, built once (not per call)
+        self.load_seconds = time.perf_counter() - t0
+        self.torch = torch
+        packed = f", {self.packed_linears} matrices packed for oneDNN" if self.packed_linears else ""
+        log.info("generator loaded in %.1fs on %s (K=%d, V=%d, %s codes, %s decoder%s)", self.load_seconds,
+                 self.device, self.rvq.K, self.rvq.V, self.cond.code_mode, self.dtype, packed)  # fmt: skip
+
+    def _load_planner(self, rvq_hash: str) -> None:
+        from next_speed.models.planner import PlannerRunner, load_planner
+        from next_speed.quant.rvq import check_fits_rvq
+
+        cfg = self.cfg
         planner, pinfo = load_planner(cfg.planner_dir, self.device)
-        if (pinfo["K"], pinfo["V"]) != (self.rvq.K, self.rvq.V):
-            raise StaleInputError(
-                f"the planner in {cfg.planner_dir} has K={pinfo['K']} V={pinfo['V']} but {cfg.rvq_path} has "
-                f"K={self.rvq.K} V={self.rvq.V}: rerun steps 04-05"
-            )
-        if pinfo.get("rvq_sha256") and pinfo["rvq_sha256"] != rvq_hash:
-            raise StaleInputError(
-                f"the planner in {cfg.planner_dir} was trained on codes of another {cfg.rvq_path}: rerun steps 04-05"
-            )
+        check_fits_rvq(f"the planner in {cfg.planner_dir}", pinfo["K"], pinfo["V"], pinfo.get("rvq_sha256"), self.rvq,
+                       cfg.rvq_path, rvq_hash, "rerun steps 04-05")  # fmt: skip
         self.planner = PlannerRunner(planner, pinfo["context_sents"], codebooks=self.rvq.codebooks)
         self.context_sents = pinfo["context_sents"]
+
+    def _load_decoder(self, rvq_hash: str) -> None:
+        import torch
+
+        from next_speed.core.runtime import pack_linears
+        from next_speed.models.decoder_model import cast_decoder, load_decoder
+        from next_speed.quant.rvq import check_fits_rvq
+
+        cfg = self.cfg
         self.model, self.tok, self.cond, dmeta = load_decoder(cfg.decoder_dir, self.device)
         self.decoder_meta = dmeta
         self._base_engine = None  # UNPLANNED: the packaged base model, loaded on first use
         if self.dtype == "bf16":
-            from next_speed.models.decoder_model import cast_decoder
-
             cast_decoder(
                 self.model, torch.bfloat16
             )  # the plan adapter (CODE_MODE=inject) stays fp32; its vector is cast
         self.packed_linears = 0
         if cfg.pack_weights and self.device == "cpu" and self.dtype == "fp32":
-            from next_speed.core.runtime import pack_linears
-
             self.packed_linears = pack_linears(self.model)  # 0, with a warning, where this torch cannot
         if cfg.code_mode != "auto" and self.cond.code_mode != cfg.code_mode:
             raise StaleInputError(
                 f"CODE_MODE={cfg.code_mode} but the decoder in {cfg.decoder_dir} was trained with "
                 f"CODE_MODE={self.cond.code_mode}: set CODE_MODE={self.cond.code_mode} or rerun step 06"
             )
-        if (self.cond.K, self.cond.V) != (self.rvq.K, self.rvq.V):
+        check_fits_rvq(f"the decoder in {cfg.decoder_dir}", self.cond.K, self.cond.V, dmeta.get("rvq_sha256"),
+                       self.rvq, cfg.rvq_path, rvq_hash, "rerun steps 04 and 06 with these K and V")  # fmt: skip
+
+    def _load_encoder(self, rvq_meta: dict, maxlen) -> None:
+        from next_speed.data.embed import load_encoder
+
+        cfg = self.cfg
+        model = cfg.emb_model or rvq_meta.get("encoder") or "all-MiniLM-L6-v2"
+        self.encoder = load_encoder(model, device=self.device, maxlen=maxlen)
+        enc = self.encoder
+        get_dim = getattr(enc, "get_embedding_dimension", None) or enc.get_sentence_embedding_dimension
+        if get_dim() != self.rvq.D:
             raise StaleInputError(
-                f"the decoder in {cfg.decoder_dir} has K={self.cond.K} V={self.cond.V} but {cfg.rvq_path} has "
-                f"K={self.rvq.K} V={self.rvq.V}: rerun step 06 with these K and V"
-            )
-        if dmeta.get("rvq_sha256") and dmeta["rvq_sha256"] != rvq_hash:
-            raise StaleInputError(
-                f"the decoder in {cfg.decoder_dir} was trained on codes of another {cfg.rvq_path}: rerun steps 04 and 06"
-            )
-        rec = recorded_settings(rvq_meta)
-        self.beam = rec["beam"]
-        self.encoder = load_encoder(
-            cfg.emb_model or rvq_meta.get("encoder") or "all-MiniLM-L6-v2", device=self.device, maxlen=rec["maxlen"]
-        )
-        dim = (
-            self.encoder.get_embedding_dimension()
-            if hasattr(self.encoder, "get_embedding_dimension")
-            else self.encoder.get_sentence_embedding_dimension()
-        )
-        if dim != self.rvq.D:
-            raise StaleInputError(
-                f"the encoder gives {dim}-d vectors but {cfg.rvq_path} quantizes {self.rvq.D}-d ones: "
+                f"the encoder gives {get_dim()}-d vectors but {cfg.rvq_path} quantizes {self.rvq.D}-d ones: "
                 f"set EMB_MODEL to the encoder of step 02"
             )
-        from next_speed.generation.engine import DecodeEngine
-
-        self.engine = DecodeEngine(self.model, self.tok, code_token_ids(self.tok, self.cond), self.device)
-        self.use_kv = cfg.engine == "kv" and self.cond.family == "causal"
-        if cfg.engine == "kv" and not self.use_kv:
-            log.info(
-                "ENGINE=kv serves causal decoders; this %s decoder renders with transformers' generate (ENGINE=hf)",
-                self.cond.family,
-            )
-        from next_speed.data.sentences import _init_worker
-
-        _init_worker(rec["lang"])  # the prompt splitter of step 01, built once (not per call)
-        self.load_seconds = time.perf_counter() - t0
-        self.torch = torch
-        log.info(
-            "generator loaded in %.1fs on %s (K=%d, V=%d, %s codes, %s decoder%s)",
-            self.load_seconds,
-            self.device,
-            self.rvq.K,
-            self.rvq.V,
-            self.cond.code_mode,
-            self.dtype,
-            f", {self.packed_linears} matrices packed for oneDNN" if self.packed_linears else "",
-        )
 
     # ------------------------------------------------------------------ pieces
     def split(self, text: str) -> list[str]:
@@ -1028,29 +1094,56 @@ class SentenceGenerator:
         renders the steps of concurrent requests in one batch) and returns the GenerationResult.
         The prompt's KV cache travels from one step to the next. `plan`, `max_tokens` and `stop`
         are as checked by `prepare`; `on_step(step)` is called with each Step once decided."""
+        run = self._start(prompt, p, max_tokens, stop, on_step)
+        res = run.res
+        while (step := len(res.sentences)) < p.gen_steps:
+            if run.budget is not None and run.budget <= 0:
+                res.stop_reason = "length"
+                break
+            pin = self._pin(plan, step)
+            # A step whose candidates the stop rules all refuse is planned and rendered again (a new
+            # plan draw and new decoder seeds), up to RETRIES times, before the text ends there.
+            for attempt in range(p.retries + 1):
+                w = self._window(run, plan, step, attempt, pin)
+                yield w.jobs + [d["job"] for d in w.drafts]
+                self._choose(run, w, attempt)
+                if w.chosen is not None:
+                    break
+                run.record(Step(w.planned, w.scored, None, None, None, w.timings, w.ex_chosen, len(pin)))
+            if w.chosen is None:
+                res.stop_reason = "empty" if all(not c for c in w.cands) else "repeat"  # every non-empty one repeats
+                break
+            c = w.chosen
+            st = Step(w.planned, w.scored, c, w.cands[c], w.scored[c]["codes"], w.timings, w.ex_chosen, len(pin),
+                      w.rendered[c]["tokens"])  # fmt: skip
+            if run.commit(st, w.x[c]):
+                break
+            if w.drafts and self.keep_drafts(run.text, w.drafts, p, res, run.tot, run.pool, run.commit, run.left):
+                break
+        else:
+            if run.budget is not None and run.budget <= 0:
+                res.stop_reason = "length"
+        return run.finish()
+
+    def _start(self, prompt: str, p: GenParams, max_tokens: int | None, stop: Sequence[str], on_step) -> _Run:
+        """A generation's state before its first sentence: the prompt's sentences and their guards."""
         from next_speed.generation.engine import PrefixPool, PromptCache
 
-        torch = self.torch
         t_start = time.perf_counter()
         sents = self.split(prompt)
         if not sents:
             raise NextSpeedError("the prompt has no sentences")
-        t0 = time.perf_counter()
         hist_emb = self.embed(sents)
         text = _Text(
             history=list(sents),
             hist_emb=hist_emb,
             ctx_codes=self.rvq.encode(hist_emb, beam=self.beam).tolist(),
             seen={normalize_text(s) for s in sents},
-            spans=set().union(
-                *(word_spans(s, p.repeat_span) for s in sents)
-            ),  # copy guard: earlier sentences' word runs
-            earlier=copy_ids(self.tok, sents) if p.no_copy_ngram > 0 else [],
-        )  # and their tokens, for NO_COPY_NGRAM
-        t_prompt = time.perf_counter() - t0
-        gen = torch.Generator().manual_seed(p.seed)
+            spans=set().union(*(word_spans(s, p.repeat_span) for s in sents)),  # copy guard: earlier word runs
+            earlier=copy_ids(self.tok, sents) if p.no_copy_ngram > 0 else [],  # and their tokens, for NO_COPY_NGRAM
+        )
         res = GenerationResult(prompt=prompt, sentences=[], planned=[], realized=[], params=asdict(p))
-        tot = {"prompt": t_prompt, "planner": 0.0, "decoder": 0.0, "rerank": 0.0}
+        tot = {"prompt": time.perf_counter() - t_start, "planner": 0.0, "decoder": 0.0, "rerank": 0.0}
         lookahead = p.parallel > 1
         if lookahead:
             tot["verify"] = 0.0
@@ -1060,153 +1153,78 @@ class SentenceGenerator:
         # (bounded: a cache of a 160-token prompt holds about 7 MB of keys and values)
         pool = PrefixPool(min(2 * p.parallel + p.plans + 2, POOL_MAX)) if lookahead and self.use_kv else None
         caches = [PromptCache() if self.use_kv and pool is None else None for _ in range(p.plans)]
-        base_cache = PromptCache()  # the base model's (UNPLANNED)
-        budget = max_tokens
+        return _Run(p=p, text=text, res=res, tot=tot, t_start=t_start, gen=self.torch.Generator().manual_seed(p.seed),
+                    budget=max_tokens, stop=tuple(stop), on_step=on_step, pool=pool, caches=caches,
+                    base_cache=PromptCache(), tok=self.tok)  # fmt: skip
 
-        def commit(st: Step, emb: np.ndarray) -> bool:
-            """Add a decided sentence to the result and the text; True when a stop string ended the text."""
-            nonlocal budget
-            cut = min((i for i in (st.sentence.find(s) for s in stop) if i >= 0), default=-1)
-            if cut >= 0:  # a stop string: the text ends before it
-                st.sentence = st.sentence[:cut].rstrip()
-            if budget is not None:
-                budget -= st.tokens
-            res.steps.append(st)
-            if on_step is not None:
-                on_step(st)
-            if cut < 0 or st.sentence:
-                res.sentences.append(st.sentence)
-                res.planned.append(st.planned)
-                res.realized.append(st.realized)
-            if cut >= 0:
-                res.stop_reason = "stop"
-                return True
-            text.add(st.sentence, emb, st.realized, p, self.tok)
-            return False
+    def _window(self, run: _Run, plan: list | None, step: int, attempt: int, pin: list[int]) -> _Window:
+        """Plan the next sentence (and with PARALLEL > 1 the ones after it) and make the jobs that render them."""
+        p, text, budget = run.p, run.text, run.budget
+        # Without rerank nothing chooses among candidates: one plan, one candidate (the spec's ablation).
+        pc = p if p.rerank else replace(p, plans=1, unplanned=0)
+        m = min(p.parallel, p.gen_steps - step)  # sentences of this window
+        t0 = time.perf_counter()
+        temp = p.plan_temp if attempt == 0 else max(p.plan_temp, RETRY_PLAN_TEMP)
+        plans = self.sample_plans(text.ctx_codes, text.hist_emb, pin, pc, temp, run.gen)
+        pins = [self._pin(plan, step + j) for j in range(1, m)]  # plan control of the lookahead sentences
+        chain = self.plan_ahead(text, plans[0], pins, p, temp, run.gen)
+        t1 = time.perf_counter()
+        exemplars = [
+            self.exemplars_for(pl, exclude=set(text.history), avoid=text.hist_emb, avoid_cos=p.repeat_cos)
+            for pl in plans
+        ]
+        context_text, text.ctx_start = self.context_for(text.history, text.ctx_start, plans[0], exemplars[0])
+        ps = p if p.rerank else replace(p, n_cand=1)
+        if budget is not None and budget < ps.max_new_tokens:
+            ps = replace(ps, max_new_tokens=budget)
+        seed = p.seed * 1000 + step + RETRY_SEED_STRIDE * attempt
+        guards = {"copy_spans": text.spans, "earlier_ids": text.earlier, "written_ids": text.written}
+        jobs = [
+            self.make_job(
+                context_text, pl, ps, seed=seed + PLAN_SEED_STRIDE * k, exemplars=ex, cache=run.caches[k], **guards
+            )  # fmt: skip
+            for k, (pl, ex) in enumerate(zip(plans, exemplars))
+        ]
+        drafts = self.draft_jobs(text, plans[0], exemplars[0], chain, pins, ps, seed)
+        for job in jobs + [d["job"] for d in drafts]:
+            job.pool = run.pool
+        if pc.unplanned:
+            base_seed = seed + PLAN_SEED_STRIDE * 8
+            jobs.append(self.unplanned_job(text.history, ps, base_seed, run.base_cache, *guards.values()))
+        return _Window(plans=plans, exemplars=exemplars, jobs=jobs, drafts=drafts, unplanned=bool(pc.unplanned),
+                       timings={"planner": t1 - t0}, t_rendered=t1)  # fmt: skip
 
-        while (step := len(res.sentences)) < p.gen_steps:
-            if budget is not None and budget <= 0:
-                res.stop_reason = "length"
-                break
-            pin = self._pin(plan, step)
-            # Without rerank nothing chooses among candidates: one plan, one candidate (the spec's ablation).
-            pc = p if p.rerank else replace(p, plans=1, unplanned=0)
-            m = min(p.parallel, p.gen_steps - step)  # sentences of this window
-            # A step whose candidates the stop rules all refuse is planned and rendered again (a new
-            # plan draw and new decoder seeds), up to RETRIES times, before the text ends there.
-            for attempt in range(p.retries + 1):
-                t0 = time.perf_counter()
-                temp = p.plan_temp if attempt == 0 else max(p.plan_temp, RETRY_PLAN_TEMP)
-                plans = self.sample_plans(text.ctx_codes, text.hist_emb, pin, pc, temp, gen)
-                pins = [self._pin(plan, step + j) for j in range(1, m)]  # plan control of the lookahead sentences
-                chain = self.plan_ahead(text, plans[0], pins, p, temp, gen)
-                t1 = time.perf_counter()
-                exemplars = [
-                    self.exemplars_for(pl, exclude=set(text.history), avoid=text.hist_emb, avoid_cos=p.repeat_cos)
-                    for pl in plans
-                ]
-                context_text, text.ctx_start = self.context_for(text.history, text.ctx_start, plans[0], exemplars[0])
-                ps = p if p.rerank else replace(p, n_cand=1)
-                if budget is not None and budget < ps.max_new_tokens:
-                    ps = replace(ps, max_new_tokens=budget)
-                seed = p.seed * 1000 + step + RETRY_SEED_STRIDE * attempt
-                jobs = [
-                    self.make_job(
-                        context_text,
-                        pl,
-                        ps,
-                        seed=seed + PLAN_SEED_STRIDE * k,
-                        exemplars=ex,
-                        cache=caches[k],
-                        copy_spans=text.spans,
-                        earlier_ids=text.earlier,
-                        written_ids=text.written,
-                    )
-                    for k, (pl, ex) in enumerate(zip(plans, exemplars))
-                ]
-                drafts = self.draft_jobs(text, plans[0], exemplars[0], chain, pins, ps, seed)
-                for job in jobs + [d["job"] for d in drafts]:
-                    job.pool = pool
-                if pc.unplanned:
-                    jobs.append(
-                        self.unplanned_job(
-                            text.history,
-                            ps,
-                            seed + PLAN_SEED_STRIDE * 8,
-                            base_cache,
-                            text.spans,
-                            text.earlier,
-                            text.written,
-                        )
-                    )
-                yield jobs + [d["job"] for d in drafts]
-                for k, job in enumerate(jobs[: len(plans)]):
-                    caches[k] = job.cache
-                if pc.unplanned:
-                    base_cache = jobs[-1].cache
-                t2 = time.perf_counter()
-                scored, x, cands, owner = [], [], [], []
-                for k, job in enumerate(jobs):
-                    sc, xk = self.judge(
-                        plans[min(k, len(plans) - 1)], job.out, text.hist_emb, text.seen, text.spans, p, text.pairs
-                    )
-                    if job.engine == "base":  # compared with the first plan; marked as written without one
-                        sc = [dict(c, unplanned=True) for c in sc]
-                    scored += [dict(c, plan=k) for c in sc] if len(jobs) > 1 else sc
-                    x.append(xk)
-                    cands += [c["text"] for c in job.out]
-                    owner += [(k, i) for i in range(len(job.out))]
-                x = np.concatenate(x)
-                # a cut-off sentence is kept only when no retry is left (or the token budget cut it)
-                last = attempt == p.retries or (budget is not None and budget < p.max_new_tokens)
-                chosen = select_candidate(scored, p, truncated_ok=last)
-                k_chosen = min(owner[chosen][0], len(plans) - 1) if chosen is not None else 0
-                planned, ex_chosen = plans[k_chosen], exemplars[k_chosen]
-                if chosen is not None and scored[chosen].get("unplanned"):
-                    ex_chosen = []
-                rendered = [r for job in jobs for r in job.out]
-                t3 = time.perf_counter()
-                timings = {"planner": t1 - t0, "decoder": t2 - t1, "rerank": t3 - t2}
-                for k in timings:
-                    tot[k] += timings[k]
-                if chosen is not None:
-                    break
-                res.steps.append(Step(planned, scored, None, None, None, timings, ex_chosen, len(pin)))
-                if on_step is not None:
-                    on_step(res.steps[-1])
-            if chosen is None:
-                res.stop_reason = "empty" if all(not c for c in cands) else "repeat"  # every non-empty one repeats
-                break
-            if commit(
-                Step(
-                    planned,
-                    scored,
-                    chosen,
-                    cands[chosen],
-                    scored[chosen]["codes"],
-                    timings,
-                    ex_chosen,
-                    len(pin),
-                    rendered[chosen]["tokens"],
-                ),
-                x[chosen],
-            ):
-                break
-            if drafts and self.keep_drafts(text, drafts, p, res, tot, pool, commit, lambda: budget):
-                break
-        else:
-            if budget is not None and budget <= 0:
-                res.stop_reason = "length"
-        tot["total"] = time.perf_counter() - t_start
-        res.timings = {k: round(v, 4) for k, v in tot.items()}
-        if pool is not None:
-            res.timings.update(prompt_tokens_reused=pool.reused, prompt_tokens_prefilled=pool.prefilled)
-        elif caches[0] is not None:
-            res.timings.update(
-                prompt_tokens_reused=sum(c.reused for c in caches),
-                prompt_tokens_prefilled=sum(c.prefilled for c in caches),
-            )
-        return res
+    def _choose(self, run: _Run, w: _Window, attempt: int) -> None:
+        """After the window's jobs are rendered: judge every candidate by the stop rules and the
+        rerank, and pick the sentence (`w.chosen` stays None when every candidate is refused)."""
+        p, text = run.p, run.text
+        for k, job in enumerate(w.jobs[: len(w.plans)]):
+            run.caches[k] = job.cache
+        if w.unplanned:
+            run.base_cache = w.jobs[-1].cache
+        t2 = time.perf_counter()
+        scored, x, cands, owner = [], [], [], []
+        for k, job in enumerate(w.jobs):
+            plan_k = w.plans[min(k, len(w.plans) - 1)]
+            sc, xk = self.judge(plan_k, job.out, text.hist_emb, text.seen, text.spans, p, text.pairs)
+            if job.engine == "base":  # compared with the first plan; marked as written without one
+                sc = [dict(c, unplanned=True) for c in sc]
+            scored += [dict(c, plan=k) for c in sc] if len(w.jobs) > 1 else sc
+            x.append(xk)
+            cands += [c["text"] for c in job.out]
+            owner += [(k, i) for i in range(len(job.out))]
+        # a cut-off sentence is kept only when no retry is left (or the token budget cut it)
+        last = attempt == p.retries or (run.budget is not None and run.budget < p.max_new_tokens)
+        w.chosen = select_candidate(scored, p, truncated_ok=last)
+        k_chosen = min(owner[w.chosen][0], len(w.plans) - 1) if w.chosen is not None else 0
+        w.planned, w.ex_chosen = w.plans[k_chosen], w.exemplars[k_chosen]
+        if w.chosen is not None and scored[w.chosen].get("unplanned"):
+            w.ex_chosen = []
+        w.scored, w.x, w.cands = scored, np.concatenate(x), cands
+        w.rendered = [r for job in w.jobs for r in job.out]
+        w.timings.update(decoder=t2 - w.t_rendered, rerank=time.perf_counter() - t2)
+        for k, v in w.timings.items():
+            run.tot[k] += v
 
     def _pin(self, plan: list | None, i: int) -> list[int]:
         """Plan control's pinned codes for generated sentence `i` (an example's codes; [] when free)."""

@@ -53,15 +53,12 @@ class RVQ:
 
         `kmeans`: faiss k-means on the residuals themselves. Deeper residuals are nearly isotropic
         noise of similar norms, and L2 k-means then settles with most of its codewords on a few
-        outlying points each and one codeword near zero that most sentences pick (measured on the
-        default corpus: level-4 perplexity 4.3 of 256).
+        outlying points each and one codeword near zero that most sentences pick (a collapsed level).
         `spherical` (default): cluster the residuals' *directions* (faiss spherical k-means on the
         unit residuals), set each codeword to the mean residual of its cluster (the L2-optimal
         vector for that assignment), then `refine` ordinary Lloyd steps from there. Every codeword
         starts with a share of the directions, so no level collapses, and the error is lower too
-        (held-out relative error 0.519 vs 0.563 on the default corpus; README, "RVQ")."""
-        import faiss
-
+        (docs/results.md, "RVQ")."""
         if method not in ("spherical", "kmeans"):
             raise ConfigError(f"RVQ_FIT={method!r}: choose spherical or kmeans")
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -70,54 +67,9 @@ class RVQ:
             raise ConfigError(f"V={V} is larger than the number of sentences ({n}): lower V or use more data")
         resid = x.copy()
         books = np.zeros((K, V, d), dtype=np.float32)
-
-        def assign(book: np.ndarray, pts: np.ndarray) -> np.ndarray:
-            ix = faiss.IndexFlatL2(d)
-            ix.add(book)
-            return ix.search(pts, 1)[1][:, 0]
-
-        def means(a: np.ndarray, prev: np.ndarray) -> np.ndarray:
-            import torch  # index_add_: a segmented sum ~70x faster than np.add.at
-
-            sums = (
-                torch.zeros(V, d).index_add_(0, torch.from_numpy(a.astype(np.int64)), torch.from_numpy(resid)).numpy()
-            )
-            cnt = np.bincount(a, minlength=V)[:, None]
-            return np.where(cnt > 0, sums / np.maximum(cnt, 1), prev).astype(
-                np.float32
-            )  # an empty cluster keeps its codeword
-
         for k in range(K):
-            if method == "kmeans":
-                km = faiss.Kmeans(
-                    d,
-                    V,
-                    niter=niter,
-                    seed=seed + k,
-                    verbose=verbose,
-                    max_points_per_centroid=1 << 30,
-                    min_points_per_centroid=1,
-                )
-                km.train(resid)
-                books[k] = km.centroids
-            else:
-                unit = resid / (np.linalg.norm(resid, axis=1, keepdims=True) + 1e-12)
-                km = faiss.Kmeans(
-                    d,
-                    V,
-                    niter=niter,
-                    seed=seed + k,
-                    verbose=verbose,
-                    spherical=True,
-                    max_points_per_centroid=1 << 30,
-                    min_points_per_centroid=1,
-                )
-                km.train(unit)
-                book = means(km.index.search(unit, 1)[1][:, 0], km.centroids)
-                for _ in range(refine):
-                    book = means(assign(book, resid), book)
-                books[k] = book
-            resid -= books[k][assign(books[k], resid)]
+            books[k] = _fit_level(resid, V, niter, seed + k, verbose, method, refine)
+            resid -= books[k][_nearest(books[k], resid)]
         return cls(codebooks=books)
 
     # ------------------------------------------------------------------ encode / decode
@@ -198,6 +150,54 @@ class RVQ:
 
 
 ENCODE_CHUNK = 65536  # vectors encoded per chunk by step 03 (memory: one chunk)
+
+
+def _nearest(book: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """Index of each point's nearest codeword (L2)."""
+    import faiss
+
+    ix = faiss.IndexFlatL2(book.shape[1])
+    ix.add(book)
+    return ix.search(pts, 1)[1][:, 0]
+
+
+def _cluster_means(a: np.ndarray, resid: np.ndarray, prev: np.ndarray) -> np.ndarray:
+    """Each cluster's mean residual; an empty cluster keeps its codeword."""
+    import torch  # index_add_: a segmented sum ~70x faster than np.add.at
+
+    V, d = prev.shape
+    sums = torch.zeros(V, d).index_add_(0, torch.from_numpy(a.astype(np.int64)), torch.from_numpy(resid)).numpy()
+    cnt = np.bincount(a, minlength=V)[:, None]
+    return np.where(cnt > 0, sums / np.maximum(cnt, 1), prev).astype(np.float32)
+
+
+def _fit_level(resid: np.ndarray, V: int, niter: int, seed: int, verbose: bool, method: str, refine: int) -> np.ndarray:
+    """One level's codebook (V, D) for the residuals (see `RVQ.fit`)."""
+    import faiss
+
+    d = resid.shape[1]
+    opts = dict(niter=niter, seed=seed, verbose=verbose, max_points_per_centroid=1 << 30, min_points_per_centroid=1)
+    if method == "kmeans":
+        km = faiss.Kmeans(d, V, **opts)
+        km.train(resid)
+        return km.centroids
+    unit = resid / (np.linalg.norm(resid, axis=1, keepdims=True) + 1e-12)
+    km = faiss.Kmeans(d, V, spherical=True, **opts)
+    km.train(unit)
+    book = _cluster_means(km.index.search(unit, 1)[1][:, 0], resid, km.centroids)
+    for _ in range(refine):
+        book = _cluster_means(_nearest(book, resid), resid, book)
+    return book
+
+
+def check_fits_rvq(what: str, k: int, v: int, recorded_sha: str | None, rvq: RVQ, rvq_path: str, rvq_hash: str,
+                   rerun: str) -> None:  # fmt: skip
+    """The one compatibility check of a model (or data) against the RVQ at hand: the same K and V,
+    and, where it recorded one, the same RVQ file (hash). `what` names it, `rerun` says what to do."""
+    if (k, v) != (rvq.K, rvq.V):
+        raise StaleInputError(f"{what}: K={k} V={v}, but {rvq_path} has K={rvq.K} V={rvq.V}: {rerun}")
+    if recorded_sha and recorded_sha != rvq_hash:
+        raise StaleInputError(f"{what}: built on codes of another {rvq_path}: {rerun}")
 
 
 def levels_matched(planned, realized) -> int:

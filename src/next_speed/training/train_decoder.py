@@ -38,7 +38,18 @@ from next_speed.models.decoder_model import (
     save_decoder,
     token_losses,
 )
-from next_speed.training.loop import check_trainsets, cosine_lr, plot_curve
+from next_speed.training.loop import (
+    check_trainsets,
+    cosine_lr,
+    decay_groups,
+    dist_close,
+    dist_init,
+    fit,
+    global_mean,
+    plot_curve,
+    shard,
+    wrap_ddp,
+)
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 2
@@ -117,7 +128,8 @@ class DecoderTrainConfig:
         "auto",
         env="AMP",
         choices=("auto", "bf16", "off"),
-        help="bf16 mixed precision for training: auto = on CUDA and on CPUs with native bf16 (AMX, AVX512-BF16), off elsewhere",
+        help="bf16 mixed precision for training: auto = on CUDA and on CPUs with native bf16 (AMX, AVX512-BF16), "
+        "off elsewhere",
     )
     warmup: int = knob(20, env="WARMUP", min=0, help="warmup steps")
     eval_every: int = knob(50, env="EVAL_EVERY", min=1, help="validate every N steps")
@@ -354,77 +366,14 @@ def sentence_vectors(tmeta: dict, rows: list[dict], rows_path: str):
 def build_bank(cfg: DecoderTrainConfig, tmeta: dict, rows: list[dict]) -> ExemplarBank:
     """The exemplar bank of step 06: every training sentence with its step-02 embedding (found by
     the rows' `sid` in the embeddings that step 03 quantized) and the RVQ codebooks."""
-    from next_speed.quant.rvq import RVQ
+    from next_speed.quant.rvq import RVQ, check_fits_rvq
 
     rvq_path = tmeta.get("rvq_path")
     if not rvq_path or not Path(rvq_path).is_file():
         raise NextSpeedError(f"EXEMPLARS reads {rvq_path}, which is missing: rerun steps 03-04")
-    if tmeta.get("rvq_sha256") and sha256_path(rvq_path) != tmeta["rvq_sha256"]:
-        raise NextSpeedError(f"{rvq_path} is not the file the training sets were built from: rerun steps 03-04")
-    vec = sentence_vectors(tmeta, rows, cfg.out_dec)
-    bank = ExemplarBank(
-        texts=[r["target"] for r in rows],
-        docs=[r["doc"] for r in rows],
-        emb=vec,
-        codebooks=RVQ.load(rvq_path).codebooks,
-        codes=[r["codes"] for r in rows],
-    )
-    log.info("06: exemplar bank of %d training sentences", len(rows))
-    return bank
-
-
-def add_exemplars(bank: ExemplarBank, rows: list[dict], k: int, codes: list | None = None) -> list[dict]:
-    """Rows with `exemplars`: the k bank sentences nearest to each row's plan (its own codes, or
-    `codes[i]`), never from the row's own document nor a copy of its target."""
-    plans = [r["codes"] for r in rows] if codes is None else codes
-    exs = bank.lookup(plans, k, exclude_docs=[r.get("doc") for r in rows], exclude_texts=[{r["target"]} for r in rows])
-    return [{**r, "exemplars": e} for r, e in zip(rows, exs)]
-
-
-def _level_keep(n: int, K: int, p: float, rng: random.Random):
-    """(n, K) bool: with probability p a row keeps only levels < j, j uniform in 1..K-1 (the
-    coarse part of the plan, as when the planner gets the deeper levels wrong); else all levels."""
-    import torch
-
-    keep = torch.ones(n, K, dtype=torch.bool)
-    for i in range(n):
-        if K > 1 and rng.random() < p:
-            keep[i, rng.randint(1, K - 1) :] = False
-    return keep
-
-
-def _make_adapter(model, cfg: DecoderTrainConfig, cond: Conditioning, tmeta: dict, val_ds, pad_id: int, family: str):
-    """CODE_MODE=inject: the plan adapter over step 03's codebooks, hooked into the block where
-    training starts (its scale is the residual stream's RMS there), and recorded in `cond`."""
-    from next_speed.quant.rvq import RVQ
-
-    n_blocks = len(block_list(model)[1])
-    if cfg.inject_layer is not None:
-        layer = cfg.inject_layer
-    elif cfg.train_layers == "all":
-        layer = 0
-    else:
-        layer = max(0, n_blocks - int(cfg.train_layers))
-    if layer >= n_blocks:
-        raise ConfigError(f"INJECT_LAYER={layer} is past the model's last block ({n_blocks - 1})")
-    if cfg.train_layers != "all" and layer < n_blocks - int(cfg.train_layers):
-        log.warning(
-            "06: INJECT_LAYER=%d is below the trainable blocks: gradients to the plan adapter pass through "
-            "frozen blocks (slower steps)",
-            layer,
-        )
-    rvq_path = tmeta.get("rvq_path") or "out/rvq.npz"
-    if not Path(rvq_path).is_file():
-        raise NextSpeedError(
-            f"CODE_MODE=inject reads the RVQ codebooks of step 03, but {rvq_path} is missing: rerun step 03"
-        )
-    if tmeta.get("rvq_sha256") and sha256_path(rvq_path) != tmeta["rvq_sha256"]:
-        raise NextSpeedError(f"{rvq_path} is not the RVQ the training sets were built with: rerun steps 03-04")
     rvq = RVQ.load(rvq_path)
-    if (rvq.K, rvq.V) != (cond.K, cond.V):
-        raise NextSpeedError(
-            f"{rvq_path} has K={rvq.K} V={rvq.V}, the training sets K={cond.K} V={cond.V}: rerun steps 03-04"
-        )
+    check_fits_rvq("the training sets", cond.K, cond.V, tmeta.get("rvq_sha256"), rvq, rvq_path, sha256_path(rvq_path),
+                   "rerun steps 03-04")  # fmt: skip
     calib = collate([val_ds[i] for i in range(min(8, len(val_ds)))], pad_id, family)
     scale = residual_rms(model, layer, calib)
     hidden = model.get_input_embeddings().weight.shape[1]
@@ -441,19 +390,9 @@ def _make_adapter(model, cfg: DecoderTrainConfig, cond: Conditioning, tmeta: dic
     return adapter
 
 
-def train_decoder(cfg: DecoderTrainConfig) -> dict | None:
-    """Run step 06: decoder rows -> a fine-tuned decoder in OUT_DIR (or only the cache).
-
-    Under `torchrun --nproc-per-node N`: DistributedDataParallel (gloo on CPU, NCCL on GPUs);
-    every rank walks the same shuffled order and trains on its shard of each global micro-batch
-    of TRAIN_BS rows, the loss weighted by the global token count; rank 0 validates, decides the
-    time budget for all, and writes the decoder once, atomically (other ranks return None)."""
-    import torch
-
-    from next_speed.core.runtime import autocast, pick_device, progress, resolve_amp, seed_everything
-    from next_speed.training.loop import broadcast_flags, dist_close, dist_init, global_mean, shard
-
-    tmeta = check_trainsets(cfg.train_meta, [cfg.out_dec, cfg.out_dec_val], cfg.k, cfg.v)
+def _training_rows(cfg: DecoderTrainConfig, tmeta: dict) -> tuple[list[dict], list[dict], object]:
+    """The training and validation rows (checked against K and V, sampled by MAX_ROWS and VAL_ROWS)
+    and the exemplar bank (EXEMPLARS > 0), exemplars already added to the rows."""
     K, V = tmeta["K"], tmeta["V"]
     train_rows, val_rows = _rows(cfg.out_dec), _rows(cfg.out_dec_val)
     if not train_rows:
@@ -465,11 +404,64 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict | None:
                     f"{path}: row {i + 1} has codes {r['codes']} that do not fit K={K} V={V}: rerun step 04"
                 )
     bank = build_bank(cfg, tmeta, train_rows) if cfg.exemplars else None
-    rng = random.Random(cfg.seed)
     if cfg.max_rows and cfg.max_rows < len(train_rows):
-        train_rows = rng.sample(train_rows, cfg.max_rows)
+        train_rows = random.Random(cfg.seed).sample(train_rows, cfg.max_rows)
     val_rows = random.Random(cfg.seed + 1).sample(val_rows, min(cfg.val_rows, len(val_rows)))
+    if bank is not None:
+        train_rows = add_exemplars(bank, train_rows, cfg.exemplars)
+        val_rows = add_exemplars(bank, val_rows, cfg.exemplars)
+    return train_rows, val_rows, bank
 
+
+def _build_decoder(cfg: DecoderTrainConfig, tmeta: dict, tok, cond, family: str, n_before: int, train_rows, val_ds):
+    """The base model with the code tokens' embeddings initialized, its trainable parameters
+    chosen (TRAIN_LAYERS) and, for CODE_MODE=inject, the plan adapter."""
+    model = load_base_model(cfg.model, family)
+    init_texts: dict[tuple[int, int], list[str]] = {}
+    for r in train_rows:
+        for k, c in enumerate(r["codes"]):
+            lst = init_texts.setdefault((k, c), [])
+            if len(lst) < 16:  # a few sentences per code suffice to place its embedding
+                lst.append(r["target"])
+    added = init_code_embeddings(model, tok, cond, n_before, init_texts)
+    sel = select_trainable(model, cfg.train_layers, n_before, cfg.train_code_emb)
+    sel["code_tokens_added"] = added
+    adapter = None
+    if cfg.code_mode == "inject":
+        adapter = _make_adapter(model, cfg, cond, tmeta, val_ds, tok.pad_token_id, family)
+        sel["adapter_params"] = sum(p.numel() for p in adapter.parameters())
+        sel["trainable_params"] += sel["adapter_params"]
+        sel["inject_layer"] = cond.inject_layer
+    return model, adapter, sel
+
+
+def _optimizer(cfg: DecoderTrainConfig, model, adapter):
+    """AdamW over the trainable parameters (no decay on the embedding table, biases and norms) and
+    the adapter's (ADAPTER_LR, 3x LR by default); returns it and every trained parameter."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    emb = model.get_input_embeddings().weight
+    groups = decay_groups(params, lambda p: p.dim() < 2 or p is emb, 0.01)
+    if adapter is not None:
+        a_lr = cfg.adapter_lr if cfg.adapter_lr is not None else 3 * cfg.lr
+        scale = a_lr / cfg.lr if cfg.lr > 0 else 0.0
+        groups.append({"params": list(adapter.parameters()), "weight_decay": 0.0, "lr_scale": scale})
+        params = params + list(adapter.parameters())
+    return torch.optim.AdamW(groups, lr=cfg.lr), params
+
+
+def train_decoder(cfg: DecoderTrainConfig) -> dict | None:
+    """Run step 06: decoder rows -> a fine-tuned decoder in OUT_DIR (or only the cache).
+
+    Under `torchrun --nproc-per-node N`: DistributedDataParallel (gloo on CPU, NCCL on GPUs);
+    every rank walks the same shuffled order and trains on its shard of each global micro-batch
+    of TRAIN_BS rows, the loss weighted by the global token count; rank 0 validates, decides the
+    time budget for all, and writes the decoder once, atomically (other ranks return None)."""
+    from next_speed.core.runtime import autocast, pick_device, resolve_amp, seed_everything
+
+    tmeta = check_trainsets(cfg.train_meta, [cfg.out_dec, cfg.out_dec_val], cfg.k, cfg.v)
+    train_rows, val_rows, bank = _training_rows(cfg, tmeta)
     seed_everything(cfg.seed, cfg.deterministic)
     dd, device = dist_init(pick_device(cfg.device))
     if cfg.train_bs < dd.world:
@@ -477,196 +469,136 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict | None:
             f"TRAIN_BS={cfg.train_bs} is smaller than the {dd.world} processes: each needs at least one row"
         )
     tok, family, base_path = load_base_tokenizer(cfg.model)
-    cond = Conditioning(
-        K=K,
-        V=V,
-        code_mode=cfg.code_mode,
-        add_special_tokens=cfg.add_special_tokens,
-        max_in=cfg.max_in,
-        max_out=cfg.max_out,
-        family=family,
-        base_vocab=len(tok),
-        exemplars=cfg.exemplars,
-    )
-    extra_key = {}
-    if bank is not None:
-        train_rows = add_exemplars(bank, train_rows, cfg.exemplars)
-        val_rows = add_exemplars(bank, val_rows, cfg.exemplars)
-        extra_key = {"exemplar_bank": [tmeta.get("emb_sha256"), tmeta.get("rvq_sha256")]}
+    cond = Conditioning(K=tmeta["K"], V=tmeta["V"], code_mode=cfg.code_mode, add_special_tokens=cfg.add_special_tokens,
+                        max_in=cfg.max_in, max_out=cfg.max_out, family=family, base_vocab=len(tok),
+                        exemplars=cfg.exemplars)  # fmt: skip
+    extra_key = {"exemplar_bank": [tmeta.get("emb_sha256"), tmeta.get("rvq_sha256")]} if bank is not None else {}
     n_before = len(tok)
     add_code_tokens_to_tokenizer(tok, cond)
     subset = f"max_rows={cfg.max_rows};seed={cfg.seed}"
     train_ds, cache_info = cached_tokenize(train_rows, tok, cond, cfg, cfg.out_dec, "train", subset, extra_key)
-    val_ds, _ = cached_tokenize(
-        val_rows, tok, cond, cfg, cfg.out_dec_val, "val", f"val_rows={cfg.val_rows};seed={cfg.seed}", extra_key
-    )
+    val_subset = f"val_rows={cfg.val_rows};seed={cfg.seed}"
+    val_ds, _ = cached_tokenize(val_rows, tok, cond, cfg, cfg.out_dec_val, "val", val_subset, extra_key)
     if cfg.pretokenize_only:
         log.info("06: tokenized %d train / %d val rows; PRETOKENIZE_ONLY=1, stopping", len(train_ds), len(val_ds))
         return {"pretokenize_only": True, "train_rows": len(train_ds), "val_rows": len(val_ds), "cache": cache_info}
-
-    model = load_base_model(cfg.model, family)
-    init_texts: dict[tuple[int, int], list[str]] = {}
-    for r in train_rows:
-        for k, c in enumerate(r["codes"]):
-            lst = init_texts.setdefault((k, c), [])
-            if len(lst) < 16:  # measured: 128 sentences with IDF weights did no better (README)
-                lst.append(r["target"])
-    added = init_code_embeddings(model, tok, cond, n_before, init_texts)
-    sel = select_trainable(model, cfg.train_layers, n_before, cfg.train_code_emb)
-    adapter = None
-    if cfg.code_mode == "inject":
-        adapter = _make_adapter(model, cfg, cond, tmeta, val_ds, tok.pad_token_id, family)
-        sel["adapter_params"] = sum(p.numel() for p in adapter.parameters())
-        sel["trainable_params"] += sel["adapter_params"]
-        sel["inject_layer"] = cond.inject_layer
+    model, adapter, sel = _build_decoder(cfg, tmeta, tok, cond, family, n_before, train_rows, val_ds)
     model.to(device)
     if adapter is not None:
         adapter.to(device)
-    train_model = model  # what the training forward calls: DDP's wrapper under torchrun
-    if dd.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        train_model = DDP(model, device_ids=[dd.local_rank] if device.startswith("cuda") else None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    emb = model.get_input_embeddings().weight
-    decay = [p for p in params if p.dim() >= 2 and p is not emb]
-    no_decay = [p for p in params if not (p.dim() >= 2 and p is not emb)]
-    groups = [
-        {"params": decay, "weight_decay": 0.01, "base_lr": cfg.lr},
-        {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr},
-    ]
-    if adapter is not None:
-        a_lr = cfg.adapter_lr if cfg.adapter_lr is not None else 3 * cfg.lr
-        groups.append({"params": list(adapter.parameters()), "weight_decay": 0.0, "base_lr": a_lr})
-        params = params + list(adapter.parameters())
-    groups = [g for g in groups if g["params"]]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    opt, params = _optimizer(cfg, model, adapter)
     sel["amp"] = resolve_amp(cfg.amp, device)  # recorded: bf16 changes how far a time budget goes
-    amp = autocast(sel["amp"], device)
-
-    steps_per_epoch = math.ceil(len(train_ds) / (cfg.train_bs * cfg.grad_accum))
-    total = max(1, int(steps_per_epoch * cfg.num_epochs))
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
-    order: list[int] = []
-    g = random.Random(cfg.seed)
-    pad_id = tok.pad_token_id
-    history, best, best_state = [], {"val_loss": float("inf"), "step": 0}, None
-    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
-
-    def snapshot():
-        sd = model.state_dict()
-        snap = {n: sd[n].detach().to("cpu", copy=True) for n in trainable_names if n in sd}
-        ad = (
-            {k: v.detach().to("cpu", copy=True) for k, v in adapter.state_dict().items()}
-            if adapter is not None
-            else None
-        )
-        return snap, ad
-
-    val0 = evaluate_loss(model, val_ds, pad_id, family, device, base_vocab=n_before) if dd.main else float("nan")
-    history.append({"step": 0, "train_loss": float("nan"), "val_loss": val0})
-    log.info(
-        "06: %s (%s), %d code tokens added, %s of %s parameters trained, AMP %s; val loss before training %.3f",
-        cfg.model,
-        family,
-        added,
-        f"{sel['trainable_params']:,}",
-        f"{sel['total_params']:,}",
-        sel["amp"],
-        val0,
-    )
-    t0 = time.perf_counter()
-    bar = progress(total=total, desc="06 decoder", unit="step", disable=True if not dd.main else None)
-    step, run_loss, tokens = 0, [], 0
-    stopped = "steps"
-    while step < total:
-        model.train()
-        for _ in range(cfg.grad_accum):
-            if not order:
-                order = list(range(len(train_ds)))
-                g.shuffle(order)
-            idx, order = order[: cfg.train_bs], order[cfg.train_bs :]  # the global micro-batch, the same on every rank
-            keep = _level_keep(len(idx), K, cfg.code_drop, g) if adapter is not None and cfg.code_drop > 0 else None
-            mine = shard(list(range(len(idx))), dd)
-            batch = {k: v.to(device) for k, v in collate([train_ds[idx[i]] for i in mine], pad_id, family).items()}
-            if keep is not None:
-                batch["keep"] = keep[mine].to(device)
-            with amp:
-                s, c = token_losses(train_model, batch, family, n_before)
-                loss, loss_mean = global_mean(s.sum(), c.sum(), dd)
-            (loss / cfg.grad_accum).backward()
-            run_loss.append(loss_mean.item())
-            tokens += int(batch["attention_mask"].sum())
-        lr = cosine_lr(step, total, cfg.warmup, cfg.lr)
-        for grp in opt.param_groups:
-            grp["lr"] = lr * grp["base_lr"] / cfg.lr if cfg.lr > 0 else 0.0
-        if adapter is not None and dd.world > 1:  # the adapter runs inside hooks, outside DDP: average by hand
-            import torch.distributed as dist
-
-            for p in adapter.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= dd.world
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        elapsed = time.perf_counter() - t0
-        if cfg.time_budget and step == 3:  # re-plan the schedule to what fits in the budget (rank 0 decides)
-            total = int(
-                broadcast_flags([max(step + 1, min(total, int(cfg.time_budget * 60 / (elapsed / step))))], dd)[0]
-            )
-            bar.total = total
-        out_of_time = cfg.time_budget is not None and bool(
-            broadcast_flags([float(elapsed > cfg.time_budget * 60)], dd)[0]
-        )
-        if dd.main and (step % cfg.eval_every == 0 or step == total or out_of_time):
-            vl = evaluate_loss(model, val_ds, pad_id, family, device, base_vocab=n_before)
-            rec = {
-                "step": step,
-                "train_loss": sum(run_loss) / len(run_loss),
-                "val_loss": vl,
-                "lr": lr,
-                "seconds": round(time.perf_counter() - t0, 1),
-                "tokens_per_s": round(tokens / (time.perf_counter() - t0), 1),
-            }
-            history.append(rec)
-            run_loss = []
-            bar.set_postfix(train=f"{rec['train_loss']:.3f}", val=f"{vl:.3f}")
-            log.info("06 step %d/%d: train %.3f val %.3f (%.0fs)", step, total, rec["train_loss"], vl, rec["seconds"])
-            if vl < best["val_loss"]:
-                best = {"val_loss": vl, "step": step}
-                best_state = snapshot()
-        if out_of_time:
-            stopped = "time budget"
-            break
-    bar.close()
+    run = _DecoderRun(cfg, tmeta["K"], model, adapter, train_ds, val_ds, tok.pad_token_id, family, n_before, dd, device,
+                      autocast(sel["amp"], device))  # fmt: skip
+    val0 = run.validate() if dd.main else float("nan")
+    log.info("06: %s (%s), %d code tokens added, %s of %s parameters trained, AMP %s; val loss before training %.3f",
+             cfg.model, family, sel["code_tokens_added"], f"{sel['trainable_params']:,}", f"{sel['total_params']:,}",
+             sel["amp"], val0)  # fmt: skip
+    res = fit(opt=opt, params=params, total=run.total_steps(), train_step=run.train_step,
+              evaluate=lambda step: {"val_loss": run.validate(), "tokens_per_s": run.tokens_per_s()},
+              snapshot=run.snapshot, lr_at=lambda step, total: cosine_lr(step, total, cfg.warmup, cfg.lr), dd=dd,
+              desc="06 decoder", eval_every=cfg.eval_every, grad_clip=1.0, time_budget=cfg.time_budget,
+              before_update=run.average_adapter_grads,
+              history=[{"step": 0, "train_loss": float("nan"), "val_loss": val0}])  # fmt: skip
     if not dd.main:
         dist_close(dd)
         return None
-    if best_state is not None:
-        model.load_state_dict(best_state[0], strict=False)
+    info = _save(cfg, tmeta, run, tok, cond, bank, sel, res, val0, base_path, cache_info)
+    dist_close(dd)
+    return info
+
+
+class _DecoderRun:
+    """One decoder training run's data walk, forward and validation, for `training.loop.fit`."""
+
+    def __init__(self, cfg, K, model, adapter, train_ds, val_ds, pad_id, family, n_before, dd, device, amp):
+        self.cfg, self.K, self.model, self.adapter = cfg, K, model, adapter
+        self.train_ds, self.val_ds, self.pad_id, self.family, self.n_before = train_ds, val_ds, pad_id, family, n_before
+        self.dd, self.device, self.amp = dd, device, amp
+        self.train_model = wrap_ddp(model, dd, device)  # what the training forward calls
+        self.order: list[int] = []
+        self.rng = random.Random(cfg.seed)
+        self.tokens, self.t0 = 0, time.perf_counter()
+        self.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    def total_steps(self) -> int:
+        cfg = self.cfg
+        total = max(1, int(math.ceil(len(self.train_ds) / (cfg.train_bs * cfg.grad_accum)) * cfg.num_epochs))
+        return min(total, cfg.max_steps) if cfg.max_steps else total
+
+    def train_step(self, step: int) -> float:
+        """GRAD_ACCUM micro-batches of the shuffled order (the same global micro-batch on every rank)."""
+        cfg, losses = self.cfg, []
+        self.model.train()
+        for _ in range(cfg.grad_accum):
+            if not self.order:
+                self.order = list(range(len(self.train_ds)))
+                self.rng.shuffle(self.order)
+            idx, self.order = self.order[: cfg.train_bs], self.order[cfg.train_bs :]
+            use_keep = self.adapter is not None and cfg.code_drop > 0
+            keep = _level_keep(len(idx), self.K, cfg.code_drop, self.rng) if use_keep else None
+            mine = shard(list(range(len(idx))), self.dd)
+            rows = [self.train_ds[idx[i]] for i in mine]
+            batch = {k: v.to(self.device) for k, v in collate(rows, self.pad_id, self.family).items()}
+            if keep is not None:
+                batch["keep"] = keep[mine].to(self.device)
+            with self.amp:
+                s, c = token_losses(self.train_model, batch, self.family, self.n_before)
+                loss, loss_mean = global_mean(s.sum(), c.sum(), self.dd)
+            (loss / cfg.grad_accum).backward()
+            losses.append(loss_mean.item())
+            self.tokens += int(batch["attention_mask"].sum())
+        return sum(losses) / len(losses)
+
+    def average_adapter_grads(self) -> None:
+        """The adapter runs inside hooks, outside DDP: its gradients are averaged by hand."""
+        if self.adapter is None or self.dd.world <= 1:
+            return
+        import torch.distributed as dist
+
+        for p in self.adapter.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.dd.world
+
+    def validate(self) -> float:
+        return evaluate_loss(self.model, self.val_ds, self.pad_id, self.family, self.device, base_vocab=self.n_before)
+
+    def tokens_per_s(self) -> float:
+        return round(self.tokens / (time.perf_counter() - self.t0), 1)
+
+    def snapshot(self):
+        sd = self.model.state_dict()
+        snap = {n: sd[n].detach().to("cpu", copy=True) for n in self.trainable if n in sd}
+        ad = None
+        if self.adapter is not None:
+            ad = {k: v.detach().to("cpu", copy=True) for k, v in self.adapter.state_dict().items()}
+        return snap, ad
+
+
+def _save(cfg, tmeta, run: _DecoderRun, tok, cond, bank, sel, res, val0, base_path, cache_info) -> dict:
+    """Load the best state and write OUT_DIR atomically (weights, tokenizer, config.json, curve)."""
+    model, adapter = run.model, run.adapter
+    if res.best_state is not None:
+        model.load_state_dict(res.best_state[0], strict=False)
         if adapter is not None:
-            adapter.load_state_dict(best_state[1])
-    elapsed = time.perf_counter() - t0
+            adapter.load_state_dict(res.best_state[1])
     info = {
         "kind": "decoder",
         "base_model": cfg.model,
         "base_path": base_path,
         "train": to_dict(cfg),
-        "K": K,
-        "V": V,
-        "selection": sel,
-        "code_tokens_added": added,
-        "best": best,
-        "history": history,
-        "steps": step,
-        "stopped_by": stopped,
-        "seconds": round(elapsed, 1),
+        "K": tmeta["K"],
+        "V": tmeta["V"],
+        "selection": {k: v for k, v in sel.items() if k != "code_tokens_added"},
+        "code_tokens_added": sel["code_tokens_added"],
+        "best": {"val_loss": res.best["val_loss"], "step": res.best["step"]},
+        "history": res.history,
+        "steps": res.steps,
+        "stopped_by": res.stopped_by,
+        "seconds": round(res.seconds, 1),
         "val_loss_before": val0,
-        "world_size": dd.world,
+        "world_size": run.dd.world,
         "inputs": {p: {"sha256": sha256_path(p)} for p in (cfg.out_dec, cfg.out_dec_val)},
         "rvq_sha256": tmeta.get("rvq_sha256"),
         "rvq_path": tmeta.get("rvq_path"),
@@ -676,26 +608,12 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict | None:
     model.to("cpu")
     if adapter is not None:
         adapter.to("cpu")
-    curve = [h for h in history if h["step"] > 0] or history
-    save_decoder(
-        model,
-        tok,
-        cond,
-        cfg.out_dir,
-        info,
-        adapter=adapter,
-        bank=bank,
-        write_extra=lambda tmp: plot_curve(curve, Path(tmp) / "curve.png", f"decoder ({cfg.code_mode})"),
-    )
-    log.info(
-        "06: %d steps in %.0fs, best val loss %.3f (from %.3f) -> %s",
-        step,
-        elapsed,
-        best["val_loss"],
-        val0,
-        cfg.out_dir,
-    )
-    dist_close(dd)
+    curve = [h for h in res.history if h["step"] > 0] or res.history
+    title = f"decoder ({cfg.code_mode})"
+    save_decoder(model, tok, cond, cfg.out_dir, info, adapter=adapter, bank=bank,
+                 write_extra=lambda tmp: plot_curve(curve, Path(tmp) / "curve.png", title))  # fmt: skip
+    log.info("06: %d steps in %.0fs, best val loss %.3f (from %.3f) -> %s", res.steps, res.seconds,
+             res.best["val_loss"], val0, cfg.out_dir)  # fmt: skip
     return info
 
 
@@ -917,7 +835,8 @@ def format_decoder_eval(res: dict) -> str:
         lines.append("  " + res["oracle_note"])
     if sm.get("ratio_oracle_none") is not None:
         lines.append(
-            f"  oracle exemplars (retrieved by the true next sentence's embedding) / no-codes {sm['ratio_oracle_none']:.3f}: "
+            "  oracle exemplars (retrieved by the true next sentence's embedding) / no-codes "
+            f"{sm['ratio_oracle_none']:.3f}: "
             f"the bound of the exemplar channel"
         )
     if res.get("note"):

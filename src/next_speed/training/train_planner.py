@@ -8,18 +8,35 @@ scores only each row's own target (the last position), so every validation sente
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from next_speed.core.artifacts import StaleInputError, atomic_dir, sha256_path, write_checkpoint_meta, write_json
+from next_speed.core.artifacts import (
+    StaleInputError,
+    atomic_dir,
+    sha256_path,
+    versions,
+    write_checkpoint_meta,
+    write_json,
+)
 from next_speed.core.config import SEED_MAX, knob, to_dict
 from next_speed.core.errors import ConfigError, NextSpeedError
 from next_speed.evals.planner_eval import evaluate_model
 from next_speed.models.planner import FORMAT, load_rows, tensorize
-from next_speed.training.loop import check_trainsets, plot_curve
+from next_speed.training.loop import (
+    check_trainsets,
+    cosine_lr,
+    decay_groups,
+    dist_close,
+    dist_init,
+    fit,
+    global_mean,
+    plot_curve,
+    shard,
+    wrap_ddp,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +98,13 @@ class PlannerTrainConfig:
     steps: int = knob(3000, env="STEPS", min=1, help="optimizer steps")
     log_every: int = knob(250, env="LOG_EVERY", min=1, help="validate and log every N steps")
     grad_clip: float = knob(1.0, env="GRAD_CLIP", min=0.0, help="gradient-norm clip (0 = off)")
+    amp: str = knob(
+        "off",
+        env="AMP",
+        choices=("auto", "bf16", "off"),
+        help="bf16 mixed precision (as step 06's AMP): auto = on CUDA and on CPUs with native bf16; "
+        "off by default, as the planner's matrices are small (the full preset sets auto)",
+    )
     k: int | None = knob(None, env="K", min=1, help="RVQ levels (checked against the training sets)")
     v: int | None = knob(None, env="V", min=2, help="codewords per level (checked against the training sets)")
     out_lm: str = knob("data/sent_lm_train.jsonl", env="OUT_LM", help="training rows (step 04)")
@@ -171,7 +195,10 @@ def _cat_padded(a, b, pad):
     if a.dim() == 1:
         return torch.cat([a, b])
     L = max(a.shape[1], b.shape[1])
-    grow = lambda t: F.pad(t, (0, 0) * (t.dim() - 2) + (0, L - t.shape[1]), value=pad) if t.shape[1] < L else t
+
+    def grow(t):
+        return F.pad(t, (0, 0) * (t.dim() - 2) + (0, L - t.shape[1]), value=pad) if t.shape[1] < L else t
+
     return torch.cat([grow(a), grow(b)])
 
 
@@ -190,7 +217,8 @@ def extra_rows(folder: str, tmeta: dict, encoder: dict | None, own: set[str]):
     d = Path(folder)
     if not d.is_dir():
         raise ConfigError(
-            f"EXTRA_DATA: {folder} is not a folder (expected one holding sentences.jsonl, embeddings.npy, emb_meta.json)"
+            f"EXTRA_DATA: {folder} is not a folder "
+            "(expected one holding sentences.jsonl, embeddings.npy, emb_meta.json)"
         )
     for name in ("sentences.jsonl", "embeddings.npy", "emb_meta.json"):
         if not (d / name).is_file():
@@ -269,55 +297,29 @@ def with_reconstructions(emb, codes, books, swap):
     return torch.where(swap[..., None], rec.to(emb.dtype), emb)
 
 
-def train_planner(cfg: PlannerTrainConfig) -> dict | None:
-    """Run step 05: train on OUT_LM, validate on OUT_LM_VAL, write OUT_DIR.
-
-    Under `torchrun --nproc-per-node N` the model is wrapped in DistributedDataParallel (gloo on
-    CPU, NCCL on GPUs): every rank draws the same global batch of BS rows and trains on its
-    shard, the loss is weighted by the global token count, so N processes follow the same
-    trajectory as one (up to floating point; with DROP=0, as dropout masks differ). Rank 0
-    validates, logs and writes the checkpoint, once and atomically; other ranks return None."""
+def _codebooks(cfg: PlannerTrainConfig, tmeta: dict, table):
+    """The RVQ codebooks (K, V, D) the model reads (CODEBOOK_FEATURES) and the ones reconstruction
+    inputs are built from (RECON_INPUT, as a tensor); either may be None."""
     import torch
-    import torch.nn.functional as F
 
-    from next_speed.core.runtime import pick_device, progress, seed_everything
-    from next_speed.models.planner import Planner, PlannerModelConfig
-    from next_speed.training.loop import cosine_lr, dist_close, dist_init, global_mean, shard
+    if not (cfg.codebook_features or (cfg.recon_input > 0 and table is not None)):
+        return None, None
+    from next_speed.quant.rvq import RVQ, check_fits_rvq
 
-    tmeta = check_trainsets(cfg.train_meta, [cfg.out_lm, cfg.out_lm_val], cfg.k, cfg.v)
     K, V = tmeta["K"], tmeta["V"]
-    train_rows, val_rows = load_rows(cfg.out_lm), load_rows(cfg.out_lm_val)
-    if not train_rows:
-        raise NextSpeedError(f"{cfg.out_lm} is empty: rerun step 04 with more data or a smaller VAL_FRAC")
-    seed_everything(cfg.seed, cfg.deterministic)
-    dd, device = dist_init(pick_device(cfg.device))
-    data = planner_data(cfg, tmeta, train_rows, val_rows)
-    x_tr, y_tr, ids_tr = data["train"]
-    val = data["val"]
-    table = data["table"]
-    max_len = max(x_tr.shape[1], val[0].shape[1] if val else 0, tmeta["config"]["context_sents"] + 1)
-    books = None
-    if cfg.codebook_features or (cfg.recon_input > 0 and table is not None):
-        from next_speed.quant.rvq import RVQ
+    rvq = RVQ.load(cfg.rvq_path)
+    check_fits_rvq("the training sets", K, V, tmeta.get("rvq_sha256"), rvq, cfg.rvq_path, sha256_path(cfg.rvq_path),
+                   "rerun step 04")  # fmt: skip
+    recon = torch.as_tensor(rvq.codebooks, dtype=torch.float32) if cfg.recon_input > 0 and table is not None else None
+    return (rvq.codebooks if cfg.codebook_features else None), recon
 
-        rvq = RVQ.load(cfg.rvq_path)
-        if (rvq.K, rvq.V) != (K, V):
-            raise StaleInputError(
-                f"{cfg.rvq_path} has K={rvq.K} V={rvq.V} but the training sets K={K} V={V}: rerun step 04"
-            )
-        if tmeta.get("rvq_sha256") and tmeta["rvq_sha256"] != sha256_path(cfg.rvq_path):
-            raise StaleInputError(f"the training sets were built from another {cfg.rvq_path}: rerun step 04")
-        books = rvq.codebooks
-    recon = None
-    if cfg.recon_input > 0 and table is not None:
-        recon = torch.as_tensor(books, dtype=torch.float32)  # (K, V, D): for reconstruction inputs
-        books = books if cfg.codebook_features else None
-    swap_gen = torch.Generator().manual_seed(
-        cfg.seed + 1
-    )  # its own stream: the batches drawn stay those of RECON_INPUT=0
+
+def _build_planner(cfg: PlannerTrainConfig, tmeta: dict, max_len: int, books, table):
+    from next_speed.models.planner import Planner, PlannerModelConfig
+
     mcfg = PlannerModelConfig(
-        K=K,
-        V=V,
+        K=tmeta["K"],
+        V=tmeta["V"],
         d_model=cfg.d_model,
         n_heads=cfg.n_heads,
         n_layers=cfg.n_layers,
@@ -332,31 +334,44 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
     model = Planner(mcfg)
     if books is not None:
         model.set_codebooks(books)
-    model = model.to(device)
-    core = model  # the module itself (validation, saving); `model` is what trains
-    if dd.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    return model, mcfg
 
-        model = DDP(model, device_ids=[dd.local_rank] if device.startswith("cuda") else None)
-    # weight decay on matrices of linear layers; none on embedding tables, biases and norms
+
+def train_planner(cfg: PlannerTrainConfig) -> dict | None:
+    """Run step 05: train on OUT_LM, validate on OUT_LM_VAL, write OUT_DIR.
+
+    Under `torchrun --nproc-per-node N` (DDP, gloo on CPU, NCCL on GPUs) every rank draws the same
+    global batch of BS rows and trains on its shard, the loss weighted by the global token count,
+    so N processes follow one's trajectory (with DROP=0, as dropout masks differ). Rank 0
+    validates, logs and writes the checkpoint atomically; other ranks return None."""
+    import torch
+    import torch.nn.functional as F
+
+    from next_speed.core.runtime import autocast, pick_device, resolve_amp, seed_everything
+
+    tmeta = check_trainsets(cfg.train_meta, [cfg.out_lm, cfg.out_lm_val], cfg.k, cfg.v)
+    V = tmeta["V"]
+    train_rows, val_rows = load_rows(cfg.out_lm), load_rows(cfg.out_lm_val)
+    if not train_rows:
+        raise NextSpeedError(f"{cfg.out_lm} is empty: rerun step 04 with more data or a smaller VAL_FRAC")
+    seed_everything(cfg.seed, cfg.deterministic)
+    dd, device = dist_init(pick_device(cfg.device))
+    data = planner_data(cfg, tmeta, train_rows, val_rows)
+    (x_tr, y_tr, ids_tr), val, table = data["train"], data["val"], data["table"]
+    max_len = max(x_tr.shape[1], val[0].shape[1] if val else 0, tmeta["config"]["context_sents"] + 1)
+    books, recon = _codebooks(cfg, tmeta, table)
+    core, mcfg = _build_planner(cfg, tmeta, max_len, books, table)
+    core = core.to(device)  # the module itself (validation, saving); `model` is what trains
+    model = wrap_ddp(core, dd, device)
     tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in tables]
-    no_decay = [p for p in model.parameters() if not (p.dim() >= 2 and id(p) not in tables)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.95),
-    )
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+    groups = decay_groups(model.parameters(), lambda p: p.dim() < 2 or id(p) in tables, cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    amp = autocast(resolve_amp(cfg.amp, device), device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    n = len(x_tr)
-    history: list[dict] = []
-    best = {"val_loss": float("inf"), "step": 0}
-    best_state = None
-    t0 = time.perf_counter()
-    seen = 0
-    bar = progress(range(cfg.steps), desc="05 planner", unit="step", disable=True if not dd.main else None)
-    for step in bar:
+    swap_gen = torch.Generator().manual_seed(cfg.seed + 1)  # its own stream: the batches stay RECON_INPUT=0's
+    n, seen, t0 = len(x_tr), [0], time.perf_counter()
+
+    def train_step(step: int) -> float:
         model.train()
         idx = torch.randint(0, n, (min(cfg.bs, n),), generator=gen)  # the global batch, the same on every rank
         # which positions read reconstructions: drawn for the global batch, so N processes train as one
@@ -368,74 +383,75 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
         eb = table.lookup(ids_tr[idx]).to(device) if table is not None else None  # (B, L, E)
         if recon is not None:
             eb = with_reconstructions(eb, xb, recon, shard(swap, dd))
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, cfg.steps, min(cfg.warmup, cfg.steps // 5), cfg.lr)
         with amp:
             logits = model(xb, yb, eb)  # (B, T, K, V)
             total = F.cross_entropy(logits.float().reshape(-1, V), yb.reshape(-1), ignore_index=-100, reduction="sum")
             loss, loss_mean = global_mean(total, (yb != -100).sum(), dd)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        seen += len(idx) * dd.world
-        if dd.main and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
-            rec = {
-                "step": step + 1,
-                "train_loss": loss_mean.item(),
-                "lr": opt.param_groups[0]["lr"],
-                "seq_per_s": seen / (time.perf_counter() - t0),
-            }
-            if val is not None:
-                m = evaluate_model(core, *val[:3], device=device, ids=val[3], table=table)
-                rec.update(val_loss=m["loss"], val_acc=m["acc"], val_exact=m["exact"])
-            history.append(rec)
-            score = rec.get("val_loss", rec["train_loss"])
-            if score < best["val_loss"]:
-                best = {"val_loss": score, "step": step + 1, **{k: v for k, v in rec.items() if k.startswith("val_")}}
-                best_state = {k: v.detach().to("cpu").clone() for k, v in core.state_dict().items()}
-            bar.set_postfix(loss=f"{loss_mean.item():.3f}", val=f"{rec.get('val_loss', float('nan')):.3f}")
-            log.info(
-                "step %d: train %.3f val %s acc0 %s",
-                step + 1,
-                loss_mean.item(),
-                f"{rec.get('val_loss', float('nan')):.3f}",
-                f"{rec['val_acc'][0]:.3f}" if "val_acc" in rec else "-",
-            )
-    elapsed = time.perf_counter() - t0
-    model = core
+        seen[0] += len(idx) * dd.world
+        return loss_mean.item()
+
+    def evaluate(step: int) -> dict:
+        rec = {"seq_per_s": seen[0] / (time.perf_counter() - t0)}
+        if val is not None:
+            m = evaluate_model(core, *val[:3], device=device, ids=val[3], table=table)
+            rec.update(val_loss=m["loss"], val_acc=m["acc"], val_exact=m["exact"])
+        return rec
+
+    res = fit(
+        opt=opt,
+        params=list(model.parameters()),
+        total=cfg.steps,
+        train_step=train_step,
+        evaluate=evaluate,
+        snapshot=lambda: {k: v.detach().to("cpu").clone() for k, v in core.state_dict().items()},
+        lr_at=lambda step, total: cosine_lr(step, total, min(cfg.warmup, cfg.steps // 5), cfg.lr),
+        dd=dd,
+        desc="05 planner",
+        eval_every=cfg.log_every,
+        grad_clip=cfg.grad_clip,
+    )
     if not dd.main:  # rank 0 alone writes the checkpoint
         dist_close(dd)
         return None
-    assert best_state is not None
+    info = _save_planner(cfg, tmeta, data, core, mcfg, res, seen[0], dd)
+    dist_close(dd)
+    return info
+
+
+def _save_planner(cfg: PlannerTrainConfig, tmeta: dict, data: dict, model, mcfg, res, seen: int, dd) -> dict:
+    """Write OUT_DIR atomically: the best weights, config.json (how it was trained), the curve and
+    the checkpoint's metadata."""
+    import torch
+
+    assert res.best_state is not None
     out = Path(cfg.out_dir)
     info = {
         "format": FORMAT,
         "kind": "planner",
         "model": mcfg.to_dict(),
         "train": to_dict(cfg),
-        "K": K,
-        "V": V,
+        "K": tmeta["K"],
+        "V": tmeta["V"],
         "context_sents": tmeta["config"]["context_sents"],
         "planner_input": cfg.planner_input,
         "encoder": (data["encoder"] or {}).get("model"),
-        "train_rows": len(x_tr),
+        "train_rows": len(data["train"][0]),
         "extra_rows": data["extra_rows"],
         "inputs": {p: {"sha256": sha256_path(p)} for p in (cfg.out_lm, cfg.out_lm_val)},
         "rvq_sha256": tmeta.get("rvq_sha256"),
         "rvq_path": tmeta.get("rvq_path"),
-        "best": best,
-        "history": history,
-        "seconds": round(elapsed, 1),
-        "train_seq_per_s": round(seen / elapsed, 1),
+        "best": res.best,
+        "history": res.history,
+        "seconds": round(res.seconds, 1),
+        "train_seq_per_s": round(seen / res.seconds, 1),
         "num_params": model.num_params(),
         "world_size": dd.world,
-        "versions": __import__("next_speed.core.artifacts", fromlist=["versions"]).versions(),
+        "versions": versions(),
     }
     with atomic_dir(out) as tmp:
-        torch.save(best_state, tmp / "sentence_lm.pt")
-        plot_curve(history, tmp / "curve.png", "planner")
+        torch.save(res.best_state, tmp / "sentence_lm.pt")
+        plot_curve(res.history, tmp / "curve.png", "planner")
         write_json(tmp / "config.json", info)
         inputs = {
             "train": cfg.out_lm,
@@ -449,9 +465,9 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
             to_dict(cfg),
             {r: p for r, p in inputs.items() if p and Path(p).is_file()},
             counts={"steps": cfg.steps, "params": model.num_params()},
-            best=best,
-            history=history,
+            best=res.best,
+            history=res.history,
         )
-    log.info("05: best val loss %.3f at step %d; %.0f seq/s -> %s", best["val_loss"], best["step"], seen / elapsed, out)
-    dist_close(dd)
+    log.info("05: best val loss %.3f at step %d; %.0f seq/s -> %s", res.best["val_loss"], res.best["step"],
+             seen / res.seconds, out)  # fmt: skip
     return info
