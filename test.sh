@@ -18,4 +18,5 @@ if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
     echo "chromium or chromedriver not found (install Debian's chromium and chromium-driver): the browser test will be skipped" >&2
   fi
 fi
-exec "${UV[@]}" run --frozen --extra ray pytest "$@"
+# --durations: the 15 slowest tests are listed after every run, so a slow test is seen.
+exec "${UV[@]}" run --frozen --extra ray pytest --durations=15 "$@"

@@ -1,4 +1,4 @@
-"""RVQ fits side by side on held-out vectors (issue 10): this project's fit (RVQ_FIT=spherical,
+"""RVQ fits side by side on held-out vectors: this project's fit (RVQ_FIT=spherical,
 the default, and kmeans, the one before), faiss's ResidualQuantizer (beam 1 and 5) and faiss's
 LocalSearchQuantizer, at the same K and V.
 

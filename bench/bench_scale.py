@@ -1,4 +1,4 @@
-"""Scale benchmark (issue 13): steps 01, 03 and 04 on synthetic corpora of 100 thousand and 1
+"""Scale benchmark: steps 01, 03 and 04 on synthetic corpora of 100 thousand and 1
 million sentences, side by side, and a 2-process torchrun planner run against 1 process.
 
   uv run python bench/bench_scale.py [--sizes 100000 1000000] [--fit-sample 50000] [--ddp-steps 60]

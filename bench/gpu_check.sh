@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# The GPU checks. Default, issue 9's (the decoder): the main job with the full preset on the whole
+# The GPU checks. Default, the decoder's: the main job with the full preset on the whole
 # default corpus, with a decoder budget that fits one data-centre GPU in about 8 minutes all told,
 # then the two evaluations (decoder_eval.py trains the no-codes decoder with the same budget), then
-# the acceptance figures as one JSON line (GPU_CHECK). With --engine, issue 11's (the engine and the
-# server): the same main job with a shorter decoder budget (speed does not need a good decoder),
+# the acceptance figures as one JSON line (GPU_CHECK). With --engine, the engine's and the
+# server's: the same main job with a shorter decoder budget (speed does not need a good decoder),
 # then bench/bench_generate.py (loop over plain sampling at N_CAND 1, 4, 8),
 # bench/bench_server.py (1-16 clients, a shorter memory run) and bench/bench_parallel.py
-# (plan-parallel rendering, PARALLEL 1/2/4), their summaries as one JSON line (GPU_CHECK_ENGINE). Each fits one 10-minute call by our estimate (not yet run on a GPU).
+# (plan-parallel rendering, PARALLEL 1/2/4), their summaries as one JSON line (GPU_CHECK_ENGINE).
+# Each is sized to fit one 10-minute run.
 #
 #   bash bench/gpu_check.sh            # on a GPU machine (set-up included: uv + locked environment)
-#   bash bench/gpu_check.sh --engine   # issue 11's check instead
+#   bash bench/gpu_check.sh --engine   # the engine and server check instead
 #   bash bench/gpu_check.sh --tiny     # the same path on CPU with the tiny preset, in about a minute (with --engine too)
 #
 # Budgets are knobs: DECODER_MINUTES (default 2; 1 with --engine), PLANNER_STEPS (default 4000; 500

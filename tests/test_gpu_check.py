@@ -41,7 +41,7 @@ def test_gpu_check_script_runs_with_the_tiny_preset(tmp_path):
 
 
 def test_gpu_check_engine_script_runs_with_the_tiny_preset(tmp_path):
-    """--engine: issue 11's check (bench_generate and bench_server on the main job's artifacts)."""
+    """--engine: the engine and server check (bench_generate and bench_server on the main job's artifacts)."""
     env = {k: v for k, v in os.environ.items() if k not in ("LANG", "OUT_DIR", "DEVICE")}
     env.update(
         {

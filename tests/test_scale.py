@@ -1,4 +1,4 @@
-"""Beyond one machine (issue 13): streamed steps 01/03/04 give what the in-memory ones gave, the
+"""Beyond one machine: streamed steps 01/03/04 give what the in-memory ones gave, the
 Ray Data path of step 02 gives the local path's embeddings, and torchrun runs of steps 05 and 06
 (2 processes, gloo) match one process with the same global batch."""
 

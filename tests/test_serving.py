@@ -1,4 +1,4 @@
-"""Serving the way people consume language models (issue 12): the OpenAI-compatible API through
+"""Serving the way people consume language models: the OpenAI-compatible API through
 the official `openai` client against a live `09_server.py`, plan control in the Python API, the
 REPL and the server, the code browser, /metrics, and the web page in a headless Chromium."""
 

@@ -7,27 +7,17 @@ environment variables, and flags win. The numbered scripts of the spec call `scr
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from next_speed.core import config as C
 from next_speed.core.errors import NextSpeedError
-
-
-@dataclass(frozen=True)
-class Command:
-    name: str
-    module: str
-    config: str  # config class name in `module`
-    run: str  # entry function name in `module`
-    help: str
-    show: Callable[[Any], None] | None = None
-    extra_args: Callable[[argparse.ArgumentParser], None] | None = None
+from next_speed.core.runtime import setup_logging
+from next_speed.pipeline import clean_stage
+from next_speed.stages import BY_NAME, STAGES
 
 
 def print_generation(log_obj: dict) -> None:
@@ -107,10 +97,6 @@ def _print_decoder_eval(res: dict) -> None:
     print(format_decoder_eval(res))
 
 
-def _print_generate(r: dict) -> None:
-    print_generation(r)
-
-
 def _print_agreement(r: dict) -> None:
     from next_speed.evals.agreement import format_agreement
 
@@ -121,190 +107,52 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
-COMMANDS: dict[str, Command] = {
-    c.name: c
-    for c in [
-        Command(
-            "export",
-            "next_speed.data.corpus",
-            "ExportConfig",
-            "export_docs",
-            "stream a Wikipedia dump from the Hugging Face hub into data/raw/docs.jsonl (needs network)",
-            _print_counts,
-        ),
-        Command(
-            "sentences",
-            "next_speed.data.sentences",
-            "SentencesConfig",
-            "make_sentences",
-            "step 01: split the corpus into sentences",
-            _print_counts,
-        ),
-        Command(
-            "embed",
-            "next_speed.data.embed",
-            "EmbedConfig",
-            "embed_sentences",
-            "step 02: embed sentences with the sentence encoder",
-            _print_counts,
-        ),
-        Command(
-            "rvq",
-            "next_speed.quant.rvq",
-            "RVQConfig",
-            "fit_rvq",
-            "step 03: fit RVQ codebooks and encode every sentence",
-            _print_rvq,
-        ),
-        Command(
-            "rvq-eval",
-            "next_speed.quant.rvq",
-            "RVQEvalConfig",
-            "rvq_report",
-            "RVQ reconstruction error, codebook usage and tuple sharing",
-            _print_rvq_report,
-        ),
-        Command(
-            "train-planner",
-            "next_speed.training.train_planner",
-            "PlannerTrainConfig",
-            "train_planner",
-            "step 05: train the Sentence-LM planner",
-            lambda i: _print_planner(i),
-        ),
-        Command(
-            "eval-planner",
-            "next_speed.evals.planner_eval",
-            "PlannerEvalConfig",
-            "eval_planner",
-            "planner accuracy against baselines on the validation split",
-            lambda r: _print_planner_eval(r),
-        ),
-        Command(
-            "train-decoder",
-            "next_speed.training.train_decoder",
-            "DecoderTrainConfig",
-            "train_decoder",
-            "step 06: train the decoder (context + codes -> sentence)",
-            lambda i: _print_decoder(i),
-        ),
-        Command(
-            "eval-decoder",
-            "next_speed.training.train_decoder",
-            "DecoderEvalConfig",
-            "eval_decoder",
-            "decoder validation loss with true codes, shuffled codes, and a no-codes decoder",
-            lambda r: _print_decoder_eval(r),
-        ),
-        Command(
-            "generate",
-            "next_speed.generation.generate",
-            "GenerateConfig",
-            "run_generate",
-            "step 07: generate sentence by sentence and write a JSON log",
-            lambda r: _print_generate(r),
-        ),
-        Command(
-            "code-agreement",
-            "next_speed.evals.agreement",
-            "AgreementConfig",
-            "code_agreement",
-            "planned vs realized codes, rerank off/on, several N_CAND",
-            lambda r: _print_agreement(r),
-        ),
-        Command(
-            "run",
-            "next_speed.pipeline",
-            "RunConfig",
-            "run_pipeline",
-            "the main job: steps 01-07 with a preset, skipping up-to-date stages",
-            None,
-        ),
-        Command(
-            "report",
-            "next_speed.evals.report",
-            "ReportConfig",
-            "make_report",
-            "run the evaluations and write out/report/report.md with plots",
-            lambda r: print(f"wrote {r['report']}"),
-        ),
-        Command(
-            "trainsets",
-            "next_speed.data.trainsets",
-            "TrainSetsConfig",
-            "build_training_sets",
-            "step 04: planner and decoder training sets, split by document",
-            _print_counts,
-        ),
-    ]
+# How each stage's result is shown on the command line (the registry itself: `stages.STAGES`).
+PRINTERS: dict[str, Callable[[Any], None]] = {
+    "export": _print_counts,
+    "sentences": _print_counts,
+    "embed": _print_counts,
+    "rvq": _print_rvq,
+    "rvq-eval": _print_rvq_report,
+    "train-planner": _print_planner,
+    "eval-planner": _print_planner_eval,
+    "train-decoder": _print_decoder,
+    "eval-decoder": _print_decoder_eval,
+    "generate": print_generation,
+    "code-agreement": _print_agreement,
+    "report": lambda r: print(f"wrote {r['report']}"),
+    "trainsets": _print_counts,
 }
-
-
-def register(cmd: Command) -> None:
-    COMMANDS[cmd.name] = cmd
-
-
-def _load(cmd: Command) -> tuple[type, Callable]:
-    mod = importlib.import_module(cmd.module)
-    return getattr(mod, cmd.config), getattr(mod, cmd.run)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="next-speed", description="Sentence-step text generation with RVQ codes.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    order = [
-        "run",
-        "export",
-        "sentences",
-        "embed",
-        "rvq",
-        "trainsets",
-        "train-planner",
-        "train-decoder",
-        "generate",
-        "rvq-eval",
-        "eval-planner",
-        "eval-decoder",
-        "code-agreement",
-        "report",
-    ]
-    for cmd in sorted(COMMANDS.values(), key=lambda c: order.index(c.name) if c.name in order else len(order)):
-        sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
-        cls, _ = _load(cmd)
-        C.add_arguments(sp, cls)
-        if cmd.extra_args:
-            cmd.extra_args(sp)
-    sub.add_parser("chat", help="08: interactive chat REPL (-p TEXT for one shot)", add_help=False)
-    sub.add_parser("serve", help="09: HTTP server (POST /generate, GET /health)", add_help=False)
+    for st in STAGES:
+        if st.front_end:  # parses its own flags
+            sub.add_parser(st.name, help=st.help, add_help=False)
+            continue
+        sp = sub.add_parser(st.name, help=st.help, description=st.help)
+        C.add_arguments(sp, st.load()[0])
     return p
 
 
 def run_command(name: str, argv: list[str] | None = None) -> Any:
-    """Parse `argv` for one subcommand, resolve its config and run it (errors propagate)."""
-    cmd = COMMANDS[name]
-    cls, fn = _load(cmd)
-    parser = argparse.ArgumentParser(prog=name, description=cmd.help)
+    """Parse `argv` for one stage, resolve its config and run it (errors propagate)."""
+    st = BY_NAME[name]
+    cls, fn = st.load()
+    parser = argparse.ArgumentParser(prog=name, description=st.help)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     C.add_arguments(parser, cls)
-    if cmd.extra_args:
-        cmd.extra_args(parser)
     ns = parser.parse_args(argv)
-    return _execute(cmd, cls, fn, ns)
-
-
-def _execute(cmd: Command, cls: type, fn: Callable, ns: argparse.Namespace) -> Any:
-    from next_speed.core.runtime import setup_logging
-
-    setup_logging(getattr(ns, "verbose", False))
+    setup_logging(ns.verbose)
     cfg = C.resolve(cls, C.from_namespace(ns, cls))
-    from next_speed.pipeline import clean_stage
-
     clean_stage(fn, cfg)
-    extra = {k: v for k, v in vars(ns).items() if k.startswith("x_")}
-    result = fn(cfg, **{k[2:]: v for k, v in extra.items()}) if extra else fn(cfg)
-    if cmd.show is not None and result is not None:
-        cmd.show(result)
+    result = fn(cfg)
+    show = PRINTERS.get(name)
+    if show is not None and result is not None:
+        show(result)
     return result
 
 
@@ -342,19 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
-    if argv[0] == "chat":
-        from next_speed.serving.chat import main as chat_main
-
-        return chat_main(argv[1:])
-    if argv[0] == "serve":
-        from next_speed.serving.server import main as serve_main
-
-        return serve_main(argv[1:])
-    name = argv[0] if argv[0] in COMMANDS else None
-    if name is None:
+    st = BY_NAME.get(argv[0])
+    if st is None:
         parser.parse_args(argv)  # prints the usage error and exits 2
         return 2
-    return guarded(lambda: run_command(name, argv[1:]))
+    if st.front_end:
+        return st.load()[1](argv[1:])
+    return guarded(lambda: run_command(st.name, argv[1:]))
 
 
 def script_main(name: str) -> None:

@@ -21,10 +21,11 @@ from typing import Any
 from next_speed.core.artifacts import clean_stale_temporaries, read_jsonl, sha256_path, write_json
 from next_speed.core.config import knob, resolve, to_dict
 from next_speed.core.errors import ConfigError, NextSpeedError
+from next_speed.stages import PIPELINE
 
 log = logging.getLogger(__name__)
 
-STAGES = ("sentences", "embed", "rvq", "trainsets", "planner", "decoder", "generate")
+STAGES = tuple(s.step for s in PIPELINE)
 TINY_ENCODER = "cache/tiny/encoder"
 TINY_DECODER = "cache/tiny/decoder"
 
@@ -136,39 +137,9 @@ class RunConfig:
     stamps: str = knob("out/.stamps", env="STAMPS_DIR", help="where stage stamps live")
 
 
-def _stage_table():
-    from next_speed.data.embed import EmbedConfig, embed_sentences
-    from next_speed.data.sentences import SentencesConfig, make_sentences
-    from next_speed.data.trainsets import TrainSetsConfig, build_training_sets
-    from next_speed.generation.generate import GenerateConfig, run_generate
-    from next_speed.quant.rvq import RVQConfig, fit_rvq
-    from next_speed.training.train_decoder import DecoderTrainConfig, train_decoder
-    from next_speed.training.train_planner import PlannerTrainConfig, extra_folders, train_planner
-
-    return {
-        "sentences": (
-            SentencesConfig,
-            make_sentences,
-            lambda c: [c.docs_jsonl] if c.docs_jsonl else [],
-            lambda c: [c.sent_path, c.sent_meta],
-        ),
-        "embed": (EmbedConfig, embed_sentences, lambda c: [c.sent_path], lambda c: [c.out_emb, c.out_meta]),
-        "rvq": (RVQConfig, fit_rvq, lambda c: [c.emb_path], lambda c: [c.rvq_path, c.codes_path, c.rvq_meta]),
-        "trainsets": (
-            TrainSetsConfig,
-            build_training_sets,
-            lambda c: [c.sent_path, c.codes_path],
-            lambda c: [c.out_lm, c.out_lm_val, c.out_dec, c.out_dec_val, c.train_meta],
-        ),
-        "planner": (
-            PlannerTrainConfig,
-            train_planner,
-            lambda c: [c.out_lm, c.out_lm_val] + [str(Path(f) / "embeddings.npy") for f in extra_folders(c)],
-            lambda c: [c.out_dir],
-        ),
-        "decoder": (DecoderTrainConfig, train_decoder, lambda c: [c.out_dec, c.out_dec_val], lambda c: [c.out_dir]),
-        "generate": (GenerateConfig, run_generate, lambda c: [c.planner_dir, c.decoder_dir, c.rvq_path], lambda c: []),
-    }
+def _stage_table() -> dict[str, tuple]:
+    """The main job's stages in order: step name -> (config class, entry, inputs of, outputs of)."""
+    return {s.step: (*s.load(), s.inputs, s.outputs) for s in PIPELINE}
 
 
 def _hashes(paths: list[str]) -> dict[str, str | None]:

@@ -39,6 +39,20 @@ def knob(
     return dataclasses.field(default=default, metadata=meta)
 
 
+# Knobs many stages share, declared once: the same variable means the same thing everywhere.
+def seed_knob(what: str = "random seed") -> Any:
+    """SEED; `what` says what it seeds in this stage."""
+    return knob(0, env="SEED", min=0, max=SEED_MAX, help=what)
+
+
+def device_knob() -> Any:
+    return knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
+
+
+def deterministic_knob() -> Any:
+    return knob(True, env="DETERMINISTIC", help="deterministic torch kernels")
+
+
 def _base_type(tp: Any) -> tuple[type, bool]:
     """Return (scalar type, optional?) for an annotation like `int`, `str | None`."""
     origin = typing.get_origin(tp)

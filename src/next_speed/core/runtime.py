@@ -160,10 +160,9 @@ def pack_linears(model, rows: int = 4) -> int:
     """Reorder every fp32 nn.Linear weight of `model` (CPU) into oneDNN's blocked layout once, for
     inference; returns how many were packed (0, with a warning, where this torch has no oneDNN or its
     op fails the check). Why: for the few rows of a decoding step, the default CPU matrix product (MKL's
-    sgemm) spends its time re-packing each weight at every call; prepacked, a decode forward of
-    SmolLM2-135M on 2 cores took 47.6 ms for 1 row and 45.7 ms for 4, unpacked 68.1 and 100.3 ms
-    (`bench/bench_generate.py`, `forward_ms_by_batch`). `rows` is oneDNN's batch-size hint (4
-    measured best for 1 to 32 rows). Values equal nn.Linear's up to float rounding (as between
+    sgemm) spends its time re-packing each weight at every call (the measured gain:
+    `bench/bench_generate.py`, `forward_ms_by_batch`, in docs/results.md). `rows` is oneDNN's
+    batch-size hint (4 serves 1 to 32 rows best). Values equal nn.Linear's up to float rounding (as between
     batch shapes). The copy holds the weights a second time; a weight edited in place is packed
     anew at the layer's next call."""
     import torch

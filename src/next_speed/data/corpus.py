@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from next_speed.core.artifacts import atomic_path, make_meta, read_jsonl, write_json
-from next_speed.core.config import SEED_MAX, knob, to_dict
+from next_speed.core.config import knob, seed_knob, to_dict
 from next_speed.core.errors import NextSpeedError
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class ExportConfig:
     max_docs: int = knob(10000, env="MAX_DOCS", min=1, help="stop after this many exported articles")
     out_path: str = knob("data/raw/docs.jsonl", env="OUT_PATH", help="output JSONL")
     out_meta: str = knob("data/raw/docs.meta.json", env="OUT_META", help="output metadata JSON")
-    seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="shuffle seed")
+    seed: int = seed_knob("shuffle seed")
 
 
 def export_docs(cfg: ExportConfig, rows=None) -> dict:

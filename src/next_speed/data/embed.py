@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from next_speed.core.artifacts import atomic_path, load_meta, make_meta, read_jsonl, write_json
-from next_speed.core.config import SEED_MAX, knob, to_dict
+from next_speed.core.config import deterministic_knob, device_knob, knob, seed_knob, to_dict
 from next_speed.core.errors import NextSpeedError
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,9 @@ class EmbedConfig:
     sent_meta: str = knob("data/sentences.meta.json", env="SENT_META", help="input sentences metadata")
     out_emb: str = knob("data/embeddings.npy", env="OUT_EMB", help="output embeddings .npy (N x D float32)")
     out_meta: str = knob("data/emb_meta.json", env="OUT_META", help="output metadata JSON")
-    device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
-    seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="random seed")
-    deterministic: bool = knob(True, env="DETERMINISTIC", help="deterministic torch kernels")
+    device: str = device_knob()
+    seed: int = seed_knob("random seed")
+    deterministic: bool = deterministic_knob()
     backend: str = knob(
         "local",
         env="BACKEND",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from next_speed.core.artifacts import atomic_path, make_meta, write_json
-from next_speed.core.config import SEED_MAX, knob, to_dict
+from next_speed.core.config import knob, seed_knob, to_dict
 from next_speed.core.errors import ConfigError, NextSpeedError
 from next_speed.core.runtime import progress
 from next_speed.data.corpus import OFFLINE_HINT, iter_docs
@@ -50,7 +50,7 @@ class SentencesConfig:
         help="pysbd language code; a locale value such as en_US.UTF-8 means en, C/POSIX mean the default",
     )
     num_proc: int = knob(0, env="NUM_PROC", min=0, help="worker processes for splitting (0 = all cores)")
-    seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="random seed (recorded; splitting is deterministic)")
+    seed: int = seed_knob("random seed (recorded; splitting is deterministic)")
 
     def check(self) -> None:
         if self.min_len > self.max_len:

@@ -28,7 +28,7 @@ from next_speed.core.artifacts import (
     sha256_path,
     write_json,
 )
-from next_speed.core.config import SEED_MAX, knob, to_dict
+from next_speed.core.config import knob, seed_knob, to_dict
 from next_speed.core.errors import NextSpeedError
 from next_speed.quant.rvq import check_codes
 
@@ -55,7 +55,7 @@ class TrainSetsConfig:
     out_dec: str = knob("data/decoder_train.jsonl", env="OUT_DEC", help="decoder training rows")
     out_dec_val: str = knob("data/decoder_val.jsonl", env="OUT_DEC_VAL", help="decoder validation rows")
     train_meta: str = knob("data/train_meta.json", env="TRAIN_META", help="metadata JSON for the four files")
-    seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="split seed")
+    seed: int = seed_knob("split seed")
 
 
 def split_docs(doc_ids: np.ndarray, val_frac: float, seed: int) -> set[int]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from next_speed.core.artifacts import write_json
-from next_speed.core.config import knob
+from next_speed.core.config import device_knob, knob, seed_knob
 from next_speed.core.errors import NextSpeedError
 from next_speed.models.planner import load_planner, load_rows, mean_detail, tensorize
 from next_speed.quant.rvq import levels_matched_rows
@@ -233,8 +233,8 @@ class PlannerEvalConfig:
     )
     contrast_batch: int = knob(64, env="CONTRAST_BATCH", min=2, help="rows per batch for contrastive accuracy")
     out_json: str = knob("out/sent_lm_eval.json", env="OUT_JSON", help="where to write the report JSON")
-    device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
-    seed: int = knob(0, env="SEED", min=0, help="seed of the contrastive batches")
+    device: str = device_knob()
+    seed: int = seed_knob("seed of the contrastive batches")
     plan_deep: str = knob(
         "mean",
         env="PLAN_DEEP",

@@ -9,7 +9,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from next_speed.core.config import knob, resolve
+from next_speed.core.config import device_knob, knob, resolve
 from next_speed.core.errors import NextSpeedError
 from next_speed.evals.agreement import AgreementConfig, code_agreement, format_agreement
 from next_speed.evals.planner_eval import PlannerEvalConfig, eval_planner, format_eval
@@ -26,7 +26,7 @@ class ReportConfig:
     out_dir: str = knob("out/report", env="REPORT_DIR", help="folder for report.md and its plots")
     eval_positions: int = knob(200, env="EVAL_POSITIONS", min=1, help="validation positions for code agreement")
     decoder_rows: int = knob(300, env="VAL_ROWS", min=1, help="validation rows for the decoder losses")
-    device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
+    device: str = device_knob()
 
 
 def _plt():

@@ -13,11 +13,10 @@ engine
    ended candidates stop costing;
 5. keeps the batch's keys/values in buffers with room for the step's tokens and for more rows
    (`RoomyLayer`), so a token is written in place instead of copying the whole cache (transformers'
-   DynamicCache concatenates: measured, 10-25% of an fp32 decode forward of 8 to 32 rows, 5-12% in
-   bf16), a job whose prompt fits the batch's columns joins by writing its own rows, and a row
-   that ends is replaced by the batch's last row (the slot reuse of paged serving engines, without
-   pages): a join or an end copies the rows concerned, not the whole batch's cache (measured at 8
-   concurrent requests of 4 candidates: 2.4 s of copies in a 14 s run fell to 0.7 s).
+   DynamicCache concatenates, a copy of every row at every token), a job whose prompt fits the
+   batch's columns joins by writing its own rows, and a row that ends is replaced by the batch's
+   last row (the slot reuse of paged serving engines, without pages): a join or an end copies the
+   rows concerned, not the whole batch's cache (the costs: docs/design.md, "The engine").
 
 Each job samples with its own seeded generator and its own settings, so with fp32 weights a job's
 text does not depend on what it was batched with (in bf16, the rounding of other batch shapes can

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from next_speed.core.artifacts import StaleInputError, sha256_path, write_json
-from next_speed.core.config import SEED_MAX, knob, to_dict
+from next_speed.core.config import deterministic_knob, device_knob, knob, seed_knob, to_dict
 from next_speed.core.errors import ConfigError, NextSpeedError
 from next_speed.quant.rvq import levels_matched
 
@@ -188,7 +188,7 @@ class GenParams:
         help="nats per token a draft's log-likelihood under the real text may fall below its "
         "log-likelihood under the drafted context and still be kept (PARALLEL_VERIFY)",
     )
-    seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="random seed: same seed and inputs give the same text")
+    seed: int = seed_knob("random seed: same seed and inputs give the same text")
 
 
 @dataclass
@@ -211,8 +211,8 @@ class GenerateConfig(GenParams):
     emb_model: str | None = knob(
         None, env="EMB_MODEL", help="encoder for prompts and reranking (default: the one of step 02)"
     )
-    device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
-    deterministic: bool = knob(True, env="DETERMINISTIC", help="deterministic torch kernels")
+    device: str = device_knob()
+    deterministic: bool = deterministic_knob()
     dtype: str = knob(
         "auto",
         env="DTYPE",
@@ -230,8 +230,8 @@ class GenerateConfig(GenParams):
     pack_weights: bool = knob(
         True,
         env="PACK_WEIGHTS",
-        help="on a CPU with fp32 weights, reorder the decoder's matrices once into oneDNN's layout: a decoding "
-        "step of 1 to 8 rows 1.4-2.2x faster, the decoder's weights held twice in memory",
+        help="on a CPU with fp32 weights, reorder the decoder's matrices once into oneDNN's layout: faster "
+        "decoding steps of a few rows, the decoder's weights held twice in memory",
     )
 
     def check(self) -> None:

@@ -546,7 +546,7 @@ def mean_detail(probs: torch.Tensor, chosen: torch.Tensor, codebooks, pinned: in
     the kept levels' codewords, picks the deeper codes. Why not each level's own argmax: deeper
     levels are predicted barely above chance, so their argmax codewords add near-random directions;
     the mean keeps what the planner knows. A greedy level 0 still counts with its probabilities in
-    mu (measured: that hedge beats a mu built on the argmax codeword); pinned levels (plan control,
+    mu (a hedge that beats a mu built on the argmax codeword: docs/results.md); pinned levels (plan control,
     or a sampled level 0, which generation passes as pinned) are decided, and count with their own
     codeword. With chained heads, `probs` are those of the path chosen so far.
 

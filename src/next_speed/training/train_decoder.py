@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from next_speed.core.artifacts import atomic_dir, read_jsonl, sha256_path, versions, write_json
-from next_speed.core.config import SEED_MAX, knob, to_dict
+from next_speed.core.config import deterministic_knob, device_knob, knob, seed_knob, to_dict
 from next_speed.core.errors import ConfigError, NextSpeedError
 from next_speed.models.decoder_model import (
     CODE_MODES,
@@ -147,9 +147,9 @@ class DecoderTrainConfig:
     out_dir: str | None = knob(
         None, env="OUT_DIR", help="output folder (default out/decoder, or out/decoder_<CODE_MODE>)"
     )
-    device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
-    seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="random seed")
-    deterministic: bool = knob(True, env="DETERMINISTIC", help="deterministic torch kernels")
+    device: str = device_knob()
+    seed: int = seed_knob("random seed")
+    deterministic: bool = deterministic_knob()
 
     def check(self) -> None:
         if self.pretokenize_only and not self.cache_tokenized:
@@ -366,11 +366,70 @@ def sentence_vectors(tmeta: dict, rows: list[dict], rows_path: str):
 def build_bank(cfg: DecoderTrainConfig, tmeta: dict, rows: list[dict]) -> ExemplarBank:
     """The exemplar bank of step 06: every training sentence with its step-02 embedding (found by
     the rows' `sid` in the embeddings that step 03 quantized) and the RVQ codebooks."""
-    from next_speed.quant.rvq import RVQ, check_fits_rvq
+    from next_speed.quant.rvq import RVQ
 
     rvq_path = tmeta.get("rvq_path")
     if not rvq_path or not Path(rvq_path).is_file():
         raise NextSpeedError(f"EXEMPLARS reads {rvq_path}, which is missing: rerun steps 03-04")
+    if tmeta.get("rvq_sha256") and sha256_path(rvq_path) != tmeta["rvq_sha256"]:
+        raise NextSpeedError(f"{rvq_path} is not the file the training sets were built from: rerun steps 03-04")
+    vec = sentence_vectors(tmeta, rows, cfg.out_dec)
+    bank = ExemplarBank(
+        texts=[r["target"] for r in rows],
+        docs=[r["doc"] for r in rows],
+        emb=vec,
+        codebooks=RVQ.load(rvq_path).codebooks,
+        codes=[r["codes"] for r in rows],
+    )
+    log.info("06: exemplar bank of %d training sentences", len(rows))
+    return bank
+
+
+def add_exemplars(bank: ExemplarBank, rows: list[dict], k: int, codes: list | None = None) -> list[dict]:
+    """Rows with `exemplars`: the k bank sentences nearest to each row's plan (its own codes, or
+    `codes[i]`), never from the row's own document nor a copy of its target."""
+    plans = [r["codes"] for r in rows] if codes is None else codes
+    exs = bank.lookup(plans, k, exclude_docs=[r.get("doc") for r in rows], exclude_texts=[{r["target"]} for r in rows])
+    return [{**r, "exemplars": e} for r, e in zip(rows, exs)]
+
+
+def _level_keep(n: int, K: int, p: float, rng: random.Random):
+    """(n, K) bool: with probability p a row keeps only levels < j, j uniform in 1..K-1 (the
+    coarse part of the plan, as when the planner gets the deeper levels wrong); else all levels."""
+    import torch
+
+    keep = torch.ones(n, K, dtype=torch.bool)
+    for i in range(n):
+        if K > 1 and rng.random() < p:
+            keep[i, rng.randint(1, K - 1) :] = False
+    return keep
+
+
+def _make_adapter(model, cfg: DecoderTrainConfig, cond: Conditioning, tmeta: dict, val_ds, pad_id: int, family: str):
+    """CODE_MODE=inject: the plan adapter over step 03's codebooks, hooked into the block where
+    training starts (its scale is the residual stream's RMS there), and recorded in `cond`."""
+    from next_speed.quant.rvq import RVQ, check_fits_rvq
+
+    n_blocks = len(block_list(model)[1])
+    if cfg.inject_layer is not None:
+        layer = cfg.inject_layer
+    elif cfg.train_layers == "all":
+        layer = 0
+    else:
+        layer = max(0, n_blocks - int(cfg.train_layers))
+    if layer >= n_blocks:
+        raise ConfigError(f"INJECT_LAYER={layer} is past the model's last block ({n_blocks - 1})")
+    if cfg.train_layers != "all" and layer < n_blocks - int(cfg.train_layers):
+        log.warning(
+            "06: INJECT_LAYER=%d is below the trainable blocks: gradients to the plan adapter pass through "
+            "frozen blocks (slower steps)",
+            layer,
+        )
+    rvq_path = tmeta.get("rvq_path") or "out/rvq.npz"
+    if not Path(rvq_path).is_file():
+        raise NextSpeedError(
+            f"CODE_MODE=inject reads the RVQ codebooks of step 03, but {rvq_path} is missing: rerun step 03"
+        )
     rvq = RVQ.load(rvq_path)
     check_fits_rvq("the training sets", cond.K, cond.V, tmeta.get("rvq_sha256"), rvq, rvq_path, sha256_path(rvq_path),
                    "rerun steps 03-04")  # fmt: skip
@@ -634,8 +693,8 @@ class DecoderEvalConfig:
     out_dec_val: str = knob("data/decoder_val.jsonl", env="OUT_DEC_VAL", help="validation rows (step 04)")
     val_rows: int = knob(300, env="VAL_ROWS", min=1, help="validation rows scored")
     out_json: str = knob("out/decoder_eval.json", env="OUT_JSON", help="where to write the report JSON")
-    device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
-    seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="seed for the row sample and the code shuffle")
+    device: str = device_knob()
+    seed: int = seed_knob("seed for the row sample and the code shuffle")
 
 
 # Settings that define the budget and the data of a decoder run; a no-codes decoder is comparable

@@ -21,7 +21,7 @@ from next_speed.core.artifacts import (
     write_checkpoint_meta,
     write_json,
 )
-from next_speed.core.config import SEED_MAX, knob, to_dict
+from next_speed.core.config import deterministic_knob, device_knob, knob, seed_knob, to_dict
 from next_speed.core.errors import ConfigError, NextSpeedError
 from next_speed.evals.planner_eval import evaluate_model
 from next_speed.models.planner import FORMAT, load_rows, tensorize
@@ -111,9 +111,9 @@ class PlannerTrainConfig:
     out_lm_val: str = knob("data/sent_lm_val.jsonl", env="OUT_LM_VAL", help="validation rows (step 04)")
     train_meta: str = knob("data/train_meta.json", env="TRAIN_META", help="training sets metadata (step 04)")
     out_dir: str = knob("out/sentence_lm", env="OUT_DIR", help="output folder")
-    device: str = knob("auto", env="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
-    seed: int = knob(0, env="SEED", min=0, max=SEED_MAX, help="random seed")
-    deterministic: bool = knob(True, env="DETERMINISTIC", help="deterministic torch kernels")
+    device: str = device_knob()
+    seed: int = seed_knob("random seed")
+    deterministic: bool = deterministic_knob()
 
     def check(self) -> None:
         if self.d_model % self.n_heads:
