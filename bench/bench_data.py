@@ -89,7 +89,7 @@ def main() -> None:
                 "seconds": round(dt, 2),
                 "sentences_per_s": round(meta["counts"]["sentences"] / dt, 1),
             }
-        texts = [json.loads(line)["text"] for line in open(f"{tmp}/s0.jsonl")]
+        texts = [json.loads(line)["text"] for line in Path(f"{tmp}/s0.jsonl").read_text().splitlines()]
     # ---- step 02 vs plain encode, same sentences (a seeded sample), same model and batch size
     rng = np.random.default_rng(0)
     sample = [texts[i] for i in rng.choice(len(texts), min(args.embed_n, len(texts)), replace=False)]

@@ -1,6 +1,7 @@
 """Benchmark the generation loop against plain token-level sampling from the same decoder.
 
-  uv run python bench/bench_generate.py [--sentences 3] [--repeats 3] [--dtypes auto,unpacked,bf16] [--out bench/results/bench_generate.json]
+  uv run python bench/bench_generate.py [--sentences 3] [--repeats 3] [--dtypes auto,unpacked,bf16] [--out
+  bench/results/bench_generate.json]
 
 Needs trained artifacts (the main job). In one run, side by side:
 - the loop with the engine (ENGINE=kv: prompt cache kept across sentences, one prefill shared by
@@ -49,7 +50,8 @@ def main() -> None:
     ap.add_argument(
         "--dtypes",
         default="auto,unpacked,bf16",
-        help="DTYPE values measured one after the other (the first is the summary's); unpacked = fp32 with PACK_WEIGHTS=0",
+        help="DTYPE values measured one after the other (the first is the summary's); unpacked = fp32 with "
+        "PACK_WEIGHTS=0",
     )
     ap.add_argument("--out", default="bench/results/bench_generate.json")
     args = ap.parse_args()

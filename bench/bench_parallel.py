@@ -170,8 +170,10 @@ def main() -> None:
                 row["speedup"] = round(row["tok_s"] / report["plain"]["tok_s"], 3)
                 report["settings"][name] = row
                 print(
-                    f"{name:>16}: {row['tok_s']:6.1f} tok/s ({row['speedup']:.2f}x plain)  accept {row['accept_rate']}  "
-                    f"ref_sim {m['ref_sim']:.3f} (3 sent. {m['ref_sim_3']:.3f})  coherence {m['coherence']:.3f}  rep-2 {m['rep2']:.3f}",
+                    f"{name:>16}: {row['tok_s']:6.1f} tok/s ({row['speedup']:.2f}x plain)  accept "
+                    f"{row['accept_rate']}  "
+                    f"ref_sim {m['ref_sim']:.3f} (3 sent. {m['ref_sim_3']:.3f})  coherence {m['coherence']:.3f} "
+                    f" rep-2 {m['rep2']:.3f}",
                     flush=True,
                 )
                 write_json(args.out, report)  # after every setting: a run cut short keeps what it measured

@@ -90,7 +90,8 @@ def main() -> None:
             info = json.loads((work / out / "config.json").read_text())
             if info["model"].get("pointer", False) != bool(pointer) or info["train"]["seed"] != seed:
                 sys.exit(
-                    f"{work / out} holds another planner (pointer {info['model'].get('pointer')}, seed {info['train']['seed']})"
+                    f"{work / out} holds another planner (pointer {info['model'].get('pointer')}, seed "
+                    f"{info['train']['seed']})"
                 )
             levels = rep["results"].get("planner (PLAN_DEEP=levels)", {})
             run = {

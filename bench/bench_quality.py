@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -124,14 +125,12 @@ def run_base(model, tok, items, seeds, n_sents, concurrency, split, kind, p):
 def machine() -> str:
     """The CPU's model name and core count (what the figures were measured on)."""
     name = platform.processor() or platform.machine()
-    try:
+    with contextlib.suppress(OSError, StopIteration):
         name = next(
             ln.split(":", 1)[1].strip()
             for ln in Path("/proc/cpuinfo").read_text().splitlines()
             if ln.startswith("model name")
         )
-    except (OSError, StopIteration):
-        pass
     return f"{name}, {os.cpu_count()} cores"
 
 

@@ -33,7 +33,47 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-WORDS = ["river", "city", "music", "star", "planet", "history", "science", "language", "garden", "mountain", "ocean", "forest", "market", "school", "king", "queen", "empire", "treaty", "battle", "bridge", "engine", "theory", "number", "energy", "light", "water", "stone", "paper", "village", "island", "harbor", "railway", "festival", "church", "castle", "valley", "desert", "winter", "summer"]
+WORDS = [
+    "river",
+    "city",
+    "music",
+    "star",
+    "planet",
+    "history",
+    "science",
+    "language",
+    "garden",
+    "mountain",
+    "ocean",
+    "forest",
+    "market",
+    "school",
+    "king",
+    "queen",
+    "empire",
+    "treaty",
+    "battle",
+    "bridge",
+    "engine",
+    "theory",
+    "number",
+    "energy",
+    "light",
+    "water",
+    "stone",
+    "paper",
+    "village",
+    "island",
+    "harbor",
+    "railway",
+    "festival",
+    "church",
+    "castle",
+    "valley",
+    "desert",
+    "winter",
+    "summer",
+]
 
 # Runs one `next-speed` stage and prints its peak memory and time. The peak is the process's own
 # VmHWM (/proc/self/status): getrusage's ru_maxrss would carry over the high-water mark of the
@@ -217,7 +257,8 @@ def main() -> None:
                 summary["ddp_seconds_per_step_1"] = round(one["seconds_per_step"], 4)
                 summary["ddp_seconds_per_step_2"] = round(two["seconds_per_step"], 4)
                 print(
-                    f"torchrun planner: 1 process {one['seconds_per_step']:.3f} s/step, val {one['final_val_loss']:.4f}; "
+                    f"torchrun planner: 1 process {one['seconds_per_step']:.3f} s/step, val "
+                    f"{one['final_val_loss']:.4f}; "
                     f"2 processes {two['seconds_per_step']:.3f} s/step, val {two['final_val_loss']:.4f}",
                     flush=True,
                 )

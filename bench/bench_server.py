@@ -1,6 +1,7 @@
 """Benchmark the HTTP server: throughput and latency under concurrent clients, memory over a long run.
 
-  uv run python bench/bench_server.py [--per-client 2] [--c1-requests 8] [--n-cand 4] [--long 200] [--out bench/results/bench_server.json]
+  uv run python bench/bench_server.py [--per-client 2] [--c1-requests 8] [--n-cand 4] [--long 200] [--out
+  bench/results/bench_server.json]
 
 Needs trained artifacts (the main job). Starts the real server (`09_server.py`, loopback only, a
 free port) and, in one run, side by side:
@@ -17,7 +18,8 @@ free port) and, in one run, side by side:
 - on a CPU, the same server with PACK_WEIGHTS=0 (`--unpacked 1`, the default: the decoder's matrices
   not reordered for oneDNN) at 1 and 8 clients.
 1 and 8 clients run twice each, interleaved, and each pair is pooled (requests over summed wall
-time), since this machine's speed drifts within minutes. Errors are non-200 answers or failed connections. Writes a JSON with a flat `summary`:
+time), since this machine's speed drifts within minutes. Errors are non-200 answers or failed connections.
+Writes a JSON with a flat `summary`:
 throughput_ratio_8, throughput_ratio_16 (requests/s), sentences_ratio_8, errors, rss_growth_mb (and
 the baseline's ratio, and bf16_throughput_ratio_8, bf16_sentences_ratio_8, bf16_over_fp32_c8,
 unpacked_throughput_ratio_8, packed_over_unpacked_c1, packed_over_unpacked_c8).
@@ -72,7 +74,7 @@ class Server:
             **extra_env,
             "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}",
         }
-        self.log = open(f"/tmp/next_speed_bench_server_{self.port}.log", "w")
+        self.log = open(f"/tmp/next_speed_bench_server_{self.port}.log", "w")  # noqa: SIM115 - the server's log
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "09_server.py")], env=env, stdout=self.log, stderr=subprocess.STDOUT
         )

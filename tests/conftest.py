@@ -64,6 +64,47 @@ def tiny_run(tmp_path_factory):
     return d
 
 
+# The generation settings of the tests on the tiny preset: REPEAT_COS off (the random-init stand-in
+# encoder puts every sentence near every other) and one plan per step (tests of several plans ask).
+TINY_GEN_ENV = {
+    "EMB_MODEL": "cache/tiny/encoder",
+    "DEVICE": "cpu",
+    "MAX_NEW_TOKENS": "10",
+    "N_CAND": "3",
+    "REPEAT_COS": "1.01",
+    "PLANS": "1",
+    "UNPLANNED": "0",
+}
+
+
+def tiny_generator(run_dir: Path, **env: str):
+    """A SentenceGenerator over the tiny run's artifacts, TINY_GEN_ENV with `env` on top."""
+    from next_speed.core.config import resolve
+    from next_speed.generation.generate import GenerateConfig, SentenceGenerator
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(run_dir)
+        return SentenceGenerator(resolve(GenerateConfig, environ={**TINY_GEN_ENV, **env}))
+
+
+@pytest.fixture(scope="module")
+def tiny_gen(tiny_run):
+    """One generator per test module (loading takes seconds); tests change it through monkeypatch only."""
+    return tiny_generator(tiny_run)
+
+
+@pytest.fixture()
+def in_run(tiny_run, monkeypatch):
+    """Run in the tiny run's folder (its relative paths: out/, data/, cache/)."""
+    monkeypatch.chdir(tiny_run)
+    return tiny_run
+
+
+@pytest.fixture()
+def gen(in_run, tiny_gen):
+    return tiny_gen
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory) -> str:
     from next_speed.models.tiny import build_tiny_encoder
@@ -146,3 +187,28 @@ def wait_healthy(base: str, proc=None, timeout: float = 240) -> int | None:
             pass
         time.sleep(0.5)
     return status
+
+
+def no_eos(gen, monkeypatch):
+    """The random-init tiny decoder says end-of-sequence first; ban it so sentences have words."""
+    import torch
+
+    monkeypatch.setattr(gen.engine, "bad", torch.cat([gen.engine.bad, torch.tensor([gen.tok.eos_token_id])]))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A tiny random-init Llama-style causal LM with a BPE tokenizer trained on the topic sentences."""
+    from next_speed.models.tiny import build_tiny_causal_lm
+
+    return build_tiny_causal_lm(
+        tmp_path_factory.mktemp("llm") / "tiny-llama", [s for v in TOPICS.values() for s in v] * 3
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory):
+    """A tiny random-init T5-style seq2seq model."""
+    from next_speed.models.tiny import build_tiny_seq2seq
+
+    return build_tiny_seq2seq(tmp_path_factory.mktemp("t5") / "tiny-t5", [s for v in TOPICS.values() for s in v] * 3)

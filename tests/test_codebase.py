@@ -53,7 +53,9 @@ def test_the_package_is_laid_out_in_subpackages():
 
 def test_readme_is_a_front_page_and_nothing_narrates_its_making():
     assert len((ROOT / "README.md").read_text(encoding="utf-8")) <= 25_000
-    phrases = re.compile(r"this stop|latest session|later session|this session|no gpu (has been )?lent|issue \d+\b", re.I)
+    phrases = re.compile(
+        r"this stop|latest session|later session|this session|no gpu (has been )?lent|issue \d+\b", re.I
+    )
     files = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]
     for sub in ("src", "tests", "bench"):
         files += [p for p in (ROOT / sub).rglob("*") if p.suffix in (".py", ".md", ".sh", ".html")]

@@ -1,48 +1,14 @@
-"""Generation, the Python API, the chat REPL and the server, on the tiny preset's artifacts."""
+"""Generation: the sentence loop, its stop rules and rerank, the decoding engine, on the tiny preset's artifacts."""
 
-import io
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, run_script, wait_healthy
+from conftest import no_eos
 
 from next_speed.core.config import resolve
 from next_speed.core.errors import ConfigError, StaleInputError
 from next_speed.generation.generate import GenerateConfig, SentenceGenerator, match_score, run_generate
-
-
-@pytest.fixture()
-def in_run(tiny_run, monkeypatch):
-    monkeypatch.chdir(tiny_run)
-    return tiny_run
-
-
-@pytest.fixture()
-def gen(in_run):
-    # REPEAT_COS off: the random-init stand-in encoder puts every sentence near every other; one
-    # plan per step (the tests of several plans ask for them)
-    return SentenceGenerator(
-        resolve(
-            GenerateConfig,
-            environ={
-                "EMB_MODEL": "cache/tiny/encoder",
-                "DEVICE": "cpu",
-                "MAX_NEW_TOKENS": "10",
-                "N_CAND": "3",
-                "REPEAT_COS": "1.01",
-                "PLANS": "1",
-                "UNPLANNED": "0",
-            },
-        )
-    )
 
 
 def test_loop_shapes_and_determinism(gen):
@@ -385,7 +351,7 @@ def test_bf16_decoder_at_generation(in_run, gen, monkeypatch):
     assert a.steps and [s.candidates for s in a.steps] == [s.candidates for s in b.steps]
     assert runtime.resolve_dtype("auto", "cpu") == "fp32"
     for supported, want in ((True, "bf16"), (False, "fp32")):  # GPUs before Ampere only emulate bf16
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, supported=supported, **k: supported)
         assert runtime.resolve_dtype("auto", "cuda:0") == want
     with pytest.raises(ConfigError, match="DTYPE=bf16 is for cuda and cpu"):
         runtime.resolve_dtype("bf16", "mps")
@@ -410,195 +376,6 @@ def test_mismatched_artifacts_are_refused(in_run, tmp_path):
         SentenceGenerator(resolve(GenerateConfig, environ={"PLANNER_DIR": str(tmp_path / "nothing"), "DEVICE": "cpu"}))
 
 
-def test_api_one_liner_and_chat_oneshot(in_run):
-    # REPEAT_COS off: the random-init stand-in encoder puts every sentence near every other; one
-    # plan per step (the tests of several plans ask for them)
-    env = {
-        "EMB_MODEL": "cache/tiny/encoder",
-        "DEVICE": "cpu",
-        "MAX_NEW_TOKENS": "8",
-        "REPEAT_COS": "1.01",
-        "PLANS": "1",
-        "UNPLANNED": "0",
-    }
-    code = (
-        "import json; from infer import SentenceGenerator; g=SentenceGenerator(); "
-        "print(json.dumps(g.generate('Paris is the capital of France.', 2)))"
-    )
-    r = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=in_run,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **env, "PYTHONPATH": f"{ROOT}/src:{ROOT}"},
-    )
-    assert r.returncode == 0, r.stderr
-    assert isinstance(json.loads(r.stdout), str)  # the one-liner returns the text
-    r = run_script("08_chat.py", "-p", "Paris is the capital of France.", env=env, cwd=in_run, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip()
-
-
-def test_chat_scripted_session(gen):
-    from next_speed.serving.chat import chat_loop
-
-    inp = io.StringIO(
-        "/show\n/set n_cand=2\n/set bogus=1\nParis is the capital of France.\n/reset\n/quit\nnever read\n"
-    )
-    out = io.StringIO()
-    assert chat_loop(gen, inp, out, interactive=False) == 0
-    text = out.getvalue()
-    assert "n_cand=3" in text and "n_cand=2" in text and "unknown parameter 'bogus'" in text
-    assert "(conversation cleared)" in text and "never read" not in text
-
-
-def test_server_in_process(gen):
-    from fastapi.testclient import TestClient
-
-    from next_speed.serving.server import ServerConfig, create_app
-
-    app = create_app(lambda: gen, ServerConfig(max_prompt_chars=200, max_sentences_cap=3), background=False)
-    with TestClient(app) as c:
-        h = c.get("/health")
-        assert h.status_code == 200 and h.json() == {"status": "ok", "device": "cpu", "dtype": "fp32"}
-        r = c.post(
-            "/generate",
-            json={"prompt": "Paris is the capital of France.", "max_sentences": 2, "params": {"rerank": True}},
-        )
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert {"text", "sentences", "planned", "realized", "stop_reason"} <= set(body)
-        assert len(body["planned"]) == len(body["realized"]) == len(body["sentences"])
-        assert body["stop_reason"] in ("steps", "empty", "repeat") and (
-            body["stop_reason"] != "steps" or len(body["sentences"]) == 2
-        )
-        bad = [
-            ({"prompt": "", "max_sentences": 1}, 422),
-            ({"prompt": "x" * 500}, 413),
-            ({"prompt": "Hi there.", "max_sentences": 9}, 422),
-            ({"prompt": "Hi there.", "params": {"temp": 0}}, 422),
-            ({"prompt": "Hi there.", "params": {"top_p": 2}}, 422),
-            ({"prompt": "Hi there.", "params": {"n_cand": 100}}, 422),
-            ({"prompt": "Hi there.", "params": {"nope": 1}}, 422),
-            ({"max_sentences": 1}, 422),
-            ({"prompt": "Hi there.", "params": {"gen_steps": 2}}, 422),
-            ({"prompt": 5}, 422),
-            ({"prompt": "Hi there.", "params": {"n_cand": "many"}}, 422),
-            # every value typed and capped, whatever its JSON type
-            ({"prompt": "Hi there.", "params": {"n_cand": "30"}}, 422),
-            ({"prompt": "Hi there.", "params": {"max_new_tokens": "500"}}, 422),
-            ({"prompt": "Hi there.", "params": {"n_cand": 17}}, 422),
-            ({"prompt": "Hi there.", "params": {"max_new_tokens": 129}}, 422),
-            ({"prompt": "Hi there.", "params": {"n_cand": True}}, 422),
-            ({"prompt": "Hi there.", "max_sentences": True}, 422),
-            ({"prompt": "Hi there.", "params": {"n_cand": 2.5}}, 422),
-            ({"prompt": "Hi there.", "params": {"seed": 2**70}}, 422),
-            ({"prompt": "Hi there.", "params": {"seed": -1}}, 422),
-            ({"prompt": "Hi there.", "params": {"rerank": "yes"}}, 422),
-            ({"prompt": "   "}, 422),
-            ({"prompt": "Hi\x00 there."}, 422),
-            ({"prompt": "Hi there.", "extra": 1}, 422),
-        ]
-        for payload, status in bad:
-            r = c.post("/generate", json=payload)
-            assert r.status_code == status, (payload, r.text)
-            assert "error" in r.json()
-        msg = c.post("/generate", json={"prompt": "Hi there.", "params": {"n_cand": 17}}).json()["error"]
-        assert msg.startswith("params.n_cand:") and "MAX_N_CAND" in msg
-        # NaN and infinity are not JSON, but Python's json module writes them: refused, not a 500
-        for raw in (
-            b'{"prompt": "Hi there.", "params": {"temp": NaN}}',
-            b'{"prompt": "Hi there.", "params": {"top_p": Infinity}}',
-        ):
-            r = c.post("/generate", content=raw, headers={"content-type": "application/json"})
-            assert r.status_code == 422 and "params." in r.json()["error"], r.text
-        ok = c.post(
-            "/generate",
-            json={"prompt": "Hi there.", "max_sentences": 1, "params": {"temp": 1, "n_cand": 2, "seed": 2**32 - 1}},
-        )
-        assert ok.status_code == 200, ok.text
-        r = c.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
-        assert r.status_code == 422 and "error" in r.json()
-
-
-def test_server_unexpected_error_is_json_and_it_keeps_serving(gen, monkeypatch):
-    from fastapi.testclient import TestClient
-
-    from next_speed.serving.server import create_app
-
-    app = create_app(lambda: gen, background=False)
-    real = gen.engine._prefill  # every decoder path (the open batch, the one-by-one retry) prefills
-    monkeypatch.setattr(gen.engine, "_prefill", lambda job: (_ for _ in ()).throw(RuntimeError("boom")))
-    with TestClient(app, raise_server_exceptions=False) as c:
-        r = c.post("/generate", json={"prompt": "Hi there."})
-        assert r.status_code == 500 and r.json()["error"].startswith("internal error (RuntimeError)")
-        monkeypatch.setattr(gen.engine, "_prefill", real)
-        assert c.get("/health").status_code == 200
-        assert c.post("/generate", json={"prompt": "Hi there.", "max_sentences": 1}).status_code == 200
-
-
-def test_server_health_503_while_loading():
-    import threading
-
-    from fastapi.testclient import TestClient
-
-    from next_speed.serving.server import create_app
-
-    release = threading.Event()
-    app = create_app(lambda: release.wait(30) and None, background=True)
-    with TestClient(app) as c:
-        r = c.get("/health")
-        assert r.status_code == 503 and r.json()["error"] == "loading models"
-        assert c.post("/generate", json={"prompt": "Hi there."}).status_code == 503
-        release.set()
-
-
-def test_real_server_command(in_run):
-    port = free_port()
-    env = {
-        **os.environ,
-        "EMB_MODEL": "cache/tiny/encoder",
-        "DEVICE": "cpu",
-        "PORT": str(port),
-        "MAX_NEW_TOKENS": "8",
-        "PYTHONPATH": f"{ROOT}/src:{ROOT}",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "09_server.py")],
-        cwd=in_run,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        status = wait_healthy(f"http://127.0.0.1:{port}", proc)
-        assert status == 200, f"server never became healthy (last status {status})"
-        # a client that disconnects mid-request does not take the server down
-        body = json.dumps({"prompt": "Paris is the capital of France.", "max_sentences": 2}).encode()
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            s.sendall(
-                b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                + body
-            )
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/generate",
-            method="POST",
-            data=json.dumps(
-                {"prompt": "Paris is the capital of France.", "max_sentences": 2, "params": {"rerank": True}}
-            ).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=120) as r:
-            body = json.loads(r.read())
-        assert r.status == 200 and "text" in body and "planned" in body
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
 def test_code_agreement_and_report(in_run):
     from next_speed.evals.agreement import AgreementConfig, code_agreement, format_agreement
     from next_speed.evals.report import ReportConfig, make_report
@@ -606,14 +383,14 @@ def test_code_agreement_and_report(in_run):
     env = {"EMB_MODEL": "cache/tiny/encoder", "DEVICE": "cpu", "MAX_NEW_TOKENS": "6"}
     rep = code_agreement(resolve(AgreementConfig, {"eval_docs": 3, "n_cands": "1,2,4"}, environ=env))
     assert [(r["rerank"], r["n_cand"]) for r in rep["results"]] == [
-        ("off", 1),
-        ("off", 2),
-        ("off", 4),
-        ("on", 1),
-        ("on", 2),
-        ("on", 4),
+        (mode, n) for mode in ("off", "on", "codes") for n in (1, 2, 4)
     ]
     by = {(r["rerank"], r["n_cand"]): r for r in rep["results"]}
+    # the code-match pick is the most levels matched among the same candidates: never below generation's
+    for n in (1, 2, 4):
+        assert by[("codes", n)]["prefix"] >= by[("on", n)]["prefix"]
+    assert by[("codes", 4)]["prefix"] >= by[("codes", 2)]["prefix"] >= by[("codes", 1)]["prefix"]
+    assert rep["summary"]["l0_codes_rule_n4"] == by[("codes", 4)]["per_level"][0]
     # reranking among more candidates never lowers the matched prefix (same samples, best of more)
     assert by[("on", 4)]["prefix"] >= by[("on", 2)]["prefix"] >= by[("on", 1)]["prefix"] == by[("off", 1)]["prefix"]
     assert "rerank" in format_agreement(rep)
@@ -645,7 +422,8 @@ def test_code_agreement_and_report(in_run):
     # generation's own stop rules and selection: with every candidate a "repeat" (REPEAT_COS 0),
     # every position is counted as refused
     rep = code_agreement(resolve(AgreementConfig, {"eval_docs": 2, "n_cands": "2"}, environ={**env, "REPEAT_COS": "0"}))
-    assert all(r["all_refused"] == r["n"] > 0 for r in rep["results"])
+    assert all(r["all_refused"] == r["n"] > 0 for r in rep["results"] if r["rerank"] != "codes")
+    assert all(r["all_refused"] == 0 for r in rep["results"] if r["rerank"] == "codes")  # no stop rules there
 
 
 def test_candidates_never_contain_code_tokens(in_run, tmp_path):
@@ -748,27 +526,29 @@ def test_inject_decoder_generates_and_reloads(in_run, tmp_path):
         )
 
 
-def _no_eos(gen, monkeypatch):
-    """The random-init tiny decoder says end-of-sequence first; ban it so sentences have words."""
-    import torch
-
-    monkeypatch.setattr(gen.engine, "bad", torch.cat([gen.engine.bad, torch.tensor([gen.tok.eos_token_id])]))
-
-
-def _rare_stops(gen):
+def _rare_stops(gen, request):
     """Zero the output rows of the sentence-ending tokens (logit 0, below the greedy maximum):
-    greedy sentences of the random-init tiny decoder then have words. The fixture's own model copy."""
+    greedy sentences of the random-init tiny decoder then have words. Restored after the test (the
+    generator is shared by the module's tests)."""
     import torch
 
+    w, ids = gen.model.get_output_embeddings().weight, gen.engine.stop_ids
+    saved = w[ids].detach().clone()
+
+    def restore():
+        with torch.no_grad():
+            w[ids] = saved
+
+    request.addfinalizer(restore)
     with torch.no_grad():  # with PACK_WEIGHTS (the CPU default) the LM head's packed copy follows the edit
-        gen.model.get_output_embeddings().weight[gen.engine.stop_ids] = 0.0
+        w[ids] = 0.0
 
 
-def test_engine_equals_straightforward_loop(gen, monkeypatch):
+def test_engine_equals_straightforward_loop(gen, monkeypatch, request):
     """Greedy decoding: the engine (prompt cache kept across sentences, one prefill shared by the
     candidates, ended rows dropped) writes exactly what transformers' generate on the whole prompt
     writes; the cache reuse changes nothing but speed."""
-    _rare_stops(gen)  # greedy would end every sentence at once
+    _rare_stops(gen, request)  # greedy would end every sentence at once
     prompt = "Paris is the capital of France. It lies on the Seine."
     got = {}
     for kv in (True, False):
@@ -784,7 +564,7 @@ def test_engine_equals_straightforward_loop(gen, monkeypatch):
 
 def test_engine_drops_ended_rows_and_batches_jobs(gen, monkeypatch):
     """Jobs of different prompts, sizes and settings rendered in one batch give what each gives alone."""
-    _no_eos(gen, monkeypatch)
+    no_eos(gen, monkeypatch)
     K = gen.rvq.K
     specs = [
         ("Paris is the capital of France.", 2, 7),
@@ -817,7 +597,7 @@ def test_decode_batch_jobs_join_and_leave_between_tokens(gen, monkeypatch):
     """The server's open batch: a short job leaves as soon as its rows end while a long one goes
     on, a job that joins mid-sentence is prefilled and merged, a cancelled one is taken out, and
     every job writes exactly what it writes alone."""
-    _no_eos(gen, monkeypatch)
+    no_eos(gen, monkeypatch)
     K = gen.rvq.K
 
     def job(ctx, n, max_new, seed):
@@ -855,7 +635,7 @@ def test_decode_batch_rows_join_and_leave_in_place(gen, monkeypatch):
     """A job whose prompt fits the batch's columns joins by writing its rows into the batch's
     buffers (the rows already there are not copied), rows that end are replaced by the last live
     rows, and every job still writes exactly what it writes alone."""
-    _no_eos(gen, monkeypatch)
+    no_eos(gen, monkeypatch)
     K = gen.rvq.K
 
     def job(ctx, n, max_new, seed):
@@ -890,79 +670,6 @@ def test_decode_batch_rows_join_and_leave_in_place(gen, monkeypatch):
     assert {k: j.out for k, j in jobs.items()} == alone
 
 
-def _post_all(client, payloads):
-    import threading
-
-    out = [None] * len(payloads)
-
-    def post(i):
-        out[i] = client.post("/generate", json=payloads[i])
-
-    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(payloads))]
-    for t in threads:
-        t.start()
-    return threads, out
-
-
-def test_server_batches_concurrent_requests(gen):
-    """Concurrent requests share decoder batches and get what the same requests get one by one."""
-    from fastapi.testclient import TestClient
-
-    from next_speed.serving.server import ServerConfig, create_app
-
-    payloads = [
-        {"prompt": "Paris is the capital of France.", "max_sentences": 2, "params": {"seed": s, "n_cand": n}}
-        for s, n in [(1, 2), (2, 3), (3, 1), (4, 2)]
-    ]
-    # a request whose steps render two plans and an unplanned candidate: the decoder's jobs of a step join
-    # the batch, the base model's is rendered apart, the step ends with the last
-    payloads.append(
-        {
-            "prompt": "Paris is the capital of France.",
-            "max_sentences": 2,
-            "params": {"seed": 5, "n_cand": 2, "plans": 2, "plan_temp": 1.0, "unplanned": 1},
-        }
-    )
-    alone = [gen.run(p["prompt"], p["max_sentences"], **p["params"]) for p in payloads]
-    app = create_app(lambda: gen, ServerConfig(max_queue=8), background=False)
-    with TestClient(app) as c:
-        sched = app.state.server.sched
-        with gen._lock:  # the worker waits, so the requests pile up and share batches from their first steps on
-            threads, out = _post_all(c, payloads)
-            deadline = time.time() + 30
-            while sched.load() < len(payloads) and time.time() < deadline:
-                time.sleep(0.05)
-        for t in threads:
-            t.join(timeout=300)
-    assert all(r.status_code == 200 for r in out), [r.text for r in out]
-    assert [r.json()["sentences"] for r in out] == [a.sentences for a in alone]
-    assert [r.json()["planned"] for r in out] == [a.planned for a in alone]
-    assert all("queued" in r.json()["timings"] for r in out)
-    assert sched.rows / sched.batches > 3  # rows of several requests per batch (one request has at most 3)
-
-
-def test_server_queue_limit(gen):
-    """Over MAX_QUEUE requests in flight: an immediate 503, a JSON error and Retry-After; /health stays instant."""
-    from fastapi.testclient import TestClient
-
-    from next_speed.serving.server import ServerConfig, create_app
-
-    app = create_app(lambda: gen, ServerConfig(max_queue=1, retry_after=3), background=False)
-    with TestClient(app) as c:
-        sched = app.state.server.sched
-        with gen._lock:
-            threads, out = _post_all(c, [{"prompt": "Paris is the capital of France.", "max_sentences": 1}])
-            deadline = time.time() + 30
-            while sched.load() < 1 and time.time() < deadline:
-                time.sleep(0.05)
-            t0 = time.time()
-            r = c.post("/generate", json={"prompt": "Hi there.", "max_sentences": 1})
-            assert r.status_code == 503 and r.headers["retry-after"] == "3" and "MAX_QUEUE" in r.json()["error"]
-            assert c.get("/health").status_code == 200 and time.time() - t0 < 5
-        threads[0].join(timeout=300)
-    assert out[0].status_code == 200, out[0].text
-
-
 def test_nucleus_sample_keeps_the_top_p_set():
     """The partial-sort nucleus draws from exactly transformers' TopPLogitsWarper set, on both paths
     (the set inside the top 256 tokens, and a flat distribution that needs the whole vocabulary)."""
@@ -985,86 +692,6 @@ def test_nucleus_sample_keeps_the_top_p_set():
     assert a.shape == (3,) and torch.equal(
         a, nucleus_sample(logits, 0.8, torch.Generator().manual_seed(7))
     )  # same seed, same tokens
-
-
-def test_scheduler_survives_cancelled_requests(gen):
-    """A client that goes away cancels its future; the worker drops the request and keeps serving."""
-    from next_speed.serving.scheduler import BatchScheduler
-
-    sched = BatchScheduler(gen, max_queue=4)
-    try:
-        with gen._lock:
-            gone = sched.submit("Paris is the capital of France.", 2, seed=1)
-            kept = sched.submit("Paris is the capital of France.", 1, seed=2)
-            assert gone.cancel()
-        assert kept.result(timeout=300).sentences == gen.run("Paris is the capital of France.", 1, seed=2).sentences
-        assert sched.submit("Hi there.", 1).result(timeout=300) is not None and sched.load() == 0
-    finally:
-        sched.close()
-
-
-def test_scheduler_short_step_does_not_wait_for_a_long_one(gen, monkeypatch):
-    """Iteration-level scheduling: a request whose sentence ends after 2 tokens is answered while
-    an earlier request's long sentence is still being written, not when the whole batch ends."""
-    from next_speed.serving.scheduler import BatchScheduler
-
-    _no_eos(gen, monkeypatch)
-    monkeypatch.setattr(gen.engine, "_stop_set", set())  # sentences end at their token limit only
-    events = []
-    sched = BatchScheduler(gen, max_queue=4)
-    try:
-        with gen._lock:  # both wait, so they join the same first batch
-            # retries=0: sentences cut off by the token limit are kept at once (no re-planned step)
-            long = sched.submit(
-                "Paris is the capital of France.",
-                1,
-                seed=1,
-                n_cand=2,
-                max_new_tokens=24,
-                retries=0,
-                on_step=lambda st: events.append("long"),
-            )
-            short = sched.submit(
-                "Paris is the capital of France.",
-                1,
-                seed=2,
-                n_cand=2,
-                max_new_tokens=2,
-                retries=0,
-                on_step=lambda st: events.append("short"),
-            )
-        long.result(timeout=300), short.result(timeout=300)
-    finally:
-        sched.close()
-    assert events == ["short", "long"]
-    assert sched.batches >= 24 and sched.rows / sched.batches < 4  # the short one's rows left early
-
-
-def test_scheduler_recovers_from_a_failed_decoder_round(gen, monkeypatch):
-    """A decoder round that fails mid-sentence (an out-of-memory, say) drops the open batch; each
-    request's step is rendered again alone from its seed, so every answer is what it is alone."""
-    from next_speed.generation.engine import DecodeBatch
-    from next_speed.serving.scheduler import BatchScheduler
-
-    reqs = [("Paris is the capital of France.", 2, 1, 2), ("The Amazon is the largest rainforest on Earth.", 1, 2, 3)]
-    alone = [gen.run(p, m, seed=s, n_cand=n).sentences for p, m, s, n in reqs]
-    real, calls = DecodeBatch.step, [0]
-
-    def flaky(self):
-        calls[0] += 1
-        if calls[0] == 3:
-            raise RuntimeError("out of memory")
-        return real(self)
-
-    monkeypatch.setattr(DecodeBatch, "step", flaky)
-    sched = BatchScheduler(gen, max_queue=4)
-    try:
-        with gen._lock:
-            futs = [sched.submit(p, m, seed=s, n_cand=n) for p, m, s, n in reqs]
-        got = [f.result(timeout=300).sentences for f in futs]
-    finally:
-        sched.close()
-    assert calls[0] > 3 and got == alone
 
 
 def test_roomy_cache_layer_matches_concatenation():
@@ -1109,11 +736,11 @@ def test_roomy_cache_layer_matches_concatenation():
     assert torch.equal(keys, k0) and torch.equal(values, v0) and fresh.get_seq_length() == 5
 
 
-def test_vetoed_candidate_stops_early_in_both_engines(gen, monkeypatch):
+def test_vetoed_candidate_stops_early_in_both_engines(gen, monkeypatch, request):
     """A job's veto (the loop's copy guard) stops a candidate as soon as its complete words show
     the copy: fewer tokens, its text the start of what it would have written; the straightforward
     reference (`render_hf`) cuts greedy candidates at the same token."""
-    _no_eos(gen, monkeypatch)
+    no_eos(gen, monkeypatch)
     K = gen.rvq.K
 
     def job(p, veto=None):
@@ -1139,7 +766,7 @@ def test_vetoed_candidate_stops_early_in_both_engines(gen, monkeypatch):
     # (the job's other candidates share its random stream, so after the cut their samples may differ)
     import torch
 
-    _rare_stops(gen)  # and only tokens that start a word: greedy text with words to veto
+    _rare_stops(gen, request)  # and only tokens that start a word: greedy text with words to veto
     vocab = gen.tok.convert_ids_to_tokens(list(range(len(gen.tok))))
     glued = torch.tensor([i for i, t in enumerate(vocab) if not t.startswith("Ġ") and i not in gen.engine._stop_set])
     monkeypatch.setattr(gen.engine, "bad", torch.cat([gen.engine.bad, glued]).unique())
@@ -1254,15 +881,15 @@ def test_no_copy_ngram_never_bans_ending_the_sentence(gen):
     )  # what it guards against
 
 
-def test_no_copy_ngram_steers_off_earlier_sentences(gen, monkeypatch):
+def test_no_copy_ngram_steers_off_earlier_sentences(gen, monkeypatch, request):
     """NO_COPY_NGRAM: no candidate writes a run of that many tokens found in the earlier
     sentences (HF's encoder-no-repeat-n-gram ban over their tokens), in the engine and in the
     straightforward reference alike; the loop hands every step the tokens of the prompt's
     sentences and of those it wrote."""
     from next_speed.generation.generate import copy_ids
 
-    _no_eos(gen, monkeypatch)
-    _rare_stops(gen)
+    no_eos(gen, monkeypatch)
+    _rare_stops(gen, request)
     K = gen.rvq.K
     rows: list = []
     orig = gen.engine._choose

@@ -5,9 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_gpu_check_script_runs_with_the_tiny_preset(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("LANG", "OUT_DIR", "VAL_ROWS", "EVAL_POSITIONS")}
     env.update(
@@ -40,6 +42,7 @@ def test_gpu_check_script_runs_with_the_tiny_preset(tmp_path):
     assert r.returncode == 2 and "unknown option --fast" in r.stderr
 
 
+@pytest.mark.slow
 def test_gpu_check_engine_script_runs_with_the_tiny_preset(tmp_path):
     """--engine: the engine and server check (bench_generate and bench_server on the main job's artifacts)."""
     env = {k: v for k, v in os.environ.items() if k not in ("LANG", "OUT_DIR", "DEVICE")}
@@ -68,9 +71,10 @@ def test_gpu_check_engine_script_runs_with_the_tiny_preset(tmp_path):
         "server_throughput_ratio_8",
         "server_throughput_ratio_16",
     ):
-        assert isinstance(fig[k], (int, float)) and fig[k] > 0, k
+        assert isinstance(fig[k], (int, float)) and 0 < fig[k] < 50, (k, fig[k])
     for k in ("parallel_speedup_p2_n1", "parallel_speedup_p4_n1", "parallel_speedup_p4_n2"):
-        assert isinstance(fig[k], (int, float)) and fig[k] > 0, k
+        assert isinstance(fig[k], (int, float)) and 0 < fig[k] < 50, (k, fig[k])
     assert "parallel_quality_gap_p4" in fig and "parallel_accept_rate_p4" in fig
-    assert isinstance(fig["server_rss_growth_mb"], (int, float))  # may be 0 or below: memory flat
+    # the memory run's growth, 0 or below when memory stays flat: a leak of the tiny models' size would show
+    assert isinstance(fig["server_rss_growth_mb"], (int, float)) and abs(fig["server_rss_growth_mb"]) < 300
     assert fig["server_errors"] == 0

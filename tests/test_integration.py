@@ -9,6 +9,7 @@ from conftest import run_script
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow
 def test_real_minilm_through_steps_01_04(tmp_path):
     env = {
         "CORPUS": "wiki",
@@ -34,7 +35,14 @@ def test_real_minilm_through_steps_01_04(tmp_path):
     assert 150 <= len(sents) <= 400
     x = np.load(tmp_path / "data/embeddings.npy")
     assert x.shape == (len(sents), 384) and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-4)
-    # genuine MiniLM: related sentences are closer than unrelated ones
+    # genuine MiniLM: related sentences (neighbours in one article) are closer than unrelated ones
+    # (sentences of different articles)
+    docs = np.asarray([json.loads(s)["doc"] for s in sents])
+    same = docs[1:] == docs[:-1]
+    near = (x[1:] * x[:-1]).sum(1)[same].mean()
+    partner = np.roll(np.arange(len(x)), len(x) // 2)  # a sentence half the corpus away
+    far = (x * x[partner]).sum(1)[docs != docs[partner]].mean()
+    assert near > far + 0.1, (near, far)
     meta = json.loads((tmp_path / "data/emb_meta.json").read_text())
     assert meta["model"] == "all-MiniLM-L6-v2" and meta["dim"] == 384
     rep = json.loads((tmp_path / "out/rvq_recon_error.json").read_text())
@@ -52,6 +60,7 @@ def test_minilm_is_genuine():
     assert abs(float(e[0] @ e[1]) - 0.755) < 0.01
 
 
+@pytest.mark.slow
 def test_real_smollm2_trains_a_few_steps(tmp_path):
     env = {
         "CORPUS": "wiki",

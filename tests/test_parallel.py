@@ -3,39 +3,16 @@
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_generator
 
-from next_speed.core.config import resolve
 from next_speed.core.errors import ConfigError
-from next_speed.generation.generate import GenerateConfig, SentenceGenerator
 
 PROMPT = "Paris is the capital of France. It lies on the Seine."
 
 
 @pytest.fixture(scope="module")
 def gen(tiny_run):
-    import os
-
-    old = os.getcwd()
-    os.chdir(tiny_run)
-    try:
-        g = SentenceGenerator(
-            resolve(
-                GenerateConfig,
-                environ={
-                    "EMB_MODEL": "cache/tiny/encoder",
-                    "DEVICE": "cpu",
-                    "MAX_NEW_TOKENS": "10",
-                    "N_CAND": "2",
-                    "REPEAT_COS": "1.01",
-                    "PLANS": "1",
-                    "UNPLANNED": "0",
-                    "RETRIES": "0",
-                },
-            )
-        )
-    finally:
-        os.chdir(old)
-    return g
+    return tiny_generator(tiny_run, N_CAND="2", RETRIES="0")
 
 
 def _recording(gen, monkeypatch):

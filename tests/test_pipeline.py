@@ -32,6 +32,7 @@ ARTIFACTS = [
 ]
 
 
+@pytest.mark.slow
 def test_main_job_cli_tiny_then_rerun_skips(tmp_path):
     r = run_script("next_speed.cli", "run", "--preset", "tiny", env={"LANG": "C.UTF-8"}, cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -94,6 +95,7 @@ def test_main_job_cli_tiny_then_rerun_skips(tmp_path):
     assert r7.returncode == 0, r7.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_interrupted_stage_is_redone_and_nothing_half_read(tmp_path, monkeypatch):
     import next_speed.pipeline as P
 

@@ -146,6 +146,7 @@ def _torchrun(n: int, script: str, args: list[str], cwd: Path) -> subprocess.Com
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_torchrun_planner_matches_one_process(tiny_run, tmp_path):
     """Step 05 under torchrun, 2 gloo processes, against 1 process with the same global batch."""
     import torch
@@ -164,6 +165,7 @@ def test_torchrun_planner_matches_one_process(tiny_run, tmp_path):
     assert not list(tmp_path.glob("p2*.tmp-*"))  # written once, atomically
 
 
+@pytest.mark.slow
 def test_torchrun_decoder_matches_one_process(tiny_run, tmp_path):
     """Step 06 under torchrun (tiny decoder), 2 gloo processes against 1."""
     from safetensors.torch import load_file

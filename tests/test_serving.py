@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -13,11 +14,10 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import ROOT, free_port, wait_healthy
+from conftest import ROOT, free_port, no_eos, run_script, tiny_generator, wait_healthy
 
-from next_speed.core.config import resolve
 from next_speed.core.errors import ConfigError
-from next_speed.generation.generate import GenerateConfig, SentenceGenerator, check_plan
+from next_speed.generation.generate import check_plan
 
 ENV = {
     "EMB_MODEL": "cache/tiny/encoder",
@@ -33,10 +33,12 @@ PROMPT = "Paris is the capital of France. It lies on the Seine."
 
 @pytest.fixture(scope="module")
 def sgen(tiny_run):
+    """The module's generator; the module runs in the tiny run's folder (the code browser reads its
+    files on first use)."""
     old = os.getcwd()
     os.chdir(tiny_run)
     try:
-        yield SentenceGenerator(resolve(GenerateConfig, environ=ENV))
+        yield tiny_generator(tiny_run, **ENV)
     finally:
         os.chdir(old)
 
@@ -46,7 +48,7 @@ def server(tiny_run):
     """A live `09_server.py` on loopback over the tiny run's artifacts; yields its base URL."""
     port = free_port()
     env = {**os.environ, **ENV, "PORT": str(port), "MAX_BODY_BYTES": "4096", "PYTHONPATH": f"{ROOT}/src:{ROOT}"}
-    log = open(tiny_run / f"server-{port}.log", "w")
+    log = open(tiny_run / f"server-{port}.log", "w")  # noqa: SIM115 - the server's log
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "09_server.py")], cwd=tiny_run, env=env, stdout=log, stderr=subprocess.STDOUT
     )
@@ -54,7 +56,8 @@ def server(tiny_run):
     try:
         status = wait_healthy(base, proc)
         assert status == 200, (
-            f"server never became healthy (last status {status}): {(tiny_run / f'server-{port}.log').read_text()[-2000:]}"
+            f"server never became healthy (last status {status}): "
+            f"{(tiny_run / f'server-{port}.log').read_text()[-2000:]}"
         )
         yield base
     finally:
@@ -191,7 +194,8 @@ def test_repl_plan_commands_and_code_browser(sgen):
 
     V = sgen.rvq.V
     inp = io.StringIO(
-        f"/pin 1 ; - \n/steer levels=1 Cats sleep a lot.\n/plan\n/pin {V}\n/code 0 1\n/code 0 {V}\n/codes Hello there.\n"
+        f"/pin 1 ; - \n/steer levels=1 Cats sleep a lot.\n/plan\n/pin {V}\n/code 0 1\n/code 0 {V}\n/codes Hello "
+        "there.\n"
         f"{PROMPT}\n/plan\n/quit\n"
     )
     out = io.StringIO()
@@ -382,12 +386,15 @@ def test_code_browser_and_metrics(server):
         status, text = _get(server, "/metrics")
         assert status == 200
         fams = {f.name: f for f in text_string_to_metric_families(text)}
-        total = lambda name, **lab: sum(
-            x.value
-            for x in fams[name].samples
-            if x.name == name + "_total"  # noqa: E731
-            and all(x.labels.get(k) == v for k, v in lab.items())
-        )
+
+        def total(name, **lab):
+            return sum(
+                x.value
+                for x in fams[name].samples
+                if x.name == name + "_total"  # noqa: E731
+                and all(x.labels.get(k) == v for k, v in lab.items())
+            )
+
         return fams, total
 
     _, before = scrape()
@@ -514,3 +521,351 @@ def test_v1_queue_full_and_a_gone_client_frees_its_work(sgen):
         while sched.load() and time.time() < deadline:
             time.sleep(0.1)
         assert sched.load() == 0
+
+
+# ---------------------------------------------------------------------- the REPL, the server and its scheduler
+
+
+@pytest.mark.slow
+def test_api_one_liner_and_chat_oneshot(in_run):
+    # REPEAT_COS off: the random-init stand-in encoder puts every sentence near every other; one
+    # plan per step (the tests of several plans ask for them)
+    env = {
+        "EMB_MODEL": "cache/tiny/encoder",
+        "DEVICE": "cpu",
+        "MAX_NEW_TOKENS": "8",
+        "REPEAT_COS": "1.01",
+        "PLANS": "1",
+        "UNPLANNED": "0",
+    }
+    code = (
+        "import json; from infer import SentenceGenerator; g=SentenceGenerator(); "
+        "print(json.dumps(g.generate('Paris is the capital of France.', 2)))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=in_run,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env, "PYTHONPATH": f"{ROOT}/src:{ROOT}"},
+    )
+    assert r.returncode == 0, r.stderr
+    text = json.loads(r.stdout)  # the one-liner returns the text: two sentences after the prompt
+    assert isinstance(text, str) and text.strip() and not text.startswith("Paris is the capital")
+    r = run_script("08_chat.py", "-p", "Paris is the capital of France.", env=env, cwd=in_run, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+
+
+def test_chat_scripted_session(gen):
+    from next_speed.serving.chat import chat_loop
+
+    inp = io.StringIO(
+        "/show\n/set n_cand=2\n/set bogus=1\nParis is the capital of France.\n/reset\n/quit\nnever read\n"
+    )
+    out = io.StringIO()
+    assert chat_loop(gen, inp, out, interactive=False) == 0
+    text = out.getvalue()
+    assert "n_cand=3" in text and "n_cand=2" in text and "unknown parameter 'bogus'" in text
+    assert "(conversation cleared)" in text and "never read" not in text
+
+
+def test_server_in_process(gen):
+    from fastapi.testclient import TestClient
+
+    from next_speed.serving.server import ServerConfig, create_app
+
+    app = create_app(lambda: gen, ServerConfig(max_prompt_chars=200, max_sentences_cap=3), background=False)
+    with TestClient(app) as c:
+        h = c.get("/health")
+        assert h.status_code == 200 and h.json() == {"status": "ok", "device": "cpu", "dtype": "fp32"}
+        r = c.post(
+            "/generate",
+            json={"prompt": "Paris is the capital of France.", "max_sentences": 2, "params": {"rerank": True}},
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert {"text", "sentences", "planned", "realized", "stop_reason"} <= set(body)
+        assert len(body["planned"]) == len(body["realized"]) == len(body["sentences"])
+        assert body["stop_reason"] in ("steps", "empty", "repeat") and (
+            body["stop_reason"] != "steps" or len(body["sentences"]) == 2
+        )
+        bad = [
+            ({"prompt": "", "max_sentences": 1}, 422),
+            ({"prompt": "x" * 500}, 413),
+            ({"prompt": "Hi there.", "max_sentences": 9}, 422),
+            ({"prompt": "Hi there.", "params": {"temp": 0}}, 422),
+            ({"prompt": "Hi there.", "params": {"top_p": 2}}, 422),
+            ({"prompt": "Hi there.", "params": {"n_cand": 100}}, 422),
+            ({"prompt": "Hi there.", "params": {"nope": 1}}, 422),
+            ({"max_sentences": 1}, 422),
+            ({"prompt": "Hi there.", "params": {"gen_steps": 2}}, 422),
+            ({"prompt": 5}, 422),
+            ({"prompt": "Hi there.", "params": {"n_cand": "many"}}, 422),
+            # every value typed and capped, whatever its JSON type
+            ({"prompt": "Hi there.", "params": {"n_cand": "30"}}, 422),
+            ({"prompt": "Hi there.", "params": {"max_new_tokens": "500"}}, 422),
+            ({"prompt": "Hi there.", "params": {"n_cand": 17}}, 422),
+            ({"prompt": "Hi there.", "params": {"max_new_tokens": 129}}, 422),
+            ({"prompt": "Hi there.", "params": {"n_cand": True}}, 422),
+            ({"prompt": "Hi there.", "max_sentences": True}, 422),
+            ({"prompt": "Hi there.", "params": {"n_cand": 2.5}}, 422),
+            ({"prompt": "Hi there.", "params": {"seed": 2**70}}, 422),
+            ({"prompt": "Hi there.", "params": {"seed": -1}}, 422),
+            ({"prompt": "Hi there.", "params": {"rerank": "yes"}}, 422),
+            ({"prompt": "   "}, 422),
+            ({"prompt": "Hi\x00 there."}, 422),
+            ({"prompt": "Hi there.", "extra": 1}, 422),
+        ]
+        for payload, status in bad:
+            r = c.post("/generate", json=payload)
+            assert r.status_code == status, (payload, r.text)
+            assert "error" in r.json()
+        msg = c.post("/generate", json={"prompt": "Hi there.", "params": {"n_cand": 17}}).json()["error"]
+        assert msg.startswith("params.n_cand:") and "MAX_N_CAND" in msg
+        # NaN and infinity are not JSON, but Python's json module writes them: refused, not a 500
+        for raw in (
+            b'{"prompt": "Hi there.", "params": {"temp": NaN}}',
+            b'{"prompt": "Hi there.", "params": {"top_p": Infinity}}',
+        ):
+            r = c.post("/generate", content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 422 and "params." in r.json()["error"], r.text
+        ok = c.post(
+            "/generate",
+            json={"prompt": "Hi there.", "max_sentences": 1, "params": {"temp": 1, "n_cand": 2, "seed": 2**32 - 1}},
+        )
+        assert ok.status_code == 200, ok.text
+        r = c.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 422 and "error" in r.json()
+
+
+def test_server_unexpected_error_is_json_and_it_keeps_serving(gen, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from next_speed.serving.server import create_app
+
+    app = create_app(lambda: gen, background=False)
+    real = gen.engine._prefill  # every decoder path (the open batch, the one-by-one retry) prefills
+    monkeypatch.setattr(gen.engine, "_prefill", lambda job: (_ for _ in ()).throw(RuntimeError("boom")))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/generate", json={"prompt": "Hi there."})
+        assert r.status_code == 500 and r.json()["error"].startswith("internal error (RuntimeError)")
+        monkeypatch.setattr(gen.engine, "_prefill", real)
+        assert c.get("/health").status_code == 200
+        assert c.post("/generate", json={"prompt": "Hi there.", "max_sentences": 1}).status_code == 200
+
+
+def test_server_health_503_while_loading():
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from next_speed.serving.server import create_app
+
+    release = threading.Event()
+    app = create_app(lambda: release.wait(30) and None, background=True)
+    with TestClient(app) as c:
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json()["error"] == "loading models"
+        assert c.post("/generate", json={"prompt": "Hi there."}).status_code == 503
+        release.set()
+
+
+@pytest.mark.slow
+def test_real_server_command(in_run):
+    port = free_port()
+    env = {
+        **os.environ,
+        "EMB_MODEL": "cache/tiny/encoder",
+        "DEVICE": "cpu",
+        "PORT": str(port),
+        "MAX_NEW_TOKENS": "8",
+        "PYTHONPATH": f"{ROOT}/src:{ROOT}",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "09_server.py")],
+        cwd=in_run,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        status = wait_healthy(f"http://127.0.0.1:{port}", proc)
+        assert status == 200, f"server never became healthy (last status {status})"
+        # a client that disconnects mid-request does not take the server down
+        body = json.dumps({"prompt": "Paris is the capital of France.", "max_sentences": 2}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(
+                b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/generate",
+            method="POST",
+            data=json.dumps(
+                {"prompt": "Paris is the capital of France.", "max_sentences": 2, "params": {"rerank": True}}
+            ).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=120) as r:
+            body = json.loads(r.read())
+        assert r.status == 200 and "text" in body and "planned" in body
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_server_batches_concurrent_requests(gen):
+    """Concurrent requests share decoder batches and get what the same requests get one by one."""
+    from fastapi.testclient import TestClient
+
+    from next_speed.serving.server import ServerConfig, create_app
+
+    payloads = [
+        {"prompt": "Paris is the capital of France.", "max_sentences": 2, "params": {"seed": s, "n_cand": n}}
+        for s, n in [(1, 2), (2, 3), (3, 1), (4, 2)]
+    ]
+    # a request whose steps render two plans and an unplanned candidate: the decoder's jobs of a step join
+    # the batch, the base model's is rendered apart, the step ends with the last
+    payloads.append(
+        {
+            "prompt": "Paris is the capital of France.",
+            "max_sentences": 2,
+            "params": {"seed": 5, "n_cand": 2, "plans": 2, "plan_temp": 1.0, "unplanned": 1},
+        }
+    )
+    alone = [gen.run(p["prompt"], p["max_sentences"], **p["params"]) for p in payloads]
+    app = create_app(lambda: gen, ServerConfig(max_queue=8), background=False)
+    with TestClient(app) as c:
+        sched = app.state.server.sched
+        with gen._lock:  # the worker waits, so the requests pile up and share batches from their first steps on
+            threads, out = _post_all(c, payloads)
+            deadline = time.time() + 30
+            while sched.load() < len(payloads) and time.time() < deadline:
+                time.sleep(0.05)
+        for t in threads:
+            t.join(timeout=300)
+    assert all(r.status_code == 200 for r in out), [r.text for r in out]
+    assert [r.json()["sentences"] for r in out] == [a.sentences for a in alone]
+    assert [r.json()["planned"] for r in out] == [a.planned for a in alone]
+    assert all("queued" in r.json()["timings"] for r in out)
+    assert sched.rows / sched.batches > 3  # rows of several requests per batch (one request has at most 3)
+
+
+def test_server_queue_limit(gen):
+    """Over MAX_QUEUE requests in flight: an immediate 503, a JSON error and Retry-After; /health stays instant."""
+    from fastapi.testclient import TestClient
+
+    from next_speed.serving.server import ServerConfig, create_app
+
+    app = create_app(lambda: gen, ServerConfig(max_queue=1, retry_after=3), background=False)
+    with TestClient(app) as c:
+        sched = app.state.server.sched
+        with gen._lock:
+            threads, out = _post_all(c, [{"prompt": "Paris is the capital of France.", "max_sentences": 1}])
+            deadline = time.time() + 30
+            while sched.load() < 1 and time.time() < deadline:
+                time.sleep(0.05)
+            t0 = time.time()
+            r = c.post("/generate", json={"prompt": "Hi there.", "max_sentences": 1})
+            assert r.status_code == 503 and r.headers["retry-after"] == "3" and "MAX_QUEUE" in r.json()["error"]
+            assert c.get("/health").status_code == 200 and time.time() - t0 < 5
+        threads[0].join(timeout=300)
+    assert out[0].status_code == 200, out[0].text
+
+
+def test_scheduler_survives_cancelled_requests(gen):
+    """A client that goes away cancels its future; the worker drops the request and keeps serving."""
+    from next_speed.serving.scheduler import BatchScheduler
+
+    sched = BatchScheduler(gen, max_queue=4)
+    try:
+        with gen._lock:
+            gone = sched.submit("Paris is the capital of France.", 2, seed=1)
+            kept = sched.submit("Paris is the capital of France.", 1, seed=2)
+            assert gone.cancel()
+        assert kept.result(timeout=300).sentences == gen.run("Paris is the capital of France.", 1, seed=2).sentences
+        assert sched.submit("Hi there.", 1).result(timeout=300) is not None and sched.load() == 0
+    finally:
+        sched.close()
+
+
+def test_scheduler_short_step_does_not_wait_for_a_long_one(gen, monkeypatch):
+    """Iteration-level scheduling: a request whose sentence ends after 2 tokens is answered while
+    an earlier request's long sentence is still being written, not when the whole batch ends."""
+    from next_speed.serving.scheduler import BatchScheduler
+
+    no_eos(gen, monkeypatch)
+    monkeypatch.setattr(gen.engine, "_stop_set", set())  # sentences end at their token limit only
+    events = []
+    sched = BatchScheduler(gen, max_queue=4)
+    try:
+        with gen._lock:  # both wait, so they join the same first batch
+            # retries=0: sentences cut off by the token limit are kept at once (no re-planned step)
+            long = sched.submit(
+                "Paris is the capital of France.",
+                1,
+                seed=1,
+                n_cand=2,
+                max_new_tokens=24,
+                retries=0,
+                on_step=lambda st: events.append("long"),
+            )
+            short = sched.submit(
+                "Paris is the capital of France.",
+                1,
+                seed=2,
+                n_cand=2,
+                max_new_tokens=2,
+                retries=0,
+                on_step=lambda st: events.append("short"),
+            )
+        long.result(timeout=300), short.result(timeout=300)
+    finally:
+        sched.close()
+    assert events == ["short", "long"]
+    assert sched.batches >= 24 and sched.rows / sched.batches < 4  # the short one's rows left early
+
+
+def test_scheduler_recovers_from_a_failed_decoder_round(gen, monkeypatch):
+    """A decoder round that fails mid-sentence (an out-of-memory, say) drops the open batch; each
+    request's step is rendered again alone from its seed, so every answer is what it is alone."""
+    from next_speed.generation.engine import DecodeBatch
+    from next_speed.serving.scheduler import BatchScheduler
+
+    reqs = [("Paris is the capital of France.", 2, 1, 2), ("The Amazon is the largest rainforest on Earth.", 1, 2, 3)]
+    alone = [gen.run(p, m, seed=s, n_cand=n).sentences for p, m, s, n in reqs]
+    real, calls = DecodeBatch.step, [0]
+
+    def flaky(self):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("out of memory")
+        return real(self)
+
+    monkeypatch.setattr(DecodeBatch, "step", flaky)
+    sched = BatchScheduler(gen, max_queue=4)
+    try:
+        with gen._lock:
+            futs = [sched.submit(p, m, seed=s, n_cand=n) for p, m, s, n in reqs]
+        got = [f.result(timeout=300).sentences for f in futs]
+    finally:
+        sched.close()
+    assert calls[0] > 3 and got == alone
+
+
+def _post_all(client, payloads):
+    import threading
+
+    out = [None] * len(payloads)
+
+    def post(i):
+        out[i] = client.post("/generate", json=payloads[i])
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(payloads))]
+    for t in threads:
+        t.start()
+    return threads, out

@@ -84,8 +84,10 @@ def _print_decoder(info: dict) -> None:
         return
     b, sel = info["best"], info["selection"]
     print(
-        f"decoder {info['base_model']} ({info['train']['code_mode']} codes): {info['steps']} steps in {info['seconds']}s "
-        f"(stopped by {info['stopped_by']}), {sel['trainable_params']:,} of {sel['total_params']:,} parameters trained; "
+        f"decoder {info['base_model']} ({info['train']['code_mode']} codes): {info['steps']} steps in "
+        f"{info['seconds']}s "
+        f"(stopped by {info['stopped_by']}), {sel['trainable_params']:,} of {sel['total_params']:,} parameters "
+        "trained; "
         f"val loss {info['val_loss_before']:.3f} -> {b['val_loss']:.3f} (best step {b['step']})"
     )
     print(f"wrote {info['train']['out_dir']}/ (safetensors, tokenizer, config.json, curve.png)")

@@ -30,7 +30,7 @@ TINY_ENCODER = "cache/tiny/encoder"
 TINY_DECODER = "cache/tiny/decoder"
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # Sized for 2 CPU cores: the whole run in about 20 minutes, most of it for the decoder.
+    # Sized for 2 CPU cores: the whole run in about 11-15 minutes, most of it for the decoder.
     "cpu": {
         "sentences": {"max_docs": 4000},
         "embed": {"bs": 64},
@@ -38,7 +38,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "trainsets": {"context_sents": 8, "val_frac": 0.05},
         "planner": {"d_model": 128, "n_layers": 2, "n_heads": 4, "drop": 0.3, "steps": 800, "log_every": 100, "bs": 64},
         # The plan reaches the decoder as its code tokens plus the two training sentences that match
-        # it best, written into the prompt (README, "How the plan reaches the text").
+        # it best, written into the prompt (docs/design.md, "How the plan reaches the text").
         "decoder": {
             "code_mode": "special",
             "exemplars": 2,
@@ -128,7 +128,7 @@ class RunConfig:
     """`next-speed run` knobs."""
 
     preset: str = knob(
-        "cpu", env="PRESET", choices=tuple(PRESETS), help="cpu (2 cores, ~16 min), tiny (seconds), full (GPU)"
+        "cpu", env="PRESET", choices=tuple(PRESETS), help="cpu (2 cores, 11-15 min), tiny (about a minute), full (GPU)"
     )
     from_stage: str | None = knob(
         None, env="FROM_STAGE", choices=STAGES, flag="--from", help="rerun from this stage on"

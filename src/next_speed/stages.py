@@ -42,7 +42,8 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("run", "next_speed.pipeline", "RunConfig", "run_pipeline",
-          "the main job: steps 01-07 with a preset, skipping up-to-date stages", "Main job (`run.sh`, `next-speed run`)"),
+          "the main job: steps 01-07 with a preset, skipping up-to-date stages",
+          "Main job (`run.sh`, `next-speed run`)"),
     Stage("export", "next_speed.data.corpus", "ExportConfig", "export_docs",
           "stream a Wikipedia dump from the Hugging Face hub into data/raw/docs.jsonl (needs network)",
           "Export tool (`tools/export_wikimedia_wikipedia.py`, `next-speed export`)"),

@@ -1,1 +1,2 @@
-"""Shared foundations: the config mechanism (knobs), user-facing errors, self-describing artifacts, runtime (seeding, devices, logging)."""
+"""Shared foundations: the config mechanism (knobs), user-facing errors, self-describing artifacts,
+runtime (seeding, devices, logging)."""

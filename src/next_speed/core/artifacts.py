@@ -211,10 +211,8 @@ def sha256_path(path: str | Path) -> str:
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for lib in _LIBS:
-        try:
+        with contextlib.suppress(_im.PackageNotFoundError):
             out[lib] = _im.version(lib)
-        except _im.PackageNotFoundError:
-            pass
     return out
 
 

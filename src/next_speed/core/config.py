@@ -123,7 +123,7 @@ def fields_of(cls: type) -> list[tuple[dataclasses.Field, type, bool]]:
 def validate(cfg: Any, field_names: bool = False) -> Any:
     """Check every knob's range and choices, then the config's own `check()` for cross-knob rules.
     Errors name the environment variable, or the field when `field_names` (per-call parameters)."""
-    for f, tp, optional in fields_of(type(cfg)):
+    for f, _tp, optional in fields_of(type(cfg)):
         v = getattr(cfg, f.name)
         name = f.name if field_names else knob_name(f)
         if v is None:

@@ -48,7 +48,8 @@ class EmbedConfig:
         "local",
         env="BACKEND",
         choices=("local", "ray"),
-        help="local: this process; ray: Ray Data map_batches over shards, one encoder per actor (pip install 'next-speed[ray]')",
+        help="local: this process; ray: Ray Data map_batches over shards, one encoder per actor (pip install "
+        "'next-speed[ray]')",
     )
     ray_address: str | None = knob(
         None,

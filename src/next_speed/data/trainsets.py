@@ -2,7 +2,8 @@
 
 No document appears on both sides of the split. Planner rows hold the previous CONTEXT_SENTS code
 tuples (fewer at a document start), the next tuple and its row `sid` in the sentence file and
-the embeddings (a planner with PLANNER_INPUT=emb reads the context sentences' vectors); decoder rows hold the previous sentences'
+the embeddings (a planner with PLANNER_INPUT=emb reads the context sentences' vectors); decoder rows hold the
+previous sentences'
 text, the target's codes and the target sentence, and the sentence's row `sid` in the sentence
 file and the embeddings (so step 06 can find the training sentences' embeddings for its exemplar
 bank).

@@ -6,8 +6,11 @@ max(N_CANDS) candidates for it, with generation's copy ban. Each setting picks w
 own selection rule (`generate.select_candidate`, after its stop rules) among the first N
 candidates (i.i.d. samples, so the first N of the batch are a fair draw of N): rerank on, the
 best match; rerank off, the first candidate the stop rules accept. `all_refused` counts the
-positions where they refused all N (generation would plan again; the first candidate is scored). Reported per setting: agreement per level, exact tuple match, mean matched
-prefix, and the round-trip measure of the Large Concept Models paper (LCM team 2024, sec. 2.4):
+positions where they refused all N (generation would plan again; the first candidate is scored).
+Beside them, `codes` picks by code match alone (most levels matched from level 0, then cosine to
+the plan; no stop rules), the bound of what reranking could agree. Reported per setting:
+agreement per level, exact tuple match, mean matched prefix, and the round-trip measure of the
+Large Concept Models paper (LCM team 2024, sec. 2.4):
 the cosine between the chosen sentence's embedding and (a) the plan's RVQ reconstruction, (b) the
 embedding of the true next sentence.
 """
@@ -149,7 +152,7 @@ def code_agreement(cfg: AgreementConfig, generator: SentenceGenerator | None = N
     p = params_from(cfg)
     p.n_cand = max(ns)
     positions = _positions(cfg)
-    settings = [("off", n) for n in ns] + [("on", n) for n in ns]
+    settings = [(mode, n) for mode in ("off", "on", "codes") for n in ns]
     picks: dict[tuple[str, int], list[tuple[list[int], list[int], float, float]]] = {s: [] for s in settings}
     refused = {s: 0 for s in settings}
     p_off = replace(p, rerank=False)
@@ -167,6 +170,10 @@ def code_agreement(cfg: AgreementConfig, generator: SentenceGenerator | None = N
                 refused[(mode, n)] += pick is None
                 b = 0 if pick is None else pick
                 picks[(mode, n)].append((planned, scored[b]["codes"], scored[b]["cosine"], float(cos_next[b])))
+            # beside it, the pure code-match pick (most levels matched from level 0, then cosine to
+            # the plan; no stop rules): how far generation's rule trades code agreement for the text
+            b = max(range(min(n, len(scored))), key=lambda c: (scored[c]["prefix"], scored[c]["cosine"]))
+            picks[("codes", n)].append((planned, scored[b]["codes"], scored[b]["cosine"], float(cos_next[b])))
     rows_out = [_setting_row(mode, n, items, refused[(mode, n)]) for (mode, n), items in picks.items()]
     by = {(r["rerank"], r["n_cand"]): r for r in rows_out}
     n4 = 4 if 4 in ns else max(ns)
@@ -178,6 +185,8 @@ def code_agreement(cfg: AgreementConfig, generator: SentenceGenerator | None = N
         f"cos_plan_rerank_n{n4}": by[("on", n4)]["cos_plan"],
         "cos_next_norerank": by[("off", ns[0])]["cos_next"],
         f"cos_next_rerank_n{n4}": by[("on", n4)]["cos_next"],
+        f"l0_codes_rule_n{n4}": by[("codes", n4)]["per_level"][0],
+        f"cos_next_codes_rule_n{n4}": by[("codes", n4)]["cos_next"],
         "cos_plan_vs_next": round(float(np.mean(plan_vs_next)), 4),
         "cos_recon_vs_next": round(float(np.mean(recon_vs_next)), 4),
     }
@@ -199,7 +208,8 @@ def code_agreement(cfg: AgreementConfig, generator: SentenceGenerator | None = N
 def format_agreement(rep: dict) -> str:
     K = rep["K"]
     lines = [
-        f"code agreement, planned vs chosen sentence's codes ({rep['positions']} positions in {rep['docs']} validation docs)",
+        f"code agreement, planned vs chosen sentence's codes ({rep['positions']} positions in {rep['docs']} "
+        "validation docs)",
         f"{'rerank':<7}{'N':>3}"
         + "".join(f" {'L' + str(k):>6}" for k in range(K))
         + f" {'prefix':>7} {'exact':>6} {'cos plan':>9} {'cos next':>9}",
@@ -210,6 +220,7 @@ def format_agreement(rep: dict) -> str:
             + "".join(f" {a:>6.3f}" for a in r["per_level"])
             + f" {r['prefix']:>7.3f} {r['exact']:>6.3f} {r['cos_plan']:>9.3f} {r['cos_next']:>9.3f}"
         )
+    lines.append("rerank off/on: generation's own rule (select_candidate); codes: the pick with most levels matched")
     s = rep.get("summary", {})
     if "cos_plan_vs_next" in s:
         lines.append(

@@ -123,10 +123,8 @@ def baselines(train_rows: list[dict], val_rows: list[dict], K: int, V: int, emb=
         row_pred, row_hit = [], []
         for k in range(K):
             dist = big[k, r["context"][-1][k]] if r["context"] else None
-            if dist is None or dist.sum() == 0:
-                top = freq_top[k]
-            else:
-                top = np.lexsort((-counts[k], -dist))[:5]  # by bigram count, ties by unigram count
+            # by bigram count, ties by unigram count; the most frequent codes where the bigram knows nothing
+            top = freq_top[k] if dist is None or dist.sum() == 0 else np.lexsort((-counts[k], -dist))[:5]
             row_pred.append(top[0])
             row_hit.append(g[k] in top[:5])
         preds.append(row_pred)

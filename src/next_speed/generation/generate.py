@@ -199,7 +199,8 @@ class GenerateConfig(GenParams):
         "auto",
         env="CODE_MODE",
         choices=("auto", "inject", "special", "text", "none"),
-        help="which decoder: auto = out/decoder as trained; text/none = out/decoder_<mode>; checked against the decoder",
+        help="which decoder: auto = out/decoder as trained; text/none = out/decoder_<mode>; checked against the "
+        "decoder",
     )
     prompt: str | None = knob(None, env="PROMPT", help="prompt text (default: three built-in prompts)")
     run_id: str | None = knob(None, env="RUN_ID", help="name of the log (default: a timestamp)")
@@ -217,7 +218,8 @@ class GenerateConfig(GenParams):
         "auto",
         env="DTYPE",
         choices=("auto", "fp32", "bf16"),
-        help="decoder weights at generation: auto = bf16 on CUDA GPUs that support it, fp32 elsewhere; bf16 on a CPU with AMX is "
+        help="decoder weights at generation: auto = bf16 on CUDA GPUs that support it, fp32 elsewhere; bf16 on "
+        "a CPU with AMX is "
         "faster, but a request's text may then depend on what it is batched with",
     )
     engine: str = knob(
@@ -310,7 +312,8 @@ def check_plan(plan: Any, K: int, V: int, name: str = "plan") -> list | None:
             for j, c in enumerate(e):
                 if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= int(c) < V:
                     raise ConfigError(
-                        f"{where}[{j}]: code {c!r} is not a code of level {j}: expected a whole number from 0 to {V - 1}"
+                        f"{where}[{j}]: code {c!r} is not a code of level {j}: expected a whole number from 0 "
+                        f"to {V - 1}"
                     )
             out.append([int(c) for c in e])
         else:
@@ -483,7 +486,8 @@ def select_candidate(scored: Sequence[dict], p: GenParams, truncated_ok: bool = 
 
 
 def candidate_score(c: dict, p: GenParams) -> float:
-    """The weighed rerank score: RERANK_PLAN times the cosine to the plan's reconstruction, plus RERANK_CONTEXT times the
+    """The weighed rerank score: RERANK_PLAN times the cosine to the plan's reconstruction, plus
+    RERANK_CONTEXT times the
     cosine to the text so far, plus RERANK_FLUENCY times the mean token log-probability (the end
     of the sentence counted as a token), minus RERANK_REPEAT times the share of its word pairs
     that the sentences written before it in this call hold."""
@@ -648,7 +652,8 @@ class SentenceGenerator:
         self.engine = DecodeEngine(self.model, self.tok, code_token_ids(self.tok, self.cond), self.device)
         self.use_kv = cfg.engine == "kv" and self.cond.family == "causal"
         if cfg.engine == "kv" and not self.use_kv:
-            log.info("ENGINE=kv serves causal decoders; this %s decoder renders with transformers' generate (ENGINE=hf)",
+            log.info("ENGINE=kv serves causal decoders; this %s decoder renders with transformers' generate "
+                     "(ENGINE=hf)",
                      self.cond.family)  # fmt: skip
         from next_speed.data.sentences import _init_worker
 

@@ -306,7 +306,8 @@ def tensorize(rows: Sequence[dict], K: int, V: int, path: str = "rows"):
         arr = np.asarray(full, dtype=np.int64)
         if arr.ndim != 2 or arr.shape[1] != K:
             raise StaleInputError(
-                f"{path}: row {i + 1} has tuples of {arr.shape[-1] if arr.ndim == 2 else '?'} codes, expected K={K}: rerun step 04"
+                f"{path}: row {i + 1} has tuples of {arr.shape[-1] if arr.ndim == 2 else '?'} codes, expected "
+                f"K={K}: rerun step 04"
             )
         if arr.min() < 0 or arr.max() >= V:
             raise StaleInputError(f"{path}: row {i + 1} has codes out of range [0, {V}): rerun step 04 with this V")

@@ -569,11 +569,13 @@ def format_report(rep: dict) -> str:
             f"{r['level']:>5} {r['rel_error']:>8.4f} {r['cosine']:>7.4f} {r['used']:>6} {r['perplexity']:>8.1f}"
         )
     lines.append(
-        f"unique tuples: {rep['unique_tuples']}; sentences sharing their full tuple: {100 * rep['shared_tuple_share']:.1f}%"
+        f"unique tuples: {rep['unique_tuples']}; sentences sharing their full tuple: "
+        f"{100 * rep['shared_tuple_share']:.1f}%"
     )
     for r in collapsed_levels(rep["levels"], rep["V"]):
         lines.append(
-            f"warning: level {r['level']} has collapsed: perplexity {r['perplexity']:.1f} is below V/10 = {rep['V'] / 10:g} "
+            f"warning: level {r['level']} has collapsed: perplexity {r['perplexity']:.1f} is below V/10 = "
+            f"{rep['V'] / 10:g} "
             "(most sentences share a few codes there; RVQ_FIT=spherical avoids it)"
         )
     return "\n".join(lines)
