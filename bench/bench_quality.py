@@ -193,8 +193,8 @@ def main() -> None:
 
     from next_speed.core.artifacts import versions, write_json, write_jsonl
     from next_speed.core.config import resolve, to_dict
+    from next_speed.core.console import setup_logging
     from next_speed.core.errors import NextSpeedError
-    from next_speed.core.runtime import setup_logging
     from next_speed.evals.quality import embed_texts, lm_features, mauve_score, plan_gap, text_measures
     from next_speed.generation.generate import GenerateConfig, SentenceGenerator
     from next_speed.models.decoder_model import load_base_model, load_base_tokenizer, load_decoder

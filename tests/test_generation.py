@@ -937,7 +937,7 @@ def test_pack_linears_matches_linear(monkeypatch, caplog):
     product; a oneDNN op that fails the check packs nothing, with a warning."""
     import torch
 
-    from next_speed.core.runtime import onednn_linear_available, pack_linears
+    from next_speed.models.packing import onednn_linear_available, pack_linears
 
     if not onednn_linear_available():
         pytest.skip("this torch build has no oneDNN linear")
@@ -976,7 +976,7 @@ def test_generator_packs_its_decoder_on_cpu(in_run, gen, monkeypatch, caplog):
     loaded; without oneDNN the generator says so and runs unpacked."""
     import torch
 
-    import next_speed.core.runtime as runtime
+    import next_speed.models.packing as packing
 
     env = {
         "EMB_MODEL": "cache/tiny/encoder",
@@ -997,7 +997,7 @@ def test_generator_packs_its_decoder_on_cpu(in_run, gen, monkeypatch, caplog):
     for seed in (1, 2):
         got, ref = (g.run("Paris is the capital of France.", 2, seed=seed) for g in (gen, plain))
         assert [st.candidates for st in got.steps] == [st.candidates for st in ref.steps]
-    monkeypatch.setattr(runtime, "onednn_linear_available", lambda: False)
+    monkeypatch.setattr(packing, "onednn_linear_available", lambda: False)
     with caplog.at_level("WARNING"):
         assert SentenceGenerator(resolve(GenerateConfig, environ=env)).packed_linears == 0
     assert "PACK_WEIGHTS" in caplog.text

@@ -14,10 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 from next_speed.core import config as C
+from next_speed.core.console import setup_logging
 from next_speed.core.errors import NextSpeedError
-from next_speed.core.runtime import setup_logging
-from next_speed.pipeline import clean_stage
-from next_speed.stages import BY_NAME, STAGES
+from next_speed.stages import BY_NAME, STAGES, clean_stage
 
 
 def print_generation(log_obj: dict) -> None:
@@ -48,7 +47,7 @@ def _print_rvq(meta: dict) -> None:
 
 
 def _print_rvq_report(rep: dict) -> None:
-    from next_speed.quant.rvq import format_report
+    from next_speed.quant.rvq import format_report  # here, not at the top: `next-speed --help` loads no model code
 
     print(format_report(rep))
 
@@ -65,7 +64,9 @@ def _print_planner(info: dict) -> None:
 
 
 def _print_planner_eval(rep: dict) -> None:
-    from next_speed.evals.planner_eval import format_eval
+    from next_speed.evals.planner_eval import (
+        format_eval,  # here, not at the top: `next-speed --help` loads no model code
+    )
 
     print(format_eval(rep))
 
@@ -94,13 +95,17 @@ def _print_decoder(info: dict) -> None:
 
 
 def _print_decoder_eval(res: dict) -> None:
-    from next_speed.training.train_decoder import format_decoder_eval
+    from next_speed.training.train_decoder import (
+        format_decoder_eval,  # here, not at the top: `next-speed --help` loads no model code
+    )
 
     print(format_decoder_eval(res))
 
 
 def _print_agreement(r: dict) -> None:
-    from next_speed.evals.agreement import format_agreement
+    from next_speed.evals.agreement import (
+        format_agreement,  # here, not at the top: `next-speed --help` loads no model code
+    )
 
     print(format_agreement(r))
 
@@ -128,15 +133,13 @@ PRINTERS: dict[str, Callable[[Any], None]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: the stages' names and one-line help only (a stage's own flags are read
+    by `run_command`, so `next-speed --help` loads no model code)."""
     p = argparse.ArgumentParser(prog="next-speed", description="Sentence-step text generation with RVQ codes.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for st in STAGES:
-        if st.front_end:  # parses its own flags
-            sub.add_parser(st.name, help=st.help, add_help=False)
-            continue
-        sp = sub.add_parser(st.name, help=st.help, description=st.help)
-        C.add_arguments(sp, st.load()[0])
+        sub.add_parser(st.name, help=st.help, add_help=False)
     return p
 
 

@@ -18,10 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from next_speed.core.artifacts import clean_stale_temporaries, read_jsonl, sha256_path, write_json
+from next_speed.core.artifacts import read_jsonl, sha256_path, write_json
 from next_speed.core.config import knob, resolve, to_dict
 from next_speed.core.errors import ConfigError, NextSpeedError
-from next_speed.stages import PIPELINE
+from next_speed.evals.planner_eval import baselines
+from next_speed.models.planner import load_rows
+from next_speed.models.tiny import build_tiny_causal_lm, build_tiny_encoder
+from next_speed.stages import PIPELINE, clean_stage
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +177,6 @@ def _summary(stage: str, res: Any, cfg: Any) -> str:
         c = res["counts"]
         return f"{c['train_rows']} train / {c['val_rows']} val rows ({c['val_docs']} of {c['docs']} documents held out)"
     if stage == "planner":
-        from next_speed.evals.planner_eval import baselines
-        from next_speed.models.planner import load_rows
-
         b = res["best"]
         acc = b.get("val_acc", [float("nan")])[0]
         try:
@@ -253,19 +253,8 @@ def run_pipeline(rcfg: RunConfig, environ: dict[str, str] | None = None, echo: C
     return results
 
 
-def clean_stage(fn: Callable, cfg: Any) -> int:
-    """Before a stage runs: remove the temporaries of its outputs left by a run that was killed
-    (a killed decoder save leaves a half-written folder of up to 540 MB)."""
-    n = 0
-    for _cls, f, _inputs_of, outputs_of in _stage_table().values():
-        if f is fn:
-            n += sum(clean_stale_temporaries(p) for p in outputs_of(cfg) if p)
-    return n
-
-
 def _build_tiny(stage: str, cfgs: dict) -> None:
     """Build the tiny preset's random-init models the first time a stage needs them."""
-    from next_speed.models.tiny import build_tiny_causal_lm, build_tiny_encoder
 
     if stage == "embed":
         build_tiny_encoder(TINY_ENCODER)

@@ -15,8 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from next_speed.core.artifacts import clean_stale_temporaries
+
 
 def _planner_inputs(c) -> list[str]:
+    # imported here: the registry stays light (the CLI's --help reads it and loads no model code)
     from next_speed.training.train_planner import extra_folders
 
     return [c.out_lm, c.out_lm_val] + [str(Path(f) / "embeddings.npy") for f in extra_folders(c)]
@@ -96,3 +99,13 @@ STAGES: tuple[Stage, ...] = (
 
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
 PIPELINE: tuple[Stage, ...] = tuple(s for s in STAGES if s.step)
+
+
+def clean_stage(fn: Callable, cfg: Any) -> int:
+    """Before a stage runs: remove the temporaries of its outputs left by a run that was killed
+    (a killed decoder save leaves a half-written folder of up to 540 MB)."""
+    n = 0
+    for st in PIPELINE:
+        if st.load()[1] is fn:
+            n += sum(clean_stale_temporaries(p) for p in st.outputs(cfg) if p)
+    return n

@@ -6,9 +6,11 @@ import contextlib
 import logging
 import os
 import random
-from typing import Any
+import sys
 
 import numpy as np
+
+from next_speed.core.errors import ConfigError, NextSpeedError
 
 log = logging.getLogger("next_speed")
 
@@ -17,7 +19,6 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     """Seed Python, numpy and torch (when imported); optionally force deterministic kernels."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
-    import sys
 
     if "torch" in sys.modules:
         import torch
@@ -33,8 +34,6 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 def pick_device(requested: str = "auto") -> str:
     """'auto' picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
     import torch
-
-    from next_speed.core.errors import ConfigError
 
     if requested == "auto":
         if torch.cuda.is_available():
@@ -66,7 +65,6 @@ def cpu_has_native_bf16() -> bool:
 def resolve_amp(amp: str, device: str) -> str:
     """AMP=auto|bf16|off to what training uses on `device`: 'bf16' or 'off'. auto: bf16 on CUDA and
     on CPUs with native bf16, off elsewhere (mps included)."""
-    from next_speed.core.errors import ConfigError
 
     if amp == "auto":
         return "bf16" if device.startswith("cuda") or (device == "cpu" and cpu_has_native_bf16()) else "off"
@@ -81,7 +79,6 @@ def resolve_dtype(dtype: str, device: str) -> str:
     above all for batches, but bf16 rounding turns the tiny differences between batch shapes into
     different tokens, so a server request's text may depend on its batchmates (fp32 keeps them
     equal; vLLM makes the same trade)."""
-    from next_speed.core.errors import ConfigError
 
     if dtype == "auto":
         if device.startswith("cuda"):
@@ -94,120 +91,6 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
-def onednn_linear_available() -> bool:
-    """Whether this torch build has oneDNN's prepacked linear (x86 and arm64 CPU wheels do)."""
-    import torch
-
-    try:
-        return (
-            bool(torch.backends.mkldnn.is_available())
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        )
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_PACKED = None
-
-
-def _packed_linear_class():
-    global _PACKED
-    if _PACKED is not None:
-        return _PACKED
-    import torch
-    import torch.nn.functional as F
-
-    class PackedLinear(torch.nn.Linear):
-        """An nn.Linear whose forward multiplies by a copy of its weight reordered into oneDNN's
-        blocked layout (what torch.compile's CPU freezing does for linears). Same parameters and
-        state_dict as nn.Linear. The copy is made anew when the weight changed since (an in-place
-        edit, another tensor); where it cannot serve (autograd, another dtype or device) the layer
-        is the plain F.linear."""
-
-        packed: Any = None
-        packed_rows: int = 4
-        packed_from: tuple = ()  # (data_ptr, version) of the weight the copy was made from
-
-        def forward(self, x):
-            w = self.weight
-            if (
-                x.dtype != torch.float32
-                or w.dtype != torch.float32
-                or x.device.type != "cpu"
-                or w.device.type != "cpu"
-                or (
-                    torch.is_grad_enabled()
-                    and (x.requires_grad or w.requires_grad or (self.bias is not None and self.bias.requires_grad))
-                )
-            ):
-                return F.linear(x, w, self.bias)
-            if self.packed_from != (w.data_ptr(), w._version):
-                self.repack()
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-        def repack(self) -> None:
-            w = self.weight
-            with torch.no_grad():
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.packed_rows)
-            self.packed_from = (w.data_ptr(), w._version)
-
-    _PACKED = PackedLinear
-    return PackedLinear
-
-
-def pack_linears(model, rows: int = 4) -> int:
-    """Reorder every fp32 nn.Linear weight of `model` (CPU) into oneDNN's blocked layout once, for
-    inference; returns how many were packed (0, with a warning, where this torch has no oneDNN or its
-    op fails the check). Why: for the few rows of a decoding step, the default CPU matrix product (MKL's
-    sgemm) spends its time re-packing each weight at every call (the measured gain:
-    `bench/bench_generate.py`, `forward_ms_by_batch`, in docs/results.md). `rows` is oneDNN's
-    batch-size hint (4 serves 1 to 32 rows best). Values equal nn.Linear's up to float rounding (as between
-    batch shapes). The copy holds the weights a second time; a weight edited in place is packed
-    anew at the layer's next call."""
-    import torch
-    import torch.nn.functional as F
-
-    cls = _packed_linear_class()
-    mods = [
-        m
-        for m in model.modules()
-        if type(m) in (torch.nn.Linear, cls) and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
-    ]
-    if not mods:
-        return 0
-    if not onednn_linear_available():
-        log.warning(
-            "PACK_WEIGHTS: this torch build has no oneDNN linear; the decoder runs unpacked (PACK_WEIGHTS=0 "
-            "silences this)"
-        )
-        return 0
-    try:
-        with torch.no_grad():
-            packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows) for m in mods]
-            # one product checked against nn.Linear's: a torch whose private op changed fails here, once
-            m = mods[0]
-            x = torch.randn(3, m.in_features, generator=torch.Generator().manual_seed(0))
-            ok = torch.allclose(
-                torch.ops.mkldnn._linear_pointwise(x, packed[0], m.bias, "none", [], ""),
-                F.linear(x, m.weight, m.bias),
-                rtol=1e-4,
-                atol=1e-4,
-            )
-    except (RuntimeError, TypeError, AttributeError):
-        ok = False
-    if not ok:
-        log.warning(
-            "PACK_WEIGHTS: oneDNN's packed linear of this torch build fails its check against nn.Linear; "
-            "the decoder runs unpacked (PACK_WEIGHTS=0 silences this)"
-        )
-        return 0
-    for mod, w in zip(mods, packed):
-        mod.__class__ = cls
-        mod.packed, mod.packed_rows, mod.packed_from = w, rows, (mod.weight.data_ptr(), mod.weight._version)
-    return len(mods)
-
-
 def autocast(amp: str, device: str):
     """The autocast context for a resolved AMP choice ('bf16' or 'off'). Weights and optimizer
     state stay fp32 (mixed precision); only the matrix products run in bf16."""
@@ -216,37 +99,6 @@ def autocast(amp: str, device: str):
     if amp != "bf16":
         return contextlib.nullcontext()
     return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
-
-
-def setup_logging(verbose: bool = False) -> None:
-    level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "sentence_transformers", "faiss"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Offline, the hub client logs each failed request; our own one-line error says what to do.
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-
-
-def progress(iterable=None, **kw):
-    """tqdm that shows only on an interactive terminal (or when NEXT_SPEED_PROGRESS=1)."""
-    from tqdm.auto import tqdm
-
-    force = os.environ.get("NEXT_SPEED_PROGRESS")
-    if force is not None:
-        kw["disable"] = force in ("0", "false")
-    kw.setdefault("disable", None)
-    return tqdm(iterable, dynamic_ncols=True, **kw)
-
-
-def quiet_hf() -> None:
-    """Silence transformers' own progress bars and advisory warnings (we log what matters)."""
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 @contextlib.contextmanager
@@ -258,8 +110,6 @@ def ray_session(address: str | None):
         import ray
         import ray.data
     except ImportError:
-        from next_speed.core.errors import NextSpeedError
-
         raise NextSpeedError("BACKEND=ray needs Ray: pip install 'next-speed[ray]' (or uv sync --extra ray)") from None
     started = False
     if not ray.is_initialized():
@@ -267,8 +117,6 @@ def ray_session(address: str | None):
         try:
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kw)
         except Exception as e:  # noqa: BLE001 - a cluster that cannot be reached is the user's to fix
-            from next_speed.core.errors import NextSpeedError
-
             raise NextSpeedError(
                 f"RAY_ADDRESS={address!r}: could not start or join Ray ({str(e).splitlines()[0][:200]})"
             ) from None

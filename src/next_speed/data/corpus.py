@@ -16,6 +16,7 @@ from pathlib import Path
 
 from next_speed.core.artifacts import atomic_path, make_meta, read_jsonl, write_json
 from next_speed.core.config import knob, seed_knob, to_dict
+from next_speed.core.console import progress
 from next_speed.core.errors import NextSpeedError
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,6 @@ def export_docs(cfg: ExportConfig, rows=None) -> dict:
 
     `rows` replaces the hub dataset (an iterable of dicts with `text`, optional `id`/`title`).
     """
-    from next_speed.core.runtime import progress
 
     if rows is None:
         rows = _load_hf(cfg.hf_dataset, cfg.hf_config, cfg.hf_split, streaming=cfg.streaming)

@@ -16,9 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from next_speed.core.artifacts import atomic_path, load_meta, make_meta, read_jsonl, write_json
+from next_speed.core.artifacts import NpyRows, atomic_path, load_meta, make_meta, read_jsonl, sha256_path, write_json
 from next_speed.core.config import deterministic_knob, device_knob, knob, seed_knob, to_dict
+from next_speed.core.console import progress
 from next_speed.core.errors import NextSpeedError
+from next_speed.core.runtime import pick_device, ray_session, seed_everything
+from next_speed.models.hf import quiet_hf
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +78,6 @@ def load_encoder(name: str, device: str = "cpu", maxlen: int | None = None):
     """Load a SentenceTransformer; failure is one line naming EMB_MODEL and the offline default."""
     from sentence_transformers import SentenceTransformer
 
-    from next_speed.core.runtime import quiet_hf
-
     quiet_hf()
     path = resolve_encoder_path(name)
     try:
@@ -99,8 +100,6 @@ def embed_shard(model, texts: Sequence[str], out: np.ndarray, bs: int = 64, show
     one memmapped output slice.
     """
     import torch
-
-    from next_speed.core.runtime import progress
 
     order = np.argsort([-len(t) for t in texts], kind="stable")  # longest first: padding waste stays low
     # One encode call per chunk of 16 batches: per-call overhead amortized, memory still bounded.
@@ -150,7 +149,6 @@ def embed_with_ray(cfg: EmbedConfig, n_rows: int, out: np.ndarray, device: str) 
     `map_batches` over a pool of encoder actors, and write each batch into the memmapped output at
     its rows' ids. Returns the number of actors. On a cluster SENT_PATH must be on storage every
     node can read (the driver writes the output)."""
-    from next_speed.core.runtime import ray_session
 
     with ray_session(cfg.ray_address) as ray:
         gpu = device.startswith("cuda")
@@ -177,7 +175,6 @@ def embed_with_ray(cfg: EmbedConfig, n_rows: int, out: np.ndarray, device: str) 
             num_gpus=1 if gpu else 0,
             num_cpus=0 if gpu else per_actor,
         )
-        from next_speed.core.runtime import progress
 
         seen = 0
         with progress(total=n_rows, desc="02 embed (ray)", unit="sent") as bar:
@@ -198,7 +195,6 @@ def embed_with_ray(cfg: EmbedConfig, n_rows: int, out: np.ndarray, device: str) 
 
 def embed_sentences(cfg: EmbedConfig, model=None) -> dict:
     """Run step 02: SENT_PATH -> OUT_EMB (+ OUT_META). `model` overrides loading EMB_MODEL."""
-    from next_speed.core.runtime import pick_device, seed_everything
 
     load_meta(cfg.sent_meta, "sentences", cfg.sent_path)
     texts = [r["text"] for r in read_jsonl(cfg.sent_path, required=("text",))]
@@ -250,7 +246,6 @@ def embed_sentences(cfg: EmbedConfig, model=None) -> dict:
 
 def open_embeddings(emb_path: str, emb_meta: str):
     """The embeddings file as `NpyRows` (read in chunks, never all at once), checked against its metadata."""
-    from next_speed.core.artifacts import NpyRows
 
     meta = load_meta(emb_meta, "embeddings", emb_path)
     rows = NpyRows(emb_path)
@@ -264,7 +259,6 @@ def open_embeddings(emb_path: str, emb_meta: str):
 
 def load_embeddings(emb_path: str, emb_meta: str, sent_path: str | None = None) -> tuple[np.ndarray, dict]:
     """Load embeddings after checking them against their metadata (and the sentence file, if given)."""
-    from next_speed.core.artifacts import sha256_path
 
     meta = load_meta(emb_meta, "embeddings", emb_path)
     if sent_path is not None:

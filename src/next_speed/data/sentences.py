@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -12,10 +13,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from next_speed.core.artifacts import atomic_path, make_meta, write_json
+from next_speed.core.artifacts import atomic_path, make_meta, read_jsonl, write_json
 from next_speed.core.config import knob, seed_knob, to_dict
+from next_speed.core.console import progress
 from next_speed.core.errors import ConfigError, NextSpeedError
-from next_speed.core.runtime import progress
 from next_speed.data.corpus import OFFLINE_HINT, iter_docs
 
 log = logging.getLogger(__name__)
@@ -154,8 +155,6 @@ def make_sentences(cfg: SentencesConfig) -> dict:
         "docs_with_sentences": 0,
     }
     with atomic_path(cfg.sent_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        import json
-
         doc_out = 0
         # streamed: documents in, sentences out, one chunk of documents in memory
         for doc, sents in progress(
@@ -208,7 +207,6 @@ def make_sentences(cfg: SentencesConfig) -> dict:
 
 def load_sentences(path: str | Path) -> list[dict]:
     """Read a sentences JSONL written by step 01 (rows in id order)."""
-    from next_speed.core.artifacts import read_jsonl
 
     rows = list(read_jsonl(path, required=("doc", "pos", "text")))
     return rows

@@ -25,6 +25,7 @@ import numpy as np
 
 from next_speed.core.artifacts import read_jsonl, write_json
 from next_speed.core.config import knob
+from next_speed.core.console import progress
 from next_speed.core.errors import ConfigError, NextSpeedError
 from next_speed.generation.generate import (
     GenerateConfig,
@@ -144,8 +145,6 @@ def _setting_row(mode: str, n: int, items: list, refused: int) -> dict:
 def code_agreement(cfg: AgreementConfig, generator: SentenceGenerator | None = None) -> dict:
     """Score planned against realized codes over validation positions; write OUT_JSON."""
     import torch
-
-    from next_speed.core.runtime import progress
 
     gen = generator or SentenceGenerator(cfg)
     ns = [int(x) for x in cfg.n_cands.split(",")]

@@ -17,8 +17,18 @@ import numpy as np
 from next_speed.core.artifacts import write_json
 from next_speed.core.config import device_knob, knob, seed_knob
 from next_speed.core.errors import NextSpeedError
-from next_speed.models.planner import load_planner, load_rows, mean_detail, tensorize
-from next_speed.quant.rvq import levels_matched_rows
+from next_speed.core.runtime import pick_device
+from next_speed.models.planner import (
+    EmbeddingTable,
+    PlannerRunner,
+    input_sids,
+    load_planner,
+    load_rows,
+    mean_detail,
+    open_sentence_embeddings,
+    tensorize,
+)
+from next_speed.quant.rvq import levels_matched_rows, load_rvq
 from next_speed.training.loop import check_trainsets
 
 
@@ -296,10 +306,6 @@ def eval_planner(cfg: PlannerEvalConfig) -> dict:
     """Planner against the four baselines on the validation split, per level and in embedding space."""
     import torch
 
-    from next_speed.core.runtime import pick_device
-    from next_speed.models.planner import EmbeddingTable, input_sids, open_sentence_embeddings
-    from next_speed.quant.rvq import load_rvq
-
     model, info = load_planner(cfg.out_dir, device := pick_device(cfg.device))
     tmeta = check_trainsets(cfg.train_meta, [cfg.out_lm, cfg.out_lm_val], info["K"], info["V"])
     val_rows = load_rows(cfg.out_lm_val)
@@ -348,7 +354,6 @@ def eval_planner(cfg: PlannerEvalConfig) -> dict:
         summary[f"{key}_best_baseline"] = round(best, 4)
         summary[f"{key}_best_baseline_name"] = best_name
         summary[f"{key}_ratio"] = round(get(res["planner"]) / best, 3) if best > 0 else None
-    from next_speed.models.planner import PlannerRunner
 
     runner = PlannerRunner(model, info["context_sents"], codebooks=rvq.codebooks)
     ahead = lookahead_accuracy(runner, val_rows, emb, rvq.codebooks, plan_deep=cfg.plan_deep)

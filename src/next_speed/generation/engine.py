@@ -33,13 +33,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from next_speed.generation.roomy_cache import RoomyLayer  # transformers loads with the decoder
+from next_speed.models.decoder_model import plan_injector
+
 log = logging.getLogger(__name__)
 
 
 def roomy_layer(keys, values, room: int, rows: int | None = None):
     """A cache layer holding `keys`/`values` (R, H, T, D) with `room` free positions after them
     and room for `rows` rows in all."""
-    from next_speed.generation.roomy_cache import RoomyLayer  # transformers loads with the decoder
 
     return RoomyLayer.of(keys, values, room, rows)
 
@@ -234,7 +236,6 @@ class DecodeEngine:
 
     # ------------------------------------------------------------------ prompts
     def _injector(self):
-        from next_speed.models.decoder_model import plan_injector
 
         return plan_injector(self.model)
 

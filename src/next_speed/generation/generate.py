@@ -11,20 +11,51 @@ an earlier sentence.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import re
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from next_speed.core.artifacts import StaleInputError, sha256_path, write_json
-from next_speed.core.config import deterministic_knob, device_knob, knob, seed_knob, to_dict
+from next_speed.core.config import (
+    _parse,
+    deterministic_knob,
+    device_knob,
+    fields_of,
+    knob,
+    resolve,
+    seed_knob,
+    to_dict,
+    validate,
+)
 from next_speed.core.errors import ConfigError, NextSpeedError
-from next_speed.quant.rvq import levels_matched
+from next_speed.core.runtime import pick_device, resolve_dtype, seed_everything
+from next_speed.data.embed import load_encoder
+from next_speed.data.sentences import _init_worker, split_text
+from next_speed.generation.engine import DecodeEngine, PrefixPool, PromptCache, SentenceJob, WholeBatch
+from next_speed.models.decoder_model import (
+    _prompt_parts,
+    cast_decoder,
+    code_token_ids,
+    context_room,
+    encode_example,
+    exemplar_bank,
+    load_base_model,
+    load_base_tokenizer,
+    load_decoder,
+)
+from next_speed.models.packing import pack_linears
+from next_speed.models.planner import PlannerRunner, load_planner
+from next_speed.quant.codebook import CodeBrowser
+from next_speed.quant.rvq import check_fits_rvq, levels_matched, load_rvq
+from next_speed.training.train_decoder import default_decoder_dir
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +273,6 @@ class GenerateConfig(GenParams):
         elif "prompt" in getattr(self, "_explicit", ()):
             raise ConfigError("PROMPT: is empty: give at least one sentence (unset it for the built-in prompts)")
         if self.decoder_dir is None:
-            from next_speed.training.train_decoder import default_decoder_dir
-
             self.decoder_dir = default_decoder_dir(self.code_mode)
 
 
@@ -339,7 +368,6 @@ def params_from(cfg: GenParams) -> GenParams:
 
 def update_params(p: GenParams, overrides: dict[str, Any]) -> GenParams:
     """Apply per-call overrides, validated like knobs (unknown names are an error listing valid ones)."""
-    from next_speed.core.config import _parse, fields_of, validate
 
     unknown = sorted(set(overrides) - set(PARAM_NAMES))
     if unknown:
@@ -393,8 +421,6 @@ def recorded_settings(rvq_meta: dict) -> dict:
     """What steps 01-03 recorded and generation must repeat: the sentence splitter's language
     (01), the encoder's max length (02) and the RVQ beam (03), read through the metadata chain
     rvq_meta -> emb_meta -> sentences meta. A link that is missing is logged, not guessed silently."""
-    import json
-    from pathlib import Path
 
     out = {"beam": int(rvq_meta.get("config", {}).get("beam", 1)), "maxlen": None, "lang": "en"}
     emb_meta_path = rvq_meta.get("config", {}).get("emb_meta")
@@ -616,7 +642,6 @@ class SentenceGenerator:
     """
 
     def __init__(self, cfg: GenerateConfig | None = None, **overrides: Any):
-        from next_speed.core.config import resolve
 
         if cfg is None:
             cfg = resolve(GenerateConfig, {k: v for k, v in overrides.items()})
@@ -631,11 +656,6 @@ class SentenceGenerator:
     # ------------------------------------------------------------------ loading
     def _load(self) -> None:
         import torch
-
-        from next_speed.core.runtime import pick_device, resolve_dtype, seed_everything
-        from next_speed.generation.engine import DecodeEngine
-        from next_speed.models.decoder_model import code_token_ids
-        from next_speed.quant.rvq import load_rvq
 
         cfg = self.cfg
         seed_everything(cfg.seed, cfg.deterministic)  # per-call sampling is seeded again by `seed`
@@ -655,7 +675,6 @@ class SentenceGenerator:
             log.info("ENGINE=kv serves causal decoders; this %s decoder renders with transformers' generate "
                      "(ENGINE=hf)",
                      self.cond.family)  # fmt: skip
-        from next_speed.data.sentences import _init_worker
 
         _init_worker(rec["lang"])  # the prompt splitter of step 01, built once (not per call)
         self.load_seconds = time.perf_counter() - t0
@@ -665,8 +684,6 @@ class SentenceGenerator:
                  self.device, self.rvq.K, self.rvq.V, self.cond.code_mode, self.dtype, packed)  # fmt: skip
 
     def _load_planner(self, rvq_hash: str) -> None:
-        from next_speed.models.planner import PlannerRunner, load_planner
-        from next_speed.quant.rvq import check_fits_rvq
 
         cfg = self.cfg
         planner, pinfo = load_planner(cfg.planner_dir, self.device)
@@ -677,10 +694,6 @@ class SentenceGenerator:
 
     def _load_decoder(self, rvq_hash: str) -> None:
         import torch
-
-        from next_speed.core.runtime import pack_linears
-        from next_speed.models.decoder_model import cast_decoder, load_decoder
-        from next_speed.quant.rvq import check_fits_rvq
 
         cfg = self.cfg
         self.model, self.tok, self.cond, dmeta = load_decoder(cfg.decoder_dir, self.device)
@@ -702,7 +715,6 @@ class SentenceGenerator:
                        self.rvq, cfg.rvq_path, rvq_hash, "rerun steps 04 and 06 with these K and V")  # fmt: skip
 
     def _load_encoder(self, rvq_meta: dict, maxlen) -> None:
-        from next_speed.data.embed import load_encoder
 
         cfg = self.cfg
         model = cfg.emb_model or rvq_meta.get("encoder") or "all-MiniLM-L6-v2"
@@ -717,7 +729,6 @@ class SentenceGenerator:
 
     # ------------------------------------------------------------------ pieces
     def split(self, text: str) -> list[str]:
-        from next_speed.data.sentences import split_text
 
         return split_text(text)
 
@@ -735,7 +746,6 @@ class SentenceGenerator:
         """The decoder's exemplars for a plan (empty for a decoder trained without EXEMPLARS):
         never a text of `exclude`; one within `avoid_cos` cosine of a vector of `avoid` (M, D) only
         when the search found nothing else."""
-        from next_speed.models.decoder_model import exemplar_bank
 
         bank = exemplar_bank(self.model)
         if bank is None or not self.cond.exemplars:
@@ -758,7 +768,6 @@ class SentenceGenerator:
         it again (llama.cpp's context shift, which drops half the context when it is full)."""
         if not self.context_sents or not history:
             return "", len(history)
-        from next_speed.models.decoder_model import context_room
 
         room = context_room(self.tok, self.cond, codes, exemplars)
 
@@ -793,8 +802,6 @@ class SentenceGenerator:
         With `earlier_ids` (`copy_ids` of the earlier sentences) no candidate writes a run of
         NO_COPY_NGRAM tokens found there; with `written_ids` (those of the sentences this call
         wrote last) no run of NO_REPEAT_WRITTEN tokens of theirs."""
-        from next_speed.generation.engine import SentenceJob
-        from next_speed.models.decoder_model import encode_example
 
         if exemplars is None:
             exemplars = self.exemplars_for(codes)
@@ -821,7 +828,6 @@ class SentenceGenerator:
     def decode_batch(self):
         """An empty persistent batch for this generator's engine (the server's scheduler keeps
         one open: jobs join and leave between tokens; with ENGINE=hf each step renders whole)."""
-        from next_speed.generation.engine import WholeBatch
 
         return self.engine.batch() if self.use_kv else WholeBatch(self.engine)
 
@@ -841,9 +847,6 @@ class SentenceGenerator:
         """The engine of the packaged base model the decoder was fine-tuned from (UNPLANNED),
         loaded once on first use, its weights packed like the decoder's."""
         if self._base_engine is None:
-            from next_speed.generation.engine import DecodeEngine
-            from next_speed.models.decoder_model import load_base_model, load_base_tokenizer
-
             name = self.decoder_meta.get("train", {}).get("model")
             if not name:
                 raise NextSpeedError(f"UNPLANNED: the decoder in {self.cfg.decoder_dir} does not record its base model")
@@ -854,8 +857,6 @@ class SentenceGenerator:
             if self.dtype == "bf16":
                 model = model.to(self.torch.bfloat16)
             elif self.packed_linears:
-                from next_speed.core.runtime import pack_linears
-
                 pack_linears(model)
             self._base_engine = DecodeEngine(model, tok, [], self.device)
         return self._base_engine
@@ -865,7 +866,6 @@ class SentenceGenerator:
     ):
         """A step's UNPLANNED candidates: the base model continues the text so far (its last
         sentences, at most MAX_IN tokens) by one sentence."""
-        from next_speed.generation.engine import SentenceJob
 
         tok = self.base_engine().tok
         text = " ".join(history[-(self.context_sents or len(history)) :])
@@ -996,8 +996,6 @@ class SentenceGenerator:
         if getattr(self, "_browser", None) is None:
             with self._browser_lock:
                 if getattr(self, "_browser", None) is None:
-                    from next_speed.quant.codebook import CodeBrowser
-
                     self._browser = CodeBrowser.from_rvq_meta(self.cfg.rvq_meta, self.rvq)
         return self._browser
 
@@ -1132,7 +1130,6 @@ class SentenceGenerator:
 
     def _start(self, prompt: str, p: GenParams, max_tokens: int | None, stop: Sequence[str], on_step) -> _Run:
         """A generation's state before its first sentence: the prompt's sentences and their guards."""
-        from next_speed.generation.engine import PrefixPool, PromptCache
 
         t_start = time.perf_counter()
         sents = self.split(prompt)
@@ -1398,7 +1395,6 @@ class SentenceGenerator:
         was drafted after, stand-ins included (`ll_draft`); kept when ll_real >= ll_draft -
         VERIFY_TOL (speculative decoding's check, at the sentence level: Leviathan et al. 2023).
         Both read the text alone (no plan): the plan is the same in both and cancels out."""
-        from next_speed.models.decoder_model import _prompt_parts
 
         bos = _prompt_parts(self.tok, self.cond, d["plan"], None)[0]
         tail = self.tok(" " + draft, add_special_tokens=False)["input_ids"]

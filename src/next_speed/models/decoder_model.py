@@ -28,8 +28,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from next_speed.core.artifacts import StaleInputError, atomic_dir, write_checkpoint_meta
 from next_speed.core.errors import ConfigError, NextSpeedError
+from next_speed.models.hf import quiet_hf
 from next_speed.quant.rvq import levels_matched_rows
 
 log = logging.getLogger(__name__)
@@ -103,8 +106,6 @@ def _load_failed(name: str, e: Exception) -> NextSpeedError:
 def load_base_tokenizer(name: str):
     """(tokenizer, family, resolved path) for MODEL, without loading the weights."""
     from transformers import AutoConfig, AutoTokenizer
-
-    from next_speed.core.runtime import quiet_hf
 
     quiet_hf()
     path = resolve_model_path(name)
@@ -305,7 +306,6 @@ def token_losses(model, batch: dict, family: str, base_vocab: int | None = None)
     Logits of the code tokens (ids >= base_vocab) are masked: codes are read, never written.
     Causal LMs project only the positions that predict a label (`logits_to_keep`): the LM head
     over a 49k vocabulary at every context position would cost about a fifth of the step."""
-    import contextlib
 
     import torch
     import torch.nn.functional as F
@@ -515,7 +515,6 @@ class ExemplarBank:
     """
 
     def __init__(self, *, texts: Sequence[str], docs, emb, codebooks, codes):
-        import numpy as np
 
         self.texts = list(texts)
         self.docs = np.asarray(docs, dtype=np.int64)
@@ -539,7 +538,6 @@ class ExemplarBank:
         return self._index
 
     def plan_vectors(self, codes):
-        import numpy as np
 
         codes = np.atleast_2d(np.asarray(codes, dtype=np.int64))
         K = self.codebooks.shape[0]
@@ -561,7 +559,6 @@ class ExemplarBank:
         passes its stop rule's REPEAT_COS: an exemplar that paraphrases the context invites the
         decoder to write a repeat the rule would refuse (in training the target's own document,
         whence its context, is excluded anyway)."""
-        import numpy as np
 
         if k <= 0:
             return [[] for _ in range(len(codes))]
@@ -590,7 +587,6 @@ class ExemplarBank:
         """For each unit vector (B, D), its k bank sentences of highest cosine. With the true next
         sentence's own embedding this is retrieval without the RVQ's loss: the exemplar channel's
         bound (`decoder_eval.py`, `loss_oracle_exemplars`)."""
-        import numpy as np
 
         if k <= 0:
             return [[] for _ in range(len(np.atleast_2d(vectors)))]
@@ -619,7 +615,6 @@ class ExemplarBank:
         return out
 
     def save(self, folder: str | Path) -> None:
-        import numpy as np
 
         folder = Path(folder)
         with open(folder / BANK_FILES[0], "wb") as fh:
@@ -628,7 +623,6 @@ class ExemplarBank:
 
     @classmethod
     def load(cls, folder: str | Path) -> ExemplarBank:
-        import numpy as np
 
         folder = Path(folder)
         try:
@@ -720,8 +714,6 @@ def load_decoder(out_dir: str | Path, device: str = "cpu"):
     EXEMPLARS with its bank (`exemplar_bank(model)`)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    from next_speed.core.runtime import quiet_hf
 
     quiet_hf()
     d = Path(out_dir)

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from next_speed.core.artifacts import StaleInputError, read_jsonl
+from next_speed.core.artifacts import StaleInputError, load_meta, read_json, read_jsonl, sha256_path
 from next_speed.core.errors import ConfigError, NextSpeedError
 
 FORMAT = "next-speed-planner/1"
@@ -378,7 +378,6 @@ def open_sentence_embeddings(emb_path: str, emb_meta: str, knob_name: str, elsew
     """A step-02 embeddings file (memory-mapped: only the rows used are read) and its metadata.
     `elsewhere`: the files come from another run's folder, whose metadata names its outputs
     relative to that run; the file is then matched by name and hash."""
-    from next_speed.core.artifacts import load_meta, read_json, sha256_path
 
     if not Path(emb_meta).is_file():
         raise StaleInputError(

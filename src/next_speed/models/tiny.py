@@ -11,6 +11,8 @@ import string
 from collections.abc import Iterable
 from pathlib import Path
 
+from next_speed.models.hf import quiet_hf
+
 
 def _char_vocab() -> list[str]:
     chars = string.ascii_letters + string.digits + string.punctuation
@@ -29,8 +31,6 @@ def build_tiny_encoder(path: str | Path, dim: int = 32, seed: int = 0) -> str:
     except ImportError:  # sentence-transformers < 6
         from sentence_transformers.models import Pooling, Transformer
     from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    from next_speed.core.runtime import quiet_hf
 
     quiet_hf()
 
@@ -89,8 +89,6 @@ def build_tiny_causal_lm(
         return str(path)
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from next_speed.core.runtime import quiet_hf
 
     quiet_hf()
 

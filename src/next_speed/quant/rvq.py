@@ -15,9 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from next_speed.core.artifacts import atomic_path, load_meta, make_meta, write_json
+from next_speed.core.artifacts import NpyRows, atomic_path, load_meta, make_meta, sha256_path, write_json
 from next_speed.core.config import knob, seed_knob, to_dict
+from next_speed.core.console import progress
 from next_speed.core.errors import ConfigError, NextSpeedError, StaleInputError
+from next_speed.core.runtime import ray_session
+from next_speed.data.embed import load_embeddings, open_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +315,6 @@ class RayChunkEncoder:
         import faiss
 
         faiss.omp_set_num_threads(max(threads, 1))  # actors share the machine
-        from next_speed.core.artifacts import NpyRows
 
         self.rvq, self.rows, self.beam, self.chunk = RVQ(codebooks=codebooks), NpyRows(emb_path), beam, chunk
 
@@ -343,7 +345,6 @@ def encode_with_ray(cfg: RVQConfig, rvq: RVQ, n: int, codes: np.ndarray, acc: Le
     """Step 03's encoding pass on Ray Data: one task per chunk of ENCODE_CHUNK vectors over a pool
     of actors; the driver writes each chunk's codes in place and merges its stats. Returns the
     number of actors."""
-    from next_speed.core.runtime import progress, ray_session
 
     with ray_session(cfg.ray_address) as ray:
         cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -409,7 +410,6 @@ def fit_rvq(cfg: RVQConfig) -> dict:
     The codebooks are fitted on all vectors, or on a seeded sample of FIT_SAMPLE of them; then
     every vector is encoded chunk by chunk, read from the file (not mapped), so peak memory is the
     fit sample plus the codes, whatever the corpus size."""
-    from next_speed.data.embed import open_embeddings
 
     rows, emb_meta = open_embeddings(cfg.emb_path, cfg.emb_meta)
     N, D = rows.shape
@@ -428,7 +428,6 @@ def fit_rvq(cfg: RVQConfig) -> dict:
     t_fit = time.perf_counter() - t0
     codes = np.empty((N, cfg.k), dtype=np.int32)
     acc = LevelStats(rvq)
-    from next_speed.core.runtime import progress
 
     extra = {}
     if cfg.backend == "ray":
@@ -530,7 +529,6 @@ class RVQEvalConfig:
 
 def rvq_report(cfg: RVQEvalConfig) -> dict:
     """Quantization error per level, codebook usage and tuple sharing for the fitted RVQ."""
-    from next_speed.data.embed import load_embeddings
 
     rvq, meta = load_rvq(cfg.rvq_path, cfg.rvq_meta)
     x, _ = load_embeddings(cfg.emb_path, cfg.emb_meta)
@@ -553,7 +551,6 @@ def rvq_report(cfg: RVQEvalConfig) -> dict:
 
 
 def _same_input(meta: dict, path: str) -> bool:
-    from next_speed.core.artifacts import sha256_path
 
     rec = meta["inputs"].get(path)
     return rec is None or rec["sha256"] == sha256_path(path)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import asdict
 from typing import TextIO
 
-from next_speed.core.errors import NextSpeedError
+from next_speed.cli import guarded
+from next_speed.core.config import add_arguments, from_namespace, resolve
+from next_speed.core.console import setup_logging
+from next_speed.core.errors import ConfigError, NextSpeedError
+from next_speed.generation.generate import GenerateConfig, SentenceGenerator, check_plan, update_params
 
 HELP = """commands:
   /help              this help
@@ -25,7 +30,6 @@ anything else continues the text: your sentences, then the generator's."""
 
 def chat_loop(gen, inp: TextIO = sys.stdin, out: TextIO = sys.stdout, interactive: bool | None = None) -> int:
     """Read lines until /quit or EOF; each line extends the conversation, which is the prompt."""
-    from next_speed.generation.generate import update_params
 
     interactive = inp.isatty() if interactive is None else interactive
     history: list[str] = []
@@ -98,8 +102,6 @@ def chat_loop(gen, inp: TextIO = sys.stdin, out: TextIO = sys.stdout, interactiv
 
 def plan_command(gen, cmd: str, arg: str, pins: list, out: TextIO) -> None:
     """The REPL's plan-control and code-browser commands (errors raise NextSpeedError)."""
-    from next_speed.core.errors import ConfigError
-    from next_speed.generation.generate import check_plan
 
     K, V = gen.rvq.K, gen.rvq.V
     if cmd == "pin":
@@ -159,12 +161,6 @@ def plan_command(gen, cmd: str, arg: str, pins: list, out: TextIO) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from next_speed.cli import guarded
-    from next_speed.core.config import add_arguments, from_namespace, resolve
-    from next_speed.core.runtime import setup_logging
-    from next_speed.generation.generate import GenerateConfig, SentenceGenerator
 
     ap = argparse.ArgumentParser(prog="08_chat.py", description="Chat with the sentence-step generator.")
     ap.add_argument("-p", dest="once", default=None, help="generate once for this text and exit (same as --prompt)")

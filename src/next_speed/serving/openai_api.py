@@ -31,7 +31,7 @@ from typing import Any
 
 from next_speed.quant.rvq import levels_matched
 from next_speed.serving.errors import ApiError
-from next_speed.serving.protocol import ChatMessage, ChatRequest, CommonRequest
+from next_speed.serving.protocol import OPENAI_EXTRAS, ChatMessage, ChatRequest, CommonRequest
 
 
 def chat_prompt(messages: list[ChatMessage]) -> str:
@@ -72,19 +72,7 @@ def generation_kwargs(req: CommonRequest, default_seed: int, max_sentences_cap: 
         if req.top_p < 0.01:
             raise ApiError(400, f"top_p: {req.top_p} is too small: at least 0.01", "top_p")
         kw["top_p"] = req.top_p
-    for name in (
-        "n_cand",
-        "rerank",
-        "plan_temp",
-        "plan_top_k",
-        "plan_deep",
-        "repetition_penalty",
-        "no_repeat_ngram",
-        "repeat_cos",
-        "repeat_span",
-        "parallel",
-        "parallel_verify",
-    ):
+    for name in OPENAI_EXTRAS:
         if getattr(req, name) is not None:
             kw[name] = getattr(req, name)
     max_tokens = req.max_tokens

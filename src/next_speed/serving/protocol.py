@@ -25,22 +25,45 @@ from next_speed.generation.generate import GenParams
 # ---------------------------------------------------------------------------------- native API
 
 
-def generate_request_model(max_n_cand: int, max_new_tokens_cap: int, max_sentences_cap: int) -> type[BaseModel]:
-    """The body of POST /generate, built from the generation knobs: every value of `params` is
-    checked for its type (strictly: no "30" for a count, no boolean for a number), its finite range
-    and the server's caps, with the field's name in the error."""
-    caps = {"n_cand": max_n_cand, "max_new_tokens": max_new_tokens_cap}
+# The generation knobs a request of the OpenAI-compatible API may set beside OpenAI's own fields.
+OPENAI_EXTRAS = (
+    "n_cand",
+    "rerank",
+    "plan_temp",
+    "plan_top_k",
+    "plan_deep",
+    "repetition_penalty",
+    "no_repeat_ngram",
+    "repeat_cos",
+    "repeat_span",
+    "parallel",
+    "parallel_verify",
+)
+
+
+def knob_fields(names=None, caps: dict[str, int] | None = None) -> dict[str, Any]:
+    """Optional request fields for generation knobs (all of GenParams but gen_steps, or `names`),
+    built from the knobs themselves: the knob's type checked strictly (no "30" for a count, no
+    boolean for a number), its finite range under the server's `caps`, its help as description.
+    The one request-parameter model of the native API, the OpenAI-compatible API and, through the
+    same knobs, the Python API and the CLI."""
+    caps = caps or {}
     fields: dict[str, Any] = {}
     for f, tp, _ in fields_of(GenParams):
-        if f.name == "gen_steps":
+        if f.name == "gen_steps" or (names is not None and f.name not in names):
             continue
         m = f.metadata
         hi = m.get("max") if f.name not in caps else min(caps[f.name], m.get("max") or caps[f.name])
         extra = {"allow_inf_nan": False} if tp is float else {}
-        fields[f.name] = (
-            Annotated[tp, Field(strict=True, ge=m.get("min"), le=hi, description=m.get("help"), **extra)] | None,
-            None,
-        )
+        field = Field(strict=True, ge=m.get("min"), le=hi, description=m.get("help"), **extra)
+        fields[f.name] = (Annotated[tp, field] | None, None)
+    return fields
+
+
+def generate_request_model(max_n_cand: int, max_new_tokens_cap: int, max_sentences_cap: int) -> type[BaseModel]:
+    """The body of POST /generate: its `params` are the generation knobs (`knob_fields`) under the
+    server's caps, with the field's name in every error."""
+    fields = knob_fields(caps={"n_cand": max_n_cand, "max_new_tokens": max_new_tokens_cap})
 
     def no_gen_steps(cls, data):
         if isinstance(data, dict) and "gen_steps" in data:
@@ -131,7 +154,7 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool | None = None
 
 
-class CommonRequest(BaseModel):
+class _OpenAIFields(BaseModel):
     """Fields shared by completions and chat completions."""
 
     model_config = ConfigDict(extra="forbid")
@@ -155,26 +178,17 @@ class CommonRequest(BaseModel):
     max_sentences: Annotated[StrictInt, Field(ge=1)] | None = Field(
         None, description="sentences at most (default 3; the cap when max_tokens is set)"
     )
-    n_cand: Annotated[StrictInt, Field(ge=1)] | None = None
-    rerank: StrictBool | None = None
     plan: list[PlanEntry] | None = Field(
         None, description="plan control: per sentence null, codes, an example sentence or an object"
     )
-    plan_temp: Annotated[Number, Field(allow_inf_nan=False)] | None = None
-    plan_top_k: StrictInt | None = None
-    plan_deep: StrictStr | None = Field(None, description="mean or levels: how the plan's levels 1..K-1 are chosen")
-    repetition_penalty: Annotated[Number, Field(allow_inf_nan=False)] | None = None
-    no_repeat_ngram: StrictInt | None = None
-    repeat_cos: Annotated[Number, Field(allow_inf_nan=False)] | None = None
-    repeat_span: StrictInt | None = None
-    parallel: Annotated[StrictInt, Field(ge=1, le=16)] | None = Field(
-        None,
-        description="plan-parallel rendering: sentences planned ahead and drafted side by side (1 = one at a time)",
-    )
-    parallel_verify: StrictBool | None = Field(
-        None, description="keep a draft only while it fits the real text before it"
-    )
     return_candidates: StrictBool = False
+
+
+# OpenAI's fields, then the generation knobs of OPENAI_EXTRAS as the knobs define them
+CommonRequest = create_model(
+    "CommonRequest", __base__=_OpenAIFields, __doc__="Fields shared by completions and chat completions.",
+    **knob_fields(OPENAI_EXTRAS),
+)  # fmt: skip
 
 
 class CompletionRequest(CommonRequest):

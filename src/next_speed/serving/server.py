@@ -25,7 +25,7 @@ from fastapi import FastAPI
 
 from next_speed.cli import guarded
 from next_speed.core.config import add_arguments, from_namespace, knob, resolve
-from next_speed.core.runtime import setup_logging
+from next_speed.core.console import setup_logging
 from next_speed.generation.generate import GenerateConfig, SentenceGenerator
 from next_speed.serving.errors import install_error_handlers
 from next_speed.serving.middleware import BodyGuard

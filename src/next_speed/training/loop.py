@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from next_speed.core.artifacts import StaleInputError, load_meta
+from next_speed.core.console import progress
 
 
 def cosine_lr(step: int, total: int, warmup: int, base: float, min_ratio: float = 0.1) -> float:
@@ -200,8 +201,6 @@ def fit(
     after 3 steps to what fits, and the run stops when the budget is spent; rank 0 decides both
     for every rank, or ranks would wait on each other forever."""
     import torch
-
-    from next_speed.core.runtime import progress
 
     log = logging.getLogger("next_speed.training")
     history = history if history is not None else []

@@ -11,14 +11,18 @@ import hashlib
 import json
 import logging
 import math
+import math as _m
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from next_speed.core.artifacts import atomic_dir, read_jsonl, sha256_path, versions, write_json
-from next_speed.core.config import deterministic_knob, device_knob, knob, seed_knob, to_dict
+from next_speed.core.config import deterministic_knob, device_knob, knob, resolve, seed_knob, to_dict
 from next_speed.core.errors import ConfigError, NextSpeedError
+from next_speed.core.runtime import autocast, pick_device, resolve_amp, seed_everything
 from next_speed.models.decoder_model import (
     CODE_MODES,
     DEFAULT_DECODER,
@@ -31,13 +35,16 @@ from next_speed.models.decoder_model import (
     build_plan_adapter,
     collate,
     encode_example,
+    exemplar_bank,
     init_code_embeddings,
     load_base_model,
     load_base_tokenizer,
+    load_decoder,
     residual_rms,
     save_decoder,
     token_losses,
 )
+from next_speed.quant.rvq import RVQ, check_fits_rvq
 from next_speed.training.loop import (
     check_trainsets,
     cosine_lr,
@@ -345,7 +352,6 @@ def sentence_vectors(tmeta: dict, rows: list[dict], rows_path: str):
     """Unit step-02 embeddings (N, D) of the rows' sentences (their `sid`), from the embeddings file
     the training sets were built from (checked against its recorded hash). NextSpeedError naming
     the file and the step to rerun otherwise."""
-    import numpy as np
 
     emb_path = tmeta.get("emb_path")
     if not emb_path or any("sid" not in r for r in rows):
@@ -366,7 +372,6 @@ def sentence_vectors(tmeta: dict, rows: list[dict], rows_path: str):
 def build_bank(cfg: DecoderTrainConfig, tmeta: dict, rows: list[dict]) -> ExemplarBank:
     """The exemplar bank of step 06: every training sentence with its step-02 embedding (found by
     the rows' `sid` in the embeddings that step 03 quantized) and the RVQ codebooks."""
-    from next_speed.quant.rvq import RVQ
 
     rvq_path = tmeta.get("rvq_path")
     if not rvq_path or not Path(rvq_path).is_file():
@@ -408,7 +413,6 @@ def _level_keep(n: int, K: int, p: float, rng: random.Random):
 def _make_adapter(model, cfg: DecoderTrainConfig, cond: Conditioning, tmeta: dict, val_ds, pad_id: int, family: str):
     """CODE_MODE=inject: the plan adapter over step 03's codebooks, hooked into the block where
     training starts (its scale is the residual stream's RMS there), and recorded in `cond`."""
-    from next_speed.quant.rvq import RVQ, check_fits_rvq
 
     n_blocks = len(block_list(model)[1])
     if cfg.inject_layer is not None:
@@ -517,7 +521,6 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict | None:
     every rank walks the same shuffled order and trains on its shard of each global micro-batch
     of TRAIN_BS rows, the loss weighted by the global token count; rank 0 validates, decides the
     time budget for all, and writes the decoder once, atomically (other ranks return None)."""
-    from next_speed.core.runtime import autocast, pick_device, resolve_amp, seed_everything
 
     tmeta = check_trainsets(cfg.train_meta, [cfg.out_dec, cfg.out_dec_val], cfg.k, cfg.v)
     train_rows, val_rows, bank = _training_rows(cfg, tmeta)
@@ -750,8 +753,6 @@ def ensure_none_decoder(meta: dict, none_dir: str, train: bool = True) -> str | 
     """Make sure `none_dir` holds a CODE_MODE=none decoder comparable to the decoder of `meta`
     (same recorded budget, data and base model): train it there with those settings when it is
     missing or differs and `train` is on. Returns None when it is comparable, else why not."""
-    from next_speed.core.config import resolve
-    from next_speed.models.decoder_model import load_decoder
 
     why = "missing"
     if (Path(none_dir) / "config.json").is_file():
@@ -772,8 +773,6 @@ def eval_decoder(cfg: DecoderEvalConfig) -> dict:
     """Codes are worth something only if the true-code loss is clearly below the other two. The
     no-codes decoder is trained here (same recorded settings and budget) when it is missing or
     not comparable, unless TRAIN_NONE=0."""
-    from next_speed.core.runtime import pick_device
-    from next_speed.models.decoder_model import load_decoder
 
     device = pick_device(cfg.device)
     rows = _rows(cfg.out_dec_val)
@@ -789,8 +788,6 @@ def eval_decoder(cfg: DecoderEvalConfig) -> dict:
     random.Random(cfg.seed + 1).shuffle(shuffled)
 
     def loss(m, t, c, codes_list, exemplars=None):
-        from next_speed.models.decoder_model import exemplar_bank
-
         bank = exemplar_bank(m)
         if exemplars is None:
             exemplars = (
@@ -852,7 +849,6 @@ def _oracle_exemplars(
     """The exemplar channel's bound: for each row, the bank sentences nearest to the true next
     sentence's own embedding (retrieval keyed without the RVQ's loss; same exclusions as the plan's
     lookup). (None, why) when the decoder has no bank or step 02's embeddings are not at hand."""
-    from next_speed.models.decoder_model import exemplar_bank
 
     bank = exemplar_bank(model)
     if bank is None or not cond.exemplars:
@@ -874,7 +870,6 @@ def _oracle_exemplars(
 
 
 def format_decoder_eval(res: dict) -> str:
-    import math as _m
 
     lines = [f"decoder per-token validation loss on {res['rows']} rows (perplexity in brackets)"]
     for name, key in (

@@ -13,9 +13,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from next_speed.core.artifacts import (
     StaleInputError,
     atomic_dir,
+    read_jsonl,
     sha256_path,
     versions,
     write_checkpoint_meta,
@@ -23,8 +26,19 @@ from next_speed.core.artifacts import (
 )
 from next_speed.core.config import deterministic_knob, device_knob, knob, seed_knob, to_dict
 from next_speed.core.errors import ConfigError, NextSpeedError
+from next_speed.core.runtime import autocast, pick_device, resolve_amp, seed_everything
 from next_speed.evals.planner_eval import evaluate_model
-from next_speed.models.planner import FORMAT, load_rows, tensorize
+from next_speed.models.planner import (
+    FORMAT,
+    EmbeddingTable,
+    Planner,
+    PlannerModelConfig,
+    input_sids,
+    load_rows,
+    open_sentence_embeddings,
+    tensorize,
+)
+from next_speed.quant.rvq import RVQ, check_fits_rvq, load_rvq
 from next_speed.training.loop import (
     check_trainsets,
     cosine_lr,
@@ -135,7 +149,6 @@ def planner_data(cfg: PlannerTrainConfig, tmeta: dict, train_rows: list[dict], v
     K, V = tmeta["K"], tmeta["V"]
     x_tr, y_tr, _ = tensorize(train_rows, K, V, cfg.out_lm)
     val = list(tensorize(val_rows, K, V, cfg.out_lm_val)) if val_rows else None
-    from next_speed.models.planner import EmbeddingTable, input_sids, open_sentence_embeddings
 
     table, encoder = None, None
     ids_tr = _no_ids(x_tr)
@@ -208,11 +221,6 @@ def extra_rows(folder: str, tmeta: dict, encoder: dict | None, own: set[str]):
     Documents that share a sentence with `own` (the text of this run's sentence file) are left
     out: those of its validation split must stay held out, those of its training split are in
     already. Returns (rows with `sid` into the folder's embeddings, the memory-mapped embeddings)."""
-    import numpy as np
-
-    from next_speed.core.artifacts import read_jsonl
-    from next_speed.models.planner import open_sentence_embeddings
-    from next_speed.quant.rvq import load_rvq
 
     d = Path(folder)
     if not d.is_dir():
@@ -272,7 +280,6 @@ def extra_rows(folder: str, tmeta: dict, encoder: dict | None, own: set[str]):
 
 def _own_texts(tmeta: dict) -> set[str]:
     """The text of every sentence of this run's sentence file."""
-    from next_speed.core.artifacts import read_jsonl
 
     return {r["text"] for r in read_jsonl(tmeta["config"].get("sent_path", "data/sentences.jsonl"), required=("text",))}
 
@@ -304,7 +311,6 @@ def _codebooks(cfg: PlannerTrainConfig, tmeta: dict, table):
 
     if not (cfg.codebook_features or (cfg.recon_input > 0 and table is not None)):
         return None, None
-    from next_speed.quant.rvq import RVQ, check_fits_rvq
 
     K, V = tmeta["K"], tmeta["V"]
     rvq = RVQ.load(cfg.rvq_path)
@@ -315,7 +321,6 @@ def _codebooks(cfg: PlannerTrainConfig, tmeta: dict, table):
 
 
 def _build_planner(cfg: PlannerTrainConfig, tmeta: dict, max_len: int, books, table):
-    from next_speed.models.planner import Planner, PlannerModelConfig
 
     mcfg = PlannerModelConfig(
         K=tmeta["K"],
@@ -346,8 +351,6 @@ def train_planner(cfg: PlannerTrainConfig) -> dict | None:
     validates, logs and writes the checkpoint atomically; other ranks return None."""
     import torch
     import torch.nn.functional as F
-
-    from next_speed.core.runtime import autocast, pick_device, resolve_amp, seed_everything
 
     tmeta = check_trainsets(cfg.train_meta, [cfg.out_lm, cfg.out_lm_val], cfg.k, cfg.v)
     V = tmeta["V"]
