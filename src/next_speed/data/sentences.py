@@ -11,9 +11,8 @@ import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
-from next_speed.core.artifacts import atomic_path, make_meta, read_jsonl, write_json
+from next_speed.core.artifacts import atomic_path, make_meta, write_json
 from next_speed.core.config import knob, seed_knob, to_dict
 from next_speed.core.console import progress
 from next_speed.core.errors import ConfigError, NextSpeedError
@@ -205,11 +204,4 @@ def make_sentences(cfg: SentencesConfig) -> dict:
     return meta
 
 
-def load_sentences(path: str | Path) -> list[dict]:
-    """Read a sentences JSONL written by step 01 (rows in id order)."""
-
-    rows = list(read_jsonl(path, required=("doc", "pos", "text")))
-    return rows
-
-
-__all__ = ["SentencesConfig", "make_sentences", "load_sentences", "split_text", "OFFLINE_HINT"]
+__all__ = ["SentencesConfig", "make_sentences", "split_text", "OFFLINE_HINT"]
