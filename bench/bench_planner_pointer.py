@@ -7,7 +7,7 @@ step 05 with the CPU preset's planner settings, then `sent_lm_eval.py`, for each
 `--prepare sotu` first runs steps 01-04 in `--dir` on every State of the Union address
 (`CORPUS=sotu`, K=6, V=256, `CONTEXT_SENTS=8`, `VAL_FRAC=0.2`) unless they are there already;
 embedding its ~70k sentences takes about 8 minutes on 2 CPU cores (`--max-docs 100`: the first
-100 addresses, the smaller protocol of the README's earlier sotu figures). `--eval-only`
+100 addresses, a smaller protocol: docs/results.md). `--eval-only`
 re-evaluates the planners a previous run left in `<dir>/out/bench_pointer/` instead of training
 them again. Writes bench/results/bench_planner_pointer_<name>.json: every run's summary, per-level
 accuracy and where the next level-0 code was (`level0_in_context`), and the means over seeds.

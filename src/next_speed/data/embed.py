@@ -16,7 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-from next_speed.core.artifacts import NpyRows, atomic_path, load_meta, make_meta, read_jsonl, sha256_path, write_json
+from next_speed.core.artifacts import (
+    NpyRows,
+    StaleInputError,
+    atomic_path,
+    load_meta,
+    make_meta,
+    read_json,
+    read_jsonl,
+    sha256_path,
+    write_json,
+)
 from next_speed.core.config import deterministic_knob, device_knob, knob, seed_knob, to_dict
 from next_speed.core.console import progress
 from next_speed.core.errors import NextSpeedError
@@ -244,30 +254,31 @@ def embed_sentences(cfg: EmbedConfig, model=None) -> dict:
     return meta
 
 
-def open_embeddings(emb_path: str, emb_meta: str):
-    """The embeddings file as `NpyRows` (read in chunks, never all at once), checked against its metadata."""
-
-    meta = load_meta(emb_meta, "embeddings", emb_path)
-    rows = NpyRows(emb_path)
-    if rows.shape[0] != meta["counts"]["rows"] or rows.dtype != np.float32:
-        raise NextSpeedError(
-            f"{emb_path} has shape {rows.shape} ({rows.dtype}), metadata says {meta['counts']['rows']} float32 rows: "
-            "rerun step 02"
+def open_embeddings(emb_path: str, emb_meta: str, *, what: str = "EMB_PATH", elsewhere: bool = False,
+                    stream: bool = False):  # fmt: skip
+    """Step 02's embeddings, checked against their metadata (hash, 2-d, float32, the row count):
+    (rows, meta). The one loader of embeddings files. `stream`: an `NpyRows` read in chunks
+    (memory stays at one chunk however large the file: step 03), else a read-only memory map (only
+    the rows used are read). `elsewhere`: the files come from another run's folder, whose metadata
+    names its outputs relative to that run, so the file is matched by name and hash. `what` names
+    the knob in errors."""
+    if not Path(emb_meta).is_file():
+        raise StaleInputError(f"{what}: {emb_meta} is missing (step 02's metadata of {emb_path}): rerun step 02")
+    if elsewhere:
+        meta = read_json(emb_meta)
+        recs = [r for p, r in meta.get("outputs", {}).items() if Path(p).name == Path(emb_path).name]
+        if meta.get("kind") != "embeddings" or not recs:
+            raise StaleInputError(f"{what}: {emb_meta} does not describe {emb_path} (not step 02's metadata)")
+        if recs[0]["sha256"] != sha256_path(emb_path):
+            raise StaleInputError(
+                f"{what}: {emb_path} does not match its metadata {emb_meta} (changed or half-written)"
+            )
+    else:
+        meta = load_meta(emb_meta, "embeddings", emb_path)
+    rows = NpyRows(emb_path) if stream else np.load(emb_path, mmap_mode="r")
+    if len(rows.shape) != 2 or rows.shape[0] != meta["counts"]["rows"] or rows.dtype != np.float32:
+        raise StaleInputError(
+            f"{emb_path} has shape {rows.shape} ({rows.dtype}), its metadata says {meta['counts']['rows']} float32 "
+            "rows: rerun step 02"
         )
     return rows, meta
-
-
-def load_embeddings(emb_path: str, emb_meta: str, sent_path: str | None = None) -> tuple[np.ndarray, dict]:
-    """Load embeddings after checking them against their metadata (and the sentence file, if given)."""
-
-    meta = load_meta(emb_meta, "embeddings", emb_path)
-    if sent_path is not None:
-        rec = meta["inputs"].get(meta["input_roles"].get("sentences", ""), {})
-        if Path(sent_path).exists() and rec.get("sha256") != sha256_path(sent_path):
-            raise NextSpeedError(f"{emb_path} was embedded from another sentence file than {sent_path}: rerun step 02")
-    x = np.load(emb_path, mmap_mode="r")
-    if x.ndim != 2 or x.shape[0] != meta["counts"]["rows"]:
-        raise NextSpeedError(
-            f"{emb_path} has shape {x.shape}, metadata says {meta['counts']['rows']} rows: rerun step 02"
-        )
-    return np.ascontiguousarray(x, dtype=np.float32), meta

@@ -18,6 +18,7 @@ from next_speed.core.artifacts import write_json
 from next_speed.core.config import device_knob, knob, seed_knob
 from next_speed.core.errors import NextSpeedError
 from next_speed.core.runtime import pick_device
+from next_speed.data.embed import open_embeddings
 from next_speed.models.planner import (
     EmbeddingTable,
     PlannerRunner,
@@ -25,7 +26,6 @@ from next_speed.models.planner import (
     load_planner,
     load_rows,
     mean_detail,
-    open_sentence_embeddings,
     tensorize,
 )
 from next_speed.quant.rvq import levels_matched_rows, load_rvq
@@ -314,7 +314,7 @@ def eval_planner(cfg: PlannerEvalConfig) -> dict:
     if any("sid" not in r for r in val_rows):
         raise NextSpeedError(f"{cfg.out_lm_val} has no sentence ids ('sid'): rerun step 04")
     K, V = info["K"], info["V"]
-    emb, _ = open_sentence_embeddings(tmeta.get("emb_path") or "data/embeddings.npy", cfg.emb_meta, "EMB_META")
+    emb, _ = open_embeddings(tmeta.get("emb_path") or "data/embeddings.npy", cfg.emb_meta, what="EMB_META")
     rvq, _ = load_rvq(tmeta.get("rvq_path") or "out/rvq.npz", tmeta["config"].get("rvq_meta", "out/rvq_meta.json"))
     inp, tgt, last = tensorize(val_rows, K, V, cfg.out_lm_val)
     table, ids = None, None

@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+from transformers import StoppingCriteria
 
 from next_speed.core.artifacts import read_jsonl
 from next_speed.core.errors import NextSpeedError
@@ -296,18 +298,16 @@ def plain_decoder_sampling(gen, prompt: str, n_tokens: int, seed: int) -> tuple[
     return out.shape[1] - ids["input_ids"].shape[1], time.perf_counter() - t0
 
 
-def _sentence_stop(tok, start: int, n_sents: int):
-    """A transformers StoppingCriteria: a row is done once its new text holds `n_sents` ended
-    sentences and the start of another."""
-    import torch
-    from transformers import StoppingCriteria
+class EnoughSentences(StoppingCriteria):
+    """A row is done once its new text (the tokens from `start` on) holds `n_sents` ended sentences
+    and the start of another."""
 
-    class EnoughSentences(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            texts = tok.batch_decode(input_ids[:, start:], skip_special_tokens=True)
-            return torch.tensor([ended_sentences(t) >= n_sents for t in texts], device=input_ids.device)
+    def __init__(self, tok, start: int, n_sents: int):
+        self.tok, self.start, self.n_sents = tok, start, n_sents
 
-    return EnoughSentences()
+    def __call__(self, input_ids, scores, **kwargs):
+        texts = self.tok.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
+        return torch.tensor([ended_sentences(t) >= self.n_sents for t in texts], device=input_ids.device)
 
 
 def nucleus_sample_texts(
@@ -339,7 +339,7 @@ def nucleus_sample_texts(
             repetition_penalty=repetition_penalty,
             max_new_tokens=max_new_tokens,
             pad_token_id=tok.pad_token_id,
-            stopping_criteria=StoppingCriteriaList([_sentence_stop(tok, enc["input_ids"].shape[1], n_sents)]),
+            stopping_criteria=StoppingCriteriaList([EnoughSentences(tok, enc["input_ids"].shape[1], n_sents)]),
         )
     return tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 

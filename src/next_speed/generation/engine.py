@@ -33,10 +33,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from next_speed.generation.roomy_cache import RoomyLayer  # transformers loads with the decoder
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from next_speed.generation.roomy_cache import RoomyLayer
 from next_speed.models.decoder_model import plan_injector
 
 log = logging.getLogger(__name__)
+
+
+class SentenceOnly(LogitsProcessor):
+    """A logits processor applied to the generated sentence only (the tokens from `start` on), for
+    transformers' `generate` on a whole prompt (the reference engine, `render_hf`)."""
+
+    def __init__(self, inner, start: int):
+        self.inner, self.start = inner, start
+
+    def __call__(self, input_ids, scores):
+        return self.inner(input_ids[:, self.start :], scores)
 
 
 def roomy_layer(keys, values, room: int, rows: int | None = None):
@@ -343,20 +356,11 @@ class DecodeEngine:
     def render_hf(self, jobs: Sequence[SentenceJob]) -> None:
         """The straightforward reference: transformers' `generate` on each whole prompt, the
         candidates as `num_return_sequences`, stopping at the same sentence ends. Causal and seq2seq."""
-        from transformers import LogitsProcessor, LogitsProcessorList
-
         torch = self.torch
         seq2seq = bool(getattr(self.model.config, "is_encoder_decoder", False))
         for j in jobs:
             ids = torch.tensor([j.prompt], device=self.device).expand(j.n, -1)  # (n, T): greedy rows too
             start = ids.shape[1] if not seq2seq else 1
-
-            class SentenceOnly(LogitsProcessor):
-                def __init__(self, inner, start: int = start):
-                    self.inner, self.start = inner, start
-
-                def __call__(self, input_ids, scores):
-                    return self.inner(input_ids[:, self.start :], scores)
 
             p = j.params
             kw = dict(
@@ -364,7 +368,7 @@ class DecodeEngine:
                 do_sample=p.do_sample,
                 logits_processor=LogitsProcessorList(
                     [
-                        SentenceOnly(x)
+                        SentenceOnly(x, start)
                         for x in sentence_processors(p, j.earlier_ids, self.tok.eos_token_id, j.written_ids)
                     ]
                 ),

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from next_speed.core.artifacts import StaleInputError, load_meta, read_json, read_jsonl, sha256_path
+from next_speed.core.artifacts import StaleInputError, read_jsonl
 from next_speed.core.errors import ConfigError, NextSpeedError
 
 FORMAT = "next-speed-planner/1"
@@ -372,34 +372,6 @@ class EmbeddingTable:
     def lookup(self, ids):
         out = self.table[ids.clamp(min=0)] if len(self.table) else self.table.new_zeros(*ids.shape, self.dim)
         return out * (ids >= 0).unsqueeze(-1).to(out.dtype)
-
-
-def open_sentence_embeddings(emb_path: str, emb_meta: str, knob_name: str, elsewhere: bool = False):
-    """A step-02 embeddings file (memory-mapped: only the rows used are read) and its metadata.
-    `elsewhere`: the files come from another run's folder, whose metadata names its outputs
-    relative to that run; the file is then matched by name and hash."""
-
-    if not Path(emb_meta).is_file():
-        raise StaleInputError(
-            f"{emb_meta} is missing ({knob_name}): the planner's embedding input needs step 02's metadata"
-        )
-    if elsewhere:
-        meta = read_json(emb_meta)
-        recs = [r for p, r in meta.get("outputs", {}).items() if Path(p).name == Path(emb_path).name]
-        if meta.get("kind") != "embeddings" or not recs:
-            raise StaleInputError(f"{knob_name}: {emb_meta} does not describe {emb_path} (not step 02's metadata)")
-        if recs[0]["sha256"] != sha256_path(emb_path):
-            raise StaleInputError(
-                f"{knob_name}: {emb_path} does not match its metadata {emb_meta} (changed or half-written)"
-            )
-    else:
-        meta = load_meta(emb_meta, "embeddings", emb_path)
-    x = np.load(emb_path, mmap_mode="r")
-    if x.ndim != 2 or x.shape[0] != meta["counts"]["rows"]:
-        raise StaleInputError(
-            f"{emb_path} has shape {x.shape}, its metadata says {meta['counts']['rows']} rows: rerun step 02"
-        )
-    return x, meta
 
 
 def load_planner(out_dir: str, device: str = "cpu"):

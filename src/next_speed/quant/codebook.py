@@ -19,6 +19,7 @@ import numpy as np
 
 from next_speed.core.artifacts import read_jsonl
 from next_speed.core.errors import ConfigError, NextSpeedError
+from next_speed.data.embed import open_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class CodeBrowser:
                 raise NextSpeedError(f"code browser: {path} ({role}) not found: rerun steps 01-03 here")
         texts = [row["text"] for row in read_jsonl(paths["sentences"], required=("text",))]
         codes = np.load(paths["codes"])
-        emb = np.load(paths["embeddings"], mmap_mode="r")
+        emb, _ = open_embeddings(paths["embeddings"], cfg["emb_meta"], what="code browser")
         return cls(texts, codes, emb, rvq)
 
     def check(self, level: int, index: int) -> None:

@@ -20,7 +20,7 @@ from next_speed.core.config import knob, seed_knob, to_dict
 from next_speed.core.console import progress
 from next_speed.core.errors import ConfigError, NextSpeedError, StaleInputError
 from next_speed.core.runtime import ray_session
-from next_speed.data.embed import load_embeddings, open_embeddings
+from next_speed.data.embed import open_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +411,7 @@ def fit_rvq(cfg: RVQConfig) -> dict:
     every vector is encoded chunk by chunk, read from the file (not mapped), so peak memory is the
     fit sample plus the codes, whatever the corpus size."""
 
-    rows, emb_meta = open_embeddings(cfg.emb_path, cfg.emb_meta)
+    rows, emb_meta = open_embeddings(cfg.emb_path, cfg.emb_meta, stream=True)
     N, D = rows.shape
     if N == 0:
         raise NextSpeedError(f"{cfg.emb_path} is empty: rerun steps 01-02")
@@ -531,7 +531,8 @@ def rvq_report(cfg: RVQEvalConfig) -> dict:
     """Quantization error per level, codebook usage and tuple sharing for the fitted RVQ."""
 
     rvq, meta = load_rvq(cfg.rvq_path, cfg.rvq_meta)
-    x, _ = load_embeddings(cfg.emb_path, cfg.emb_meta)
+    x, _ = open_embeddings(cfg.emb_path, cfg.emb_meta)
+    x = np.ascontiguousarray(x, dtype=np.float32)
     if not _same_input(meta, cfg.emb_path):
         raise StaleInputError(f"{cfg.rvq_path} was fitted on other embeddings than {cfg.emb_path}: rerun step 03")
     codes = rvq.encode(x, beam=cfg.beam)

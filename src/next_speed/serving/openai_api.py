@@ -4,7 +4,7 @@
 per generated sentence, then a final chunk with `finish_reason` and `usage`, then `data: [DONE]`),
 `GET /v1/models`. The shapes follow OpenAI's API reference as vLLM, TGI and llama.cpp serve it.
 
-How the standard fields map to generation (documented in the README, "OpenAI-compatible API"):
+How the standard fields map to generation (documented in docs/serving.md):
 - `max_tokens` (chat: also `max_completion_tokens`): decoder tokens of all sentences together;
   the sentence that crosses the budget is cut there (finish_reason "length").
 - `temperature` -> TEMP (0 means greedy decoding, DO_SAMPLE off); `top_p` -> TOP_P; `seed` -> SEED

@@ -27,6 +27,7 @@ from next_speed.core.artifacts import (
 from next_speed.core.config import deterministic_knob, device_knob, knob, seed_knob, to_dict
 from next_speed.core.errors import ConfigError, NextSpeedError
 from next_speed.core.runtime import autocast, pick_device, resolve_amp, seed_everything
+from next_speed.data.embed import open_embeddings
 from next_speed.evals.planner_eval import evaluate_model
 from next_speed.models.planner import (
     FORMAT,
@@ -35,7 +36,6 @@ from next_speed.models.planner import (
     PlannerModelConfig,
     input_sids,
     load_rows,
-    open_sentence_embeddings,
     tensorize,
 )
 from next_speed.quant.rvq import RVQ, check_fits_rvq, load_rvq
@@ -156,9 +156,7 @@ def planner_data(cfg: PlannerTrainConfig, tmeta: dict, train_rows: list[dict], v
         val.append(_no_ids(val[0]))
     emb = None
     if cfg.planner_input == "emb" or extra_folders(cfg):
-        emb, emb_meta = open_sentence_embeddings(
-            tmeta.get("emb_path") or "data/embeddings.npy", cfg.emb_meta, "EMB_META"
-        )
+        emb, emb_meta = open_embeddings(tmeta.get("emb_path") or "data/embeddings.npy", cfg.emb_meta, what="EMB_META")
         if tmeta.get("emb_sha256") and emb_meta["outputs"].get(tmeta.get("emb_path"), {}).get("sha256") not in (
             None,
             tmeta["emb_sha256"],
@@ -231,9 +229,7 @@ def extra_rows(folder: str, tmeta: dict, encoder: dict | None, own: set[str]):
     for name in ("sentences.jsonl", "embeddings.npy", "emb_meta.json"):
         if not (d / name).is_file():
             raise ConfigError(f"EXTRA_DATA: {d / name} is missing (run steps 01-02 with that folder as their output)")
-    emb, meta = open_sentence_embeddings(
-        str(d / "embeddings.npy"), str(d / "emb_meta.json"), "EXTRA_DATA", elsewhere=True
-    )
+    emb, meta = open_embeddings(str(d / "embeddings.npy"), str(d / "emb_meta.json"), what="EXTRA_DATA", elsewhere=True)
     if encoder is not None:
         for what, theirs, ours in (
             ("the encoder", meta.get("model"), encoder.get("model")),
