@@ -235,6 +235,10 @@ def test_openai_client_completions(server):
     assert len(sents) < 2 or (sents[1]["planned"][0] == 0 and sents[1]["pinned"] == 1)
     assert ch.text == "".join(" " + s["text"] for s in sents)
     assert c.usage.completion_tokens == sum(s["tokens"] for s in sents) and c.usage.prompt_tokens > 0
+    # the answer is the one the OpenAPI schema documents (serving/protocol.py)
+    from next_speed.serving.protocol import CompletionResponse
+
+    CompletionResponse.model_validate(c.model_dump())
     # streamed: one event per sentence, then the final chunk with finish_reason and usage
     chunks = list(
         client.completions.create(
@@ -283,6 +287,9 @@ def test_openai_client_chat(server):
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     content = r.choices[0].message.content
     assert content == " ".join(s["text"] for s in r.choices[0].model_extra["sentences"])
+    from next_speed.serving.protocol import ChatCompletionResponse
+
+    ChatCompletionResponse.model_validate(r.model_dump())
     stream = list(
         client.chat.completions.create(
             model="next-speed", messages=msgs, seed=3, stream=True, extra_body={"max_sentences": 2}

@@ -218,3 +218,69 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class SentenceInfo(BaseModel):
+    """One generated sentence as the OpenAI-compatible API shows it (every choice's `sentences`)."""
+
+    text: str
+    planned: list[int] = Field(..., description="the plan's code tuple")
+    realized: list[int] | None = Field(None, description="the written sentence's own codes")
+    agreement: int = Field(..., description="levels matched from level 0")
+    levels_matched: list[bool]
+    pinned: int = Field(..., description="levels fixed by plan control")
+    tokens: int
+    lookahead: int | None = Field(None, description="PARALLEL: sentences ahead of the real text it was drafted")
+    verify: dict[str, Any] | None = Field(None, description="PARALLEL_VERIFY: the draft's likelihoods")
+    chosen: int | None = Field(None, description="return_candidates: the chosen candidate's index")
+    candidates: list[dict[str, Any]] | None = Field(None, description="return_candidates: every candidate")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class _ChoiceBase(BaseModel):
+    index: int
+    finish_reason: Literal["stop", "length"]
+    stop_reason: str = Field(..., description="the loop's own: steps, length, stop, repeat or empty")
+    sentences: list[SentenceInfo]
+    timings: dict[str, float]
+
+
+class CompletionChoice(_ChoiceBase):
+    text: str
+    logprobs: None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_ChoiceBase):
+    message: AssistantMessage
+
+
+class CompletionResponse(BaseModel):
+    """POST /v1/completions without `stream` (with it: server-sent events of text_completion chunks)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ChatCompletionResponse(BaseModel):
+    """POST /v1/chat/completions without `stream` (with it: chat.completion.chunk events)."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage

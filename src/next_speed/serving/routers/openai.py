@@ -17,7 +17,14 @@ from next_speed.generation.generate import check_prompt
 from next_speed.serving import openai_api as oa
 from next_speed.serving.errors import ApiError, api_error, check_length, envelope
 from next_speed.serving.middleware import await_or_disconnect
-from next_speed.serving.protocol import ChatRequest, CompletionRequest, ModelCard, ModelList
+from next_speed.serving.protocol import (
+    ChatCompletionResponse,
+    ChatRequest,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
 from next_speed.serving.state import ServerState, ready, server_state
 
 log = logging.getLogger(__name__)
@@ -60,7 +67,7 @@ async def get_model(model_id: str, request: Request, gen=Depends(ready)):
     return model_card(state, gen)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses={200: {"model": CompletionResponse}})
 async def completions(req: CompletionRequest, request: Request, gen=Depends(ready)):
     """Continue `prompt` (one prompt; `n` choices)."""
     prompt = req.prompt
@@ -76,7 +83,7 @@ async def completions(req: CompletionRequest, request: Request, gen=Depends(read
     return await _complete("text", req, prompt, request, gen)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}})
 async def chat_completions(req: ChatRequest, request: Request, gen=Depends(ready)):
     """Continue the conversation: its messages' contents in order, as one text."""
     prompt = oa.chat_prompt(req.messages)
