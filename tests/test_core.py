@@ -77,3 +77,19 @@ def test_bool_parsing():
     assert resolve(PlannerTrainConfig, environ={"DETERMINISTIC": "0"}).deterministic is False
     with pytest.raises(ConfigError, match="DETERMINISTIC='maybe'"):
         resolve(PlannerTrainConfig, environ={"DETERMINISTIC": "maybe"})
+
+
+def test_a_bare_boolean_flag_means_on():
+    import argparse
+
+    from next_speed.core.config import add_arguments, from_namespace, resolve
+    from next_speed.pipeline import RunConfig
+
+    def parse(*argv):
+        ap = argparse.ArgumentParser()
+        add_arguments(ap, RunConfig)
+        return resolve(RunConfig, from_namespace(ap.parse_args(argv), RunConfig), environ={})
+
+    assert parse("--force").force is True
+    assert parse("--force", "0").force is False and parse().force is False
+    assert parse("--force", "--preset", "tiny").preset == "tiny"

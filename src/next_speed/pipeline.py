@@ -33,7 +33,7 @@ TINY_ENCODER = "cache/tiny/encoder"
 TINY_DECODER = "cache/tiny/decoder"
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # Sized for 2 CPU cores: the whole run in about 11-15 minutes, most of it for the decoder.
+    # Sized for 2 CPU cores: the whole run in about 10-15 minutes, most of it for the decoder.
     "cpu": {
         "sentences": {"max_docs": 4000},
         "embed": {"bs": 64},
@@ -131,7 +131,7 @@ class RunConfig:
     """`next-speed run` knobs."""
 
     preset: str = knob(
-        "cpu", env="PRESET", choices=tuple(PRESETS), help="cpu (2 cores, 11-15 min), tiny (about a minute), full (GPU)"
+        "cpu", env="PRESET", choices=tuple(PRESETS), help="cpu (2 cores, 10-15 min), tiny (about a minute), full (GPU)"
     )
     from_stage: str | None = knob(
         None, env="FROM_STAGE", choices=STAGES, flag="--from", help="rerun from this stage on"

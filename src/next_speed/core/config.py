@@ -192,7 +192,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         env = f" [env {m['env']}]" if m.get("env") else ""
         default = f.default if f.default is not dataclasses.MISSING else None
         helptext = f"{m.get('help', '')} (default: {default}){env}".strip()
-        parser.add_argument(flag_name(f), dest=f.name, default=None, metavar=tp.__name__.upper(), help=helptext)
+        # a bare boolean flag (`--force`) means on; `--force 0` still says off
+        extra = {"nargs": "?", "const": "1"} if tp is bool else {}
+        parser.add_argument(
+            flag_name(f), dest=f.name, default=None, metavar=tp.__name__.upper(), help=helptext, **extra
+        )
 
 
 def from_namespace(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
