@@ -31,6 +31,9 @@ def test_docs_check_fails_on_a_stale_file(tmp_path):
     assert docs.main(["--check", "--path", str(stale)]) == 1
     assert docs.main(["--write", "--path", str(stale)]) == 0
     assert docs.main(["--check", "--path", str(stale)]) == 0
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    assert docs.main(["--write", "--path", str(blocked / "configuration.md")]) == 2  # its folder is a file
 
 
 def test_no_function_in_src_is_longer_than_80_lines():

@@ -16,7 +16,7 @@ from typing import Any
 from next_speed.core import config as C
 from next_speed.core.console import setup_logging
 from next_speed.core.errors import NextSpeedError
-from next_speed.stages import BY_NAME, STAGES, clean_stage
+from next_speed.stages import BY_NAME, STAGES, clean_outputs
 
 
 def print_generation(log_obj: dict) -> None:
@@ -153,7 +153,8 @@ def run_command(name: str, argv: list[str] | None = None) -> Any:
     ns = parser.parse_args(argv)
     setup_logging(ns.verbose)
     cfg = C.resolve(cls, C.from_namespace(ns, cls))
-    clean_stage(fn, cfg)
+    if st.outputs is not None:
+        clean_outputs(st.outputs(cfg))
     result = fn(cfg)
     show = PRINTERS.get(name)
     if show is not None and result is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from next_speed.core.artifacts import atomic_path
 from next_speed.core.config import describe
+from next_speed.core.errors import NextSpeedError
 from next_speed.stages import STAGES
 
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
@@ -63,8 +64,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     if args.write:
-        with atomic_path(args.path) as tmp:
-            Path(tmp).write_text(text, encoding="utf-8")
+        try:
+            with atomic_path(args.path) as tmp:
+                Path(tmp).write_text(text, encoding="utf-8")
+        except (NextSpeedError, OSError) as e:  # a folder that cannot be written: one line, nothing half-written
+            print(f"error: cannot write {args.path}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+            return 2
         print(f"wrote {args.path}")
         return 0
     print(text, end="")

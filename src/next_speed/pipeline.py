@@ -24,7 +24,7 @@ from next_speed.core.errors import ConfigError, NextSpeedError
 from next_speed.evals.planner_eval import baselines
 from next_speed.models.planner import load_rows
 from next_speed.models.tiny import build_tiny_causal_lm, build_tiny_encoder
-from next_speed.stages import PIPELINE, clean_stage
+from next_speed.stages import PIPELINE, clean_outputs
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def run_pipeline(rcfg: RunConfig, environ: dict[str, str] | None = None, echo: C
             results[name] = {"skipped": True}
             continue
         t0 = time.perf_counter()
-        clean_stage(fn, cfg)
+        clean_outputs(outputs)
         res = fn(cfg)
         dt = time.perf_counter() - t0
         results[name] = res

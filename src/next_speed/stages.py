@@ -101,11 +101,7 @@ BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
 PIPELINE: tuple[Stage, ...] = tuple(s for s in STAGES if s.step)
 
 
-def clean_stage(fn: Callable, cfg: Any) -> int:
+def clean_outputs(paths: list[str]) -> int:
     """Before a stage runs: remove the temporaries of its outputs left by a run that was killed
-    (a killed decoder save leaves a half-written folder of up to 540 MB)."""
-    n = 0
-    for st in PIPELINE:
-        if st.load()[1] is fn:
-            n += sum(clean_stale_temporaries(p) for p in st.outputs(cfg) if p)
-    return n
+    (a killed decoder save leaves a half-written folder of up to 540 MB). Returns how many."""
+    return sum(clean_stale_temporaries(p) for p in paths if p)

@@ -254,7 +254,7 @@ def embed_sentences(cfg: EmbedConfig, model=None) -> dict:
     return meta
 
 
-def open_embeddings(emb_path: str, emb_meta: str, *, what: str = "EMB_PATH", elsewhere: bool = False,
+def open_embeddings(emb_path: str, emb_meta: str, *, what: str = "EMB_META", elsewhere: bool = False,
                     stream: bool = False):  # fmt: skip
     """Step 02's embeddings, checked against their metadata (hash, 2-d, float32, the row count):
     (rows, meta). The one loader of embeddings files. `stream`: an `NpyRows` read in chunks
