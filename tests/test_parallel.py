@@ -38,28 +38,52 @@ def test_parallel_one_is_the_sequential_loop(gen, monkeypatch):
     assert a.drafts == {} and all(st.lookahead == 0 for st in a.steps)
 
 
+def _batch_log(gen, monkeypatch):
+    """Record what joins the generation's decoder batch (the jobs of each `add`, and how many
+    rows were decoding when they joined) and its rows at every token."""
+    log = {"adds": [], "rows": []}
+    real = gen.decode_batch
+
+    def decode_batch():
+        b = real()
+        add, step = b.add, b.step
+
+        def add_(jobs):
+            log["adds"].append((list(jobs), b.rows))
+            add(jobs)
+
+        def step_():
+            log["rows"].append(b.rows)
+            return step()
+
+        b.add, b.step = add_, step_
+        return b
+
+    monkeypatch.setattr(gen, "decode_batch", decode_batch)
+    return log
+
+
 def test_parallel_sentences_are_the_batch_rows(gen, monkeypatch):
-    """PARALLEL=3: each window renders the window's sentence and two drafts in one render call
-    (3 x N_CAND rows, every job its own seed and plan); every kept sentence is a row of the
-    window it was drafted in, and the same seed gives the same text."""
-    calls = _recording(gen, monkeypatch)
+    """PARALLEL=3: the sentence after the real text and two drafts join the batch together (3 x
+    N_CAND rows, every job its own seed and plan); later drafts join while others are still
+    decoding (the pipeline keeps its rows busy); every kept sentence is a row of a job that
+    rendered its plan, a draft's of a draft planned as far ahead; the same seed gives the same text.
+    (The tiny decoder's drafts are mostly refused: `test_pipeline_keeps_the_rows_busy` follows the
+    pipeline with a stand-in decoder.)"""
+    from next_speed.generation.generate import LOOKAHEAD_SEED_STRIDE
+
+    log = _batch_log(gen, monkeypatch)
     res = gen.run(PROMPT, 6, seed=2, parallel=3, parallel_verify=False)
-    assert len(res.sentences) >= 1
-    assert any(len(c) == 3 for c in calls)
-    for c in calls:
-        assert len({j.seed for j in c}) == len(c) and sum(j.n for j in c) == 2 * len(c)
-    # walk the windows: a window's first sentence comes from its first job, a draft j ahead from job j
-    i = 0
-    for c in calls:
-        first = res.steps[i]
-        assert first.lookahead == 0 and first.sentence in [o["text"] for o in c[0].out]
-        i += 1
-        while i < len(res.steps) and res.steps[i].lookahead:
-            st = res.steps[i]
-            assert st.sentence in [o["text"] for o in c[st.lookahead].out]
-            assert st.planned == c[st.lookahead].planned
-            i += 1
-    assert i == len(res.steps)
+    assert len(res.sentences) >= 3
+    first, busy = log["adds"][0]
+    assert len(first) == 3 and busy == 0 and max(log["rows"]) >= 6
+    jobs = [j for js, _ in log["adds"] for j in js]
+    assert len({j.seed for j in jobs}) == len(jobs) and all(j.n == 2 for j in jobs)
+    for st in res.steps:
+        if st.chosen is None:
+            continue
+        src = [j for j in jobs if st.sentence in [o["text"] for o in j.out] and j.planned == st.planned]
+        assert src and any(j.seed // LOOKAHEAD_SEED_STRIDE == st.lookahead for j in src)
     kept = sum(1 for st in res.steps if st.lookahead)
     assert res.drafts["accepted"] == kept and res.drafts["drafted"] >= kept
     again = gen.run(PROMPT, 6, seed=2, parallel=3, parallel_verify=False)
@@ -86,26 +110,87 @@ def test_lookahead_plans_feed_back_their_reconstruction(gen, monkeypatch):
     assert res.steps[0].planned == planned
 
 
-def test_verification_rejects_a_draft_that_contradicts_its_real_context(gen, monkeypatch):
-    """A stand-in decoder: the window's sentence is "Alpha ...", the drafts "Beta ..."; its
-    likelihoods say a draft fits badly after the real text (it holds "Alpha") and well after the
-    drafted context. Verification rejects the draft; the next window writes that sentence after
-    the real text; PARALLEL_VERIFY=0 keeps it; a tolerance that covers the gap keeps it too."""
+TOPICS = [
+    "volcanoes erupt molten rock from deep below",
+    "the orchestra rehearsed a symphony all night",
+    "glaciers carve valleys over thousands of years",
+    "a spacecraft docked with the orbiting station",
+    "farmers harvest wheat before the autumn rains",
+    "the court ruled on the copyright dispute",
+    "coral reefs shelter a quarter of marine species",
+]
 
-    def render_jobs(jobs):
-        for k, j in enumerate(jobs):
-            word = "Alpha" if k == 0 else "Beta"
+
+class _StubBatch:
+    """A stand-in decoder batch: a step's sentence is "Alpha ..." and takes `head` tokens, a
+    draft's (seeded LOOKAHEAD_SEED_STRIDE apart) "Beta ..." and `draft` tokens; each job writes
+    on another topic."""
+
+    def __init__(self, head: int = 1, draft: int = 1):
+        self.left: list = []  # [job, tokens left]
+        self.head, self.draft = head, draft
+        self.steps, self.joined_busy, self.rendered = 0, 0, 0
+
+    @property
+    def rows(self):
+        return sum(j.n for j, _ in self.left)
+
+    def add(self, jobs):
+        from next_speed.generation.generate import LOOKAHEAD_SEED_STRIDE
+
+        self.joined_busy += bool(jobs) and bool(self.left)
+        self.left += [[j, self.draft if j.seed >= LOOKAHEAD_SEED_STRIDE else self.head] for j in jobs]
+
+    def step(self):
+        from next_speed.generation.generate import LOOKAHEAD_SEED_STRIDE
+
+        self.steps += 1
+        for e in self.left:
+            e[1] -= 1
+        done = [j for j, n in self.left if n == 0]
+        self.left = [e for e in self.left if e[1] > 0]
+        for j in done:
+            word = "Beta" if j.seed >= LOOKAHEAD_SEED_STRIDE else "Alpha"
+            self.rendered += 1
+            topic = TOPICS[self.rendered % len(TOPICS)]
             j.out = [
-                {"text": f"{word} sentence {j.seed % 997} {i}.", "ended": True, "tokens": 4, "logprob": -4.0}
+                {"text": f"{word} {topic} {j.seed % 997} {i}.", "ended": True, "tokens": 4, "logprob": -4.0}
                 for i in range(j.n)
             ]
+        return done
 
-    def token_logprobs(ids, start, pool=None):
-        before = gen.tok.decode(ids[:start])
-        return [-3.0 if "Alpha" in before else -1.0] * (len(ids) - start)
 
-    monkeypatch.setattr(gen, "render_jobs", render_jobs)
-    monkeypatch.setattr(gen.engine, "token_logprobs", token_logprobs)
+def test_pipeline_keeps_the_rows_busy(gen, monkeypatch):
+    """A stand-in decoder whose steps take 1 token and drafts 3: once the first sentence is
+    written, the next draft joins the drafts still decoding (nothing waits for a window's
+    longest sentence); sentences are decided in order, each draft as far ahead as it was planned."""
+    batches = []
+
+    def decode_batch():
+        batches.append(_StubBatch(head=1, draft=3))
+        return batches[-1]
+
+    monkeypatch.setattr(gen, "decode_batch", decode_batch)
+    res = gen.run(PROMPT, 6, seed=0, parallel=3, parallel_verify=False, no_repeat_ngram=0)
+    b = batches[-1]
+    assert len(res.sentences) == 6 and res.drafts["accepted"] == 5
+    # token 1: sentence 0 written, draft 3 joins drafts 1 and 2 (2 ahead); token 3: 1 and 2
+    # written, drafts 4 (1 ahead of draft 3, still decoding) and 5 join
+    assert [st.lookahead for st in res.steps] == [0, 1, 2, 2, 1, 2]
+    assert b.joined_busy == 2 and b.steps == 6
+
+
+def test_verification_rejects_a_draft_that_contradicts_its_real_context(gen, monkeypatch):
+    """A stand-in decoder: the sentence after the real text is "Alpha ...", the drafts "Beta
+    ..."; its likelihoods say a draft fits badly after the real text (it holds "Alpha") and well
+    after the drafted context. Verification rejects the draft, which is written again after the
+    real text; PARALLEL_VERIFY=0 keeps it; a tolerance that covers the gap keeps it too."""
+
+    def score_rows(seqs, pool=None):
+        return [[-3.0 if "Alpha" in gen.tok.decode(ids[:start]) else -1.0] * (len(ids) - start) for ids, start in seqs]
+
+    monkeypatch.setattr(gen, "decode_batch", _StubBatch)
+    monkeypatch.setattr(gen.engine, "score_rows", score_rows)
     res = gen.run(PROMPT, 2, seed=0, parallel=2)
     assert res.drafts == {"drafted": 1, "accepted": 0, "refused": 0, "rejected": 1}
     assert [st.lookahead for st in res.steps] == [0, 0] and all(s.startswith("Alpha") for s in res.sentences)
@@ -122,7 +207,7 @@ def test_verification_rejects_a_draft_that_contradicts_its_real_context(gen, mon
 
 def test_verification_scores_with_the_decoder(gen):
     """token_logprobs is the decoder's own log-probability of each continuation token, with or
-    without a prefix pool (whose cache it reuses)."""
+    without a prefix pool (whose cache it reuses), and so is score_rows for rows scored together."""
     from next_speed.generation.engine import PrefixPool
 
     ids = gen.tok("A river is a natural stream of water. Rivers flow toward an ocean.", add_special_tokens=False)[
@@ -137,6 +222,14 @@ def test_verification_scores_with_the_decoder(gen):
     gen.engine.token_logprobs(ids[: start + 2], start, pool)
     np.testing.assert_allclose(gen.engine.token_logprobs(ids, start, pool), want, atol=1e-4)
     assert pool.reused > 0
+    # several rows in one forward, each with its own cached prefix (padded apart): the same scores
+    other = gen.tok("Mountains rise above the plains and snow covers them.", add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        lo = torch.log_softmax(gen.model(input_ids=torch.tensor([other])).logits[0].float(), -1)
+    want_other = lo[torch.arange(2, len(other) - 1), torch.tensor(other[3:])].tolist()
+    both = gen.engine.score_rows([(ids, start), (other, 3)], pool)
+    np.testing.assert_allclose(both[0], want, atol=1e-4)
+    np.testing.assert_allclose(both[1], want_other, atol=1e-4)
 
 
 def test_parallel_knobs_are_checked(gen):

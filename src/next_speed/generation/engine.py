@@ -295,34 +295,77 @@ class DecodeEngine:
 
     def token_logprobs(self, ids: Sequence[int], start: int, pool: PrefixPool | None = None) -> list[float]:
         """The decoder's log-probability of each token `ids[start:]` given the tokens before it
-        (plain causal scoring, no plan; the verification of drafted sentences), reading what it
-        can of `ids[:start]` from `pool`, which then keeps `ids`' cache."""
+        (plain causal scoring, no plan), reading what it can of `ids[:start]` from `pool`, which
+        then keeps `ids`' cache."""
+        return self.score_rows([(ids, start)], pool)[0]
+
+    def score_rows(
+        self, seqs: Sequence[tuple[Sequence[int], int]], pool: PrefixPool | None = None
+    ) -> list[list[float]]:
+        """`token_logprobs` of several (ids, start) rows in one forward (the verification of a
+        drafted sentence scores it after two contexts): a forward's weights are read once for
+        all rows. Each row's cached prefix from `pool` is padded on the left to a common
+        length, its new tokens on the right; each row's cache joins the pool, padding dropped."""
         from transformers import DynamicCache
 
-        torch = self.torch
-        c = pool.take(ids, start - 1) if pool is not None else PromptCache()
-        L = _common_prefix(c.ids[: min(c.clean, start - 1)], ids) if c.kv is not None and start > 0 else 0
-        if L == 0:
-            c.kv = DynamicCache(config=self.model.config)
-        elif c.kv.get_seq_length() > L:
-            c.kv.crop(L - c.kv.get_seq_length())
+        torch, F = self.torch, self.torch.nn.functional
+        if any(start < 1 or start > len(ids) for ids, start in seqs):
+            raise ValueError("score_rows: each row needs 1 <= start <= len(ids)")
+        caches = [pool.take(ids, start - 1) if pool is not None else PromptCache() for ids, start in seqs]
+        Ls = [len(c.ids) if c.kv is not None else 0 for c in caches]
+        Ns = [len(ids) - L for (ids, _), L in zip(seqs, Ls)]
+        Lm, Nm, B = max(Ls), max(Ns), len(seqs)
+        if Lm:
+            kv = DynamicCache()
+            ref = next(c.kv for c in caches if c.kv is not None)
+            for li, layer in enumerate(ref.layers):
+                ks, vs = [], []
+                for c, L in zip(caches, Ls):
+                    if c.kv is None:
+                        shape = (1, layer.keys.shape[1], Lm, layer.keys.shape[3])
+                        ks.append(layer.keys.new_zeros(shape))
+                        vs.append(layer.values.new_zeros(shape))
+                    else:
+                        ks.append(F.pad(c.kv.layers[li].keys, (0, 0, Lm - L, 0)))
+                        vs.append(F.pad(c.kv.layers[li].values, (0, 0, Lm - L, 0)))
+                kv.update(torch.cat(ks), torch.cat(vs), li)
+        else:
+            kv = DynamicCache(config=self.model.config)
+        fill = self.tok.eos_token_id if self.tok.eos_token_id is not None else 0
+        inp = torch.full((B, Nm), fill, dtype=torch.long)
+        mask = torch.zeros(B, Lm + Nm, dtype=torch.long)
+        pos = torch.zeros(B, Nm, dtype=torch.long)
+        for b, ((ids, _), L, N) in enumerate(zip(seqs, Ls, Ns)):
+            inp[b, :N] = torch.tensor(list(ids[L:]))
+            mask[b, Lm - L : Lm + N] = 1
+            pos[b] = torch.arange(L, L + Nm)
+        first = min(start - 1 - L for (_, start), L in zip(seqs, Ls))  # the first new position whose logits count
         with torch.inference_mode():
             out = self.model(
-                input_ids=torch.tensor([list(ids[L:])], device=self.device),
-                cache=c.kv,
+                input_ids=inp.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=pos.to(self.device),
+                cache=kv,
                 use_cache=True,
-                position_ids=torch.arange(L, len(ids), device=self.device)[None],
-                logits_to_keep=len(ids) - start + 1,
+                logits_to_keep=Nm - first,
             )
-            lp = torch.log_softmax(out.logits[0, :-1].float(), -1)  # positions start-1 .. len-2
-            tgt = torch.tensor(list(ids[start:]), device=lp.device)
-            vals = lp.gather(1, tgt[:, None])[:, 0].tolist()
-        c.ids, c.clean = list(ids), len(ids)
+            rows = []
+            for b, ((ids, start), L) in enumerate(zip(seqs, Ls)):
+                at = start - 1 - L - first
+                lp = torch.log_softmax(out.logits[b, at : at + len(ids) - start].float(), -1)
+                tgt = torch.tensor(list(ids[start:]), device=lp.device)
+                rows.append(lp.gather(1, tgt[:, None])[:, 0].tolist())
         if pool is not None:
-            pool.reused += L
-            pool.prefilled += len(ids) - L
-            pool.put(c)
-        return vals
+            for b, ((ids, _), L, N) in enumerate(zip(seqs, Ls, Ns)):
+                c = PromptCache(ids=list(ids), clean=len(ids), kv=DynamicCache())
+                for li, layer in enumerate(kv.layers):
+                    c.kv.update(
+                        layer.keys[b : b + 1, :, Lm - L : Lm + N], layer.values[b : b + 1, :, Lm - L : Lm + N], li
+                    )
+                pool.reused += L
+                pool.prefilled += N
+                pool.put(c)
+        return rows
 
     # ------------------------------------------------------------------ sampling
     def _choose(self, job: SentenceJob, logits, generated, gen, procs):

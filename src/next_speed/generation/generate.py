@@ -477,10 +477,11 @@ RETRY_SEED_STRIDE = 64
 RECENT_WRITTEN = 4
 # With PLANS > 1, plan k's candidates are seeded this far from plan 0's (whose seeds are those of PLANS=1).
 PLAN_SEED_STRIDE = 1 << 40
-# With PARALLEL > 1, the draft j sentences ahead is seeded this far from the window's first sentence.
+# With PARALLEL > 1, a draft planned j sentences past the real text is seeded this far from a step's rows.
 LOOKAHEAD_SEED_STRIDE = 1 << 32
-# and a generation's prefix pool keeps at most this many prompt caches
-POOL_MAX = 10
+# and a generation's prefix pool keeps at most this many prompt caches (a draft's own is read again
+# when it is verified, a few sentences later)
+POOL_MAX = 12
 
 
 def refusal(c: dict, seen: set[str], p: GenParams) -> str | None:
@@ -557,15 +558,15 @@ class _Text:
 
 @dataclass
 class _Window:
-    """One sentence step: the plans, their jobs (and drafts), and once rendered, the choice."""
+    """One sentence step: the plans, their jobs, and once rendered, the choice."""
 
     plans: list
     exemplars: list
     jobs: list
-    drafts: list
     unplanned: bool
     timings: dict
     t_rendered: float  # when planning ended and rendering began
+    pinned: int = 0  # levels of the plan fixed by plan control
     chosen: int | None = None
     planned: list = field(default_factory=list)
     ex_chosen: list = field(default_factory=list)
@@ -573,6 +574,27 @@ class _Window:
     x: np.ndarray | None = None
     cands: list = field(default_factory=list)
     rendered: list = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Entry:
+    """PARALLEL > 1: one planned sentence in the pipeline, from its planning to its decision."""
+
+    pos: int  # its index among the generated sentences
+    plan: list  # its codes (a step's: its first plan's)
+    exemplars: list  # its plan's exemplars (the first is its stand-in in later drafts' prompts)
+    jobs: list  # the SentenceJobs rendering it
+    window: _Window | None = None  # a sentence step after the real text; None for a draft
+    attempt: int = 0  # a step's retry
+    lookahead: int = 0  # a draft: sentences between the real text and it when it was planned
+    start: int = 0  # a draft: the history index where the real text it is verified after begins
+    pinned: int = 0  # levels of its plan fixed by plan control
+
+
+class Some(list):
+    """SentenceJobs yielded by a pipelined generation (PARALLEL > 1): unlike a plain list (a
+    sentence step, resumed once all its jobs are rendered), it is resumed as soon as any job in
+    flight has ended, and may be empty (nothing new: wait for the jobs in flight)."""
 
 
 @dataclass
@@ -1061,10 +1083,10 @@ class SentenceGenerator:
         steps = self.steps(**kw, on_step=done.append)
         try:
             with self._lock:
-                jobs = next(steps)
+                batch, jobs = self.decode_batch(), next(steps)
             while True:
                 with self._lock:
-                    self.render_jobs(jobs)
+                    self.render_some(batch, jobs)
                     jobs = steps.send(None)
                 yield from done
                 done.clear()
@@ -1073,14 +1095,29 @@ class SentenceGenerator:
             return stop.value
 
     def drive(self, steps) -> GenerationResult:
-        """Run a `steps()` generation to its end, one sentence step at a time (the caller holds the lock)."""
+        """Run a `steps()` generation to its end (the caller holds the lock)."""
+        batch = self.decode_batch()
         try:
             jobs = next(steps)
             while True:
-                self.render_jobs(jobs)
+                self.render_some(batch, jobs)
                 jobs = steps.send(None)
         except StopIteration as stop:
             return stop.value
+
+    def render_some(self, batch, jobs: Sequence) -> None:
+        """Render what a `steps()` generation yielded: a sentence step (a plain list) whole; a
+        pipeline's `Some` into `batch`, an open decoder batch, decoded until one of its jobs ends
+        (the base model's unplanned candidates are rendered at once, in a batch of their own)."""
+        if not isinstance(jobs, Some):
+            self.render_jobs(jobs)
+            return
+        base = [j for j in jobs if j.engine == "base"]
+        if base:
+            self.base_engine().render(base)
+        batch.add([j for j in jobs if j.engine != "base"])
+        while batch.rows and not batch.step():
+            pass
 
     def steps(
         self,
@@ -1091,13 +1128,18 @@ class SentenceGenerator:
         stop: Sequence[str] = (),
         on_step=None,
     ):
-        """The generation loop as a Python generator: it yields each sentence step (a list of
-        SentenceJobs: one per plan, the base model's unplanned candidates, and with PARALLEL > 1
-        the lookahead drafts) for someone to render (`drive`, or the server's scheduler, which
-        renders the steps of concurrent requests in one batch) and returns the GenerationResult.
-        The prompt's KV cache travels from one step to the next. `plan`, `max_tokens` and `stop`
-        are as checked by `prepare`; `on_step(step)` is called with each Step once decided."""
+        """The generation loop as a Python generator: it yields the SentenceJobs to render (a
+        sentence step's: one per plan and the base model's unplanned candidates) for someone to
+        render (`drive`, or the server's scheduler, which renders the jobs of concurrent requests
+        in one batch) and returns the GenerationResult. A plain list is resumed once all its jobs
+        are rendered; with PARALLEL > 1 the yields are `Some` (see `pipeline`), resumed as soon as
+        any job in flight has ended. The prompt's KV cache travels from one step to the next.
+        `plan`, `max_tokens` and `stop` are as checked by `prepare`; `on_step(step)` is called
+        with each Step once decided."""
         run = self._start(prompt, p, max_tokens, stop, on_step)
+        if p.parallel > 1:
+            yield from self.pipeline(run, plan)
+            return run.finish()
         res = run.res
         while (step := len(res.sentences)) < p.gen_steps:
             if run.budget is not None and run.budget <= 0:
@@ -1108,25 +1150,30 @@ class SentenceGenerator:
             # plan draw and new decoder seeds), up to RETRIES times, before the text ends there.
             for attempt in range(p.retries + 1):
                 w = self._window(run, plan, step, attempt, pin)
-                yield w.jobs + [d["job"] for d in w.drafts]
-                self._choose(run, w, attempt)
-                if w.chosen is not None:
+                yield w.jobs
+                if self._settle_window(run, w, attempt) != "retry":
                     break
-                run.record(Step(w.planned, w.scored, None, None, None, w.timings, w.ex_chosen, len(pin)))
-            if w.chosen is None:
-                res.stop_reason = "empty" if all(not c for c in w.cands) else "repeat"  # every non-empty one repeats
-                break
-            c = w.chosen
-            st = Step(w.planned, w.scored, c, w.cands[c], w.scored[c]["codes"], w.timings, w.ex_chosen, len(pin),
-                      w.rendered[c]["tokens"])  # fmt: skip
-            if run.commit(st, w.x[c]):
-                break
-            if w.drafts and self.keep_drafts(run.text, w.drafts, p, res, run.tot, run.pool, run.commit, run.left):
+            if w.chosen is None or run.res.stop_reason == "stop":
                 break
         else:
             if run.budget is not None and run.budget <= 0:
                 res.stop_reason = "length"
         return run.finish()
+
+    def _settle_window(self, run: _Run, w: _Window, attempt: int, pipelined: bool = False) -> str:
+        """Choose a rendered step's sentence and commit it: "kept", "retry" (every candidate
+        refused and a retry left), "end" (refused with no retry left, or a stop string)."""
+        self._choose(run, w, attempt, count_decoder=not pipelined)
+        if w.chosen is None:
+            run.record(Step(w.planned, w.scored, None, None, None, w.timings, w.ex_chosen, w.pinned))
+            if attempt < run.p.retries:
+                return "retry"
+            run.res.stop_reason = "empty" if all(not c for c in w.cands) else "repeat"  # every non-empty one repeats
+            return "end"
+        c = w.chosen
+        st = Step(w.planned, w.scored, c, w.cands[c], w.scored[c]["codes"], w.timings, w.ex_chosen, w.pinned,
+                  w.rendered[c]["tokens"])  # fmt: skip
+        return "end" if run.commit(st, w.x[c]) else "kept"
 
     def _start(self, prompt: str, p: GenParams, max_tokens: int | None, stop: Sequence[str], on_step) -> _Run:
         """A generation's state before its first sentence: the prompt's sentences and their guards."""
@@ -1153,32 +1200,27 @@ class SentenceGenerator:
         # PARALLEL=1: one prompt cache per plan slot, kept across steps; PARALLEL > 1: a pool that
         # every prompt of a window (lookahead drafts, verification rows) starts from
         # (bounded: a cache of a 160-token prompt holds about 7 MB of keys and values)
-        pool = PrefixPool(min(2 * p.parallel + p.plans + 2, POOL_MAX)) if lookahead and self.use_kv else None
+        pool = PrefixPool(min(2 * p.parallel + p.plans + 4, POOL_MAX)) if lookahead and self.use_kv else None
         caches = [PromptCache() if self.use_kv and pool is None else None for _ in range(p.plans)]
         return _Run(p=p, text=text, res=res, tot=tot, t_start=t_start, gen=self.torch.Generator().manual_seed(p.seed),
                     budget=max_tokens, stop=tuple(stop), on_step=on_step, pool=pool, caches=caches,
                     base_cache=PromptCache(), tok=self.tok)  # fmt: skip
 
     def _window(self, run: _Run, plan: list | None, step: int, attempt: int, pin: list[int]) -> _Window:
-        """Plan the next sentence (and with PARALLEL > 1 the ones after it) and make the jobs that render them."""
-        p, text, budget = run.p, run.text, run.budget
+        """Plan the next sentence after the real text and make the jobs that render it."""
+        p, text = run.p, run.text
         # Without rerank nothing chooses among candidates: one plan, one candidate (the spec's ablation).
         pc = p if p.rerank else replace(p, plans=1, unplanned=0)
-        m = min(p.parallel, p.gen_steps - step)  # sentences of this window
         t0 = time.perf_counter()
         temp = p.plan_temp if attempt == 0 else max(p.plan_temp, RETRY_PLAN_TEMP)
         plans = self.sample_plans(text.ctx_codes, text.hist_emb, pin, pc, temp, run.gen)
-        pins = [self._pin(plan, step + j) for j in range(1, m)]  # plan control of the lookahead sentences
-        chain = self.plan_ahead(text, plans[0], pins, p, temp, run.gen)
         t1 = time.perf_counter()
         exemplars = [
             self.exemplars_for(pl, exclude=set(text.history), avoid=text.hist_emb, avoid_cos=p.repeat_cos)
             for pl in plans
         ]
         context_text, text.ctx_start = self.context_for(text.history, text.ctx_start, plans[0], exemplars[0])
-        ps = p if p.rerank else replace(p, n_cand=1)
-        if budget is not None and budget < ps.max_new_tokens:
-            ps = replace(ps, max_new_tokens=budget)
+        ps = self._render_params(run)
         seed = p.seed * 1000 + step + RETRY_SEED_STRIDE * attempt
         guards = {"copy_spans": text.spans, "earlier_ids": text.earlier, "written_ids": text.written}
         jobs = [
@@ -1187,16 +1229,23 @@ class SentenceGenerator:
             )  # fmt: skip
             for k, (pl, ex) in enumerate(zip(plans, exemplars))
         ]
-        drafts = self.draft_jobs(text, plans[0], exemplars[0], chain, pins, ps, seed)
-        for job in jobs + [d["job"] for d in drafts]:
+        for job in jobs:
             job.pool = run.pool
         if pc.unplanned:
             base_seed = seed + PLAN_SEED_STRIDE * 8
             jobs.append(self.unplanned_job(text.history, ps, base_seed, run.base_cache, *guards.values()))
-        return _Window(plans=plans, exemplars=exemplars, jobs=jobs, drafts=drafts, unplanned=bool(pc.unplanned),
-                       timings={"planner": t1 - t0}, t_rendered=t1)  # fmt: skip
+        return _Window(plans=plans, exemplars=exemplars, jobs=jobs, unplanned=bool(pc.unplanned),
+                       timings={"planner": t1 - t0}, t_rendered=t1, pinned=len(pin))  # fmt: skip
 
-    def _choose(self, run: _Run, w: _Window, attempt: int) -> None:
+    def _render_params(self, run: _Run) -> GenParams:
+        """The decoder's settings for a sentence: one candidate without rerank, no more new
+        tokens than the MAX_TOKENS budget has left."""
+        p = run.p if run.p.rerank else replace(run.p, n_cand=1)
+        if run.budget is not None and run.budget < p.max_new_tokens:
+            p = replace(p, max_new_tokens=max(run.budget, 1))
+        return p
+
+    def _choose(self, run: _Run, w: _Window, attempt: int, count_decoder: bool = True) -> None:
         """After the window's jobs are rendered: judge every candidate by the stop rules and the
         rerank, and pick the sentence (`w.chosen` stays None when every candidate is refused)."""
         p, text = run.p, run.text
@@ -1226,7 +1275,8 @@ class SentenceGenerator:
         w.rendered = [r for job in w.jobs for r in job.out]
         w.timings.update(decoder=t2 - w.t_rendered, rerank=time.perf_counter() - t2)
         for k, v in w.timings.items():
-            run.tot[k] += v
+            if count_decoder or k != "decoder":  # a pipeline times its decoder as a whole
+                run.tot[k] += v
 
     def _pin(self, plan: list | None, i: int) -> list[int]:
         """Plan control's pinned codes for generated sentence `i` (an example's codes; [] when free)."""
@@ -1236,140 +1286,160 @@ class SentenceGenerator:
         return pin or []
 
     # ------------------------------------------------------------------ plan-parallel rendering
-    def plan_ahead(
-        self, text: _Text, first: Sequence[int], pins: Sequence[Sequence[int]], p: GenParams, temp: float, gen
-    ) -> list[list[int]]:
-        """PARALLEL: the plans of the sentences after `first`, one per entry of `pins`, drawn
-        autoregressively in code space: each planned sentence joins the planner's context as its
-        codes and, for a planner that reads embeddings, its codes' RVQ reconstruction (the vector
-        the plan has for it; step 05's RECON_INPUT trains the planner to read it)."""
-        if not pins:
-            return []
-        codes, emb = list(text.ctx_codes), text.hist_emb
-        out: list[list[int]] = []
-        prev = list(first)
-        for pin in pins:
-            rec = self.rvq.decode(np.asarray([prev]))[0]
-            codes.append(prev)
-            emb = np.concatenate([emb, (rec / max(float(np.linalg.norm(rec)), 1e-12))[None].astype(emb.dtype)])
-            prev = self.planner.next_tuple(
-                codes,
-                greedy=temp <= 0,
-                temperature=temp,
-                top_k=p.plan_top_k,
-                generator=gen,
-                at_doc_start=True,
-                fixed=pin,
-                embeddings=emb,
-                deep=p.plan_deep,
-            )
-            out.append(prev)
-        return out
+    def pipeline(self, run: _Run, plan: list | None):
+        """PARALLEL > 1: the sentences planned ahead are rendered side by side, as a pipeline.
 
-    def draft_jobs(
-        self,
-        text: _Text,
-        first: Sequence[int],
-        first_ex: Sequence[str],
-        chain: Sequence[Sequence[int]],
-        pins: Sequence[Sequence[int]],
-        p: GenParams,
-        seed: int,
-    ) -> list[dict]:
-        """PARALLEL: one SentenceJob per lookahead plan, rendered in the same batch as the step's
-        own. Draft j's prompt holds the real text, then a stand-in for each planned sentence
-        before it (the first exemplar of its plan: the training sentence the plan is nearest),
-        then its own exemplars and codes; its rows are seeded LOOKAHEAD_SEED_STRIDE * j apart."""
-        out: list[dict] = []
-        stand_ins: list[str] = []
-        prev_ex = first_ex
-        for j, (pl, pin) in enumerate(zip(chain, pins), start=1):
-            if prev_ex:
-                stand_ins.append(prev_ex[0])
-            ex = self.exemplars_for(
-                pl, exclude=set(text.history) | set(stand_ins), avoid=text.hist_emb, avoid_cos=p.repeat_cos
-            )
-            ctx, start = self.context_for(text.history + stand_ins, text.ctx_start, pl, ex)
-            job = self.make_job(
-                ctx,
-                pl,
-                p,
-                seed=seed + LOOKAHEAD_SEED_STRIDE * j,
-                exemplars=ex,
-                copy_spans=text.spans,
-                earlier_ids=text.earlier,
-                written_ids=text.written,
-            )
-            # where the real text the draft is verified after begins: the same sentence as its
-            # context's first when every planned sentence before it has a stand-in (then the kept
-            # sentences take the stand-ins' places), else the first real sentence of its context
-            real_start = start if len(stand_ins) == j else min(start, len(text.history) - 1)
-            out.append(
-                {"plan": pl, "exemplars": ex, "job": job, "start": real_start, "lookahead": j, "pinned": len(pin)}
-            )
-            prev_ex = ex
-        return out
+        Up to PARALLEL sentences after the real text are in flight at once: the first after the
+        real text as a sentence step (its plans and unplanned candidates), the ones after it as
+        drafts (`draft`), each written after stand-ins for the planned sentences before it. A
+        sentence is decided in order, as soon as it has ended and everything before it is
+        written: a step by the rerank, a draft by the rerank and then `verify_draft` against the
+        real text now before it. A draft refused or rejected is written again as a step after the
+        real text; the drafts after it stay in flight and meet their own verification. Whenever
+        sentences are decided, new drafts are planned and join the batch, so the decoder's rows
+        stay busy instead of waiting for a window's longest sentence (continuous batching, Orca,
+        Yu et al. 2022, applied to the sentences of one plan; speculative decoding's accept or
+        redo, Leviathan et al. 2023, at the sentence level).
 
-    def keep_drafts(
-        self, text: _Text, drafts: list[dict], p: GenParams, res: GenerationResult, tot: dict, pool, commit, budget
-    ) -> bool:
-        """PARALLEL: judge the drafts in order against the real text (the kept ones before them
-        included), verify each (PARALLEL_VERIFY) and commit the longest accepted prefix; the next
-        window starts at the first draft refused or rejected. True when a stop string ended the text."""
-        t0 = time.perf_counter()
-        xs = self.embed([c["text"] for d in drafts for c in d["job"].out])  # one encoder batch for all drafts
-        tot["rerank"] += time.perf_counter() - t0
-        at = 0
-        for d in drafts:
-            if len(res.sentences) >= p.gen_steps or (budget() is not None and budget() <= 0):
-                break
-            out = d["job"].out
-            res.drafts["drafted"] += 1
-            t1 = time.perf_counter()
-            scored, x = self.judge(
-                d["plan"], out, text.hist_emb, text.seen, text.spans, p, text.pairs, embeddings=xs[at : at + len(out)]
-            )
-            at += len(out)
-            self.refuse_token_repeats(scored, text, p)
-            chosen = select_candidate(scored, p, truncated_ok=False)
-            t2 = time.perf_counter()
-            tot["rerank"] += t2 - t1
-            if chosen is None:
-                res.drafts["refused"] += 1
-                break
-            if budget() is not None and out[chosen]["tokens"] > budget():  # MAX_TOKENS: the next window writes it, cut
-                res.drafts["drafted"] -= 1
-                break
-            verify = self.verify_draft(text, d, out[chosen]["text"], pool, p) if p.parallel_verify else None
-            tot["verify"] += time.perf_counter() - t2
-            if verify is not None:
-                log.debug(
-                    "draft %d ahead: ll_real %.3f ll_draft %.3f -> %s",
-                    d["lookahead"],
-                    verify["ll_real"],
-                    verify["ll_draft"],
-                    "kept" if verify["accepted"] else "rejected",
+        Yields `Some` lists of new jobs; it is resumed once any job in flight has ended."""
+        p, res = run.p, run.res
+        ahead: list[_Entry] = []  # the planned sentences after the real text, in order
+        new: list = []
+        while True:
+            if not ahead:
+                step = len(res.sentences)
+                if step >= p.gen_steps:
+                    break
+                if run.budget is not None and run.budget <= 0:
+                    res.stop_reason = "length"
+                    break
+                ahead.append(self._head(run, plan, step, 0))
+                new += ahead[0].jobs
+            while len(ahead) < p.parallel and len(res.sentences) + len(ahead) < p.gen_steps:
+                if run.budget is not None and run.budget <= sum(e.jobs[0].params.max_new_tokens for e in ahead):
+                    break  # MAX_TOKENS: what is in flight may use up the budget
+                ahead.append(self._draft(run, plan, ahead))
+                new += ahead[-1].jobs
+            t0 = time.perf_counter()
+            yield Some(new)
+            run.tot["decoder"] += time.perf_counter() - t0
+            new = []
+            while ahead and all(j.out is not None for j in ahead[0].jobs):
+                e = ahead.pop(0)
+                outcome = (
+                    self._settle_window(run, e.window, e.attempt, True) if e.window else self._settle_draft(run, e)
                 )
-            if verify is not None and not verify["accepted"]:
-                res.drafts["rejected"] += 1
+                if outcome == "end":
+                    return
+                if outcome != "kept":  # written again after the real text: a retry, or a draft refused or rejected
+                    attempt = e.attempt + 1 if outcome == "retry" else 0
+                    ahead.insert(0, self._head(run, plan, e.pos, attempt))
+                    new += ahead[0].jobs
+                    break
+            if len(res.sentences) >= p.gen_steps:
                 break
-            res.drafts["accepted"] += 1
-            st = Step(
-                d["plan"],
-                scored,
-                chosen,
-                out[chosen]["text"],
-                scored[chosen]["codes"],
-                {"planner": 0.0, "decoder": 0.0, "rerank": t2 - t1, "verify": time.perf_counter() - t2},
-                d["exemplars"],
-                d["pinned"],
-                out[chosen]["tokens"],
-                lookahead=d["lookahead"],
-                verify=verify,
-            )
-            if commit(st, x[chosen]):
-                return True
-        return False
+
+    def _head(self, run: _Run, plan: list | None, step: int, attempt: int) -> _Entry:
+        """The pipeline's sentence right after the real text: a sentence step (`_window`)."""
+        w = self._window(run, plan, step, attempt, self._pin(plan, step))
+        return _Entry(pos=step, plan=w.plans[0], exemplars=w.exemplars[0], jobs=w.jobs, window=w, attempt=attempt)
+
+    def _draft(self, run: _Run, plan: list | None, ahead: list[_Entry]) -> _Entry:
+        """A sentence drafted `len(ahead)` sentences past the real text: its plan drawn after
+        the plans of those in between (`plan_ahead`), its prompt the real text, a stand-in for
+        each sentence in between (the first exemplar of its plan: the training sentence the plan
+        is nearest), then its own exemplars and codes."""
+        p, text = run.p, run.text
+        j = len(ahead)
+        pos = len(run.res.sentences) + j
+        pin = self._pin(plan, pos)
+        t0 = time.perf_counter()
+        pl = self.plan_ahead(text, [e.plan for e in ahead], pin, p, run.gen)
+        run.tot["planner"] += time.perf_counter() - t0
+        stand_ins = [e.exemplars[0] for e in ahead if e.exemplars]
+        ex = self.exemplars_for(
+            pl, exclude=set(text.history) | set(stand_ins), avoid=text.hist_emb, avoid_cos=p.repeat_cos
+        )
+        ctx, start = self.context_for(text.history + stand_ins, text.ctx_start, pl, ex)
+        if start < len(text.history):
+            # the stand-ins pushed the context's start forward: the steps and drafts after this one
+            # start there too, so their prompts share the real text's cache (PrefixPool)
+            text.ctx_start = max(text.ctx_start, start)
+        job = self.make_job(
+            ctx,
+            pl,
+            self._render_params(run),
+            seed=p.seed * 1000 + pos + LOOKAHEAD_SEED_STRIDE * j,
+            exemplars=ex,
+            copy_spans=text.spans,
+            earlier_ids=text.earlier,
+            written_ids=text.written,
+        )
+        job.pool = run.pool
+        # where the real text the draft is verified after begins: the same sentence as its
+        # context's first when every sentence in between has a stand-in (the written sentences
+        # then take the stand-ins' places), else the first real sentence of its context
+        real_start = start if len(stand_ins) == j else min(start, len(text.history) - 1)
+        return _Entry(pos=pos, plan=pl, exemplars=ex, jobs=[job], lookahead=j, start=real_start, pinned=len(pin))
+
+    def plan_ahead(
+        self, text: _Text, between: Sequence[Sequence[int]], pin: Sequence[int], p: GenParams, gen
+    ) -> list[int]:
+        """The plan of the sentence after the planned ones `between` (their codes, in order),
+        drawn in code space: each planned sentence joins the planner's context as its codes and,
+        for a planner that reads embeddings, its codes' unit RVQ reconstruction (the vector the
+        plan has for it; step 05's RECON_INPUT trains the planner to read it)."""
+        codes, emb = list(text.ctx_codes), text.hist_emb
+        if between:
+            rec = self.rvq.decode(np.asarray(between))
+            rec = rec / np.maximum(np.linalg.norm(rec, axis=1, keepdims=True), 1e-12)
+            codes += [list(c) for c in between]
+            emb = np.concatenate([emb, rec.astype(emb.dtype)])
+        return self.planner.next_tuple(
+            codes,
+            greedy=p.plan_temp <= 0,
+            temperature=p.plan_temp,
+            top_k=p.plan_top_k,
+            generator=gen,
+            at_doc_start=True,
+            fixed=pin,
+            embeddings=emb,
+            deep=p.plan_deep,
+        )
+
+    def _settle_draft(self, run: _Run, e: _Entry) -> str:
+        """Judge a rendered draft now that the real text before it is written: the stop rules
+        and the rerank choose among its candidates, `verify_draft` checks the choice
+        (PARALLEL_VERIFY), and a kept one is committed. "kept", "redo" (refused, rejected, or
+        over the MAX_TOKENS budget: written again after the real text) or "end" (a stop string)."""
+        p, text, res, tot = run.p, run.text, run.res, run.tot
+        out = e.jobs[0].out
+        t1 = time.perf_counter()
+        scored, x = self.judge(e.plan, out, text.hist_emb, text.seen, text.spans, p, text.pairs)
+        self.refuse_token_repeats(scored, text, p)
+        chosen = select_candidate(scored, p, truncated_ok=False)
+        t2 = time.perf_counter()
+        tot["rerank"] += t2 - t1
+        if chosen is not None and run.budget is not None and out[chosen]["tokens"] > run.budget:
+            return "redo"  # MAX_TOKENS: the step after the real text writes it, cut to the budget
+        res.drafts["drafted"] += 1
+        if chosen is None:
+            res.drafts["refused"] += 1
+            return "redo"
+        draft = {"plan": e.plan, "start": e.start, "context": e.jobs[0].context}
+        verify = self.verify_draft(text, draft, out[chosen]["text"], run.pool, p) if p.parallel_verify else None
+        tot["verify"] += time.perf_counter() - t2
+        if verify is not None:
+            log.debug("draft %d ahead: ll_real %.3f ll_draft %.3f -> %s", e.lookahead, verify["ll_real"],
+                      verify["ll_draft"], "kept" if verify["accepted"] else "rejected")  # fmt: skip
+            if not verify["accepted"]:
+                res.drafts["rejected"] += 1
+                return "redo"
+        res.drafts["accepted"] += 1
+        timings = {"planner": 0.0, "decoder": 0.0, "rerank": t2 - t1, "verify": time.perf_counter() - t2}
+        st = Step(e.plan, scored, chosen, out[chosen]["text"], scored[chosen]["codes"], timings, e.exemplars,
+                  e.pinned, out[chosen]["tokens"], lookahead=e.lookahead, verify=verify)  # fmt: skip
+        return "end" if run.commit(st, x[chosen]) else "kept"
 
     def refuse_token_repeats(self, scored: list[dict], text: _Text, p: GenParams) -> None:
         """A draft was decoded before the sentences now before it were written, so NO_COPY_NGRAM
@@ -1398,15 +1468,13 @@ class SentenceGenerator:
 
         bos = _prompt_parts(self.tok, self.cond, d["plan"], None)[0]
         tail = self.tok(" " + draft, add_special_tokens=False)["input_ids"]
-        lls = []
-        for ctx in (" ".join(text.history[d["start"] :]), d["job"].context):
+        rows = []
+        for ctx in (" ".join(text.history[d["start"] :]), d["context"]):
             head = bos + self.tok(ctx, add_special_tokens=False)["input_ids"]
             if not head:
                 head = [self.tok.eos_token_id]
-            ids = head + tail
-            lp = self.engine.token_logprobs(ids, len(head), pool)
-            lls.append(sum(lp) / max(len(lp), 1))
-        real, drafted = lls
+            rows.append((head + tail, len(head)))
+        real, drafted = (sum(lp) / max(len(lp), 1) for lp in self.engine.score_rows(rows, pool))  # one forward
         return {"ll_real": round(real, 4), "ll_draft": round(drafted, 4), "accepted": real >= drafted - p.verify_tol}
 
     def generate(self, prompt: str, max_sentences: int | None = None, **overrides: Any) -> str:

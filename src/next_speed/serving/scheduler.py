@@ -6,7 +6,9 @@ pending sentence steps join the open `DecodeBatch` (their prompts prefilled) as 
 `max_batch_rows` allows, sample one token for every row and run one forward; a step whose
 candidates have all ended leaves the batch at once and its request advances (rerank, planner:
 per request, cheap) to its next step, which joins at the next round. Iteration-level scheduling
-(Orca, Yu et al. 2022): a request never waits for the longest sentence of another. The queue is
+(Orca, Yu et al. 2022): a request never waits for the longest sentence of another. A pipelined
+request (PARALLEL > 1) advances as soon as any of its jobs ends, and its new drafts join the
+next round. The queue is
 bounded: a request over `max_queue` is refused at once (`QueueFull`), never left to wait
 without end.
 """
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from next_speed.core.errors import NextSpeedError
+from next_speed.generation.generate import Some
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +62,22 @@ class _Request:
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
     steps: Any = None
-    jobs: list = field(default_factory=list)  # the current sentence step's SentenceJobs (one per plan)
+    jobs: list = field(default_factory=list)  # its SentenceJobs in flight (a sentence step's: one per plan)
+    pending: list = field(default_factory=list)  # those of them not in the batch yet
+    some: bool = False  # a pipeline (PARALLEL > 1): resumed as soon as any job ends, not once all have
 
     @property
     def rows(self) -> int:
-        return sum(j.n for j in self.jobs)
+        return sum(j.n for j in self.pending)
 
     @property
     def rendered(self) -> bool:
-        return bool(self.jobs) and all(j.out is not None for j in self.jobs)
+        """Whether the generation can move on: any job ended (a pipeline), or all of them."""
+        done = [j.out is not None for j in self.jobs]
+        return bool(done) and (any(done) if self.some else all(done))
+
+    def unfinished(self) -> list:
+        return [j for j in self.jobs if j.out is None and j.engine != "base"]
 
 
 class BatchScheduler:
@@ -119,7 +129,10 @@ class BatchScheduler:
     def _advance(self, r: _Request, first: bool = False) -> bool:
         """Move a request to its next sentence step; False when it is done (result or error set)."""
         try:
-            r.jobs = list(next(r.steps) if first else r.steps.send(None))
+            new = next(r.steps) if first else r.steps.send(None)
+            r.some = isinstance(new, Some)
+            r.jobs = [j for j in r.jobs if j.out is None] + list(new)
+            r.pending = list(new)
             return True
         except StopIteration as done:
             res = done.value
@@ -139,11 +152,13 @@ class BatchScheduler:
         self._batch = None
         ok = []
         for r in reqs:
-            for j in r.jobs:
+            jobs = [j for j in r.jobs if j.out is None]
+            for j in jobs:
                 if j.cache is not None:  # a failed forward may have left it half-extended
                     j.cache.kv, j.cache.ids, j.cache.clean = None, [], 0
+            r.pending = []
             try:
-                self.gen.render_jobs(r.jobs)
+                self.gen.render_jobs(jobs)
                 ok.append(r)
             except Exception as e:  # noqa: BLE001
                 log.error("rendering a sentence step failed", exc_info=e)
@@ -197,12 +212,11 @@ class BatchScheduler:
             with self._cv:
                 self._active = [r for r in self._active if r not in failed]
                 active = list(self._active)
-            inside = {id(j) for j in batch.jobs}
             owner = {id(j): r for r in active for j in r.jobs}
             join, rows = [], batch.rows
             for r in active:  # oldest first, as many rows as allowed (at least one request)
-                if any(id(j) in inside or j.out is not None for j in r.jobs if j.engine != "base"):
-                    continue  # in the batch already (a step's jobs join together)
+                if not r.pending:
+                    continue  # its jobs are in the batch already (the jobs of one yield join together)
                 if rows and rows + r.rows > self.max_batch_rows:
                     break
                 join.append(r)
@@ -210,13 +224,15 @@ class BatchScheduler:
             if not rows:
                 return True
             try:
-                batch.remove([j for r in gone for j in r.jobs if j.engine != "base"])
+                batch.remove([j for r in gone for j in r.unfinished()])
                 # the base model's unplanned candidates (UNPLANNED) are rendered at once, in a batch
                 # of their own; the decoder's rows join the open batch
-                base = [j for r in join for j in r.jobs if j.engine == "base"]
+                base = [j for r in join for j in r.pending if j.engine == "base"]
                 if base:
                     gen.render_jobs(base)
-                batch.add([j for r in join for j in r.jobs if j.engine != "base"])
+                batch.add([j for r in join for j in r.pending if j.engine != "base"])
+                for r in join:
+                    r.pending = []
                 rows = batch.rows
                 # a request's step ends once all of its jobs have
                 ended = list(
@@ -233,6 +249,10 @@ class BatchScheduler:
                 failed = [r for r in involved if r not in ended]
                 ended += finished
             done = failed + [r for r in ended if not self._advance(r)]
+            # a pipeline that ended (its sentences written, a stop string) leaves drafts in flight
+            leftover = [j for r in done for j in r.unfinished()]
+            if leftover and self._batch is not None:
+                self._batch.remove(leftover)
             with self._cv:
                 # finished requests leave; the ones that move on go behind the others (round robin
                 # at sentence granularity when the batch is full, as MAX_BATCH_ROWS=1 shows)
