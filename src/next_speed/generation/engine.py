@@ -304,67 +304,69 @@ class DecodeEngine:
     ) -> list[list[float]]:
         """`token_logprobs` of several (ids, start) rows in one forward (the verification of a
         drafted sentence scores it after two contexts): a forward's weights are read once for
-        all rows. Each row's cached prefix from `pool` is padded on the left to a common
-        length, its new tokens on the right; each row's cache joins the pool, padding dropped."""
+        all rows. The rows are packed into one sequence, no padding: their cached prefixes
+        (from `pool`) side by side, then their new tokens, each attending to its own prefix and
+        its own earlier tokens only (a block-diagonal causal mask) at its own positions. Each
+        row's cache then joins the pool."""
         from transformers import DynamicCache
 
-        torch, F = self.torch, self.torch.nn.functional
+        torch = self.torch
         if any(start < 1 or start > len(ids) for ids, start in seqs):
             raise ValueError("score_rows: each row needs 1 <= start <= len(ids)")
         caches = [pool.take(ids, start - 1) if pool is not None else PromptCache() for ids, start in seqs]
         Ls = [len(c.ids) if c.kv is not None else 0 for c in caches]
         Ns = [len(ids) - L for (ids, _), L in zip(seqs, Ls)]
-        Lm, Nm, B = max(Ls), max(Ns), len(seqs)
-        if Lm:
+        SL, SN = sum(Ls), sum(Ns)
+        if SL:
             kv = DynamicCache()
-            ref = next(c.kv for c in caches if c.kv is not None)
-            for li, layer in enumerate(ref.layers):
-                ks, vs = [], []
-                for c, L in zip(caches, Ls):
-                    if c.kv is None:
-                        shape = (1, layer.keys.shape[1], Lm, layer.keys.shape[3])
-                        ks.append(layer.keys.new_zeros(shape))
-                        vs.append(layer.values.new_zeros(shape))
-                    else:
-                        ks.append(F.pad(c.kv.layers[li].keys, (0, 0, Lm - L, 0)))
-                        vs.append(F.pad(c.kv.layers[li].values, (0, 0, Lm - L, 0)))
-                kv.update(torch.cat(ks), torch.cat(vs), li)
+            for li in range(len(next(c.kv for c in caches if c.kv is not None).layers)):
+                parts = [c.kv.layers[li] for c in caches if c.kv is not None]
+                kv.update(torch.cat([x.keys for x in parts], 2), torch.cat([x.values for x in parts], 2), li)
         else:
             kv = DynamicCache(config=self.model.config)
-        fill = self.tok.eos_token_id if self.tok.eos_token_id is not None else 0
-        inp = torch.full((B, Nm), fill, dtype=torch.long)
-        mask = torch.zeros(B, Lm + Nm, dtype=torch.long)
-        pos = torch.zeros(B, Nm, dtype=torch.long)
-        for b, ((ids, _), L, N) in enumerate(zip(seqs, Ls, Ns)):
-            inp[b, :N] = torch.tensor(list(ids[L:]))
-            mask[b, Lm - L : Lm + N] = 1
-            pos[b] = torch.arange(L, L + Nm)
-        first = min(start - 1 - L for (_, start), L in zip(seqs, Ls))  # the first new position whose logits count
+        inp = torch.tensor([[t for (ids, _), L in zip(seqs, Ls) for t in ids[L:]]], device=self.device)
+        pos = torch.tensor([[L + i for L, N in zip(Ls, Ns) for i in range(N)]], device=self.device)
+        mask = None
+        if len(seqs) > 1:  # query token i of row b sees row b's prefix and row b's new tokens up to i
+            mask = torch.zeros(1, 1, SN, SL + SN, dtype=torch.bool)
+            p0 = n0 = 0
+            for L, N in zip(Ls, Ns):
+                mask[0, 0, n0 : n0 + N, p0 : p0 + L] = True
+                mask[0, 0, n0 : n0 + N, SL + n0 : SL + n0 + N] = torch.ones(N, N, dtype=torch.bool).tril()
+                p0, n0 = p0 + L, n0 + N
+            mask = mask.to(self.device)
         with torch.inference_mode():
+            # the logits of the positions before each row's scored tokens, and only those
+            keep, n0 = [], 0
+            for (_, start), L, N in zip(seqs, Ls, Ns):
+                keep += range(n0 + start - 1 - L, n0 + N - 1)
+                n0 += N
             out = self.model(
-                input_ids=inp.to(self.device),
-                attention_mask=mask.to(self.device),
-                position_ids=pos.to(self.device),
+                input_ids=inp,
+                attention_mask=mask,
+                position_ids=pos,
                 cache=kv,
                 use_cache=True,
-                logits_to_keep=Nm - first,
+                logits_to_keep=torch.tensor(keep, device=self.device),
             )
-            rows = []
-            for b, ((ids, start), L) in enumerate(zip(seqs, Ls)):
-                at = start - 1 - L - first
-                lp = torch.log_softmax(out.logits[b, at : at + len(ids) - start].float(), -1)
-                tgt = torch.tensor(list(ids[start:]), device=lp.device)
-                rows.append(lp.gather(1, tgt[:, None])[:, 0].tolist())
+            logp = torch.log_softmax(out.logits[0].float(), -1)  # (len(keep), V)
+            rows, at = [], 0
+            for ids, start in seqs:
+                tgt = torch.tensor(list(ids[start:]), device=logp.device)
+                rows.append(logp[at : at + len(tgt)].gather(1, tgt[:, None])[:, 0].tolist())
+                at += len(tgt)
         if pool is not None:
-            for b, ((ids, _), L, N) in enumerate(zip(seqs, Ls, Ns)):
+            p0 = n0 = 0
+            for (ids, _), L, N in zip(seqs, Ls, Ns):
                 c = PromptCache(ids=list(ids), clean=len(ids), kv=DynamicCache())
                 for li, layer in enumerate(kv.layers):
-                    c.kv.update(
-                        layer.keys[b : b + 1, :, Lm - L : Lm + N], layer.values[b : b + 1, :, Lm - L : Lm + N], li
-                    )
+                    keys = torch.cat([layer.keys[:, :, p0 : p0 + L], layer.keys[:, :, SL + n0 : SL + n0 + N]], 2)
+                    values = torch.cat([layer.values[:, :, p0 : p0 + L], layer.values[:, :, SL + n0 : SL + n0 + N]], 2)
+                    c.kv.update(keys, values, li)
                 pool.reused += L
                 pool.prefilled += N
                 pool.put(c)
+                p0, n0 = p0 + L, n0 + N
         return rows
 
     # ------------------------------------------------------------------ sampling
