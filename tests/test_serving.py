@@ -653,12 +653,12 @@ def test_server_unexpected_error_is_json_and_it_keeps_serving(gen, monkeypatch):
     from next_speed.serving.server import create_app
 
     app = create_app(lambda: gen, background=False)
-    real = gen.engine._prefill  # every decoder path (the open batch, the one-by-one retry) prefills
-    monkeypatch.setattr(gen.engine, "_prefill", lambda job: (_ for _ in ()).throw(RuntimeError("boom")))
+    real = gen.engine.prefill  # every decoder path (the open batch, the one-by-one retry) prefills
+    monkeypatch.setattr(gen.engine, "prefill", lambda jobs: (_ for _ in ()).throw(RuntimeError("boom")))
     with TestClient(app, raise_server_exceptions=False) as c:
         r = c.post("/generate", json={"prompt": "Hi there."})
         assert r.status_code == 500 and r.json()["error"].startswith("internal error (RuntimeError)")
-        monkeypatch.setattr(gen.engine, "_prefill", real)
+        monkeypatch.setattr(gen.engine, "prefill", real)
         assert c.get("/health").status_code == 200
         assert c.post("/generate", json={"prompt": "Hi there.", "max_sentences": 1}).status_code == 200
 

@@ -103,6 +103,13 @@ class PrefixPool:
             out.kv, out.ids, out.clean = kv, list(ids[:L]), L
         return out
 
+    def longest(self, ids: Sequence[int], limit: int | None = None) -> int:
+        """How many leading tokens of `ids` (at most `limit`) `take` would read from a kept cache."""
+        limit = len(ids) - 1 if limit is None else limit
+        return max(
+            (_common_prefix(c.ids[: min(c.clean, limit)], ids) for c in self.caches if c.kv is not None), default=0
+        )
+
     def put(self, cache: PromptCache | None) -> None:
         if cache is not None and cache.kv is not None and all(c is not cache for c in self.caches):
             self.caches = (self.caches + [cache])[-self.size :]
@@ -252,46 +259,137 @@ class DecodeEngine:
 
         return plan_injector(self.model)
 
-    def _prefill(self, job: SentenceJob):
-        """Bring the job's prompt cache up to its prompt; returns the last position's logits (1, V)."""
-        from transformers import DynamicCache
-
-        torch = self.torch
+    def _reuse(self, job: SentenceJob) -> tuple[PromptCache, int]:
+        """The job's prompt cache, cut to what it can reuse of the job's prompt (the pool's best
+        prefix, or what its previous prompt shares with this one, short of the last token, whose
+        logits are needed, and of positions that carried the previous plan), and that length."""
         ids = job.prompt
         if job.pool is not None:
             job.cache = job.pool.take(ids, job.plan_start)
         c = job.cache if job.cache is not None else PromptCache()
-        # Reuse what the previous prompt shares with this one, short of the last token (its
-        # logits are needed) and of positions that carried the previous plan.
         L = _common_prefix(c.ids[: min(c.clean, len(ids) - 1)], ids) if c.kv is not None else 0
         if L == 0:
-            c.kv = DynamicCache(config=self.model.config)
+            c.kv = None
         elif c.kv.get_seq_length() > L:
             c.kv.crop(L - c.kv.get_seq_length())  # a negative count: tokens removed from the end
+        return c, L
+
+    def _packed(self, prefixes: Sequence[tuple[Any, int]], news: Sequence[Sequence[int]], keep):
+        """One forward over several rows packed into one sequence, no padding: their cached
+        prefixes (DynamicCache or None, length) side by side, then their new tokens, each row
+        attending to its own prefix and its own earlier tokens only (a block-diagonal causal
+        mask) at its own positions. `keep`: the packed new-token positions whose logits are
+        returned, (len(keep), V). Returns (logits, the packed cache, each row's (prefix offset,
+        new offset)), for `_row_cache`."""
+        from transformers import DynamicCache
+
+        torch = self.torch
+        Ls = [L for _, L in prefixes]
+        Ns = [len(n) for n in news]
+        SL, SN = sum(Ls), sum(Ns)
+        if len(prefixes) == 1 and prefixes[0][0] is not None:
+            kv = prefixes[0][0]
+        elif SL:
+            kv = DynamicCache()
+            ref = next(c for c, L in prefixes if L)
+            for li in range(len(ref.layers)):
+                parts = [c.layers[li] for c, L in prefixes if L]
+                kv.update(torch.cat([x.keys for x in parts], 2), torch.cat([x.values for x in parts], 2), li)
+        else:
+            kv = DynamicCache(config=self.model.config)
+        layout, p0, n0 = [], 0, 0
+        for L, N in zip(Ls, Ns):
+            layout.append((p0, n0))
+            p0, n0 = p0 + L, n0 + N
+        mask = None
+        if len(prefixes) > 1:  # query token i of row b sees row b's prefix and row b's new tokens up to i
+            mask = torch.zeros(1, 1, SN, SL + SN, dtype=torch.bool)
+            for (p0, n0), L, N in zip(layout, Ls, Ns):
+                mask[0, 0, n0 : n0 + N, p0 : p0 + L] = True
+                mask[0, 0, n0 : n0 + N, SL + n0 : SL + n0 + N] = torch.ones(N, N, dtype=torch.bool).tril()
+            mask = mask.to(self.device)
+        inp = torch.tensor([[t for n in news for t in n]], device=self.device)
+        pos = torch.tensor([[L + i for L, N in zip(Ls, Ns) for i in range(N)]], device=self.device)
+        out = self.model(
+            input_ids=inp,
+            attention_mask=mask,
+            position_ids=pos,
+            cache=kv,
+            use_cache=True,
+            logits_to_keep=torch.tensor(list(keep), device=self.device),
+        )
+        return out.logits[0], kv, [(p0, n0, L, N) for (p0, n0), L, N in zip(layout, Ls, Ns)]
+
+    def _row_cache(self, kv, layout: list, b: int):
+        """Row `b`'s own cache (its prefix, then its new tokens) out of a `_packed` cache."""
+        from transformers import DynamicCache
+
+        if len(layout) == 1:
+            return kv
+        torch = self.torch
+        p0, n0, L, N = layout[b]
+        SL = sum(x[2] for x in layout)
+        own = DynamicCache()
+        for li, layer in enumerate(kv.layers):
+            keys = torch.cat([layer.keys[:, :, p0 : p0 + L], layer.keys[:, :, SL + n0 : SL + n0 + N]], 2)
+            values = torch.cat([layer.values[:, :, p0 : p0 + L], layer.values[:, :, SL + n0 : SL + n0 + N]], 2)
+            own.update(keys, values, li)
+        return own
+
+    def prefill(self, jobs: Sequence[SentenceJob]) -> list:
+        """Bring each job's prompt cache up to its prompt; returns each one's last-position logits
+        (1, V). Prompts are prefilled together, packed into one forward (`_packed`: the weights
+        are read once), except where a prompt shares more with one before it than with any
+        cache kept (then that one is prefilled first and joins the pool) and with CODE_MODE=inject
+        (whose plan vector is added per prompt)."""
         inj = self._injector()
+        if inj is not None:
+            return [self._prefill_group([j])[0] for j in jobs]
+        out: list = []
+        group: list[SentenceJob] = []
+        for j in jobs:
+            if group and j.pool is not None:
+                limit = len(j.prompt) - 1 if j.plan_start is None else j.plan_start
+                inside = max(_common_prefix(g.prompt[:limit], j.prompt) for g in group)
+                if inside > j.pool.longest(j.prompt, limit):
+                    out += self._prefill_group(group)
+                    group = []
+            group.append(j)
+        return out + self._prefill_group(group)
+
+    def _prefill_group(self, jobs: Sequence[SentenceJob]) -> list:
+        torch = self.torch
+        reused = [self._reuse(j) for j in jobs]
+        inj = self._injector()
+        job = jobs[0]
         plan = (
             inj.plan([job.planned], [job.plan_start])
             if inj is not None and job.plan_start is not None
             else contextlib.nullcontext()
         )
-        with plan:
-            out = self.model(
-                input_ids=torch.tensor([ids[L:]], device=self.device),
-                cache=c.kv,
-                use_cache=True,
-                position_ids=torch.arange(L, len(ids), device=self.device)[None],
-                logits_to_keep=1,
+        keep, at = [], 0
+        for j, (_, L) in zip(jobs, reused):
+            at += len(j.prompt) - L
+            keep.append(at - 1)  # each prompt's last position
+        with torch.inference_mode(), plan:
+            logits, kv, layout = self._packed(
+                [(c.kv, L) for c, L in reused], [j.prompt[L:] for j, (_, L) in zip(jobs, reused)], keep
             )
-        c.ids = list(ids)
-        c.clean = job.plan_start if job.plan_start is not None else len(ids)
-        c.reused += L
-        c.prefilled += len(ids) - L
-        job.cache = c
-        if job.pool is not None:
-            job.pool.reused += L
-            job.pool.prefilled += len(ids) - L
-            job.pool.put(c)
-        return out.logits[:, -1].float()
+        firsts = []
+        for b, (j, (c, L)) in enumerate(zip(jobs, reused)):
+            ids = j.prompt
+            c.kv = self._row_cache(kv, layout, b)
+            c.ids = list(ids)
+            c.clean = j.plan_start if j.plan_start is not None else len(ids)
+            c.reused += L
+            c.prefilled += len(ids) - L
+            j.cache = c
+            if j.pool is not None:
+                j.pool.reused += L
+                j.pool.prefilled += len(ids) - L
+                j.pool.put(c)
+            firsts.append(logits[b : b + 1].float())
+        return firsts
 
     def token_logprobs(self, ids: Sequence[int], start: int, pool: PrefixPool | None = None) -> list[float]:
         """The decoder's log-probability of each token `ids[start:]` given the tokens before it
@@ -302,71 +400,33 @@ class DecodeEngine:
     def score_rows(
         self, seqs: Sequence[tuple[Sequence[int], int]], pool: PrefixPool | None = None
     ) -> list[list[float]]:
-        """`token_logprobs` of several (ids, start) rows in one forward (the verification of a
-        drafted sentence scores it after two contexts): a forward's weights are read once for
-        all rows. The rows are packed into one sequence, no padding: their cached prefixes
-        (from `pool`) side by side, then their new tokens, each attending to its own prefix and
-        its own earlier tokens only (a block-diagonal causal mask) at its own positions. Each
-        row's cache then joins the pool."""
-        from transformers import DynamicCache
-
+        """`token_logprobs` of several (ids, start) rows in one packed forward (`_packed`; the
+        verification of a drafted sentence scores it after two contexts), logits computed only
+        where a token is scored. Each row's cache then joins the pool."""
         torch = self.torch
         if any(start < 1 or start > len(ids) for ids, start in seqs):
             raise ValueError("score_rows: each row needs 1 <= start <= len(ids)")
         caches = [pool.take(ids, start - 1) if pool is not None else PromptCache() for ids, start in seqs]
         Ls = [len(c.ids) if c.kv is not None else 0 for c in caches]
-        Ns = [len(ids) - L for (ids, _), L in zip(seqs, Ls)]
-        SL, SN = sum(Ls), sum(Ns)
-        if SL:
-            kv = DynamicCache()
-            for li in range(len(next(c.kv for c in caches if c.kv is not None).layers)):
-                parts = [c.kv.layers[li] for c in caches if c.kv is not None]
-                kv.update(torch.cat([x.keys for x in parts], 2), torch.cat([x.values for x in parts], 2), li)
-        else:
-            kv = DynamicCache(config=self.model.config)
-        inp = torch.tensor([[t for (ids, _), L in zip(seqs, Ls) for t in ids[L:]]], device=self.device)
-        pos = torch.tensor([[L + i for L, N in zip(Ls, Ns) for i in range(N)]], device=self.device)
-        mask = None
-        if len(seqs) > 1:  # query token i of row b sees row b's prefix and row b's new tokens up to i
-            mask = torch.zeros(1, 1, SN, SL + SN, dtype=torch.bool)
-            p0 = n0 = 0
-            for L, N in zip(Ls, Ns):
-                mask[0, 0, n0 : n0 + N, p0 : p0 + L] = True
-                mask[0, 0, n0 : n0 + N, SL + n0 : SL + n0 + N] = torch.ones(N, N, dtype=torch.bool).tril()
-                p0, n0 = p0 + L, n0 + N
-            mask = mask.to(self.device)
+        keep, n0 = [], 0
+        for (ids, start), L in zip(seqs, Ls):
+            keep += range(n0 + start - 1 - L, n0 + len(ids) - L - 1)  # the positions before the scored tokens
+            n0 += len(ids) - L
         with torch.inference_mode():
-            # the logits of the positions before each row's scored tokens, and only those
-            keep, n0 = [], 0
-            for (_, start), L, N in zip(seqs, Ls, Ns):
-                keep += range(n0 + start - 1 - L, n0 + N - 1)
-                n0 += N
-            out = self.model(
-                input_ids=inp,
-                attention_mask=mask,
-                position_ids=pos,
-                cache=kv,
-                use_cache=True,
-                logits_to_keep=torch.tensor(keep, device=self.device),
+            logits, kv, layout = self._packed(
+                [(c.kv, L) for c, L in zip(caches, Ls)], [ids[L:] for (ids, _), L in zip(seqs, Ls)], keep
             )
-            logp = torch.log_softmax(out.logits[0].float(), -1)  # (len(keep), V)
+            logp = torch.log_softmax(logits.float(), -1)  # (len(keep), V)
             rows, at = [], 0
             for ids, start in seqs:
                 tgt = torch.tensor(list(ids[start:]), device=logp.device)
                 rows.append(logp[at : at + len(tgt)].gather(1, tgt[:, None])[:, 0].tolist())
                 at += len(tgt)
         if pool is not None:
-            p0 = n0 = 0
-            for (ids, _), L, N in zip(seqs, Ls, Ns):
-                c = PromptCache(ids=list(ids), clean=len(ids), kv=DynamicCache())
-                for li, layer in enumerate(kv.layers):
-                    keys = torch.cat([layer.keys[:, :, p0 : p0 + L], layer.keys[:, :, SL + n0 : SL + n0 + N]], 2)
-                    values = torch.cat([layer.values[:, :, p0 : p0 + L], layer.values[:, :, SL + n0 : SL + n0 + N]], 2)
-                    c.kv.update(keys, values, li)
+            for b, ((ids, _), L) in enumerate(zip(seqs, Ls)):
                 pool.reused += L
-                pool.prefilled += N
-                pool.put(c)
-                p0, n0 = p0 + L, n0 + N
+                pool.prefilled += len(ids) - L
+                pool.put(PromptCache(ids=list(ids), clean=len(ids), kv=self._row_cache(kv, layout, b)))
         return rows
 
     # ------------------------------------------------------------------ sampling
@@ -542,7 +602,7 @@ class DecodeBatch:
         if not jobs:
             return
         with torch.inference_mode():
-            first = [e._prefill(j) for j in jobs]  # (1, V) each
+            first = e.prefill(jobs)  # (1, V) each
             T_old = 0 if self.mask is None else self.mask.shape[1]
             T = max([T_old] + [len(j.prompt) for j in jobs])
             if self.kv is not None and T_old == T:
