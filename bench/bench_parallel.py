@@ -62,7 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=20, help="default-corpus prompts (bench_quality's main set)")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds, each prompt generated once per seed")
-    ap.add_argument("--sentences", type=int, default=8, help="sentences per text (two PARALLEL=4 windows)")
+    ap.add_argument("--sentences", type=int, default=8, help="sentences per text")
     ap.add_argument("--parallel", default="1,2,4")
     ap.add_argument("--n-cand", default="1,4")
     ap.add_argument("--out", default="bench/results/bench_parallel.json")

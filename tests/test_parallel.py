@@ -141,6 +141,14 @@ class _StubBatch:
         self.joined_busy += bool(jobs) and bool(self.left)
         self.left += [[j, self.draft if j.seed >= LOOKAHEAD_SEED_STRIDE else self.head] for j in jobs]
 
+    def remove(self, jobs):
+        gone = {id(j) for j in jobs}
+        self.left = [e for e in self.left if id(e[0]) not in gone]
+
+    @property
+    def jobs(self):
+        return [j for j, _ in self.left]
+
     def step(self):
         from next_speed.generation.generate import LOOKAHEAD_SEED_STRIDE
 
@@ -297,3 +305,28 @@ def test_a_draft_that_copies_an_earlier_sentence_is_refused(gen):
     ]
     gen.refuse_token_repeats(scored, text, gen.params)
     assert scored[0]["refused"] == "repeat" and scored[1]["refused"] is None
+
+
+def test_server_drops_the_drafts_of_a_finished_pipeline(gen, monkeypatch):
+    """A pipelined request that ends while its drafts are still decoding (a stop string in its
+    first sentence) takes their rows out of the scheduler's open batch; the next request is served."""
+    from fastapi.testclient import TestClient
+
+    from next_speed.serving.server import ServerConfig, create_app
+
+    batches = []
+
+    def decode_batch():
+        batches.append(_StubBatch(head=1, draft=3))
+        return batches[-1]
+
+    monkeypatch.setattr(gen, "decode_batch", decode_batch)
+    app = create_app(lambda: gen, ServerConfig(max_queue=8), background=False)
+    with TestClient(app) as c:
+        body = {"model": "next-speed", "prompt": PROMPT, "max_sentences": 4, "stop": ["Alpha"], "parallel": 3}
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["finish_reason"] == "stop"
+        assert batches and all(not b.left for b in batches)  # the two drafts left with their request
+        ok = c.post("/generate", json={"prompt": PROMPT, "max_sentences": 2, "params": {"parallel": 2, "seed": 1}})
+        assert ok.status_code == 200 and len(ok.json()["sentences"]) == 2

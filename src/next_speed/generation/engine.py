@@ -71,12 +71,11 @@ class PromptCache:
 
 
 class PrefixPool:
-    """One generation's prompt caches for plan-parallel rendering (PARALLEL > 1): the prompts of a
-    window's drafts, of its verification rows and of the next window share long prefixes (the
-    text so far), so a prompt starts from the kept cache with the longest common prefix and only
-    its new tokens are prefilled: automatic prefix caching (vLLM's, across requests; here within
-    one generation, and within one batch, since the engine prefills a batch's prompts one after
-    the other and each joins the pool). At most `size` caches are kept, the oldest dropped."""
+    """One generation's prompt caches for plan-parallel rendering (PARALLEL > 1): the prompts of
+    its steps and drafts and its verification rows share long prefixes (the text so far), so a
+    prompt starts from the kept cache with the longest common prefix and only its new tokens are
+    prefilled: automatic prefix caching (vLLM's, across requests; here within one generation).
+    At most `size` caches are kept, the oldest dropped."""
 
     def __init__(self, size: int = 8):
         self.size = size

@@ -191,25 +191,25 @@ class GenParams:
         max=64,
         help="a sentence never repeats a run of this many tokens of the last 4 sentences this call "
         "wrote (the prompt exempt: NO_COPY_NGRAM covers it; with PARALLEL, those written "
-        "before the draft's window); 0 = off",
+        "when the draft was planned); 0 = off",
     )
     parallel: int = knob(
         1,
         env="PARALLEL",
         min=1,
         max=16,
-        help="plan-parallel rendering: the planner plans this many sentences ahead (each planned sentence fed "
-        "back as its codes' reconstruction) and the decoder drafts them side by side in one batch, each "
-        "draft's prompt holding the real text and the plan's exemplars for the sentences between; 1 = one "
-        "sentence per step",
+        help="plan-parallel rendering: up to this many planned sentences are rendered side by side (each "
+        "planned after the ones before it, fed back as their codes' reconstruction); a draft's prompt holds "
+        "the real text and the plan's exemplars for the sentences between, and a new draft joins the batch "
+        "whenever a sentence is decided; 1 = one sentence per step",
     )
     parallel_verify: bool = knob(
         True,
         env="PARALLEL_VERIFY",
-        help="with PARALLEL > 1, keep a draft only while it fits the real text before it as well as "
+        help="with PARALLEL > 1, keep a draft only when it fits the real text before it as well as "
         "the text it was drafted after (mean token log-likelihood under the decoder, within "
-        "VERIFY_TOL); the first rejected draft is written again after the real text (0 = keep "
-        "every draft the stop rules accept: fastest)",
+        "VERIFY_TOL); a rejected draft is written again after the real text (0 = keep every draft "
+        "the stop rules accept: fastest)",
     )
     verify_tol: float = knob(
         1.0,
@@ -1198,7 +1198,7 @@ class SentenceGenerator:
             tot["verify"] = 0.0
             res.drafts = {"drafted": 0, "accepted": 0, "refused": 0, "rejected": 0}
         # PARALLEL=1: one prompt cache per plan slot, kept across steps; PARALLEL > 1: a pool that
-        # every prompt of a window (lookahead drafts, verification rows) starts from
+        # every prompt (steps, drafts, verification rows) starts from
         # (bounded: a cache of a 160-token prompt holds about 7 MB of keys and values)
         pool = PrefixPool(min(2 * p.parallel + p.plans + 4, POOL_MAX)) if lookahead and self.use_kv else None
         caches = [PromptCache() if self.use_kv and pool is None else None for _ in range(p.plans)]
@@ -1297,7 +1297,7 @@ class SentenceGenerator:
         real text now before it. A draft refused or rejected is written again as a step after the
         real text; the drafts after it stay in flight and meet their own verification. Whenever
         sentences are decided, new drafts are planned and join the batch, so the decoder's rows
-        stay busy instead of waiting for a window's longest sentence (continuous batching, Orca,
+        stay busy instead of waiting for the longest sentence beside them (continuous batching, Orca,
         Yu et al. 2022, applied to the sentences of one plan; speculative decoding's accept or
         redo, Leviathan et al. 2023, at the sentence level).
 
@@ -1445,7 +1445,7 @@ class SentenceGenerator:
         """A draft was decoded before the sentences now before it were written, so NO_COPY_NGRAM
         could not steer it off copying them: a candidate that holds a run of that many tokens of
         an earlier sentence is refused instead. (NO_REPEAT_WRITTEN's short runs only steer: a
-        draft avoids those of the sentences written before its window; refusing drafts for a
+        draft avoids those of the sentences written when it was planned; refusing drafts for a
         3-token run shared with the sentence before them refused a third of them, and the
         rerank's RERANK_REPEAT still weighs repeated word pairs.)"""
         bans = [(n, ids) for n, ids in ((p.no_copy_ngram, text.earlier),) if n > 0 and ids]
