@@ -1,5 +1,7 @@
 """Plan-parallel rendering (PARALLEL): lookahead plans, drafts rendered side by side, verification."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -327,6 +329,30 @@ def test_server_drops_the_drafts_of_a_finished_pipeline(gen, monkeypatch):
         r = c.post("/v1/completions", json=body)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["finish_reason"] == "stop"
+        deadline = time.monotonic() + 10  # the worker takes them out just after it answers
+        while any(b.left for b in batches) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert batches and all(not b.left for b in batches)  # the two drafts left with their request
         ok = c.post("/generate", json={"prompt": PROMPT, "max_sentences": 2, "params": {"parallel": 2, "seed": 1}})
         assert ok.status_code == 200 and len(ok.json()["sentences"]) == 2
+
+
+def test_scheduler_keeps_drafts_that_wait_for_room(gen, monkeypatch):
+    """With MAX_BATCH_ROWS smaller than a pipeline's rows, drafts that do not fit wait their turn:
+    none is lost, so the request ends (it used to wait for a lost draft for good)."""
+    from next_speed.serving.scheduler import BatchScheduler
+
+    batches = []
+
+    def decode_batch():
+        batches.append(_StubBatch(head=1, draft=3))
+        return batches[-1]
+
+    monkeypatch.setattr(gen, "decode_batch", decode_batch)
+    sched = BatchScheduler(gen, max_batch_rows=4)
+    try:
+        res = sched.submit(PROMPT, 6, seed=0, parallel=3, parallel_verify=False).result(timeout=60)
+    finally:
+        sched.close()
+    assert res.sentences and res.drafts["drafted"] >= 1
+    assert all(not b.left for b in batches)

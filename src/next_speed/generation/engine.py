@@ -349,7 +349,7 @@ class DecodeEngine:
         for j in jobs:
             if group and j.pool is not None:
                 limit = len(j.prompt) - 1 if j.plan_start is None else j.plan_start
-                inside = max(_common_prefix(g.prompt[:limit], j.prompt) for g in group)
+                inside = max((_common_prefix(g.prompt[:limit], j.prompt) for g in group if g.pool is j.pool), default=0)
                 if inside > j.pool.longest(j.prompt, limit):
                     out += self._prefill_group(group)
                     group = []

@@ -1338,6 +1338,8 @@ class SentenceGenerator:
                     break
             if len(res.sentences) >= p.gen_steps:
                 break
+        if run.budget is not None and run.budget <= 0:
+            res.stop_reason = "length"  # as the sequential loop reports a budget used up by its last sentence
 
     def _head(self, run: _Run, plan: list | None, step: int, attempt: int) -> _Entry:
         """The pipeline's sentence right after the real text: a sentence step (`_window`)."""

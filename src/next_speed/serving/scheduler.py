@@ -132,7 +132,7 @@ class BatchScheduler:
             new = next(r.steps) if first else r.steps.send(None)
             r.some = isinstance(new, Some)
             r.jobs = [j for j in r.jobs if j.out is None] + list(new)
-            r.pending = list(new)
+            r.pending += list(new)  # those that did not fit the batch yet (MAX_BATCH_ROWS) stay pending
             return True
         except StopIteration as done:
             res = done.value
