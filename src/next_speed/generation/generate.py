@@ -954,20 +954,25 @@ class SentenceGenerator:
         plans: list[list[int]] = []
         for k in range(p.plans):
             t = temp if k == 0 or temp > 0 else RETRY_PLAN_TEMP
-            pl = self.planner.next_tuple(
-                ctx_codes,
-                greedy=t <= 0,
-                temperature=t,
-                top_k=p.plan_top_k,
-                generator=gen,
-                at_doc_start=True,
-                fixed=pin,
-                embeddings=hist_emb,
-                deep=p.plan_deep,
-            )
+            pl = self.draw_plan(ctx_codes, hist_emb, pin, p, t, gen)
             if pl not in plans:
                 plans.append(pl)
         return plans
+
+    def draw_plan(self, codes: list, emb: np.ndarray, pin: Sequence[int], p: GenParams, temp: float, gen) -> list[int]:
+        """One planner draw of the next tuple after `codes` (and their unit embeddings `emb`), at
+        `temp` (greedy at 0), PLAN_TOP_K and PLAN_DEEP, the levels of `pin` kept."""
+        return self.planner.next_tuple(
+            codes,
+            greedy=temp <= 0,
+            temperature=temp,
+            top_k=p.plan_top_k,
+            generator=gen,
+            at_doc_start=True,
+            fixed=pin,
+            embeddings=emb,
+            deep=p.plan_deep,
+        )
 
     def judge(
         self,
@@ -1397,17 +1402,7 @@ class SentenceGenerator:
             rec = rec / np.maximum(np.linalg.norm(rec, axis=1, keepdims=True), 1e-12)
             codes += [list(c) for c in between]
             emb = np.concatenate([emb, rec.astype(emb.dtype)])
-        return self.planner.next_tuple(
-            codes,
-            greedy=p.plan_temp <= 0,
-            temperature=p.plan_temp,
-            top_k=p.plan_top_k,
-            generator=gen,
-            at_doc_start=True,
-            fixed=pin,
-            embeddings=emb,
-            deep=p.plan_deep,
-        )
+        return self.draw_plan(codes, emb, pin, p, p.plan_temp, gen)
 
     def _settle_draft(self, run: _Run, e: _Entry) -> str:
         """Judge a rendered draft now that the real text before it is written: the stop rules
