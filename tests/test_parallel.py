@@ -356,3 +356,12 @@ def test_scheduler_keeps_drafts_that_wait_for_room(gen, monkeypatch):
         sched.close()
     assert res.sentences and res.drafts["drafted"] >= 1
     assert all(not b.left for b in batches)
+
+
+def test_parallel_with_the_whole_sequence_engine(gen, monkeypatch):
+    """ENGINE=hf (transformers' `generate`, no KV reuse) renders a pipeline too: its batch renders
+    whatever joined at the next step, and drafts are judged and verified without a prefix pool."""
+    monkeypatch.setattr(gen, "use_kv", False)
+    res = gen.run(PROMPT, 4, seed=1, parallel=3)
+    assert res.sentences and res.drafts["drafted"] >= 1
+    assert "prompt_tokens_reused" not in res.timings  # no pool, no prompt caches

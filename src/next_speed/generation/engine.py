@@ -279,7 +279,7 @@ class DecodeEngine:
         attending to its own prefix and its own earlier tokens only (a block-diagonal causal
         mask) at its own positions. `keep`: the packed new-token positions whose logits are
         returned, (len(keep), V). Returns (logits, the packed cache, each row's (prefix offset,
-        new offset)), for `_row_cache`."""
+        new-token offset, prefix length, new-token count)), the last two for `_row_cache`."""
         from transformers import DynamicCache
 
         torch = self.torch
